@@ -1,0 +1,68 @@
+"""Backend registry: each engine says *why* it cannot take a call; "auto" takes the first with
+no reasons (warning once when it had to skip the preferred one), and an explicit request that
+cannot be served raises with the reasons."""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Dict, List
+
+import torch
+
+NAMES = ("triton", "cuda", "cpu", "reference")
+_warned = set()
+
+
+def _engine(name: str):
+    if name == "triton":
+        from . import triton_backend
+        return triton_backend
+    if name in ("cuda", "cpu"):
+        from . import cpp_backend
+        return cpp_backend
+    raise ValueError(name)
+
+
+def reasons(name: str, q: torch.Tensor) -> List[str]:
+    """Why backend `name` cannot serve a call with these inputs (empty: it can)."""
+    if name == "reference":
+        return []
+    if name == "cuda" and q.device.type != "cuda":
+        return [f"tensors are on {q.device.type}, the cuda backend needs CUDA tensors"]
+    if name == "cpu" and q.device.type != "cpu":
+        return [f"tensors are on {q.device.type}, the cpu backend needs CPU tensors"]
+    try:
+        engine = _engine(name)
+    except ImportError as e:
+        return [f"not available ({e})"]
+    return engine.reasons(q) if name == "triton" else engine.reasons(q, name)
+
+
+def select(requested: str, q: torch.Tensor) -> str:
+    if requested not in NAMES + ("auto",):
+        raise ValueError(f"backend: {requested!r} is not one of 'auto', " + ", ".join(repr(n) for n in NAMES))
+    if requested == "auto":
+        requested = os.environ.get("FUSED_ATTN_BACKEND", "auto") or "auto"
+        if requested not in NAMES + ("auto",):
+            raise ValueError(f"FUSED_ATTN_BACKEND={requested!r} is not one of 'auto', " + ", ".join(NAMES))
+    if requested != "auto":
+        why = reasons(requested, q)
+        if why:
+            raise RuntimeError(f"backend {requested!r} cannot serve this call: " + "; ".join(why))
+        return requested
+    candidates = ["triton", "cuda"] if q.device.type == "cuda" else ["cpu", "triton", "reference"]
+    skipped: Dict[str, List[str]] = {}
+    for name in candidates:
+        why = reasons(name, q)
+        if not why:
+            if skipped and q.device.type == "cuda":
+                key = (name, tuple(skipped))
+                if key not in _warned:
+                    _warned.add(key)
+                    warnings.warn(f"fused_attn: backend 'auto' uses {name!r} because "
+                                  + "; ".join(f"{n}: {', '.join(r)}" for n, r in skipped.items()),
+                                  stacklevel=3)
+            return name
+        skipped[name] = why
+    raise RuntimeError("fused_attn: no backend can serve this call: "
+                       + "; ".join(f"{n}: {', '.join(r)}" for n, r in skipped.items()))

@@ -1,0 +1,128 @@
+"""Triton launcher: tile sizes, grid, strides.  Kernels live in triton_fwd.py / triton_bwd.py."""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from ..masks import ReducedMask
+
+try:  # imports never fail: keep the reason, report it in reasons()
+    import triton
+
+    from . import triton_fwd
+    _IMPORT_ERROR: Optional[str] = None
+except Exception as e:  # pragma: no cover - depends on the installation
+    triton = None
+    _IMPORT_ERROR = f"triton is not importable ({type(e).__name__}: {e})"
+
+MAX_HEAD_DIM = 256
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int):
+    return torch.cuda.get_device_capability(index)
+
+
+def fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
+    """Forward tile sizes by head dim, dtype and GPU generation (measured: benchmarks/tune_fwd.py)."""
+    if device.type != "cuda":                      # Triton interpreter: small tiles, many blocks
+        return TileConfig(32, 16, 4, 1)
+    major, _ = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    bd = triton.next_power_of_2(head_dim)
+    if dtype == torch.float32:                     # fp32 runs the ieee dot: registers are the limit
+        return TileConfig(64, 32, 4, 2) if bd <= 64 else TileConfig(32, 32, 4, 2)
+    if bd <= 64:
+        return TileConfig(128, 64, 4, 3) if major >= 9 else TileConfig(128, 64, 4, 2)
+    if bd <= 128:
+        return TileConfig(128, 64, 8, 3) if major >= 9 else TileConfig(128, 32, 4, 2)
+    return TileConfig(64, 32, 4, 2)
+
+
+def reasons(q: torch.Tensor) -> List[str]:
+    """Why the Triton backend cannot take this call (empty list: it can)."""
+    out = []
+    if _IMPORT_ERROR is not None:
+        out.append(_IMPORT_ERROR)
+    if q.device.type != "cuda" and not interpreting():
+        out.append(f"tensors are on {q.device.type} (Triton needs CUDA, or TRITON_INTERPRET=1)")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        out.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}")
+    return out
+
+
+def _mask_args(red: ReducedMask, cfg: TileConfig, causal: bool, dummy: torch.Tensor):
+    """Kernel arguments describing the reduced mask."""
+    if red.kind == "none":
+        values = dummy
+        mstrides = (0, 0, 0, 0)
+    else:
+        values = red.values
+        mstrides = tuple(values.stride())
+    mode = {"none": 0, "keys": 1, "blocks": 2}[red.kind]
+    if red.kind == "keys":
+        keys = (red.key_start, red.key_end, red.key_dense)
+    else:
+        keys = (dummy, dummy, dummy)
+    if red.kind == "blocks":
+        bm = red.block_map(cfg.block_m, cfg.block_n, causal)
+        cnt, idx, st = bm.kv_count, bm.kv_index, bm.kv_state
+        cs = [0 if cnt.shape[i] == 1 else cnt.stride(i) for i in range(3)]
+        is_ = [0 if idx.shape[i] == 1 else idx.stride(i) for i in range(3)]
+        blocks = (cnt, idx, st, *cs, *is_)
+    else:
+        blocks = (dummy, dummy, dummy, 0, 0, 0, 0, 0, 0)
+    return mode, values, mstrides, keys, blocks
+
+
+def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: float,
+            head_mask: Optional[torch.Tensor], seed: int = 0, rng_offset: int = 0,
+            config: Optional[TileConfig] = None, stats: bool = False):
+    """Returns (out [B, H, Sq, D] in q.dtype, lse [B, H, Sq] fp32 in log2 units[, stats])."""
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    cfg = config or fwd_config(D, q.dtype, q.device)
+    out = torch.empty_like(q)   # keeps q's layout when dense, e.g. HF's [B, S, H, D] storage
+    lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
+    n_qb = triton.cdiv(Sq, cfg.block_m)
+    visited = torch.zeros((B * H * n_qb,), device=q.device, dtype=torch.int32) if stats else lse
+    dummy = lse
+    mode, values, ms, keys, blocks = _mask_args(red, cfg, causal, dummy)
+    hm = head_mask if head_mask is not None else dummy
+    hstr = (0 if hm.shape[0] == 1 else hm.stride(0), hm.stride(1)) if head_mask is not None else (0, 0)
+    block_d = max(16, triton.next_power_of_2(D))
+    grid = (n_qb, B * H)
+    triton_fwd.attn_fwd_kernel[grid](
+        q, k, v, out, lse, visited,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, Sq, Sk, D, scale * triton_fwd.LOG2E, Sk - Sq,
+        values, *ms,
+        *keys,
+        *blocks,
+        hm, *hstr,
+        seed, rng_offset, float(dropout_p),
+        MASK_MODE=mode, MASK_ADDITIVE=red.additive, CAUSAL=bool(causal),
+        HAS_HEAD_MASK=head_mask is not None, DROPOUT=dropout_p > 0.0, WRITE_STATS=stats,
+        IEEE=q.dtype == torch.float32, UPCAST=q.dtype == torch.bfloat16 and interpreting(),
+        EVEN_D=block_d == D,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if stats:
+        return out, lse, visited.view(B, H, n_qb)
+    return out, lse

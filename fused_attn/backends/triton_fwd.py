@@ -1,0 +1,229 @@
+"""Triton forward kernel: masked attention with an online softmax, one pass over K/V.
+
+One program computes BLOCK_M query rows of one (batch, head).  The key loop covers only key
+blocks the mask can show (ReducedMask: per-batch key ranges, causal bounds, or the sparse list of
+non-empty blocks); FULL blocks load no mask, PARTIAL blocks load a mask tile.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+HIDDEN = -1.0e4           # masks.HIDDEN_THRESHOLD
+
+
+@triton.jit
+def _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p):
+    """Keep-mask of one [BLOCK_M, BLOCK_N] tile.  Philox counter = (row * Sk + col, batch*H + head,
+    torch's offset): a function of the element's position only, so the backward regenerates it."""
+    c0 = (offs_m[:, None] * Sk + offs_n[None, :]).to(tl.uint32)
+    c1 = tl.zeros_like(c0) + bh.to(tl.uint32)
+    c2 = tl.zeros_like(c0) + (rng_offset & 0xFFFFFFFF).to(tl.uint32)
+    c3 = tl.zeros_like(c0) + (rng_offset >> 32).to(tl.uint32)
+    r, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def mma(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b with fp32 accumulation.  IEEE: exact fp32 products for fp32 inputs (no tf32).
+    UPCAST: bf16 operands go through fp32 -- Triton 3.8's interpreter mis-multiplies bf16 dots."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def load_rows(ptrs, rows, n_rows, offs_d, D, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile, masking rows >= n_rows (if CHECK_ROWS) and cols >= D."""
+    if CHECK_ROWS:
+        if EVEN_D:
+            return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < D), other=0.0)
+    if EVEN_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+
+
+@triton.jit
+def apply_mask_tile(s, offs_m, offs_n, mask_ptr, stride_mm, stride_mn, Sq, Sk,
+                    MASK_ADDITIVE: tl.constexpr):
+    """Load one mask tile and apply it to log2-scores (hidden -> -inf)."""
+    in_b = (offs_m[:, None] < Sq) & (offs_n[None, :] < Sk)
+    mv = tl.load(mask_ptr + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn, mask=in_b, other=0)
+    if MASK_ADDITIVE:
+        mv = mv.to(tl.float32)
+        return tl.where(mv > HIDDEN, s + mv * 1.4426950408889634, float("-inf"))
+    return tl.where(mv != 0, s, float("-inf"))
+
+
+@triton.jit
+def apply_bounds(s, offs_m, offs_n, kv_lo, kv_hi, causal_offset,
+                 CHECK_BOUNDS: tl.constexpr, CAUSAL: tl.constexpr):
+    """Hide keys outside [kv_lo, kv_hi) and, if CAUSAL, keys right of the causal diagonal."""
+    if CHECK_BOUNDS:
+        s = tl.where((offs_n[None, :] < kv_hi) & (offs_n[None, :] >= kv_lo), s, float("-inf"))
+    if CAUSAL:
+        s = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_offset, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, start_n, offs_m, offs_d,
+              k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+              mask_ptr, stride_mm, stride_mn, load_mask,
+              kv_lo, kv_hi, Sq, Sk, D, causal_offset, qk_scale,
+              seed, rng_offset, bh, dropout_p,
+              BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_ADDITIVE: tl.constexpr,
+              PARTIAL_CHECKS: tl.constexpr, PARTIAL_CAUSAL: tl.constexpr,
+              DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """One key tile: scores, mask, online-softmax update, P @ V.
+
+    CHECK_BOUNDS / CAUSAL: bounds and causal masking on this tile.  load_mask (runtime): load
+    the mask tile; with PARTIAL_CHECKS the bounds (and PARTIAL_CAUSAL the causal diagonal) are
+    applied only then -- the block map makes every edge and diagonal tile PARTIAL."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                  offs_n, kv_hi, offs_d, D, CHECK_BOUNDS or PARTIAL_CHECKS, EVEN_D)
+    # -- scores, in log2 units
+    s = mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE, UPCAST) * qk_scale
+    if HAS_MASK:
+        if load_mask:
+            s = apply_mask_tile(s, offs_m, offs_n, mask_ptr, stride_mm, stride_mn, Sq, Sk, MASK_ADDITIVE)
+            if PARTIAL_CHECKS:
+                s = apply_bounds(s, offs_m, offs_n, kv_lo, kv_hi, causal_offset, True, PARTIAL_CAUSAL)
+    s = apply_bounds(s, offs_m, offs_n, kv_lo, kv_hi, causal_offset, CHECK_BOUNDS, CAUSAL)
+    # -- online softmax (a row with nothing visible so far keeps m = -inf and l = 0)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if DROPOUT:
+        keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p)
+        p = tl.where(keep, p, 0.0)
+    v = load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                  offs_n, kv_hi, offs_d, D, CHECK_BOUNDS or PARTIAL_CHECKS, EVEN_D)
+    acc = mma(p.to(v.dtype), v, acc, IEEE, UPCAST)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def attn_fwd_kernel(
+    Q, K, V, Out, Lse, Stats,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, Sq, Sk, D, qk_scale, causal_offset,
+    # mask values, 4D [Bm, Hm, Sqm, Sk] with stride 0 on broadcast dims
+    Mask, stride_mb, stride_mh, stride_mm, stride_mn,
+    # MASK_MODE 1 ("keys"): per-batch [start, end) and "row must be loaded" flags
+    KeyStart, KeyEnd, KeyDense,
+    # MASK_MODE 2 ("blocks"): sparse lists of non-empty key blocks per query block
+    BlkCount, BlkIndex, BlkState, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
+    HeadMask, stride_hb, stride_hh,
+    seed, rng_offset, dropout_p,
+    MASK_MODE: tl.constexpr, MASK_ADDITIVE: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_HEAD_MASK: tl.constexpr, DROPOUT: tl.constexpr, WRITE_STATS: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    # per-(batch, head) bases; a packed [T, H, D] layout only changes these three lines
+    q_base = Q + b64 * stride_qb + h64 * stride_qh
+    k_base = K + b64 * stride_kb + h64 * stride_kh
+    v_base = V + b64 * stride_vb + h64 * stride_vh
+    mask_ptr = Mask + b64 * stride_mb + h64 * stride_mh
+
+    q_ptrs = q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    if EVEN_D:
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < Sq, other=0.0)
+    else:
+        q = tl.load(q_ptrs, mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < D), other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    visited = 0
+
+    if MASK_MODE == 2:
+        # -- general mask: visit the listed non-empty key blocks only
+        # stride_cm / stride_im are 0 when the mask is the same for every query block
+        n_blocks = tl.load(BlkCount + b * stride_cb + h * stride_ch + pid_m * stride_cm)
+        idx_base = b * stride_ib + h * stride_ih + pid_m * stride_im
+        for i in range(0, n_blocks):
+            kb = tl.load(BlkIndex + idx_base + i)
+            partial = tl.load(BlkState + idx_base + i) == 1
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, kb * BLOCK_N, offs_m, offs_d,
+                k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                mask_ptr, stride_mm, stride_mn, partial,
+                0, Sk, Sq, Sk, D, causal_offset, qk_scale, seed, rng_offset, bh, dropout_p,
+                BLOCK_N, EVEN_D, False, False, True, MASK_ADDITIVE, True, CAUSAL, DROPOUT, IEEE, UPCAST)
+            visited += 1
+    else:
+        # -- no mask / key padding: loop bounds from the key range and causal
+        lo = 0
+        hi = Sk
+        row_dense = 0
+        if MASK_MODE == 1:
+            lo = tl.load(KeyStart + b)
+            hi = tl.load(KeyEnd + b)
+            row_dense = tl.load(KeyDense + b)
+        safe_hi = lo + ((hi - lo) // BLOCK_N) * BLOCK_N        # tiles wholly inside [lo, hi)
+        if CAUSAL:
+            hi = tl.minimum(hi, start_m + BLOCK_M + causal_offset)
+            # keys <= start_m + causal_offset are visible to every row of this block
+            free = start_m + causal_offset + 1 - lo
+            free = tl.maximum(free, 0)
+            safe_hi = tl.minimum(safe_hi, lo + (free // BLOCK_N) * BLOCK_N)
+        safe_hi = tl.maximum(safe_hi, lo)
+        for start_n in range(lo, safe_hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, start_n, offs_m, offs_d,
+                k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                mask_ptr, stride_mm, stride_mn, row_dense != 0,
+                lo, hi, Sq, Sk, D, causal_offset, qk_scale, seed, rng_offset, bh, dropout_p,
+                BLOCK_N, EVEN_D, False, False, MASK_MODE == 1, MASK_ADDITIVE, False, False, DROPOUT, IEEE, UPCAST)
+            visited += 1
+        for start_n in range(safe_hi, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, start_n, offs_m, offs_d,
+                k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                mask_ptr, stride_mm, stride_mn, row_dense != 0,
+                lo, hi, Sq, Sk, D, causal_offset, qk_scale, seed, rng_offset, bh, dropout_p,
+                BLOCK_N, EVEN_D, True, CAUSAL, MASK_MODE == 1, MASK_ADDITIVE, False, False, DROPOUT, IEEE, UPCAST)
+            visited += 1
+
+    # -- epilogue: normalise; rows that saw nothing give exactly 0 and lse = +inf
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out_scale = 1.0 / l_safe
+    if DROPOUT:
+        out_scale = out_scale / (1.0 - dropout_p)
+    if HAS_HEAD_MASK:
+        out_scale = out_scale * tl.load(HeadMask + b * stride_hb + h * stride_hh).to(tl.float32)
+    acc = acc * out_scale[:, None]
+    o_ptrs = Out + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    if EVEN_D:
+        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=offs_m[:, None] < Sq)
+    else:
+        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < D))
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    tl.store(Lse + bh.to(tl.int64) * Sq + offs_m, lse, mask=offs_m < Sq)
+    if WRITE_STATS:
+        tl.store(Stats + bh * tl.cdiv(Sq, BLOCK_M) + pid_m, visited)

@@ -1,0 +1,330 @@
+"""Mask validation and reduction: every accepted ``attention_mask`` form -> one cheap, exact
+description that the kernels consume (DESIGN.md, "Masks" and "Skipping work").
+
+Pure torch, no kernels, no host synchronisation: everything here is a handful of vectorised
+tensor ops, so it is cheap, traceable, and computed once per mask (see ``reduce_mask``'s cache).
+
+Two reduced forms exist:
+
+* ``kind == "keys"`` -- a key-padding mask (``[B, Sk]``, or a 4D mask broadcast over heads and
+  queries such as HF's ``[B, 1, 1, Sk]`` extended mask).  Per batch row ``b`` the visible keys lie
+  in ``[key_start[b], key_end[b])``; the kernels' loop bounds shrink to that range.  When the row
+  is a contiguous run of visible keys carrying no additive value (right or left padding, the
+  tokenizer's case) ``key_dense[b] == 0`` and no mask is loaded at all; otherwise the kernel
+  loads the row's mask values tile by tile inside the range.
+* ``kind == "blocks"`` -- any other mask (per-pair ``[B, Sq, Sk]``, 4D masks that vary over heads
+  or queries).  ``block_map(BLOCK_M, BLOCK_N, causal)`` classifies each (query block, key block)
+  tile as empty (skipped), full (no mask load) or partial (mask tile loaded), and lists the
+  non-empty key blocks of every query block in ascending order, like FlexAttention's BlockMask.
+
+``kind == "none"`` means no mask at all (causal alone is handled by loop bounds in the kernels).
+
+Visibility rule: bool/int masks: nonzero = may attend.  Float (additive) masks: the value is
+added to the scores in fp32, and an entry ``<= HIDDEN_THRESHOLD`` (-1e4, which covers HF's old
+-10000.0, ``finfo(dtype).min`` and ``-inf``) hides the key.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import torch
+
+HIDDEN_THRESHOLD = -1e4
+
+# Block states of a (query block, key block) tile.
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+def _shape(t) -> str:
+    return "x".join(str(s) for s in t.shape) if isinstance(t, torch.Tensor) else repr(t)
+
+
+@dataclass
+class BlockMap:
+    """Tile classification for one (BLOCK_M, BLOCK_N, causal) triple.
+
+    ``state``: [Bm, Hm, nQB, nKB] int8 (EMPTY / PARTIAL / FULL); nQB is 1 when the mask is the
+    same for every query block.  ``kv_count`` [Bm, Hm, nQB] int32 and ``kv_index`` / ``kv_state``
+    [Bm, Hm, nQB, nKB] int32: for every query block, its non-empty key blocks first, ascending.
+    ``q_count`` / ``q_index`` / ``q_state`` are the transpose (for every key block, its non-empty
+    query blocks), built on first use by the backward pass.
+    """
+
+    block_m: int
+    block_n: int
+    state: torch.Tensor
+    kv_count: torch.Tensor
+    kv_index: torch.Tensor
+    kv_state: torch.Tensor
+    num_q_blocks: int
+    _transposed: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+
+    def transposed(self):
+        if self._transposed is None:
+            st = self.state.expand(-1, -1, self.num_q_blocks, -1).transpose(-1, -2)
+            self._transposed = _sparse_lists(st)
+        return self._transposed
+
+    def visited_kv_blocks(self) -> torch.Tensor:
+        """Number of key blocks the forward kernel visits, per (Bm, Hm, query block)."""
+        return self.kv_count
+
+
+def _sparse_lists(state: torch.Tensor):
+    """state [..., n] -> (count [...], index [..., n], state sorted like index), non-empty first."""
+    nonempty = state != EMPTY
+    count = nonempty.sum(-1, dtype=torch.int32)
+    # stable sort on "is empty" keeps the non-empty blocks first and in ascending order
+    index = torch.argsort((~nonempty).to(torch.int8), dim=-1, stable=True)
+    sorted_state = torch.gather(state, -1, index)
+    return count.contiguous(), index.to(torch.int32).contiguous(), sorted_state.to(torch.int32).contiguous()
+
+
+@dataclass
+class ReducedMask:
+    """The reduced, kernel-ready description of an attention mask (see module docstring).
+
+    Build it with :func:`reduce_mask`; pass it as ``attention_mask`` to reuse it across calls
+    (e.g. across the layers of a model) -- ``fused_attn.attention`` accepts it directly.
+    """
+
+    kind: str                      # "none" | "keys" | "blocks"
+    batch: int
+    heads: int
+    q_len: int
+    k_len: int
+    # Mask values to load, as a 4D view [Bm, Hm, Sqm, Sk] (stride 0 where broadcast), uint8
+    # visibility (1 = may attend) or float additive.  None for kind "none".
+    values: Optional[torch.Tensor] = None
+    additive: bool = False
+    # kind "keys": [B] int32
+    key_start: Optional[torch.Tensor] = None
+    key_end: Optional[torch.Tensor] = None
+    key_dense: Optional[torch.Tensor] = None
+    _block_maps: Dict[Tuple[int, int, bool], BlockMap] = field(default_factory=dict, repr=False)
+
+    @property
+    def device(self):
+        return self.values.device if self.values is not None else None
+
+    def check(self, batch: int, heads: int, q_len: int, k_len: int, device) -> None:
+        if (self.batch, self.heads, self.q_len, self.k_len) != (batch, heads, q_len, k_len):
+            raise ValueError(
+                f"attention_mask: this ReducedMask was built for (B, H, Sq, Sk) = "
+                f"{(self.batch, self.heads, self.q_len, self.k_len)}, but q/k give "
+                f"{(batch, heads, q_len, k_len)}")
+        if self.values is not None and self.values.device != device:
+            raise ValueError(f"attention_mask: ReducedMask is on {self.values.device}, q is on {device}")
+
+    def visible(self) -> torch.Tensor:
+        """Dense visibility as a bool view broadcastable to [B, H, Sq, Sk] (True = may attend)."""
+        if self.values is None:
+            raise ValueError("visible(): a 'none' mask hides nothing")
+        if self.additive:
+            return self.values > HIDDEN_THRESHOLD
+        return self.values != 0
+
+    def block_map(self, block_m: int, block_n: int, causal: bool) -> BlockMap:
+        """Tile classification for kernels with these tile sizes; cached on this object."""
+        key = (block_m, block_n, bool(causal))
+        bm = self._block_maps.get(key)
+        if bm is None:
+            bm = self._build_block_map(block_m, block_n, bool(causal))
+            self._block_maps[key] = bm
+        return bm
+
+    def _build_block_map(self, block_m: int, block_n: int, causal: bool) -> BlockMap:
+        sq, sk = self.q_len, self.k_len
+        nqb, nkb = -(-sq // block_m), -(-sk // block_n)
+        vis = self.visible()                                   # [Bm, Hm, Sqm, Sk]
+        bm_, hm_, sqm, _ = vis.shape
+        pad_n = nkb * block_n - sk
+        if sqm == 1:
+            # same mask for every query: classify key blocks once, broadcast over query blocks
+            any_v = torch.nn.functional.pad(vis, (0, pad_n), value=False)
+            any_v = any_v.view(bm_, hm_, 1, nkb, block_n).any(-1)
+            # the tile at the Sk edge is never FULL: the kernel bounds-checks only PARTIAL tiles
+            all_v = torch.nn.functional.pad(vis, (0, pad_n), value=False)
+            all_v = all_v.view(bm_, hm_, 1, nkb, block_n).all(-1)
+            nz = None
+            if self.additive:
+                nz = torch.nn.functional.pad((self.values != 0) & vis, (0, pad_n), value=False)
+                nz = nz.view(bm_, hm_, 1, nkb, block_n).any(-1)
+        else:
+            pad_m = nqb * block_m - sq
+            v = torch.nn.functional.pad(vis, (0, pad_n, 0, pad_m), value=False)
+            v = v.view(bm_, hm_, nqb, block_m, nkb, block_n)
+            any_v = v.any(-1).any(-2)
+            # query rows past Sq are never stored, so they do not stop a tile from being FULL
+            v_all = torch.nn.functional.pad(vis, (0, pad_n), value=False)
+            v_all = torch.nn.functional.pad(v_all, (0, 0, 0, pad_m), value=True)
+            all_v = v_all.view(bm_, hm_, nqb, block_m, nkb, block_n).all(-1).all(-2)
+            nz = None
+            if self.additive:
+                nz = torch.nn.functional.pad((self.values != 0) & vis, (0, pad_n, 0, pad_m), value=False)
+                nz = nz.view(bm_, hm_, nqb, block_m, nkb, block_n).any(-1).any(-2)
+        full = all_v if nz is None else all_v & ~nz
+        state = torch.where(any_v, torch.where(full, FULL, PARTIAL), EMPTY).to(torch.int8)
+        if causal:
+            state = torch.minimum(state, causal_block_state(sq, sk, block_m, block_n, state.device))
+        count, index, sorted_state = _sparse_lists(state)
+        return BlockMap(block_m, block_n, state, count, index, sorted_state, nqb)
+
+
+def causal_block_state(sq: int, sk: int, block_m: int, block_n: int, device) -> torch.Tensor:
+    """[1, 1, nQB, nKB] int8 tile states of the bottom-right aligned causal mask alone.
+
+    Query i sees key j iff j <= i + (sk - sq).  Tiles at the Sk edge are never FULL.
+    """
+    nqb, nkb = -(-sq // block_m), -(-sk // block_n)
+    off = sk - sq
+    q0 = torch.arange(nqb, device=device)[:, None] * block_m          # first query row of the tile
+    q1 = torch.clamp(q0 + block_m, max=sq) - 1                        # last real query row
+    k0 = torch.arange(nkb, device=device)[None, :] * block_n
+    k1 = k0 + block_n - 1
+    any_v = k0 <= q1 + off
+    full = (k1 <= q0 + off) & (k1 < sk)
+    state = torch.where(any_v, torch.where(full, FULL, PARTIAL), EMPTY).to(torch.int8)
+    return state[None, None]
+
+
+# --------------------------------------------------------------------------------------------
+# validation + reduction
+
+
+def _normalize(mask: torch.Tensor, batch: int, heads: int, q_len: int, k_len: int) -> torch.Tensor:
+    """Check the shape of a raw mask and return it as a 4D view [Bm, Hm, Sqm, Sk]."""
+    shape = tuple(mask.shape)
+    expect = (f"expected [B, Sk] = [{batch}, {k_len}], [B, Sq, Sk] = [{batch}, {q_len}, {k_len}] "
+              f"or broadcastable [B|1, H|1, Sq|1, Sk] = [{batch}|1, {heads}|1, {q_len}|1, {k_len}]")
+    if mask.dim() == 2:
+        if shape != (batch, k_len):
+            raise ValueError(f"attention_mask: key-padding mask has shape {_shape(mask)}; {expect}")
+        return mask[:, None, None, :]
+    if mask.dim() == 3:
+        if shape != (batch, q_len, k_len):
+            raise ValueError(f"attention_mask: per-pair mask has shape {_shape(mask)}; {expect}")
+        return mask[:, None, :, :]
+    if mask.dim() == 4:
+        b, h, m, n = shape
+        if b not in (1, batch) or h not in (1, heads) or m not in (1, q_len) or n != k_len:
+            raise ValueError(f"attention_mask: 4D mask has shape {_shape(mask)}; {expect}")
+        return mask
+    raise ValueError(f"attention_mask: rank {mask.dim()} (shape {_shape(mask)}) is not accepted; {expect}")
+
+
+def _stride0(t: torch.Tensor) -> torch.Tensor:
+    """Give broadcast (size-1) dims stride 0 so kernels can index every dim the same way."""
+    return t.as_strided(t.shape, [0 if s == 1 else st for s, st in zip(t.shape, t.stride())])
+
+
+def reduce_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: int,
+                device=None) -> ReducedMask:
+    """Validate ``attention_mask`` for q [batch, heads, q_len, D], k [batch, heads, k_len, D] and
+    reduce it (see the module docstring).  Results for the same mask tensor (unchanged since) and
+    the same shapes are cached, so the layers of a model share one reduction."""
+    if isinstance(attention_mask, ReducedMask):
+        attention_mask.check(batch, heads, q_len, k_len, device if device is not None else attention_mask.device)
+        return attention_mask
+    if attention_mask is None:
+        return ReducedMask("none", batch, heads, q_len, k_len)
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask: expected a torch.Tensor, a fused_attn ReducedMask or None, "
+                        f"got {type(attention_mask).__name__}")
+    if device is not None and attention_mask.device != torch.device(device):
+        raise ValueError(f"attention_mask: mask is on {attention_mask.device} but q is on {device}")
+    key = (batch, heads, q_len, k_len)
+    hit = _CACHE.get(attention_mask, key)
+    if hit is not None:
+        return hit
+    red = _reduce(attention_mask, batch, heads, q_len, k_len)
+    _CACHE.put(attention_mask, key, red)
+    return red
+
+
+def _reduce(mask: torch.Tensor, batch: int, heads: int, q_len: int, k_len: int) -> ReducedMask:
+    m4 = _normalize(mask, batch, heads, q_len, k_len)
+    if mask.dtype == torch.bool:
+        values, additive = m4.view(torch.uint8), False
+    elif mask.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+        values, additive = (m4 != 0).view(torch.uint8), False
+    elif mask.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        values, additive = (m4.float() if m4.dtype == torch.float64 else m4), True
+    else:
+        raise TypeError(f"attention_mask: dtype {mask.dtype} is not accepted "
+                        f"(bool, integer, or float16/bfloat16/float32/float64 additive)")
+    values = _stride0(values)
+    if values.shape[1] == 1 and values.shape[2] == 1:
+        return _reduce_keys(values, additive, batch, heads, q_len, k_len)
+    return ReducedMask("blocks", batch, heads, q_len, k_len, values=values, additive=additive)
+
+
+def _reduce_keys(values, additive, batch, heads, q_len, k_len) -> ReducedMask:
+    row = values[:, 0, 0, :]                                            # [Bm, Sk]
+    vis = row > HIDDEN_THRESHOLD if additive else row != 0
+    count = vis.sum(-1)
+    any_v = count > 0
+    first = vis.to(torch.uint8).argmax(-1)                               # first visible key
+    last = k_len - vis.flip(-1).to(torch.uint8).argmax(-1)              # one past the last visible
+    start = torch.where(any_v, first, 0)
+    end = torch.where(any_v, last, 0)
+    dense = count != end - start                                         # holes inside the run
+    if additive:
+        dense = dense | ((row != 0) & vis).any(-1)                       # values to add
+    rb = row.shape[0]
+    expand = (lambda t: t.expand(batch)) if rb == 1 else (lambda t: t)
+    return ReducedMask(
+        "keys", batch, heads, q_len, k_len, values=values, additive=additive,
+        key_start=expand(start.to(torch.int32)).contiguous(),
+        key_end=expand(end.to(torch.int32)).contiguous(),
+        key_dense=expand(dense.to(torch.int32)).contiguous())
+
+
+def dense_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: int):
+    """(visible, bias) as tensors broadcastable to [B, H, Sq, Sk]: ``visible`` bool (None if no
+    mask), ``bias`` fp32 additive values with hidden entries zeroed (None if not additive).
+    Used by the reference; validates like :func:`reduce_mask`."""
+    red = reduce_mask(attention_mask, batch, heads, q_len, k_len)
+    if red.kind == "none":
+        return None, None
+    vis = red.visible()
+    bias = torch.where(vis, red.values.float(), 0.0) if red.additive else None
+    return vis, bias
+
+
+class _MaskCache:
+    """Tiny identity cache: same tensor object, same version counter, same shapes -> same
+    reduction.  Holds weak references only, so it never keeps a mask alive."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self.entries: Dict[int, tuple] = {}
+
+    def get(self, mask: torch.Tensor, key):
+        e = self.entries.get(id(mask))
+        if e is None:
+            return None
+        ref, version, k, red = e
+        if ref() is not mask or version != mask._version or k != key:
+            return None
+        return red
+
+    def put(self, mask: torch.Tensor, key, red):
+        if torch.compiler.is_compiling():
+            return
+        if len(self.entries) >= self.size:
+            self.entries.pop(next(iter(self.entries)))
+        mid = id(mask)
+        try:
+            ref = weakref.ref(mask, lambda _r, mid=mid: self.entries.pop(mid, None))
+        except TypeError:
+            return
+        self.entries[mid] = (ref, mask._version, key, red)
+
+    def clear(self):
+        self.entries.clear()
+
+
+_CACHE = _MaskCache()

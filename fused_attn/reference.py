@@ -1,0 +1,59 @@
+"""The oracle: plain eager PyTorch, computed in fp32 (fp64 for fp64 inputs).
+
+It *defines* fused_attn's semantics (DESIGN.md): every kernel is tested against it, and it is
+tested against plain eager / Hugging Face attention.  Differentiable with ordinary autograd.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import masks
+from ._checks import REFERENCE_DTYPES, check_head_mask, check_qkv, check_scalars
+
+
+def causal_visible(q_len: int, k_len: int, device) -> torch.Tensor:
+    """[Sq, Sk] bool, bottom-right aligned: query i sees key j iff j <= i + (Sk - Sq)."""
+    i = torch.arange(q_len, device=device)[:, None]
+    j = torch.arange(k_len, device=device)[None, :]
+    return j <= i + (k_len - q_len)
+
+
+def attention(q, k, v, attention_mask=None, causal: bool = False, dropout_p: float = 0.0,
+              scale: Optional[float] = None, head_mask=None, backend: str = "reference", *,
+              dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Same signature and semantics as :func:`fused_attn.attention`.
+
+    ``dropout_mask`` (testing): a bool keep-mask broadcastable to [B, H, Sq, Sk]; with it the
+    reference applies exactly that dropout (kept probabilities scaled by 1 / (1 - dropout_p)),
+    so kernel dropout can be compared element-wise.  Without it, dropout_p > 0 draws its own.
+    """
+    s = check_qkv(q, k, v, dtypes=REFERENCE_DTYPES)
+    scale = check_scalars(dropout_p, scale, s.head_dim)
+    hm = check_head_mask(head_mask, s, q.device)
+    visible, bias = masks.dense_mask(attention_mask, s.batch, s.heads, s.q_len, s.k_len)
+
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.to(cdt)
+    if causal:
+        cv = causal_visible(s.q_len, s.k_len, q.device)
+        visible = cv if visible is None else visible & cv
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+        # a row that sees no key outputs exactly 0 (and gets zero gradients), never NaN
+        empty_row = ~visible.any(-1, keepdim=True)
+        scores = scores.masked_fill(empty_row, 0.0)
+        probs = torch.softmax(scores, dim=-1).masked_fill(~visible, 0.0)
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        keep = dropout_mask
+        if keep is None:
+            keep = torch.rand(probs.shape, device=q.device) >= dropout_p
+        probs = probs * keep.to(cdt) / (1.0 - dropout_p)
+    if hm is not None:
+        probs = probs * hm.to(cdt)[:, :, None, None]
+    return torch.matmul(probs, v.to(cdt)).to(q.dtype)

@@ -1,0 +1,50 @@
+"""Shared test set-up: the Triton interpreter on machines without a GPU, seeds, the cuda marker."""
+import os
+
+import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when it is imported; fused_attn imports it lazily, so setting it
+# here (before any test module runs a kernel) makes the Triton kernels run on CPU tensors.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+
+
+def pytest_runtest_setup(item):
+    if "cuda" in item.keywords and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+# (backend, device) pairs every kernel test runs on; unavailable ones skip with their reason.
+ENGINES = [
+    pytest.param(("triton", "cpu"), id="triton-interp"),
+    pytest.param(("cpu", "cpu"), id="cpu"),
+    pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.cuda),
+    pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.cuda),
+]
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request):
+    """(backend name, device) of a kernel engine that can run here."""
+    from fused_attn import backends
+
+    name, device = request.param
+    why = backends.reasons(name, torch.empty(1, 1, 1, 16, device=device))
+    if why:
+        pytest.skip(f"backend {name!r} unavailable: {'; '.join(why)}")
+    return name, device
+
+
+def is_interpreted(name, device):
+    return name == "triton" and device == "cpu"
