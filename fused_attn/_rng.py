@@ -15,7 +15,7 @@ import torch
 def philox_seed_offset(device: torch.device, numel: int) -> Tuple[int, int]:
     if device.type == "cuda":
         gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
-        seed = gen.initial_seed()
+        seed = gen.initial_seed() & (2**63 - 1)   # kernels take a signed 64-bit seed
         offset = gen.get_offset()
         # PyTorch's Philox users advance in multiples of 4 (one Philox call yields 4 numbers)
         gen.set_offset(offset + ((numel + 3) // 4) * 4)

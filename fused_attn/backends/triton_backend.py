@@ -13,7 +13,7 @@ from ..masks import ReducedMask
 try:  # imports never fail: keep the reason, report it in reasons()
     import triton
 
-    from . import triton_fwd
+    from . import triton_bwd, triton_fwd
     _IMPORT_ERROR: Optional[str] = None
 except Exception as e:  # pragma: no cover - depends on the installation
     triton = None
@@ -126,3 +126,67 @@ def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: fl
     if stats:
         return out, lse, visited.view(B, H, n_qb)
     return out, lse
+
+
+def bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
+    """Backward tile sizes (both kernels use the same tiles, so they share one block map)."""
+    if device.type != "cuda":
+        return TileConfig(16, 32, 4, 1)
+    bd = triton.next_power_of_2(head_dim)
+    if dtype == torch.float32:
+        return TileConfig(32, 32, 4, 2)
+    if bd <= 64:
+        return TileConfig(64, 64, 4, 2)
+    if bd <= 128:
+        return TileConfig(64, 64, 8, 2)
+    return TileConfig(32, 32, 4, 2)
+
+
+def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale: float,
+             dropout_p: float, head_mask: Optional[torch.Tensor], seed: int = 0, rng_offset: int = 0,
+             config: Optional[TileConfig] = None):
+    """Returns (dq, dk, dv) in the dtypes and layouts of q, k, v."""
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    cfg = config or bwd_config(D, q.dtype, q.device)
+    delta = (grad_out.float() * out.float()).sum(-1)              # rowsum(dO ∘ O), [B, H, Sq]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dummy = lse
+    mode, values, ms, keys, blocks = _mask_args(red, cfg, causal, dummy)
+    hm = head_mask if head_mask is not None else dummy
+    hstr = (0 if hm.shape[0] == 1 else hm.stride(0), hm.stride(1)) if head_mask is not None else (0, 0)
+    block_d = max(16, triton.next_power_of_2(D))
+    common = dict(MASK_MODE=mode, MASK_ADDITIVE=red.additive, CAUSAL=bool(causal),
+                  HAS_HEAD_MASK=head_mask is not None, DROPOUT=dropout_p > 0.0,
+                  IEEE=q.dtype == torch.float32, UPCAST=q.dtype == torch.bfloat16 and interpreting(),
+                  EVEN_D=block_d == D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    scalars = (H, Sq, Sk, D, scale * triton_fwd.LOG2E, scale, Sk - Sq)
+    if red.kind == "blocks":
+        q_cnt, q_idx, q_st = red.block_map(cfg.block_m, cfg.block_n, causal).transposed()
+        cs = [0 if q_cnt.shape[i] == 1 else q_cnt.stride(i) for i in range(3)]
+        is_ = [0 if q_idx.shape[i] == 1 else q_idx.stride(i) for i in range(3)]
+        t_blocks = (q_cnt, q_idx, q_st, *cs, *is_)
+    else:
+        t_blocks = blocks
+    rng = (seed, rng_offset, float(dropout_p))
+    triton_bwd.attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg.block_n), B * H)](
+        q, k, v, grad_out, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+        *scalars, values, *ms, *keys, *t_blocks, hm, *hstr, *rng, **common)
+    triton_bwd.attn_bwd_dq_kernel[(triton.cdiv(Sq, cfg.block_m), B * H)](
+        q, k, v, grad_out, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+        *scalars, values, *ms, *keys, *blocks, hm, *hstr, *rng, **common)
+    return dq, dk, dv
+
+
+def dropout_keep_mask(batch: int, heads: int, q_len: int, k_len: int, dropout_p: float,
+                      seed: int, rng_offset: int, device) -> torch.Tensor:
+    """The bool keep-mask [B, H, Sq, Sk] the kernels apply for this (seed, offset): a testing
+    hook, so the reference can apply exactly the same dropout."""
+    keep = torch.empty((batch, heads, q_len, k_len), dtype=torch.int8, device=device)
+    grid = (triton.cdiv(q_len, 32), triton.cdiv(k_len, 32), batch * heads)
+    triton_bwd.dropout_keep_kernel[grid](keep, heads, q_len, k_len, seed, rng_offset, float(dropout_p),
+                                         BLOCK_M=32, BLOCK_N=32)
+    return keep.bool()

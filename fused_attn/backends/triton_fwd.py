@@ -19,8 +19,9 @@ def _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p):
     torch's offset): a function of the element's position only, so the backward regenerates it."""
     c0 = (offs_m[:, None] * Sk + offs_n[None, :]).to(tl.uint32)
     c1 = tl.zeros_like(c0) + bh.to(tl.uint32)
-    c2 = tl.zeros_like(c0) + (rng_offset & 0xFFFFFFFF).to(tl.uint32)
-    c3 = tl.zeros_like(c0) + (rng_offset >> 32).to(tl.uint32)
+    off = tl.to_tensor(rng_offset).to(tl.int64)     # Triton passes small ints as int32 (or constexpr)
+    c2 = tl.zeros_like(c0) + (off & 0xFFFFFFFF).to(tl.uint32)
+    c3 = tl.zeros_like(c0) + (off >> 32).to(tl.uint32)
     r, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
     return tl.uint_to_uniform_float(r) >= dropout_p
 
@@ -69,6 +70,21 @@ def apply_bounds(s, offs_m, offs_n, kv_lo, kv_hi, causal_offset,
     if CAUSAL:
         s = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_offset, s, float("-inf"))
     return s
+
+
+@triton.jit
+def kv_loop_bounds(start_m, lo, hi, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr):
+    """Key loop of a query block starting at start_m over visible keys [lo, hi): returns
+    (safe_hi, hi): tiles in [lo, safe_hi) need no bounds or causal masking, [safe_hi, hi) do."""
+    safe_hi = lo + ((hi - lo) // BLOCK_N) * BLOCK_N            # tiles wholly inside [lo, hi)
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M + causal_offset)
+        # keys <= start_m + causal_offset are visible to every row of the block
+        free = tl.maximum(start_m + causal_offset + 1 - lo, 0)
+        safe_hi = tl.minimum(safe_hi, lo + (free // BLOCK_N) * BLOCK_N)
+    safe_hi = tl.maximum(safe_hi, lo)
+    return safe_hi, hi
 
 
 @triton.jit
@@ -184,14 +200,7 @@ def attn_fwd_kernel(
             lo = tl.load(KeyStart + b)
             hi = tl.load(KeyEnd + b)
             row_dense = tl.load(KeyDense + b)
-        safe_hi = lo + ((hi - lo) // BLOCK_N) * BLOCK_N        # tiles wholly inside [lo, hi)
-        if CAUSAL:
-            hi = tl.minimum(hi, start_m + BLOCK_M + causal_offset)
-            # keys <= start_m + causal_offset are visible to every row of this block
-            free = start_m + causal_offset + 1 - lo
-            free = tl.maximum(free, 0)
-            safe_hi = tl.minimum(safe_hi, lo + (free // BLOCK_N) * BLOCK_N)
-        safe_hi = tl.maximum(safe_hi, lo)
+        safe_hi, hi = kv_loop_bounds(start_m, lo, hi, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
         for start_n in range(lo, safe_hi, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, start_n, offs_m, offs_d,

@@ -1,0 +1,259 @@
+"""Triton backward kernels: dK/dV (one program per key block, looping over query blocks) and dQ
+(one program per query block, looping over key blocks).  No atomics: every gradient element is
+written by exactly one program, so gradients are bitwise repeatable.
+
+Probabilities are recomputed from the saved log-sum-exp (log2 units; +inf for rows that see
+nothing, which makes their P -- and so their gradients -- exactly 0).  The dropout keep-mask is
+regenerated from the forward's Philox seed/offset.  With Ph = head_mask * dropout(P):
+    dV = Phᵀ dO,   dP = head_mask * dropout(dO Vᵀ),   dS = P ∘ (dP - rowsum(dO ∘ O)),
+    dQ = scale · dS K,   dK = scale · dSᵀ Q.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_fwd import _dropout_keep, apply_bounds, apply_mask_tile, kv_loop_bounds, load_rows, mma
+
+
+@triton.jit
+def _bwd_tile(q, do, lse, delta, k, v, offs_m, offs_n, mask_ptr, stride_mm, stride_mn, load_mask,
+              kv_lo, kv_hi, Sq, Sk, causal_offset, qk_scale, grad_scale,
+              seed, rng_offset, bh, dropout_p,
+              CHECK_BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+              MASK_ADDITIVE: tl.constexpr, PARTIAL_CHECKS: tl.constexpr,
+              PARTIAL_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+              UPCAST: tl.constexpr):
+    """Recompute one [BLOCK_M, BLOCK_N] tile: returns (Ph, dS) in fp32.  grad_scale =
+    head_mask / (1 - dropout_p)."""
+    s = mma(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], dtype=tl.float32), IEEE, UPCAST) * qk_scale
+    if HAS_MASK:
+        if load_mask:
+            s = apply_mask_tile(s, offs_m, offs_n, mask_ptr, stride_mm, stride_mn, Sq, Sk, MASK_ADDITIVE)
+            if PARTIAL_CHECKS:
+                s = apply_bounds(s, offs_m, offs_n, kv_lo, kv_hi, causal_offset, True, PARTIAL_CAUSAL)
+    s = apply_bounds(s, offs_m, offs_n, kv_lo, kv_hi, causal_offset, CHECK_BOUNDS, CAUSAL)
+    p = tl.math.exp2(s - lse[:, None])
+    dp = mma(do, tl.trans(v), tl.zeros([q.shape[0], k.shape[0]], dtype=tl.float32), IEEE, UPCAST)
+    if DROPOUT:
+        keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p)
+        ph = tl.where(keep, p * grad_scale, 0.0)
+        dp = tl.where(keep, dp * grad_scale, 0.0)
+    else:
+        ph = p * grad_scale
+        dp = dp * grad_scale
+    ds = p * (dp - delta[:, None])
+    return ph, ds
+
+
+@triton.jit
+def attn_bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H, Sq, Sk, D, qk_scale, sm_scale, causal_offset,
+    Mask, stride_mb, stride_mh, stride_mm, stride_mn,
+    KeyStart, KeyEnd, KeyDense,
+    # MASK_MODE 2: for every key block, its non-empty query blocks (BlockMap.transposed())
+    BlkCount, BlkIndex, BlkState, stride_cb, stride_ch, stride_cn, stride_ib, stride_ih, stride_in,
+    HeadMask, stride_hb, stride_hh,
+    seed, rng_offset, dropout_p,
+    MASK_MODE: tl.constexpr, MASK_ADDITIVE: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_HEAD_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    q_base = Q + b64 * stride_qb + h64 * stride_qh
+    do_base = DO + b64 * stride_dob + h64 * stride_doh
+    mask_ptr = Mask + b64 * stride_mb + h64 * stride_mh
+    lse_base = Lse + bh.to(tl.int64) * Sq
+    delta_base = Delta + bh.to(tl.int64) * Sq
+
+    k = load_rows(K + b64 * stride_kb + h64 * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                  offs_n, Sk, offs_d, D, True, EVEN_D)
+    v = load_rows(V + b64 * stride_vb + h64 * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                  offs_n, Sk, offs_d, D, True, EVEN_D)
+    grad_scale = 1.0
+    if DROPOUT:
+        grad_scale = grad_scale / (1.0 - dropout_p)
+    if HAS_HEAD_MASK:
+        grad_scale = grad_scale * tl.load(HeadMask + b * stride_hb + h * stride_hh).to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    offs_mb = tl.arange(0, BLOCK_M)
+
+    if MASK_MODE == 2:
+        n_blocks = tl.load(BlkCount + b * stride_cb + h * stride_ch + pid_n * stride_cn)
+        idx_base = b * stride_ib + h * stride_ih + pid_n * stride_in
+        for i in range(0, n_blocks):
+            offs_m = tl.load(BlkIndex + idx_base + i) * BLOCK_M + offs_mb
+            partial = tl.load(BlkState + idx_base + i) == 1
+            q = load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, Sq, offs_d, D, True, EVEN_D)
+            do = load_rows(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, offs_m, Sq, offs_d, D, True, EVEN_D)
+            lse = tl.load(lse_base + offs_m, mask=offs_m < Sq, other=float("inf"))
+            delta = tl.load(delta_base + offs_m, mask=offs_m < Sq, other=0.0)
+            ph, ds = _bwd_tile(q, do, lse, delta, k, v, offs_m, offs_n, mask_ptr, stride_mm, stride_mn, partial,
+                               0, Sk, Sq, Sk, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                               False, False, True, MASK_ADDITIVE, True, CAUSAL, DROPOUT, IEEE, UPCAST)
+            dv = mma(tl.trans(ph.to(do.dtype)), do, dv, IEEE, UPCAST)
+            dk = mma(tl.trans(ds.to(q.dtype)), q, dk, IEEE, UPCAST)
+    else:
+        lo = 0
+        hi = Sk
+        row_dense = 0
+        if MASK_MODE == 1:
+            lo = tl.load(KeyStart + b)
+            hi = tl.load(KeyEnd + b)
+            row_dense = tl.load(KeyDense + b)
+        # key blocks wholly outside the visible range get zero gradients without any work
+        if (start_n < hi) & (start_n + BLOCK_N > lo):
+            check = (start_n < lo) | (start_n + BLOCK_N > hi)
+            q_lo = 0
+            q_safe = 0
+            if CAUSAL:
+                # query i sees key j iff i >= j - causal_offset; rows >= q_safe see the whole tile
+                q_lo = tl.maximum(start_n - causal_offset, 0)
+                q_safe = tl.maximum(start_n + BLOCK_N - 1 - causal_offset, q_lo)
+            for start_m in range(q_lo, Sq, BLOCK_M):
+                offs_m = start_m + offs_mb
+                q = load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, Sq, offs_d, D, True, EVEN_D)
+                do = load_rows(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, offs_m, Sq, offs_d, D, True, EVEN_D)
+                lse = tl.load(lse_base + offs_m, mask=offs_m < Sq, other=float("inf"))
+                delta = tl.load(delta_base + offs_m, mask=offs_m < Sq, other=0.0)
+                if check | (start_m < q_safe):
+                    ph, ds = _bwd_tile(q, do, lse, delta, k, v, offs_m, offs_n, mask_ptr, stride_mm, stride_mn,
+                                       row_dense != 0, lo, hi, Sq, Sk, causal_offset, qk_scale, grad_scale,
+                                       seed, rng_offset, bh, dropout_p,
+                                       True, CAUSAL, MASK_MODE == 1, MASK_ADDITIVE, False, False, DROPOUT, IEEE, UPCAST)
+                else:
+                    ph, ds = _bwd_tile(q, do, lse, delta, k, v, offs_m, offs_n, mask_ptr, stride_mm, stride_mn,
+                                       row_dense != 0, lo, hi, Sq, Sk, causal_offset, qk_scale, grad_scale,
+                                       seed, rng_offset, bh, dropout_p,
+                                       False, False, MASK_MODE == 1, MASK_ADDITIVE, False, False, DROPOUT, IEEE, UPCAST)
+                dv = mma(tl.trans(ph.to(do.dtype)), do, dv, IEEE, UPCAST)
+                dk = mma(tl.trans(ds.to(q.dtype)), q, dk, IEEE, UPCAST)
+
+    dk = dk * sm_scale
+    n_ok = offs_n[:, None] < Sk
+    if not EVEN_D:
+        n_ok = n_ok & (offs_d[None, :] < D)
+    tl.store(DK + b64 * stride_dkb + h64 * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=n_ok)
+    tl.store(DV + b64 * stride_dvb + h64 * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def attn_bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, Sq, Sk, D, qk_scale, sm_scale, causal_offset,
+    Mask, stride_mb, stride_mh, stride_mm, stride_mn,
+    KeyStart, KeyEnd, KeyDense,
+    BlkCount, BlkIndex, BlkState, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
+    HeadMask, stride_hb, stride_hh,
+    seed, rng_offset, dropout_p,
+    MASK_MODE: tl.constexpr, MASK_ADDITIVE: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_HEAD_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_nb = tl.arange(0, BLOCK_N)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    k_base = K + b64 * stride_kb + h64 * stride_kh
+    v_base = V + b64 * stride_vb + h64 * stride_vh
+    mask_ptr = Mask + b64 * stride_mb + h64 * stride_mh
+    q = load_rows(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                  offs_m, Sq, offs_d, D, True, EVEN_D)
+    do = load_rows(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                   offs_m, Sq, offs_d, D, True, EVEN_D)
+    lse = tl.load(Lse + bh.to(tl.int64) * Sq + offs_m, mask=offs_m < Sq, other=float("inf"))
+    delta = tl.load(Delta + bh.to(tl.int64) * Sq + offs_m, mask=offs_m < Sq, other=0.0)
+    grad_scale = 1.0
+    if DROPOUT:
+        grad_scale = grad_scale / (1.0 - dropout_p)
+    if HAS_HEAD_MASK:
+        grad_scale = grad_scale * tl.load(HeadMask + b * stride_hb + h * stride_hh).to(tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if MASK_MODE == 2:
+        n_blocks = tl.load(BlkCount + b * stride_cb + h * stride_ch + pid_m * stride_cm)
+        idx_base = b * stride_ib + h * stride_ih + pid_m * stride_im
+        for i in range(0, n_blocks):
+            offs_n = tl.load(BlkIndex + idx_base + i) * BLOCK_N + offs_nb
+            partial = tl.load(BlkState + idx_base + i) == 1
+            k = load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, Sk, offs_d, D, True, EVEN_D)
+            v = load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, Sk, offs_d, D, True, EVEN_D)
+            _, ds = _bwd_tile(q, do, lse, delta, k, v, offs_m, offs_n, mask_ptr, stride_mm, stride_mn, partial,
+                              0, Sk, Sq, Sk, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                              False, False, True, MASK_ADDITIVE, True, CAUSAL, DROPOUT, IEEE, UPCAST)
+            dq = mma(ds.to(k.dtype), k, dq, IEEE, UPCAST)
+    else:
+        lo = 0
+        hi = Sk
+        row_dense = 0
+        if MASK_MODE == 1:
+            lo = tl.load(KeyStart + b)
+            hi = tl.load(KeyEnd + b)
+            row_dense = tl.load(KeyDense + b)
+        safe_hi, hi = kv_loop_bounds(start_m, lo, hi, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
+        for start_n in range(lo, safe_hi, BLOCK_N):
+            offs_n = start_n + offs_nb
+            k = load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, Sk, offs_d, D, False, EVEN_D)
+            v = load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, Sk, offs_d, D, False, EVEN_D)
+            _, ds = _bwd_tile(q, do, lse, delta, k, v, offs_m, offs_n, mask_ptr, stride_mm, stride_mn, row_dense != 0,
+                              lo, hi, Sq, Sk, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                              False, False, MASK_MODE == 1, MASK_ADDITIVE, False, False, DROPOUT, IEEE, UPCAST)
+            dq = mma(ds.to(k.dtype), k, dq, IEEE, UPCAST)
+        for start_n in range(safe_hi, hi, BLOCK_N):
+            offs_n = start_n + offs_nb
+            k = load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, hi, offs_d, D, True, EVEN_D)
+            v = load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, hi, offs_d, D, True, EVEN_D)
+            _, ds = _bwd_tile(q, do, lse, delta, k, v, offs_m, offs_n, mask_ptr, stride_mm, stride_mn, row_dense != 0,
+                              lo, hi, Sq, Sk, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                              True, CAUSAL, MASK_MODE == 1, MASK_ADDITIVE, False, False, DROPOUT, IEEE, UPCAST)
+            dq = mma(ds.to(k.dtype), k, dq, IEEE, UPCAST)
+
+    dq = dq * sm_scale
+    m_ok = offs_m[:, None] < Sq
+    if not EVEN_D:
+        m_ok = m_ok & (offs_d[None, :] < D)
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=m_ok)
+
+
+@triton.jit
+def dropout_keep_kernel(Keep, H, Sq, Sk, seed, rng_offset, dropout_p,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Testing hook: writes the keep-mask [B, H, Sq, Sk] the kernels use for (seed, offset)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p)
+    ptrs = Keep + bh.to(tl.int64) * Sq * Sk + offs_m[:, None] * Sk + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < Sq) & (offs_n[None, :] < Sk))
