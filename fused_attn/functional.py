@@ -5,42 +5,10 @@ from typing import Optional, Union
 
 import torch
 
-from . import backends, masks, reference
+from . import backends, masks, ops, reference
 from ._checks import check_head_mask, check_qkv, check_scalars
 from ._rng import philox_seed_offset
 from .masks import ReducedMask
-
-
-class _FusedAttention(torch.autograd.Function):
-    """Saves q, k, v, out and the log-sum-exp; the backward recomputes probabilities (and the
-    dropout keep-mask, from the same Philox seed/offset) tile by tile."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, head_mask, red, causal, scale, dropout_p, engine_name):
-        engine = backends._engine(engine_name)
-        seed, offset = (0, 0)
-        if dropout_p > 0.0:
-            b, h, sq, _ = q.shape
-            seed, offset = philox_seed_offset(q.device, b * h * sq * k.shape[2])
-        out, lse = engine.forward(q, k, v, red, causal, scale, dropout_p, head_mask,
-                                  seed=seed, rng_offset=offset, **_engine_kwargs(engine_name))
-        ctx.save_for_backward(q, k, v, out, lse, head_mask)
-        ctx.meta = (red, causal, scale, dropout_p, seed, offset, engine_name)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, head_mask = ctx.saved_tensors
-        red, causal, scale, dropout_p, seed, offset, engine_name = ctx.meta
-        engine = backends._engine(engine_name)
-        dq, dk, dv = engine.backward(grad_out, q, k, v, out, lse, red, causal, scale, dropout_p,
-                                     head_mask, seed=seed, rng_offset=offset,
-                                     **_engine_kwargs(engine_name))
-        return dq, dk, dv, None, None, None, None, None, None
-
-
-def _engine_kwargs(engine_name: str) -> dict:
-    return {"device_kind": engine_name} if engine_name in ("cpu", "cuda") else {}
 
 
 def attention(
@@ -87,4 +55,8 @@ def attention(
         return reference.attention(q, k, v, red, causal, float(dropout_p), scale, head_mask)
     if hm is not None:
         hm = hm.detach().to(torch.float32)
-    return _FusedAttention.apply(q, k, v, hm, red, causal, scale, float(dropout_p), name)
+    rng = None
+    if dropout_p > 0.0:
+        seed, offset = philox_seed_offset(q.device, s.batch * s.heads * s.q_len * s.k_len)
+        rng = torch.tensor([seed, offset], dtype=torch.int64)
+    return ops.fused_attention(q, k, v, red, hm, causal, scale, float(dropout_p), name, rng)

@@ -235,13 +235,28 @@ def reduce_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: int,
                         f"got {type(attention_mask).__name__}")
     if device is not None and attention_mask.device != torch.device(device):
         raise ValueError(f"attention_mask: mask is on {attention_mask.device} but q is on {device}")
+    if torch.compiler.is_compiling():
+        return _reduce(attention_mask, batch, heads, q_len, k_len)
     key = (batch, heads, q_len, k_len)
     hit = _CACHE.get(attention_mask, key)
     if hit is not None:
         return hit
     red = _reduce(attention_mask, batch, heads, q_len, k_len)
     _CACHE.put(attention_mask, key, red)
+    _BY_VALUES.put(red.values, (red.kind,) + key, red)
     return red
+
+
+def rebuild(kind, batch, heads, q_len, k_len, values, additive, key_start, key_end, key_dense) -> ReducedMask:
+    """The ReducedMask whose tensors these are (the same object when it is still alive, so its
+    cached block maps are reused; the custom ops in fused_attn.ops receive only tensors)."""
+    if kind == "none":
+        return ReducedMask("none", batch, heads, q_len, k_len)
+    hit = _BY_VALUES.get(values, (kind, batch, heads, q_len, k_len))
+    if hit is not None:
+        return hit
+    return ReducedMask(kind, batch, heads, q_len, k_len, values=values, additive=additive,
+                       key_start=key_start, key_end=key_end, key_dense=key_dense)
 
 
 def _reduce(mask: torch.Tensor, batch: int, heads: int, q_len: int, k_len: int) -> ReducedMask:
@@ -327,4 +342,5 @@ class _MaskCache:
         self.entries.clear()
 
 
-_CACHE = _MaskCache()
+_CACHE = _MaskCache()        # user's mask tensor -> its reduction
+_BY_VALUES = _MaskCache()    # reduction's values tensor -> the reduction (for fused_attn.ops)

@@ -33,8 +33,8 @@ def reasons(name: str, q: torch.Tensor) -> List[str]:
         return [f"tensors are on {q.device.type}, the cpu backend needs CPU tensors"]
     try:
         engine = _engine(name)
-    except ImportError as e:
-        return [f"not available ({e})"]
+    except Exception as e:  # noqa: BLE001 - an engine that cannot even import says why
+        return [f"not available ({type(e).__name__}: {e})"]
     return engine.reasons(q) if name == "triton" else engine.reasons(q, name)
 
 

@@ -1,0 +1,91 @@
+"""The fused attention as torch.library custom ops (``fused_attn_op::forward`` / ``backward``),
+with fake implementations and a registered autograd formula, so torch.compile traces a call
+without graph breaks and CUDA graphs can capture it (dropout off).
+
+The reduced mask travels as its tensors plus a kind string; the op looks the ReducedMask object
+up again by identity of its tensors (so block maps cached on it are reused), or rebuilds it.
+The engine name picks the backend module ("triton", "cpu", "cuda").
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import backends, masks
+
+NAMESPACE = "fused_attn_op"
+
+
+def _engine_kwargs(engine: str) -> dict:
+    return {"device_kind": engine} if engine in ("cpu", "cuda") else {}
+
+
+def _seed_offset(rng: Optional[Tensor]) -> Tuple[int, int]:
+    if rng is None:
+        return 0, 0
+    seed, offset = rng.tolist()
+    return int(seed), int(offset)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::forward", mutates_args=())
+def attn_forward(q: Tensor, k: Tensor, v: Tensor, mask_values: Optional[Tensor],
+                 key_start: Optional[Tensor], key_end: Optional[Tensor], key_dense: Optional[Tensor],
+                 head_mask: Optional[Tensor], rng: Optional[Tensor], kind: str, additive: bool,
+                 causal: bool, scale: float, dropout_p: float, engine: str) -> Tuple[Tensor, Tensor]:
+    red = masks.rebuild(kind, q.shape[0], q.shape[1], q.shape[2], k.shape[2], mask_values, additive,
+                        key_start, key_end, key_dense)
+    seed, offset = _seed_offset(rng)
+    return backends._engine(engine).forward(q, k, v, red, causal, scale, dropout_p, head_mask,
+                                            seed=seed, rng_offset=offset, **_engine_kwargs(engine))
+
+
+@attn_forward.register_fake
+def _(q, k, v, mask_values, key_start, key_end, key_dense, head_mask, rng, kind, additive, causal,
+      scale, dropout_p, engine):
+    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::backward", mutates_args=())
+def attn_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  mask_values: Optional[Tensor], key_start: Optional[Tensor], key_end: Optional[Tensor],
+                  key_dense: Optional[Tensor], head_mask: Optional[Tensor], rng: Optional[Tensor],
+                  kind: str, additive: bool, causal: bool, scale: float, dropout_p: float,
+                  engine: str) -> Tuple[Tensor, Tensor, Tensor]:
+    red = masks.rebuild(kind, q.shape[0], q.shape[1], q.shape[2], k.shape[2], mask_values, additive,
+                        key_start, key_end, key_dense)
+    seed, offset = _seed_offset(rng)
+    return backends._engine(engine).backward(grad_out, q, k, v, out, lse, red, causal, scale, dropout_p,
+                                             head_mask, seed=seed, rng_offset=offset,
+                                             **_engine_kwargs(engine))
+
+
+@attn_backward.register_fake
+def _(grad_out, q, k, v, out, lse, mask_values, key_start, key_end, key_dense, head_mask, rng, kind,
+      additive, causal, scale, dropout_p, engine):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask_values, key_start, key_end, key_dense, head_mask, rng = inputs[:9]
+    ctx.meta = inputs[9:]
+    ctx.save_for_backward(q, k, v, output[0], output[1], mask_values, key_start, key_end, key_dense,
+                          head_mask, rng)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, mask_values, key_start, key_end, key_dense, head_mask, rng = ctx.saved_tensors
+    dq, dk, dv = attn_backward(grad_out, q, k, v, out, lse, mask_values, key_start, key_end, key_dense,
+                               head_mask, rng, *ctx.meta)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
+
+
+attn_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_attention(q, k, v, red: masks.ReducedMask, head_mask: Optional[Tensor], causal: bool,
+                    scale: float, dropout_p: float, engine: str, rng: Optional[Tensor]) -> Tensor:
+    out, _ = attn_forward(q, k, v, red.values, red.key_start, red.key_end, red.key_dense, head_mask,
+                          rng, red.kind, red.additive, causal, scale, dropout_p, engine)
+    return out
