@@ -149,7 +149,7 @@ def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale:
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     cfg = config or bwd_config(D, q.dtype, q.device)
-    delta = (grad_out.float() * out.float()).sum(-1)              # rowsum(dO ∘ O), [B, H, Sq]
+    delta = (grad_out.float() * out.float()).sum(-1).contiguous()   # rowsum(dO ∘ O), [B, H, Sq]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dummy = lse
     mode, values, ms, keys, blocks = _mask_args(red, cfg, causal, dummy)

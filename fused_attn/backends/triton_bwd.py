@@ -13,37 +13,84 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_fwd import _dropout_keep, apply_bounds, apply_mask_tile, kv_loop_bounds, load_rows, mma
+from .triton_fwd import _dropout_keep, kv_loop_bounds, load_rows, mask_scores, mma
 
 
 @triton.jit
-def _bwd_tile(q, do, lse, delta, k, v, offs_m, offs_n, mask_ptr, stride_mm, stride_mn, load_mask,
-              kv_lo, kv_hi, Sq, Sk, causal_offset, qk_scale, grad_scale,
-              seed, rng_offset, bh, dropout_p,
-              CHECK_BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-              MASK_ADDITIVE: tl.constexpr, PARTIAL_CHECKS: tl.constexpr,
-              PARTIAL_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-              UPCAST: tl.constexpr):
-    """Recompute one [BLOCK_M, BLOCK_N] tile: returns (Ph, dS) in fp32.  grad_scale =
-    head_mask / (1 - dropout_p)."""
-    s = mma(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], dtype=tl.float32), IEEE, UPCAST) * qk_scale
-    if HAS_MASK:
-        if load_mask:
-            s = apply_mask_tile(s, offs_m, offs_n, mask_ptr, stride_mm, stride_mn, Sq, Sk, MASK_ADDITIVE)
-            if PARTIAL_CHECKS:
-                s = apply_bounds(s, offs_m, offs_n, kv_lo, kv_hi, causal_offset, True, PARTIAL_CAUSAL)
-    s = apply_bounds(s, offs_m, offs_n, kv_lo, kv_hi, causal_offset, CHECK_BOUNDS, CAUSAL)
-    p = tl.math.exp2(s - lse[:, None])
-    dp = mma(do, tl.trans(v), tl.zeros([q.shape[0], k.shape[0]], dtype=tl.float32), IEEE, UPCAST)
+def _grads_from_probs(p, dp, delta, mi, ni, Sk, grad_scale, seed, rng_offset, bh, dropout_p,
+                      DROPOUT: tl.constexpr):
+    """(Ph, dS) of one tile from P and dO·Vᵀ; delta broadcastable to the tile; grad_scale =
+    head_mask / (1 - dropout_p).  mi / ni: query / key indices (either orientation)."""
     if DROPOUT:
-        keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p)
+        keep = _dropout_keep(seed, rng_offset, bh, mi, ni, Sk, dropout_p)
         ph = tl.where(keep, p * grad_scale, 0.0)
         dp = tl.where(keep, dp * grad_scale, 0.0)
     else:
         ph = p * grad_scale
         dp = dp * grad_scale
-    ds = p * (dp - delta[:, None])
-    return ph, ds
+    return ph, p * (dp - delta)
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
+               stride_qm, stride_qd, stride_dom, stride_dod,
+               mask_ptr, stride_mm, stride_mn, load_mask, kv_lo, kv_hi, Sq, Sk, D, causal_offset,
+               qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+               BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_ADDITIVE: tl.constexpr,
+               PARTIAL_CHECKS: tl.constexpr, PARTIAL_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+               IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """One query tile's contribution to dK, dV, computed transposed ([BLOCK_N, BLOCK_M]) so
+    that no register tile has to be transposed before a dot."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    if EVEN_D:
+        qT = tl.load(q_base + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                     mask=offs_m[None, :] < Sq, other=0.0)
+    else:
+        qT = tl.load(q_base + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                     mask=(offs_m[None, :] < Sq) & (offs_d[:, None] < D), other=0.0)
+    do = load_rows(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, offs_m, Sq, offs_d, D,
+                   True, EVEN_D)
+    lse = tl.load(lse_base + offs_m, mask=offs_m < Sq, other=float("inf"))
+    delta = tl.load(delta_base + offs_m, mask=offs_m < Sq, other=0.0)
+    mi = offs_m[None, :]
+    ni = offs_n[:, None]
+    sT = mma(k, qT, tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), IEEE, UPCAST) * qk_scale
+    sT = mask_scores(sT, mi, ni, mask_ptr, stride_mm, stride_mn, load_mask, kv_lo, kv_hi, Sq, Sk,
+                     causal_offset, CHECK_BOUNDS, CAUSAL, HAS_MASK, MASK_ADDITIVE, PARTIAL_CHECKS, PARTIAL_CAUSAL)
+    pT = tl.math.exp2(sT - lse[None, :])            # lse = +inf on rows that see nothing -> 0
+    dpT = mma(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), IEEE, UPCAST)
+    phT, dsT = _grads_from_probs(pT, dpT, delta[None, :], mi, ni, Sk, grad_scale, seed, rng_offset, bh,
+                                 dropout_p, DROPOUT)
+    dv = mma(phT.to(do.dtype), do, dv, IEEE, UPCAST)
+    dk = mma(dsT.to(qT.dtype), tl.trans(qT), dk, IEEE, UPCAST)
+    return dk, dv
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
+             stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, load_mask, kv_lo, kv_hi, Sq, Sk, D,
+             causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+             BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
+             CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_ADDITIVE: tl.constexpr,
+             PARTIAL_CHECKS: tl.constexpr, PARTIAL_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+             IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """One key tile's contribution to dQ."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, kv_hi, offs_d, D,
+                  CHECK_BOUNDS or PARTIAL_CHECKS, EVEN_D)
+    v = load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, kv_hi, offs_d, D,
+                  CHECK_BOUNDS or PARTIAL_CHECKS, EVEN_D)
+    mi = offs_m[:, None]
+    ni = offs_n[None, :]
+    s = mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE, UPCAST) * qk_scale
+    s = mask_scores(s, mi, ni, mask_ptr, stride_mm, stride_mn, load_mask, kv_lo, kv_hi, Sq, Sk,
+                    causal_offset, CHECK_BOUNDS, CAUSAL, HAS_MASK, MASK_ADDITIVE, PARTIAL_CHECKS, PARTIAL_CAUSAL)
+    p = tl.math.exp2(s - lse[:, None])
+    dp = mma(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE, UPCAST)
+    _, ds = _grads_from_probs(p, dp, delta[:, None], mi, ni, Sk, grad_scale, seed, rng_offset, bh,
+                              dropout_p, DROPOUT)
+    return mma(ds.to(k.dtype), k, dq, IEEE, UPCAST)
 
 
 @triton.jit
@@ -92,23 +139,19 @@ def attn_bwd_dkdv_kernel(
         grad_scale = grad_scale * tl.load(HeadMask + b * stride_hb + h * stride_hh).to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    offs_mb = tl.arange(0, BLOCK_M)
 
     if MASK_MODE == 2:
         n_blocks = tl.load(BlkCount + b * stride_cb + h * stride_ch + pid_n * stride_cn)
         idx_base = b * stride_ib + h * stride_ih + pid_n * stride_in
         for i in range(0, n_blocks):
-            offs_m = tl.load(BlkIndex + idx_base + i) * BLOCK_M + offs_mb
+            start_m = tl.load(BlkIndex + idx_base + i) * BLOCK_M
             partial = tl.load(BlkState + idx_base + i) == 1
-            q = load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, Sq, offs_d, D, True, EVEN_D)
-            do = load_rows(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, offs_m, Sq, offs_d, D, True, EVEN_D)
-            lse = tl.load(lse_base + offs_m, mask=offs_m < Sq, other=float("inf"))
-            delta = tl.load(delta_base + offs_m, mask=offs_m < Sq, other=0.0)
-            ph, ds = _bwd_tile(q, do, lse, delta, k, v, offs_m, offs_n, mask_ptr, stride_mm, stride_mn, partial,
-                               0, Sk, Sq, Sk, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
-                               False, False, True, MASK_ADDITIVE, True, CAUSAL, DROPOUT, IEEE, UPCAST)
-            dv = mma(tl.trans(ph.to(do.dtype)), do, dv, IEEE, UPCAST)
-            dk = mma(tl.trans(ds.to(q.dtype)), q, dk, IEEE, UPCAST)
+            dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
+                                stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
+                                partial, 0, Sk, Sq, Sk, D, causal_offset, qk_scale, grad_scale,
+                                seed, rng_offset, bh, dropout_p,
+                                BLOCK_M, EVEN_D, False, False, True, MASK_ADDITIVE, True, CAUSAL, DROPOUT,
+                                IEEE, UPCAST)
     else:
         lo = 0
         hi = Sk
@@ -119,7 +162,7 @@ def attn_bwd_dkdv_kernel(
             row_dense = tl.load(KeyDense + b)
         # key blocks wholly outside the visible range get zero gradients without any work
         if (start_n < hi) & (start_n + BLOCK_N > lo):
-            check = (start_n < lo) | (start_n + BLOCK_N > hi)
+            edge = (start_n < lo) | (start_n + BLOCK_N > hi)
             q_lo = 0
             q_safe = 0
             if CAUSAL:
@@ -127,23 +170,20 @@ def attn_bwd_dkdv_kernel(
                 q_lo = tl.maximum(start_n - causal_offset, 0)
                 q_safe = tl.maximum(start_n + BLOCK_N - 1 - causal_offset, q_lo)
             for start_m in range(q_lo, Sq, BLOCK_M):
-                offs_m = start_m + offs_mb
-                q = load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, Sq, offs_d, D, True, EVEN_D)
-                do = load_rows(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, offs_m, Sq, offs_d, D, True, EVEN_D)
-                lse = tl.load(lse_base + offs_m, mask=offs_m < Sq, other=float("inf"))
-                delta = tl.load(delta_base + offs_m, mask=offs_m < Sq, other=0.0)
-                if check | (start_m < q_safe):
-                    ph, ds = _bwd_tile(q, do, lse, delta, k, v, offs_m, offs_n, mask_ptr, stride_mm, stride_mn,
-                                       row_dense != 0, lo, hi, Sq, Sk, causal_offset, qk_scale, grad_scale,
-                                       seed, rng_offset, bh, dropout_p,
-                                       True, CAUSAL, MASK_MODE == 1, MASK_ADDITIVE, False, False, DROPOUT, IEEE, UPCAST)
+                if edge | (start_m < q_safe):
+                    dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base,
+                                        delta_base, stride_qm, stride_qd, stride_dom, stride_dod,
+                                        mask_ptr, stride_mm, stride_mn, row_dense != 0, lo, hi, Sq, Sk, D,
+                                        causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                                        BLOCK_M, EVEN_D, True, CAUSAL, MASK_MODE == 1, MASK_ADDITIVE,
+                                        False, False, DROPOUT, IEEE, UPCAST)
                 else:
-                    ph, ds = _bwd_tile(q, do, lse, delta, k, v, offs_m, offs_n, mask_ptr, stride_mm, stride_mn,
-                                       row_dense != 0, lo, hi, Sq, Sk, causal_offset, qk_scale, grad_scale,
-                                       seed, rng_offset, bh, dropout_p,
-                                       False, False, MASK_MODE == 1, MASK_ADDITIVE, False, False, DROPOUT, IEEE, UPCAST)
-                dv = mma(tl.trans(ph.to(do.dtype)), do, dv, IEEE, UPCAST)
-                dk = mma(tl.trans(ds.to(q.dtype)), q, dk, IEEE, UPCAST)
+                    dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base,
+                                        delta_base, stride_qm, stride_qd, stride_dom, stride_dod,
+                                        mask_ptr, stride_mm, stride_mn, row_dense != 0, lo, hi, Sq, Sk, D,
+                                        causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                                        BLOCK_M, EVEN_D, False, False, MASK_MODE == 1, MASK_ADDITIVE,
+                                        False, False, DROPOUT, IEEE, UPCAST)
 
     dk = dk * sm_scale
     n_ok = offs_n[:, None] < Sk
@@ -180,7 +220,6 @@ def attn_bwd_dq_kernel(
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_nb = tl.arange(0, BLOCK_N)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     k_base = K + b64 * stride_kb + h64 * stride_kh
@@ -203,14 +242,12 @@ def attn_bwd_dq_kernel(
         n_blocks = tl.load(BlkCount + b * stride_cb + h * stride_ch + pid_m * stride_cm)
         idx_base = b * stride_ib + h * stride_ih + pid_m * stride_im
         for i in range(0, n_blocks):
-            offs_n = tl.load(BlkIndex + idx_base + i) * BLOCK_N + offs_nb
+            start_n = tl.load(BlkIndex + idx_base + i) * BLOCK_N
             partial = tl.load(BlkState + idx_base + i) == 1
-            k = load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, Sk, offs_d, D, True, EVEN_D)
-            v = load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, Sk, offs_d, D, True, EVEN_D)
-            _, ds = _bwd_tile(q, do, lse, delta, k, v, offs_m, offs_n, mask_ptr, stride_mm, stride_mn, partial,
-                              0, Sk, Sq, Sk, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
-                              False, False, True, MASK_ADDITIVE, True, CAUSAL, DROPOUT, IEEE, UPCAST)
-            dq = mma(ds.to(k.dtype), k, dq, IEEE, UPCAST)
+            dq = _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
+                          stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, partial, 0, Sk, Sq, Sk, D,
+                          causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                          BLOCK_N, EVEN_D, False, False, True, MASK_ADDITIVE, True, CAUSAL, DROPOUT, IEEE, UPCAST)
     else:
         lo = 0
         hi = Sk
@@ -221,21 +258,17 @@ def attn_bwd_dq_kernel(
             row_dense = tl.load(KeyDense + b)
         safe_hi, hi = kv_loop_bounds(start_m, lo, hi, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
         for start_n in range(lo, safe_hi, BLOCK_N):
-            offs_n = start_n + offs_nb
-            k = load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, Sk, offs_d, D, False, EVEN_D)
-            v = load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, Sk, offs_d, D, False, EVEN_D)
-            _, ds = _bwd_tile(q, do, lse, delta, k, v, offs_m, offs_n, mask_ptr, stride_mm, stride_mn, row_dense != 0,
-                              lo, hi, Sq, Sk, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
-                              False, False, MASK_MODE == 1, MASK_ADDITIVE, False, False, DROPOUT, IEEE, UPCAST)
-            dq = mma(ds.to(k.dtype), k, dq, IEEE, UPCAST)
+            dq = _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
+                          stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, row_dense != 0, lo, hi, Sq, Sk, D,
+                          causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                          BLOCK_N, EVEN_D, False, False, MASK_MODE == 1, MASK_ADDITIVE, False, False, DROPOUT,
+                          IEEE, UPCAST)
         for start_n in range(safe_hi, hi, BLOCK_N):
-            offs_n = start_n + offs_nb
-            k = load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, hi, offs_d, D, True, EVEN_D)
-            v = load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, hi, offs_d, D, True, EVEN_D)
-            _, ds = _bwd_tile(q, do, lse, delta, k, v, offs_m, offs_n, mask_ptr, stride_mm, stride_mn, row_dense != 0,
-                              lo, hi, Sq, Sk, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
-                              True, CAUSAL, MASK_MODE == 1, MASK_ADDITIVE, False, False, DROPOUT, IEEE, UPCAST)
-            dq = mma(ds.to(k.dtype), k, dq, IEEE, UPCAST)
+            dq = _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
+                          stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, row_dense != 0, lo, hi, Sq, Sk, D,
+                          causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                          BLOCK_N, EVEN_D, True, CAUSAL, MASK_MODE == 1, MASK_ADDITIVE, False, False, DROPOUT,
+                          IEEE, UPCAST)
 
     dq = dq * sm_scale
     m_ok = offs_m[:, None] < Sq
@@ -254,6 +287,6 @@ def dropout_keep_kernel(Keep, H, Sq, Sk, seed, rng_offset, dropout_p,
     bh = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p)
+    keep = _dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], Sk, dropout_p)
     ptrs = Keep + bh.to(tl.int64) * Sq * Sk + offs_m[:, None] * Sk + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < Sq) & (offs_n[None, :] < Sk))

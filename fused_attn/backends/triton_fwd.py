@@ -10,19 +10,24 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-HIDDEN = -1.0e4           # masks.HIDDEN_THRESHOLD
+HIDDEN = tl.constexpr(-1.0e4)   # masks.HIDDEN_THRESHOLD
 
 
 @triton.jit
-def _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p):
-    """Keep-mask of one [BLOCK_M, BLOCK_N] tile.  Philox counter = (row * Sk + col, batch*H + head,
-    torch's offset): a function of the element's position only, so the backward regenerates it."""
-    c0 = (offs_m[:, None] * Sk + offs_n[None, :]).to(tl.uint32)
-    c1 = tl.zeros_like(c0) + bh.to(tl.uint32)
-    off = tl.to_tensor(rng_offset).to(tl.int64)     # Triton passes small ints as int32 (or constexpr)
-    c2 = tl.zeros_like(c0) + (off & 0xFFFFFFFF).to(tl.uint32)
-    c3 = tl.zeros_like(c0) + (off >> 32).to(tl.uint32)
-    r, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+def _dropout_keep(seed, rng_offset, bh, mi, ni, Sk, dropout_p):
+    """Keep-mask of one tile; mi / ni: query / key indices broadcastable to the tile's shape.
+    Philox-4x32-10, key = seed (two 31-bit halves), counter = (row * Sk + col, batch * H + head,
+    torch's offset as two 31-bit halves): a function of the element's position only, so the
+    backward regenerates it.  Keep iff uniform >= dropout_p."""
+    c0 = (mi * Sk + ni).to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    # scalars may arrive as int32, int64 or constexpr: combine them with a tensor before casting
+    c1 = (zero + bh).to(tl.uint32)
+    c2 = (zero + (rng_offset & 0x7FFFFFFF)).to(tl.uint32)
+    c3 = (zero + ((rng_offset >> 31) & 0x7FFFFFFF)).to(tl.uint32)
+    k0 = (zero + (seed & 0x7FFFFFFF)).to(tl.uint32)
+    k1 = (zero + ((seed >> 31) & 0x7FFFFFFF)).to(tl.uint32)
+    r, _, _, _ = tl.philox_impl(c0, c1, c2, c3, k0, k1)
     return tl.uint_to_uniform_float(r) >= dropout_p
 
 
@@ -50,11 +55,11 @@ def load_rows(ptrs, rows, n_rows, offs_d, D, CHECK_ROWS: tl.constexpr, EVEN_D: t
 
 
 @triton.jit
-def apply_mask_tile(s, offs_m, offs_n, mask_ptr, stride_mm, stride_mn, Sq, Sk,
-                    MASK_ADDITIVE: tl.constexpr):
-    """Load one mask tile and apply it to log2-scores (hidden -> -inf)."""
-    in_b = (offs_m[:, None] < Sq) & (offs_n[None, :] < Sk)
-    mv = tl.load(mask_ptr + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn, mask=in_b, other=0)
+def apply_mask_tile(s, mi, ni, mask_ptr, stride_mm, stride_mn, Sq, Sk, MASK_ADDITIVE: tl.constexpr):
+    """Load one mask tile and apply it to log2-scores (hidden -> -inf).  mi / ni: query / key
+    indices broadcastable to s (offs_m[:, None] and offs_n[None, :], or transposed)."""
+    in_b = (mi < Sq) & (ni < Sk)
+    mv = tl.load(mask_ptr + mi * stride_mm + ni * stride_mn, mask=in_b, other=0)
     if MASK_ADDITIVE:
         mv = mv.to(tl.float32)
         return tl.where(mv > HIDDEN, s + mv * 1.4426950408889634, float("-inf"))
@@ -62,14 +67,29 @@ def apply_mask_tile(s, offs_m, offs_n, mask_ptr, stride_mm, stride_mn, Sq, Sk,
 
 
 @triton.jit
-def apply_bounds(s, offs_m, offs_n, kv_lo, kv_hi, causal_offset,
-                 CHECK_BOUNDS: tl.constexpr, CAUSAL: tl.constexpr):
+def apply_bounds(s, mi, ni, kv_lo, kv_hi, causal_offset, CHECK_BOUNDS: tl.constexpr, CAUSAL: tl.constexpr):
     """Hide keys outside [kv_lo, kv_hi) and, if CAUSAL, keys right of the causal diagonal."""
     if CHECK_BOUNDS:
-        s = tl.where((offs_n[None, :] < kv_hi) & (offs_n[None, :] >= kv_lo), s, float("-inf"))
+        s = tl.where((ni < kv_hi) & (ni >= kv_lo), s, float("-inf"))
     if CAUSAL:
-        s = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_offset, s, float("-inf"))
+        s = tl.where(ni <= mi + causal_offset, s, float("-inf"))
     return s
+
+
+@triton.jit
+def mask_scores(s, mi, ni, mask_ptr, stride_mm, stride_mn, load_mask, kv_lo, kv_hi, Sq, Sk, causal_offset,
+                CHECK_BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                MASK_ADDITIVE: tl.constexpr, PARTIAL_CHECKS: tl.constexpr, PARTIAL_CAUSAL: tl.constexpr):
+    """All masking of one score tile.  CHECK_BOUNDS / CAUSAL: bounds and causal masking always.
+    load_mask (runtime): load the mask tile; with PARTIAL_CHECKS the bounds (and with
+    PARTIAL_CAUSAL the causal diagonal) are applied only then -- the block map makes every edge
+    and diagonal tile PARTIAL, so FULL tiles skip all masking work."""
+    if HAS_MASK:
+        if load_mask:
+            s = apply_mask_tile(s, mi, ni, mask_ptr, stride_mm, stride_mn, Sq, Sk, MASK_ADDITIVE)
+            if PARTIAL_CHECKS:
+                s = apply_bounds(s, mi, ni, kv_lo, kv_hi, causal_offset, True, PARTIAL_CAUSAL)
+    return apply_bounds(s, mi, ni, kv_lo, kv_hi, causal_offset, CHECK_BOUNDS, CAUSAL)
 
 
 @triton.jit
@@ -97,22 +117,15 @@ def _fwd_tile(acc, l_i, m_i, q, start_n, offs_m, offs_d,
               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_ADDITIVE: tl.constexpr,
               PARTIAL_CHECKS: tl.constexpr, PARTIAL_CAUSAL: tl.constexpr,
               DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """One key tile: scores, mask, online-softmax update, P @ V.
-
-    CHECK_BOUNDS / CAUSAL: bounds and causal masking on this tile.  load_mask (runtime): load
-    the mask tile; with PARTIAL_CHECKS the bounds (and PARTIAL_CAUSAL the causal diagonal) are
-    applied only then -- the block map makes every edge and diagonal tile PARTIAL."""
+    """One key tile: scores, mask (see mask_scores), online-softmax update, P @ V."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                   offs_n, kv_hi, offs_d, D, CHECK_BOUNDS or PARTIAL_CHECKS, EVEN_D)
     # -- scores, in log2 units
     s = mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE, UPCAST) * qk_scale
-    if HAS_MASK:
-        if load_mask:
-            s = apply_mask_tile(s, offs_m, offs_n, mask_ptr, stride_mm, stride_mn, Sq, Sk, MASK_ADDITIVE)
-            if PARTIAL_CHECKS:
-                s = apply_bounds(s, offs_m, offs_n, kv_lo, kv_hi, causal_offset, True, PARTIAL_CAUSAL)
-    s = apply_bounds(s, offs_m, offs_n, kv_lo, kv_hi, causal_offset, CHECK_BOUNDS, CAUSAL)
+    s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_ptr, stride_mm, stride_mn, load_mask,
+                    kv_lo, kv_hi, Sq, Sk, causal_offset, CHECK_BOUNDS, CAUSAL, HAS_MASK, MASK_ADDITIVE,
+                    PARTIAL_CHECKS, PARTIAL_CAUSAL)
     # -- online softmax (a row with nothing visible so far keeps m = -inf and l = 0)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -121,7 +134,7 @@ def _fwd_tile(acc, l_i, m_i, q, start_n, offs_m, offs_d,
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if DROPOUT:
-        keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p)
+        keep = _dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], Sk, dropout_p)
         p = tl.where(keep, p, 0.0)
     v = load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                   offs_n, kv_hi, offs_d, D, CHECK_BOUNDS or PARTIAL_CHECKS, EVEN_D)
