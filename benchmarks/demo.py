@@ -1,0 +1,123 @@
+"""``make demo`` (``python -m benchmarks.demo``): on the hardware present, check fused_attn against
+its reference on a padded BERT-shaped batch, then time it against eager and SDPA.
+
+GPU: B=32, H=12, S=512, D=64, fp16.  CPU: B=8, H=12, S=128, D=64, fp32.  Lengths U[1, S] (right
+padding, the tokenizer's mask).  Exit status 1 when a check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+import torch
+
+import fused_attn
+from fused_attn import backends
+
+from .presets import Case
+from .timing import bench, environment
+from .workloads import (FLOOR, Method, build_method, dtype_name, flops, hf_eager, make_inputs, max_error,
+                        oracle, runners, tolerance)
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def _check_forward(inp, ref) -> bool:
+    tol = tolerance(inp, ref)
+    with torch.no_grad():
+        err = max_error(fused_attn.attention(inp.q, inp.k, inp.v, inp.key_mask), ref)
+        eager = max_error(hf_eager(inp.q, inp.k, inp.v, inp.eager_mask, inp.scale), ref)
+    ok = err <= tol
+    print(f"  forward   max|fused - ref| {err:.2e}   max|eager - ref| {eager:.2e}   bound {tol:.2e}   "
+          f"{_verdict(ok)}")
+    return ok
+
+
+def _check_backward(inp) -> Optional[bool]:
+    """Gradients of q, k, v against the fp32 reference, same rule.  None: backward unavailable."""
+    try:
+        got = torch.autograd.grad(fused_attn.attention(inp.q, inp.k, inp.v, inp.key_mask), inp.leaves, inp.do)
+    except NotImplementedError as e:
+        print(f"  backward  not available on this backend ({e})")
+        return None
+    leaves32 = tuple(t.detach().float().requires_grad_() for t in inp.leaves)
+    ref_out = fused_attn.reference.attention(*inp.heads(leaves32), inp.key_mask)
+    ref = torch.autograd.grad(ref_out, leaves32, inp.do.float())
+    eager = torch.autograd.grad(hf_eager(inp.q, inp.k, inp.v, inp.eager_mask, inp.scale), inp.leaves, inp.do)
+    ok = True
+    for name, g, r, e in zip(("dq", "dk", "dv"), got, ref, eager):
+        err, eerr = max_error(g, r), max_error(e, r)
+        tol = 2.0 * eerr + FLOOR[inp.dtype]
+        ok_one = err <= tol
+        ok &= ok_one
+        print(f"  {name:<9} max|fused - ref| {err:.2e}   max|eager - ref| {eerr:.2e}   bound {tol:.2e}   "
+              f"{_verdict(ok_one)}")
+    return ok
+
+
+def _speed(inp, modes: List[str], min_time: float) -> None:
+    mask = inp.key_mask
+    methods = [Method("fused_attn", lambda q, k, v: fused_attn.attention(q, k, v, mask)),
+               build_method("eager", inp), build_method("sdpa_mask", inp)]
+    print(f"\n  {'mode':<8} {'method':<11} {'ms':>9} {'TFLOP/s':>8}   fused_attn speed-up (>1: faster)")
+    for mode in modes:
+        case = Case(inp.case.panel, inp.case.x, inp.case.B, inp.case.H, inp.case.S, inp.case.D,
+                    inp.case.dtype, inp.case.fill, mode=mode)
+        times = {}
+        for m in methods:
+            run, _ = runners(m, inp, mode)
+            run()
+            times[m.name] = bench(run, inp.device, min_time=min_time)[0]
+        for m in methods:
+            ms = times[m.name]
+            tf = flops(case, inp.pairs) / ms / 1e9
+            sp = "" if m.name == "fused_attn" else f"{ms / times['fused_attn']:.2f}x vs {m.name}"
+            print(f"  {mode:<8} {m.name:<11} {ms:9.3f} {tf:8.3f}   {sp}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.demo", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min-time", type=float, default=0.3, help="CPU seconds per timing")
+    ap.add_argument("--no-speed", action="store_true", help="checks only")
+    args = ap.parse_args(argv)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if device.type == "cuda":
+        case = Case("demo", "S", 32, 12, 512, 64, dtype="fp16")
+    else:
+        case = Case("demo", "S", 8, 12, 128, 64, dtype="fp32")
+    inp = make_inputs(case, device, seed=args.seed)
+    env = environment(device)
+    name = backends.select("auto", inp.q)
+    print(f"fused_attn {env['fused_attn']} demo on {env['device_name']} ({device.type}); torch {env['torch']}, "
+          f"triton {env['triton'] or '-'}")
+    print(f"backend 'auto' -> {name!r}")
+    for other in ("triton", "cuda", "cpu"):
+        why = backends.reasons(other, inp.q)
+        if why and other != name:
+            print(f"  ({other}: {'; '.join(why)})")
+    L = inp.lengths
+    print(f"batch: B={case.B} H={case.H} S={case.S} D={case.D} {dtype_name(inp.dtype)}, HF [B,S,H,D] views; "
+          f"lengths U[1,{case.S}] (min {int(L.min())}, mean {float(L.float().mean()):.0f}, max {int(L.max())}), "
+          f"{1 - float(L.sum()) / (case.B * case.S):.0%} of keys are padding")
+    print("check against fused_attn.reference (fp32), DESIGN.md rule: error <= 2 x eager's error + floor")
+    ok = _check_forward(inp, oracle(inp))
+    bwd = _check_backward(inp)
+    ok = ok and bwd is not False
+    if not args.no_speed:
+        _speed(inp, ["fwd"] + (["fwd+bwd"] if bwd is not None else []), args.min_time)
+        if name == "reference":
+            print("  (the 'reference' backend is plain fp32 eager math: build the C++ cpu kernel for speed)")
+    print(f"\n{_verdict(ok)}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
