@@ -1,0 +1,266 @@
+"""Hugging Face glue shared by FusedBertSelfAttention and ``attn_implementation="fused_attn"``:
+
+* :func:`fused_attention_forward` -- HF's attention-function contract
+  ``(module, query, key, value, attention_mask, scaling, dropout, **kwargs) -> (out, weights)``
+  with ``out`` [B, Sq, H, D];  runs ``fused_attn.attention`` (or eager math when the caller asked
+  for the attention probabilities, which the fused kernel never forms).
+* :func:`fused_attn_mask` -- HF's mask-function contract (``AttentionMaskInterface``).  Instead of a
+  dense [B, 1, Sq, Sk] tensor it returns a :class:`FusedMask`: the key-padding mask plus a causal
+  flag, reduced to a ``fused_attn.ReducedMask`` once, by the first layer that uses it, and reused
+  by every other layer of the forward pass (and by the backward pass).
+* :func:`register` -- adds both under the name "fused_attn".
+
+Imports transformers lazily: importing this module does not import it.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .. import masks
+from ..functional import attention as fused_attention
+from ..masks import ReducedMask
+
+NAME = "fused_attn"
+
+# kwargs of HF attention functions whose semantics the fused kernel does not have
+_UNSUPPORTED_KWARGS = ("position_bias", "softcap", "s_aux", "sinks")
+
+
+class FusedMask:
+    """The mask the "fused_attn" mask function hands every attention layer of one forward pass.
+
+    Holds the key padding ([B, Sk] bool, True = real token; None = no padding) and a causal flag
+    (bottom-right aligned), or, for patterns it does not describe that way (sliding windows,
+    packed sequences, custom mask functions), HF's own dense boolean mask.  ``resolve`` reduces it
+    for one (heads, Sq, Sk) once and caches the ``ReducedMask`` on this object.
+    """
+
+    __slots__ = ("batch", "q_len", "k_len", "padding", "dense", "causal", "_reduced")
+
+    def __init__(self, batch: int, q_len: int, k_len: int, padding: Optional[torch.Tensor] = None,
+                 dense: Optional[torch.Tensor] = None, causal: bool = False):
+        self.batch, self.q_len, self.k_len = batch, q_len, k_len
+        self.padding, self.dense, self.causal = padding, dense, causal
+        self._reduced: Dict[Tuple[int, int, int], ReducedMask] = {}
+
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        """Shape of the equivalent HF 4D mask, for code that inspects ``attention_mask.shape``."""
+        return (self.batch, 1, self.q_len, self.k_len)
+
+    @property
+    def ndim(self) -> int:
+        return 4
+
+    @property
+    def device(self):
+        src = self.dense if self.dense is not None else self.padding
+        return None if src is None else src.device
+
+    def resolve(self, heads: int, q_len: int, k_len: int, device) -> ReducedMask:
+        key = (heads, q_len, k_len)
+        red = self._reduced.get(key)
+        if red is None:
+            src = self.dense if self.dense is not None else self.padding
+            red = masks.reduce_mask(src, self.batch, heads, q_len, k_len, device=device)
+            self._reduced[key] = red
+        return red
+
+    def dense_additive(self, heads: int, q_len: int, k_len: int, device, dtype) -> torch.Tensor:
+        """The equivalent additive [B|1, 1|H, Sq|1, Sk] mask (0 / -inf), for eager fallbacks."""
+        red = self.resolve(heads, q_len, k_len, device)
+        vis = torch.ones(1, 1, 1, k_len, dtype=torch.bool, device=device) if red.kind == "none" else red.visible()
+        if self.causal:
+            i = torch.arange(q_len, device=device)[:, None]
+            j = torch.arange(k_len, device=device)[None, :]
+            vis = vis & (j <= i + (k_len - q_len))
+        zero = torch.zeros((), dtype=dtype, device=device)
+        return torch.where(vis, zero, torch.tensor(float("-inf"), dtype=dtype, device=device))
+
+    def __repr__(self) -> str:
+        what = "dense" if self.dense is not None else ("padding" if self.padding is not None else "no padding")
+        return (f"FusedMask(B={self.batch}, Sq={self.q_len}, Sk={self.k_len}, {what}, "
+                f"causal={self.causal})")
+
+
+# --------------------------------------------------------------------------------------------
+# mask function (AttentionMaskInterface)
+
+
+def _key_padding(attention_mask: Optional[torch.Tensor], kv_length: int, kv_offset) -> Optional[torch.Tensor]:
+    """HF's 2D padding mask [B, >= kv_offset + kv_length] -> the [B, kv_length] slice of the keys."""
+    if attention_mask is None:
+        return None
+    pad = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+    short = kv_offset + kv_length - pad.shape[-1]
+    if short > 0:                      # HF pads a short padding mask with "hidden" keys
+        pad = torch.nn.functional.pad(pad, (0, short), value=False)
+    return pad[:, kv_offset:kv_offset + kv_length]
+
+
+def fused_attn_mask(**kw) -> Optional[FusedMask]:
+    """AttentionMaskInterface entry: a :class:`FusedMask`, never a dense [B, 1, Sq, Sk] tensor
+    for the padding and causal patterns.  Other patterns get HF's own boolean mask inside."""
+    from transformers import masking_utils as mu
+
+    batch = kw["batch_size"]
+    kv_length = kw["kv_length"]
+    kv_offset = kw.get("kv_offset", 0) or 0
+    mask_function = kw.get("mask_function")
+    attention_mask = kw.get("attention_mask")
+    q_length = kw.get("q_length")
+    q_offset = kw.get("q_offset", 0)
+    if q_length is None and kw.get("cache_position") is not None:    # transformers 4.5x protocol
+        q_length, q_offset = kw["cache_position"].shape[0], None
+
+    plain_ints = isinstance(kv_offset, int) and (q_offset is None or isinstance(q_offset, int))
+    if plain_ints and attention_mask is not None and attention_mask.dim() != 2:
+        plain_ints = False
+    if plain_ints and mask_function is getattr(mu, "bidirectional_mask_function", object()):
+        return FusedMask(batch, q_length, kv_length, padding=_key_padding(attention_mask, kv_length, kv_offset))
+    if (plain_ints and mask_function is mu.causal_mask_function and q_offset is not None
+            and q_offset + q_length == kv_offset + kv_length):       # bottom-right aligned causal
+        return FusedMask(batch, q_length, kv_length, padding=_key_padding(attention_mask, kv_length, kv_offset),
+                         causal=True)
+    # anything else (sliding windows, packed sequences, custom mask functions, static caches):
+    # HF's exact boolean mask, reduced to a block map once like any other mask
+    dense = mu.sdpa_mask(**{**kw, "allow_is_causal_skip": False})
+    if dense is None:
+        return None
+    return FusedMask(batch, dense.shape[-2], dense.shape[-1], dense=dense)
+
+
+# --------------------------------------------------------------------------------------------
+# attention function (AttentionInterface)
+
+
+def _wants_attentions(module, kwargs) -> bool:
+    """Did the caller ask for the attention probabilities (output_attentions)?"""
+    if kwargs.get("output_attentions"):
+        return True
+    try:  # transformers 5.x records them through hooks: the active collector lists what it wants
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # older transformers: no collector, the kwarg decides
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and ("attentions" in collected or "cross_attentions" in collected)
+
+
+def _head_mask_vector(head_mask: Optional[torch.Tensor], heads: int):
+    """HF's per-layer head mask ([H], [B, H], [1|B, H, 1, 1]) -> fused_attn's [H] / [B, H].
+    Returns (vector, ok); ok is False for a mask that varies over queries or keys."""
+    if head_mask is None:
+        return None, True
+    hm = head_mask
+    if hm.dim() == 4:
+        if hm.shape[2] != 1 or hm.shape[3] != 1:
+            return None, False
+        hm = hm[:, :, 0, 0]
+    if hm.dim() == 2 and hm.shape[0] == 1:
+        hm = hm[0]
+    if hm.dim() == 1 and hm.shape[0] == 1 and heads != 1:
+        hm = hm.expand(heads)
+    if hm.dim() == 2 and hm.shape[1] == 1 and heads != 1:
+        hm = hm.expand(-1, heads)
+    return hm, True
+
+
+def eager_attention(query, key, value, mask, causal: bool, dropout_p: float, scale: float,
+                    head_mask: Optional[torch.Tensor], training: bool):
+    """Plain math with fused_attn's semantics that also returns the probabilities
+    ([B, H, Sq, Sk], query's dtype); used when the caller asks for them."""
+    B, H, Sq, _ = query.shape
+    Sk = key.shape[2]
+    if isinstance(mask, FusedMask):
+        causal = causal or mask.causal
+        mask = mask.resolve(H, Sq, Sk, query.device)
+    visible, bias = masks.dense_mask(mask, B, H, Sq, Sk)
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias
+    if causal:
+        i = torch.arange(Sq, device=query.device)[:, None]
+        j = torch.arange(Sk, device=query.device)[None, :]
+        cv = j <= i + (Sk - Sq)
+        visible = cv if visible is None else visible & cv
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+        scores = scores.masked_fill(~visible.any(-1, keepdim=True), 0.0)     # empty rows -> 0
+        probs = torch.softmax(scores, dim=-1).masked_fill(~visible, 0.0)
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    probs = probs.to(query.dtype)
+    probs = torch.nn.functional.dropout(probs, p=dropout_p, training=training and dropout_p > 0)
+    if head_mask is not None:
+        probs = probs * head_mask
+    return torch.matmul(probs, value), probs
+
+
+def _repeat_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
+    kv_heads = t.shape[1]
+    if kv_heads == heads:
+        return t
+    if heads % kv_heads:
+        raise ValueError(f"fused_attn: {heads} query heads are not a multiple of {kv_heads} key/value heads")
+    return t.repeat_interleave(heads // kv_heads, dim=1)
+
+
+def fused_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                            value: torch.Tensor, attention_mask, scaling: Optional[float] = None,
+                            dropout: float = 0.0, head_mask: Optional[torch.Tensor] = None,
+                            is_causal: Optional[bool] = None, **kwargs):
+    """HF attention function: query [B, H, Sq, D], key/value [B, Hkv, Sk, D] -> (out [B, Sq, H, D],
+    probabilities or None).
+
+    ``attention_mask``: a :class:`FusedMask` (from :func:`fused_attn_mask`), HF's boolean or
+    additive 4D masks, a ``ReducedMask`` or None; None means "causal if the module is".  Dropout
+    happens in the kernel; ``output_attentions`` switches this call to eager math."""
+    for name in _UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"fused_attn: the attention argument {name!r} is not supported "
+                                      f"(module {type(module).__name__}); use another attn_implementation")
+    if type(attention_mask).__name__ == "BlockMask":
+        raise TypeError("attention_mask: got a FlexAttention BlockMask; load the model with "
+                        "attn_implementation='fused_attn' so HF builds a mask fused_attn reads")
+    heads = query.shape[1]
+    key, value = _repeat_kv(key, heads), _repeat_kv(value, heads)
+    B, H, Sq, D = query.shape
+    Sk = key.shape[2]
+    scale = D ** -0.5 if scaling is None else float(scaling)
+    causal = False
+    mask = attention_mask
+    if isinstance(attention_mask, FusedMask):
+        causal = attention_mask.causal
+        mask = attention_mask.resolve(H, Sq, Sk, query.device)
+    elif attention_mask is None:
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+    hm, hm_ok = _head_mask_vector(head_mask, H)
+    training = bool(getattr(module, "training", False))
+    p = float(dropout) if training else 0.0
+    if _wants_attentions(module, kwargs) or not hm_ok:
+        out, probs = eager_attention(query, key, value, mask, causal, p, scale, head_mask, training)
+        return out.transpose(1, 2).contiguous(), probs
+    out = fused_attention(query, key, value, attention_mask=mask, causal=causal, dropout_p=p,
+                          scale=scale, head_mask=hm, backend=getattr(module, "fused_attn_backend", "auto"))
+    return out.transpose(1, 2).contiguous(), None
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def register(name: str = NAME) -> str:
+    """Make ``attn_implementation="fused_attn"`` available in transformers (AttentionInterface and
+    AttentionMaskInterface; both are needed: without the mask function HF passes no padding mask
+    to a custom implementation).  Idempotent; returns the name."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError as e:
+        raise RuntimeError("fused_attn.register() needs transformers with AttentionInterface and "
+                           "AttentionMaskInterface (>= 4.53); with older versions use fused_attn.patch(model)"
+                           ) from e
+    AttentionInterface.register(name, fused_attention_forward)
+    AttentionMaskInterface.register(name, fused_attn_mask)
+    return name

@@ -1,0 +1,176 @@
+"""patch(model) / unpatch(model) / patched(model): swap every BertSelfAttention-like module of a
+loaded Hugging Face model for FusedBertSelfAttention, and back.
+
+A module qualifies by structure, not by class name: query / key / value ``nn.Linear`` and a
+``dropout``, nothing else, ``num_attention_heads`` x ``attention_head_size`` == the projections'
+width, absolute positions only, and a forward whose arguments are among BertSelfAttention's.
+That covers BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, Data2VecText, ERNIE, ... which share its
+code.  Weights, buffers, hooks, device, dtype and train/eval state are shared with the original
+module (nothing is copied), so patching is cheap, idempotent and reversible.
+
+Masks: in transformers 4.x the "sdpa" models build a dense [B, 1, S, S] mask; patch switches
+their mask preparation to the eager [B, 1, 1, S] key-padding form (cheapest for fused_attn).  In
+transformers 5.x patch also selects ``attn_implementation="fused_attn"`` so HF's mask function
+hands every layer one reduced mask (and cross-attention layers use fused_attn too).  unpatch
+restores both.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from typing import Dict, Iterator, List, Tuple
+
+from torch import nn
+
+from .bert import TRANSFORMERS_5, FusedBertSelfAttention, _rebuild
+
+_FORWARD_ARGS = {"hidden_states", "attention_mask", "head_mask", "encoder_hidden_states",
+                 "encoder_attention_mask", "past_key_value", "past_key_values", "output_attentions",
+                 "cache_position", "kwargs"}
+_SUBMODULES = {"query", "key", "value", "dropout"}
+_STATE = "_fused_attn_patch_state"
+_CLASSES: Dict[type, type] = {}
+
+
+def _forward_params(cls: type) -> List[str]:
+    try:
+        return list(inspect.signature(cls.forward).parameters)[1:]      # drop self
+    except (TypeError, ValueError):
+        return []
+
+
+def is_bert_self_attention_like(module: nn.Module) -> bool:
+    """Does ``module`` have BertSelfAttention's structure (see the module docstring)?"""
+    if isinstance(module, FusedBertSelfAttention):
+        return False
+    if set(module._modules) != _SUBMODULES:
+        return False
+    q, k, v = module._modules["query"], module._modules["key"], module._modules["value"]
+    if not all(type(m) is nn.Linear for m in (q, k, v)) or not isinstance(module._modules["dropout"], nn.Dropout):
+        return False
+    heads, head_dim = getattr(module, "num_attention_heads", None), getattr(module, "attention_head_size", None)
+    if not isinstance(heads, int) or not isinstance(head_dim, int):
+        return False
+    width = heads * head_dim
+    if not (q.out_features == k.out_features == v.out_features == width):
+        return False
+    if getattr(module, "position_embedding_type", "absolute") not in (None, "absolute"):
+        return False
+    params = _forward_params(type(module))
+    if not params or params[0] != "hidden_states" or not set(params) <= _FORWARD_ARGS:
+        return False
+    if TRANSFORMERS_5 and not hasattr(module, "layer_idx"):
+        return False
+    return True
+
+
+def fused_class_for(cls: type) -> type:
+    """The fused class standing in for ``cls``: FusedBertSelfAttention itself for BertSelfAttention,
+    else a subclass of both (so isinstance(m, cls) still holds: HF's output-recording hooks and
+    head pruning find it).  Cached; registered in this module so pickling finds it."""
+    if issubclass(cls, FusedBertSelfAttention):
+        return cls
+    if cls is FusedBertSelfAttention.__mro__[1]:
+        return FusedBertSelfAttention
+    fused = _CLASSES.get(cls)
+    if fused is None:
+        params = _forward_params(cls)
+        cross = TRANSFORMERS_5 and len(params) > 1 and params[1] == "encoder_hidden_states"
+        name = "Fused" + cls.__name__
+        fused = type(name, (FusedBertSelfAttention, cls), {
+            "__module__": __name__, "__qualname__": name,
+            "_fused_original_class": cls, "_fused_cross": cross,
+            "__doc__": f"{cls.__name__} whose attention runs in fused_attn's kernel."})
+        _CLASSES[cls] = fused
+        globals().setdefault(name, fused)
+    return fused
+
+
+def _children(model: nn.Module) -> Iterator[Tuple[nn.Module, str, nn.Module]]:
+    for parent in model.modules():
+        for name, child in list(parent._modules.items()):
+            if child is not None:
+                yield parent, name, child
+
+
+def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Replace every BertSelfAttention-like module of ``model`` by its fused version, in place.
+
+    ``backend`` is passed to ``fused_attn.attention`` ("auto" honours FUSED_ATTN_BACKEND).
+    Idempotent (already fused modules are kept, their backend updated); returns ``model``.
+    """
+    state = model.__dict__.get(_STATE) or {"attn_impl": None, "mask_attrs": []}
+    swapped = 0
+    for parent, name, child in _children(model):
+        if isinstance(child, FusedBertSelfAttention):
+            child.fused_attn_backend = backend
+        elif is_bert_self_attention_like(child):
+            fused = _rebuild(child, fused_class_for(type(child)))
+            fused.fused_attn_backend = backend
+            parent._modules[name] = fused
+            swapped += 1
+    if swapped == 0 and _STATE not in model.__dict__:
+        warnings.warn(f"fused_attn.patch: no BertSelfAttention-like module in {type(model).__name__}; "
+                      "nothing was changed", stacklevel=2)
+        return model
+    if not TRANSFORMERS_5:
+        # 4.x "sdpa" models expand the padding mask to a dense [B, 1, S, S]; the eager form
+        # [B, 1, 1, S] says the same thing and reduces to per-row key ranges
+        for m in model.modules():
+            if getattr(m, "attn_implementation", None) == "sdpa" and hasattr(m, "get_extended_attention_mask"):
+                state["mask_attrs"].append(m)
+                m.attn_implementation = "eager"
+    elif state["attn_impl"] is None and hasattr(model, "set_attn_implementation"):
+        previous = model.config._attn_implementation
+        if previous != "fused_attn":
+            from .hf_attention import register
+            register()
+            model.set_attn_implementation("fused_attn")
+            if model.config._attn_implementation == "fused_attn":
+                state["attn_impl"] = previous
+    model.__dict__[_STATE] = state
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch`: original module classes (same weights), mask form and
+    attn_implementation.  A no-op on a model that is not patched; returns ``model``."""
+    for parent, name, child in _children(model):
+        if isinstance(child, FusedBertSelfAttention):
+            orig = child.unfused()
+            orig.__dict__.pop("fused_attn_backend", None)
+            parent._modules[name] = orig
+    state = model.__dict__.pop(_STATE, None)
+    if state:
+        for m in state["mask_attrs"]:
+            m.attn_implementation = "sdpa"
+        if state["attn_impl"] is not None:
+            model.set_attn_implementation(state["attn_impl"])
+    return model
+
+
+@contextlib.contextmanager
+def patched(model: nn.Module, backend: str = "auto"):
+    """``with fused_attn.patched(model): ...`` -- patched inside the block, restored after (a model
+    that was already patched before the block stays patched)."""
+    already = is_patched(model)
+    patch(model, backend=backend)
+    try:
+        yield model
+    finally:
+        if not already:
+            unpatch(model)
+
+
+def is_patched(model: nn.Module) -> bool:
+    return any(isinstance(m, FusedBertSelfAttention) for m in model.modules())
+
+
+def fused_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(name, module) of every fused attention module in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, FusedBertSelfAttention)]
+
+
+__all__ = ["patch", "unpatch", "patched", "is_patched", "fused_modules", "fused_class_for",
+           "is_bert_self_attention_like"]
