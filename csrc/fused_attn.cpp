@@ -1,0 +1,396 @@
+// fused_attn C++ ops: the TORCH_LIBRARY schema and the CPU kernel.
+//
+// Forward: OpenMP over (batch, head, query block); per work item a BLOCK_M x D query tile walks
+// the key tiles the reduced mask can show (key ranges, causal bounds or the block map's list of
+// non-empty key blocks) with an online softmax in fp32, exp2 with log2(e) folded into the scale.
+// Backward: OpenMP over (batch, head); each item recomputes the probabilities from the saved
+// log-sum-exp tile by tile and accumulates dQ, dK, dV in fp32 (no atomics, no [Sq, Sk] buffer).
+// Dropout: Philox keep-mask regenerated from (seed, offset) in both passes (philox.h).
+// Semantics: DESIGN.md / fused_attn.reference.  The CUDA kernels are in cuda/.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu_kernels.h"
+
+namespace fused_attn_kernels {
+namespace cpu {
+
+constexpr int BLOCK_M = 64;
+constexpr int BLOCK_N = 64;
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// The key tiles one query block visits, in order: calls f(n0, TileChecks).
+template <typename F>
+inline int64_t for_each_key_tile(const MaskDesc& m, int64_t b, int64_t h, int64_t qb, int64_t Sq,
+                                 int64_t Sk, bool causal, F&& f) {
+  const int64_t i0 = qb * BLOCK_M;
+  const int64_t i_last = std::min<int64_t>(i0 + BLOCK_M, Sq) - 1;
+  const int64_t off = Sk - Sq;
+  int64_t visited = 0;
+  if (m.mode == kBlocks) {
+    for (int64_t kb = 0; kb < m.n_kb; ++kb) {
+      const int8_t st = m.tile(b, h, qb, kb);
+      if (st == 0) continue;                      // empty tile: never touched
+      const bool partial = st == 1;               // edge / diagonal tiles are always partial
+      TileChecks tc{0, Sk, partial, partial && causal, partial};
+      f(kb * BLOCK_N, tc);
+      ++visited;
+    }
+    return visited;
+  }
+  int64_t lo = 0, hi = Sk;
+  bool dense = false;
+  if (m.mode == kKeys) {
+    lo = m.key_start[b];
+    hi = m.key_end[b];
+    dense = m.key_dense[b] != 0;
+  }
+  if (causal) hi = std::min(hi, i_last + off + 1);
+  for (int64_t n0 = lo; n0 < hi; n0 += BLOCK_N) {
+    TileChecks tc{lo, hi, n0 + BLOCK_N > hi, causal && n0 + BLOCK_N - 1 > i0 + off, dense};
+    f(n0, tc);
+    ++visited;
+  }
+  return visited;
+}
+
+inline float head_scale(const HeadMask& hm, int64_t b, int64_t h) {
+  return hm.ptr ? hm.ptr[b * hm.s_b + h * hm.s_h] : 1.f;
+}
+
+template <typename T>
+void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                    at::Tensor& lse, at::Tensor& visited, const MaskDesc& m, const HeadMask& hm,
+                    bool causal, float scale, const DropoutParams& drop) {
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3), Sk = k.size(2);
+  const int64_t Dp = round_up(D, 16);
+  const int64_t nqb = (Sq + BLOCK_M - 1) / BLOCK_M;
+  const T* Q = q.data_ptr<T>();
+  const T* K = k.data_ptr<T>();
+  const T* V = v.data_ptr<T>();
+  T* O = out.data_ptr<T>();
+  float* L = lse.data_ptr<float>();
+  int32_t* vis = visited.data_ptr<int32_t>();
+  const auto qs = q.strides(), ks = k.strides(), vs = v.strides(), os = out.strides();
+  const float qk_scale = scale * kLog2e;
+  const bool dropout = drop.p > 0.f;
+  const int64_t items = B * H * nqb;
+
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<float> ws(BLOCK_M * Dp * 2 + Dp * BLOCK_N + BLOCK_N * Dp + BLOCK_M * BLOCK_N + 3 * BLOCK_M + BLOCK_N);
+    float* Qt = ws.data();                  // [BLOCK_M, Dp]
+    float* Acc = Qt + BLOCK_M * Dp;         // [BLOCK_M, Dp]
+    float* Kt = Acc + BLOCK_M * Dp;         // [Dp, BLOCK_N] (transposed)
+    float* Vt = Kt + Dp * BLOCK_N;          // [BLOCK_N, Dp]
+    float* S = Vt + BLOCK_N * Dp;           // [BLOCK_M, BLOCK_N]
+    float* mi = S + BLOCK_M * BLOCK_N;      // running max (log2 units)
+    float* li = mi + BLOCK_M;               // running sum
+    float* alpha = li + BLOCK_M;
+    float* mrow = alpha + BLOCK_M;          // one row of mask values
+
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t qb = item % nqb, bh = item / nqb, b = bh / H, h = bh % H;
+      const int64_t i0 = qb * BLOCK_M, rows = std::min<int64_t>(BLOCK_M, Sq - i0);
+      load_tile(Qt, Dp, Q + b * qs[0] + h * qs[1] + i0 * qs[2], qs[2], qs[3], rows, BLOCK_M, D);
+      std::fill(Acc, Acc + BLOCK_M * Dp, 0.f);
+      std::fill(mi, mi + BLOCK_M, kNegInf);
+      std::fill(li, li + BLOCK_M, 0.f);
+      const T* Kb = K + b * ks[0] + h * ks[1];
+      const T* Vb = V + b * vs[0] + h * vs[1];
+
+      const int64_t n_vis = for_each_key_tile(m, b, h, qb, Sq, Sk, causal, [&](int64_t n0, const TileChecks& tc) {
+        const int64_t nk = std::min<int64_t>(BLOCK_N, std::min(tc.hi, Sk) - n0);
+        load_tile_t(Kt, BLOCK_N, Kb + n0 * ks[2], ks[2], ks[3], nk, D);
+        load_tile(Vt, Dp, Vb + n0 * vs[2], vs[2], vs[3], nk, nk, D);
+        // -- scores, in log2 units, masked
+        std::fill(S, S + BLOCK_M * BLOCK_N, 0.f);
+        gemm_acc(S, BLOCK_N, Qt, Dp, Kt, BLOCK_N, BLOCK_M, BLOCK_N, D);
+        finish_scores<BLOCK_N>(S, rows, i0, n0, qk_scale, tc, Sk - Sq, m, b, h, mrow);
+        // -- online softmax (a row that has seen nothing keeps m = -inf, l = 0)
+        for (int64_t r = 0; r < rows; ++r) {
+          float* s = S + r * BLOCK_N;
+          float mx = kNegInf;
+#pragma omp simd reduction(max : mx)
+          for (int c = 0; c < BLOCK_N; ++c) mx = std::max(mx, s[c]);
+          const float m_new = std::max(mi[r], mx);
+          const float m_use = m_new == kNegInf ? 0.f : m_new;
+          float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+          for (int c = 0; c < BLOCK_N; ++c) {
+            s[c] = exp2_approx(s[c] - m_use);
+            sum += s[c];
+          }
+          alpha[r] = exp2_approx(mi[r] - m_use);
+          li[r] = li[r] * alpha[r] + sum;
+          mi[r] = m_new;
+          if (dropout) {
+            for (int64_t c = 0; c < nk; ++c)
+              if (!dropout_keep(drop, i0 + r, n0 + c, Sk, static_cast<uint32_t>(bh))) s[c] = 0.f;
+          }
+          float* a = Acc + r * Dp;
+#pragma omp simd
+          for (int64_t d = 0; d < Dp; ++d) a[d] *= alpha[r];
+        }
+        // -- acc += P @ V
+        gemm_acc(Acc, Dp, S, BLOCK_N, Vt, Dp, BLOCK_M, Dp, nk);
+      });
+      vis[item] = static_cast<int32_t>(n_vis);
+
+      // -- epilogue: rows that saw nothing give exactly 0 and lse = +inf
+      float keep_scale = head_scale(hm, b, h);
+      if (dropout) keep_scale /= (1.f - drop.p);
+      T* Ob = O + b * os[0] + h * os[1];
+      float* Lb = L + bh * Sq;
+      for (int64_t r = 0; r < rows; ++r) {
+        const bool empty = li[r] == 0.f;
+        const float f = empty ? 0.f : keep_scale / li[r];
+        T* o = Ob + (i0 + r) * os[2];
+        const float* a = Acc + r * Dp;
+        for (int64_t d = 0; d < D; ++d) o[d * os[3]] = static_cast<T>(a[d] * f);
+        Lb[i0 + r] = empty ? std::numeric_limits<float>::infinity() : mi[r] + std::log2(li[r]);
+      }
+    }
+  }
+}
+
+template <typename T>
+void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
+                     at::Tensor& dv, const MaskDesc& m, const HeadMask& hm, bool causal, float scale,
+                     const DropoutParams& drop) {
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3), Sk = k.size(2);
+  const int64_t Dp = round_up(D, 16);
+  const int64_t nqb = (Sq + BLOCK_M - 1) / BLOCK_M;
+  const int64_t Skp = Sk + BLOCK_N;   // key tiles start anywhere in [0, Sk)
+  const T *Q = q.data_ptr<T>(), *K = k.data_ptr<T>(), *V = v.data_ptr<T>();
+  const T *dO = dout.data_ptr<T>(), *O = out.data_ptr<T>();
+  T *dQ = dq.data_ptr<T>(), *dK = dk.data_ptr<T>(), *dV = dv.data_ptr<T>();
+  const float* L = lse.data_ptr<float>();
+  const auto qs = q.strides(), ks = k.strides(), vs = v.strides(), gs = dout.strides(), os = out.strides();
+  const auto dqs = dq.strides(), dks = dk.strides(), dvs = dv.strides();
+  const float qk_scale = scale * kLog2e;
+  const bool dropout = drop.p > 0.f;
+
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<float> ws(3 * BLOCK_M * Dp + 2 * Dp * BLOCK_N + BLOCK_N * Dp + 4 * BLOCK_M * BLOCK_N +
+                          3 * BLOCK_M + BLOCK_N + 2 * Skp * Dp);
+    float* Qt = ws.data();                  // [BLOCK_M, Dp] raw q
+    float* dOt = Qt + BLOCK_M * Dp;         // [BLOCK_M, Dp]
+    float* dQa = dOt + BLOCK_M * Dp;        // [BLOCK_M, Dp]
+    float* Kt = dQa + BLOCK_M * Dp;         // [Dp, BLOCK_N] transposed
+    float* VtT = Kt + Dp * BLOCK_N;         // [Dp, BLOCK_N] transposed
+    float* Kn = VtT + Dp * BLOCK_N;         // [BLOCK_N, Dp]
+    float* S = Kn + BLOCK_N * Dp;           // [BLOCK_M, BLOCK_N] scores -> P
+    float* dP = S + BLOCK_M * BLOCK_N;      // [BLOCK_M, BLOCK_N] dP -> dS
+    float* PT = dP + BLOCK_M * BLOCK_N;     // [BLOCK_N, BLOCK_M] dropped, head-masked P, transposed
+    float* dST = PT + BLOCK_M * BLOCK_N;    // [BLOCK_N, BLOCK_M]
+    float* lse2 = dST + BLOCK_M * BLOCK_N;
+    float* delta = lse2 + BLOCK_M;
+    float* scratch = delta + BLOCK_M;
+    float* mrow = scratch + BLOCK_M;
+    float* dKa = mrow + BLOCK_N;            // [Skp, Dp]
+    float* dVa = dKa + Skp * Dp;            // [Skp, Dp]
+
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      std::fill(dKa, dKa + 2 * Skp * Dp, 0.f);
+      float keep_scale = head_scale(hm, b, h);
+      if (dropout) keep_scale /= (1.f - drop.p);
+      const T* Kb = K + b * ks[0] + h * ks[1];
+      const T* Vb = V + b * vs[0] + h * vs[1];
+      for (int64_t qb = 0; qb < nqb; ++qb) {
+        const int64_t i0 = qb * BLOCK_M, rows = std::min<int64_t>(BLOCK_M, Sq - i0);
+        load_tile(Qt, Dp, Q + b * qs[0] + h * qs[1] + i0 * qs[2], qs[2], qs[3], rows, BLOCK_M, D);
+        load_tile(dOt, Dp, dO + b * gs[0] + h * gs[1] + i0 * gs[2], gs[2], gs[3], rows, BLOCK_M, D);
+        // delta = rowsum(dO * O), O as stored (rounded to the input dtype, like the eager graph)
+        load_tile(dQa, Dp, O + b * os[0] + h * os[1] + i0 * os[2], os[2], os[3], rows, BLOCK_M, D);
+        for (int64_t r = 0; r < rows; ++r) {
+          float acc = 0.f;
+          for (int64_t d = 0; d < D; ++d) acc += dOt[r * Dp + d] * dQa[r * Dp + d];
+          delta[r] = acc;
+          lse2[r] = L[bh * Sq + i0 + r];
+        }
+        std::fill(dQa, dQa + BLOCK_M * Dp, 0.f);
+        bool any = false;
+        for_each_key_tile(m, b, h, qb, Sq, Sk, causal, [&](int64_t n0, const TileChecks& tc) {
+          any = true;
+          const int64_t nk = std::min<int64_t>(BLOCK_N, std::min(tc.hi, Sk) - n0);
+          load_tile_t(Kt, BLOCK_N, Kb + n0 * ks[2], ks[2], ks[3], nk, D);
+          load_tile_t(VtT, BLOCK_N, Vb + n0 * vs[2], vs[2], vs[3], nk, D);
+          load_tile(Kn, Dp, Kb + n0 * ks[2], ks[2], ks[3], nk, BLOCK_N, D);
+          // -- P from the saved log-sum-exp; rows that saw nothing have lse = +inf -> P = 0
+          std::fill(S, S + BLOCK_M * BLOCK_N, 0.f);
+          gemm_acc(S, BLOCK_N, Qt, Dp, Kt, BLOCK_N, BLOCK_M, BLOCK_N, D);
+          finish_scores<BLOCK_N>(S, rows, i0, n0, qk_scale, tc, Sk - Sq, m, b, h, mrow);
+          // -- dP = dO @ V^T
+          std::fill(dP, dP + BLOCK_M * BLOCK_N, 0.f);
+          gemm_acc(dP, BLOCK_N, dOt, Dp, VtT, BLOCK_N, BLOCK_M, BLOCK_N, D);
+          for (int64_t r = 0; r < BLOCK_M; ++r) {
+            float* s = S + r * BLOCK_N;
+            float* g = dP + r * BLOCK_N;
+            if (r >= rows) {
+              std::fill(s, s + BLOCK_N, 0.f);
+              std::fill(g, g + BLOCK_N, 0.f);
+            } else {
+              const float l = lse2[r];
+              const float dl = delta[r];
+#pragma omp simd
+              for (int c = 0; c < BLOCK_N; ++c) s[c] = exp2_approx(s[c] - l);
+              if (dropout) {
+                for (int64_t c = 0; c < nk; ++c) scratch[c] = dropout_keep(drop, i0 + r, n0 + c, Sk,
+                                                                           static_cast<uint32_t>(bh)) ? keep_scale : 0.f;
+                for (int64_t c = nk; c < BLOCK_N; ++c) scratch[c] = 0.f;
+              } else {
+                std::fill(scratch, scratch + BLOCK_N, keep_scale);
+              }
+              // dS = P * (keep * dP - delta); the P that multiplied V is keep * P
+#pragma omp simd
+              for (int c = 0; c < BLOCK_N; ++c) {
+                const float p = s[c];
+                g[c] = p * (scratch[c] * g[c] - dl);
+                s[c] = p * scratch[c];
+              }
+            }
+            for (int c = 0; c < BLOCK_N; ++c) {
+              PT[c * BLOCK_M + r] = s[c];
+              dST[c * BLOCK_M + r] = g[c];
+            }
+          }
+          // -- dV += P^T dO, dK += dS^T Q, dQ += dS K
+          gemm_acc(dVa + n0 * Dp, Dp, PT, BLOCK_M, dOt, Dp, BLOCK_N, Dp, rows);
+          gemm_acc(dKa + n0 * Dp, Dp, dST, BLOCK_M, Qt, Dp, BLOCK_N, Dp, rows);
+          gemm_acc(dQa, Dp, dP, BLOCK_N, Kn, Dp, BLOCK_M, Dp, nk);
+        });
+        T* g = dQ + b * dqs[0] + h * dqs[1];
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t d = 0; d < D; ++d)
+            g[(i0 + r) * dqs[2] + d * dqs[3]] = static_cast<T>(any ? dQa[r * Dp + d] * scale : 0.f);
+      }
+      T* gk = dK + b * dks[0] + h * dks[1];
+      T* gv = dV + b * dvs[0] + h * dvs[1];
+      for (int64_t j = 0; j < Sk; ++j)
+        for (int64_t d = 0; d < D; ++d) {
+          gk[j * dks[2] + d * dks[3]] = static_cast<T>(dKa[j * Dp + d] * scale);
+          gv[j * dvs[2] + d * dvs[3]] = static_cast<T>(dVa[j * Dp + d]);
+        }
+    }
+  }
+}
+
+}  // namespace cpu
+
+namespace {
+
+using at::Tensor;
+using OptT = std::optional<Tensor>;
+
+void check_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
+                  q.size(1) == k.size(1) && q.size(3) == k.size(3),
+              "fused_attn: q [B, H, Sq, D], k / v [B, H, Sk, D] expected, got ", q.sizes(), ", ", k.sizes(),
+              ", ", v.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "fused_attn: q, k, v must share a dtype");
+}
+
+std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const OptT& mask,
+                                           const OptT& key_start, const OptT& key_end, const OptT& key_dense,
+                                           const OptT& block_state, const OptT& head_mask, bool additive, bool causal, double scale,
+                                           double dropout_p, int64_t seed, int64_t rng_offset, int64_t block_m,
+                                           int64_t block_n) {
+  check_qkv(q, k, v);
+  TORCH_CHECK(block_m == cpu::BLOCK_M && block_n == cpu::BLOCK_N, "fused_attn: the CPU kernel uses ",
+              cpu::BLOCK_M, " x ", cpu::BLOCK_N, " tiles, got ", block_m, " x ", block_n);
+  const MaskDesc md = make_mask_desc(q, k.size(2), mask, additive, key_start, key_end, key_dense,
+                                     block_state, block_m, block_n);
+  const HeadMask hm = make_head_mask(head_mask, q);
+  const DropoutParams drop = DropoutParams::make(dropout_p, seed, rng_offset);
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2);
+  Tensor out = at::empty_like(q);
+  Tensor lse = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
+  Tensor visited = at::empty({B, H, (Sq + block_m - 1) / block_m}, q.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fused_attn_fwd_cpu", [&] {
+    cpu::forward_kernel<scalar_t>(q, k, v, out, lse, visited, md, hm, causal, static_cast<float>(scale), drop);
+  });
+  return {out, lse, visited};
+}
+
+std::tuple<Tensor, Tensor, Tensor> bwd_cpu(const Tensor& grad_out, const Tensor& q, const Tensor& k,
+                                           const Tensor& v, const Tensor& out, const Tensor& lse,
+                                           const OptT& mask, const OptT& key_start, const OptT& key_end,
+                                           const OptT& key_dense, const OptT& block_state,
+                                           const OptT& head_mask, bool additive,
+                                           bool causal, double scale, double dropout_p, int64_t seed,
+                                           int64_t rng_offset, int64_t block_m, int64_t block_n) {
+  check_qkv(q, k, v);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type() &&
+                  out.scalar_type() == q.scalar_type(),
+              "fused_attn: grad_out and out must match q ", q.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
+                  lse.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2)}),
+              "fused_attn: lse must be contiguous float32 [B, H, Sq]");
+  TORCH_CHECK(block_m == cpu::BLOCK_M && block_n == cpu::BLOCK_N, "fused_attn: the CPU kernel uses ",
+              cpu::BLOCK_M, " x ", cpu::BLOCK_N, " tiles, got ", block_m, " x ", block_n);
+  const MaskDesc md = make_mask_desc(q, k.size(2), mask, additive, key_start, key_end, key_dense,
+                                     block_state, block_m, block_n);
+  const HeadMask hm = make_head_mask(head_mask, q);
+  const DropoutParams drop = DropoutParams::make(dropout_p, seed, rng_offset);
+  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fused_attn_bwd_cpu", [&] {
+    cpu::backward_kernel<scalar_t>(grad_out, q, k, v, out, lse, dq, dk, dv, md, hm, causal,
+                                   static_cast<float>(scale), drop);
+  });
+  return {dq, dk, dv};
+}
+
+Tensor dropout_keep_cpu(const Tensor& like, int64_t batch, int64_t heads, int64_t q_len, int64_t k_len,
+                        double dropout_p, int64_t seed, int64_t rng_offset) {
+  const DropoutParams drop = DropoutParams::make(dropout_p, seed, rng_offset);
+  Tensor keep = at::empty({batch, heads, q_len, k_len}, like.options().dtype(at::kBool));
+  bool* p = keep.data_ptr<bool>();
+  at::parallel_for(0, batch * heads * q_len, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const uint32_t bh = static_cast<uint32_t>(row / q_len);
+      const int64_t i = row % q_len;
+      for (int64_t j = 0; j < k_len; ++j) p[row * k_len + j] = dropout_keep(drop, i, j, k_len, bh);
+    }
+  });
+  return keep;
+}
+
+}  // namespace
+}  // namespace fused_attn_kernels
+
+TORCH_LIBRARY(fused_attn, m) {
+  m.def(
+      "fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? key_start, Tensor? key_end, Tensor? key_dense, "
+      "Tensor? block_state, Tensor? head_mask, bool additive, bool causal, "
+      "float scale, float dropout_p, int seed, int rng_offset, int block_m, int block_n) "
+      "-> (Tensor out, Tensor lse, Tensor visited)");
+  m.def(
+      "bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
+      "Tensor? key_start, Tensor? key_end, Tensor? key_dense, Tensor? block_state, Tensor? head_mask, bool additive, "
+      "bool causal, float scale, float dropout_p, int seed, int rng_offset, int block_m, int block_n) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def(
+      "dropout_keep(Tensor like, int batch, int heads, int q_len, int k_len, float dropout_p, int seed, "
+      "int rng_offset) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fused_attn, CPU, m) {
+  m.impl("fwd", &fused_attn_kernels::fwd_cpu);
+  m.impl("bwd", &fused_attn_kernels::bwd_cpu);
+  m.impl("dropout_keep", &fused_attn_kernels::dropout_keep_cpu);
+}

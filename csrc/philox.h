@@ -1,0 +1,74 @@
+// Counter-based dropout RNG shared by the CPU and CUDA kernels.
+//
+// Philox-4x32 with 10 rounds, laid out exactly like the Triton kernels
+// (fused_attn/backends/triton_fwd.py, _dropout_keep): key = the 63-bit seed as two 31-bit
+// halves, counter = (row * Sk + col, batch * H + head, rng_offset as two 31-bit halves).  The
+// first output word becomes a uniform float the way triton.language.uint_to_uniform_float does,
+// and an element is kept iff uniform >= p.  The keep-mask is a function of the element's
+// position only, so the backward pass regenerates it and every engine draws the same mask.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FA_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FA_HOST_DEVICE inline
+#endif
+
+namespace fused_attn_kernels {
+
+struct DropoutParams {
+  float p = 0.f;          // drop probability; 0 disables dropout
+  uint32_t k0 = 0, k1 = 0;  // Philox key
+  uint32_t c2 = 0, c3 = 0;  // counter words 2 and 3 (the offset)
+
+  static DropoutParams make(double p, int64_t seed, int64_t offset) {
+    DropoutParams d;
+    d.p = static_cast<float>(p);
+    d.k0 = static_cast<uint32_t>(seed & 0x7FFFFFFF);
+    d.k1 = static_cast<uint32_t>((seed >> 31) & 0x7FFFFFFF);
+    d.c2 = static_cast<uint32_t>(offset & 0x7FFFFFFF);
+    d.c3 = static_cast<uint32_t>((offset >> 31) & 0x7FFFFFFF);
+    return d;
+  }
+};
+
+FA_HOST_DEVICE uint32_t philox_mulhi(uint32_t a, uint32_t b) {
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+}
+
+// First output word of Philox-4x32-10.
+FA_HOST_DEVICE uint32_t philox_first(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                     uint32_t k0, uint32_t k1) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int r = 0; r < 10; ++r) {
+    const uint32_t n0 = philox_mulhi(0xCD9E8D57u, c2) ^ c1 ^ k0;
+    const uint32_t n2 = philox_mulhi(0xD2511F53u, c0) ^ c3 ^ k1;
+    c1 = 0xCD9E8D57u * c2;
+    c3 = 0xD2511F53u * c0;
+    c0 = n0;
+    c2 = n2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+// triton.language.uint_to_uniform_float for 32-bit words: [0, 1).
+FA_HOST_DEVICE float philox_uniform(uint32_t r) {
+  int32_t x = static_cast<int32_t>(r);
+  x = x < 0 ? ~x : x;
+  return static_cast<float>(x) * 4.6566127342e-10f;
+}
+
+// Keep (true) or drop element (row, col) of head bh = b * H + h.
+FA_HOST_DEVICE bool dropout_keep(const DropoutParams& d, int64_t row, int64_t col, int64_t k_len,
+                                 uint32_t bh) {
+  const uint32_t c0 = static_cast<uint32_t>(row * k_len + col);
+  return philox_uniform(philox_first(c0, bh, d.c2, d.c3, d.k0, d.k1)) >= d.p;
+}
+
+}  // namespace fused_attn_kernels

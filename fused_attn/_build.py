@@ -1,0 +1,183 @@
+"""Building and loading the C++/CUDA extension (csrc/).
+
+Two paths, one set of sources and flags:
+
+* ahead of time: ``FUSED_ATTN_BUILD_EXT=1 pip install .`` -- setup.py calls
+  :func:`extension_kwargs`, which returns a ``torch.utils.cpp_extension`` extension named
+  ``fused_attn._C`` (CUDA sources included when nvcc and a CUDA build of torch are present, or
+  ``TORCH_CUDA_ARCH_LIST`` is set);
+* on first use: :func:`load` compiles the same sources with ``torch.utils.cpp_extension.load``
+  (ninja), cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), and
+  loads the library, which registers the ``torch.ops.fused_attn`` ops.
+
+Nothing here runs at import time.  This module imports nothing from fused_attn, so setup.py can
+load it by path before the package is installed.
+
+Environment:
+  FUSED_ATTN_CUDA_EXT=0    build the CPU kernel only, even with nvcc and CUDA torch present
+  FUSED_ATTN_PORTABLE=1    JIT build without -march=native (e.g. a shared cache across CPUs)
+  FUSED_ATTN_EXT_VERBOSE=1 show the compiler's output
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import List, Optional
+
+NAME = "fused_attn_ext"
+_HERE = Path(__file__).resolve().parent
+_lock = threading.Lock()
+_state = {"loaded": None, "error": None}   # loaded: "cpu" | "cuda" (which kernels are in it)
+
+
+def source_dir() -> Optional[Path]:
+    """csrc/ of an installed package (fused_attn/csrc) or of a source checkout (../csrc)."""
+    for cand in (_HERE / "csrc", _HERE.parent / "csrc"):
+        if (cand / "fused_attn.cpp").is_file():
+            return cand
+    return None
+
+
+def sources(with_cuda: bool) -> List[str]:
+    src = source_dir()
+    if src is None:
+        raise FileNotFoundError(f"fused_attn: C++ sources (csrc/fused_attn.cpp) not found next to {_HERE}")
+    out = [str(src / "fused_attn.cpp")]
+    if with_cuda:
+        out += sorted(str(p) for p in (src / "cuda").glob("*.cu"))
+    return out
+
+
+def cuda_toolchain() -> Optional[str]:
+    """None when the CUDA kernels can be built here, else why not."""
+    if os.environ.get("FUSED_ATTN_CUDA_EXT", "1") == "0":
+        return "FUSED_ATTN_CUDA_EXT=0"
+    import torch
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    home = cpp_extension.CUDA_HOME
+    if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return "nvcc not found (set CUDA_HOME)"
+    return None
+
+
+def compiler_problem() -> Optional[str]:
+    """None when a JIT build can run, else why not (no compiler, no ninja)."""
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return (f"no C++ compiler: {cxx!r} is not on PATH (install g++, set CXX, or build ahead of time "
+                f"with FUSED_ATTN_BUILD_EXT=1 pip install .)")
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja), needed to compile the C++ extension"
+    return None
+
+
+def cflags(portable: bool) -> List[str]:
+    flags = ["-O3", "-fopenmp", "-std=c++17"]
+    if not portable:
+        flags.append("-march=native")
+    return flags
+
+
+def nvcc_flags() -> List[str]:
+    return ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+            "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"]
+
+
+def _prebuilt() -> Optional[str]:
+    libs = sorted(glob.glob(str(_HERE / "_C*.so")) + glob.glob(str(_HERE / "_C*.pyd")))
+    return libs[0] if libs else None
+
+
+def load() -> str:
+    """Load the extension (prebuilt, or compile it once); returns "cpu" or "cuda" (the kernels it
+    holds).  Raises RuntimeError with the reason when it cannot; the failure is remembered."""
+    if _state["loaded"] is not None:    # fast path, lock-free (torch.compile traces through it)
+        return _state["loaded"]
+    if _state["error"] is not None:
+        raise RuntimeError(_state["error"])
+    with _lock:
+        if _state["loaded"] is not None:
+            return _state["loaded"]
+        if _state["error"] is not None:
+            raise RuntimeError(_state["error"])
+        try:
+            _state["loaded"] = _load()
+        except Exception as e:  # noqa: BLE001 - remember why, report it as a backend reason
+            _state["error"] = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if not isinstance(e, RuntimeError):
+                _state["error"] = f"{type(e).__name__}: {_state['error']}"
+            raise RuntimeError(_state["error"]) from e
+        return _state["loaded"]
+
+
+def _load() -> str:
+    import torch
+
+    pre = _prebuilt()
+    if pre is not None:
+        torch.ops.load_library(pre)
+        return "cuda" if _has_cuda_kernels() else "cpu"
+    why = compiler_problem()
+    if why is not None:
+        raise RuntimeError(why)
+    from torch.utils import cpp_extension
+
+    with_cuda = cuda_toolchain() is None
+    portable = os.environ.get("FUSED_ATTN_PORTABLE", "0") not in ("", "0")
+    verbose = os.environ.get("FUSED_ATTN_EXT_VERBOSE", "0") not in ("", "0")
+    try:
+        cpp_extension.load(
+            name=NAME + ("_cuda" if with_cuda else "_cpu") + ("_portable" if portable else ""),
+            sources=sources(with_cuda),
+            extra_cflags=cflags(portable),
+            extra_cuda_cflags=nvcc_flags(),
+            extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(source_dir())],
+            with_cuda=with_cuda,
+            is_python_module=False,
+            verbose=verbose,
+        )
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise RuntimeError(f"building the C++ extension failed ({msg[0] if msg else type(e).__name__}); "
+                           f"rerun with FUSED_ATTN_EXT_VERBOSE=1 to see the compiler output") from e
+    return "cuda" if with_cuda else "cpu"
+
+
+def _has_cuda_kernels() -> bool:
+    import torch
+
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("fused_attn::fwd", "CUDA")
+    except Exception:  # noqa: BLE001 - private API; assume CPU only
+        return False
+
+
+def extension_kwargs() -> dict:
+    """setup() keyword arguments that build ``fused_attn._C`` ahead of time (setup.py)."""
+    from torch.utils import cpp_extension
+
+    with_cuda = cuda_toolchain() is None or bool(os.environ.get("TORCH_CUDA_ARCH_LIST"))
+    src_dir = source_dir()
+    if src_dir is None:
+        raise FileNotFoundError("csrc/fused_attn.cpp not found")
+    root = Path(os.getcwd())
+    rel = [os.path.relpath(p, root) for p in sources(with_cuda)]
+    kwargs = dict(sources=rel, include_dirs=[str(src_dir)], extra_link_args=["-fopenmp"],
+                  extra_compile_args={"cxx": cflags(portable=True)})
+    if with_cuda:
+        kwargs["extra_compile_args"]["nvcc"] = nvcc_flags()
+        ext = cpp_extension.CUDAExtension("fused_attn._C", **kwargs)
+    else:
+        ext = cpp_extension.CppExtension("fused_attn._C", **kwargs)
+    return {"ext_modules": [ext],
+            "cmdclass": {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=True)}}
