@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -28,12 +29,13 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--list", action="store_true", help="list the presets and exit")
     ap.add_argument("--out", default="bench_results", help="output folder for <preset>.csv and PNGs")
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    ap.add_argument("--modes", help=f"comma list restricting the preset's modes ({', '.join(MODES)})")
+    ap.add_argument("--modes", help=f"comma list replacing the preset's modes ({', '.join(MODES)})")
     ap.add_argument("--methods", help="comma list replacing the preset's methods: fused (every available "
                     "engine), fused_triton, fused_cuda, fused_cpu, " + ", ".join(METHODS[1:]))
     ap.add_argument("--layout", default="bshd", choices=("bshd", "bhsd"),
                     help="bshd: q/k/v are HF's transposed [B,S,H,D] views (default); bhsd: contiguous")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, help="CPU: torch intra-op threads (default: torch's)")
     ap.add_argument("--min-time", type=float, help="CPU: seconds per measurement (default: the preset's)")
     ap.add_argument("--warmup-ms", type=int, default=25, help="GPU: do_bench warm-up (ms)")
     ap.add_argument("--rep-ms", type=int, default=100, help="GPU: do_bench measurement time (ms)")
@@ -155,11 +157,14 @@ def _measure(row: Dict, name: str, inp: Inputs, args, min_time: float, checks: D
 
 
 def run_preset(preset: Preset, args, device: torch.device) -> Tuple[List[Dict], Dict[str, str]]:
-    modes = tuple(args.modes.split(",")) if args.modes else MODES
-    bad = [m for m in modes if m not in MODES]
-    if bad:
-        raise SystemExit(f"--modes: unknown mode(s) {bad}; expected {', '.join(MODES)}")
-    cases = [c for c in preset.cases if c.mode in modes]
+    cases = list(preset.cases)
+    if args.modes:                       # replaces the preset's modes: every data case x each mode
+        modes = args.modes.split(",")
+        bad = [m for m in modes if m not in MODES]
+        if bad:
+            raise SystemExit(f"--modes: unknown mode(s) {bad}; expected {', '.join(MODES)}")
+        base = list(dict.fromkeys(replace(c, mode="fwd") for c in cases))
+        cases = [replace(c, mode=m) for m in modes for c in base]
     requested = tuple(args.methods.split(",")) if args.methods else preset.methods
     notes: Dict[str, str] = {}
     plan = [(c, _methods_for(c, requested, bool(args.methods), device, notes)) for c in cases]
@@ -209,6 +214,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"--preset: unknown preset {args.preset!r}; one of {', '.join(PRESETS)}", file=sys.stderr)
         return 2
     preset = PRESETS[args.preset]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:

@@ -83,8 +83,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-time", type=float, default=0.3, help="CPU seconds per timing")
+    ap.add_argument("--threads", type=int, help="CPU: torch intra-op threads (default: torch's)")
     ap.add_argument("--no-speed", action="store_true", help="checks only")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
