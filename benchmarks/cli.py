@@ -175,7 +175,7 @@ def run_preset(preset: Preset, args, device: torch.device) -> Tuple[List[Dict], 
     print(f"fused_attn benchmarks: preset {preset.name!r} on {env['device_name']} ({device.type}); torch "
           f"{env['torch']}, triton {env['triton'] or '-'}, fused_attn {env['fused_attn']}; {len(cases)} cases")
     for m, why in notes.items():
-        print(f"  {m}: not run ({why})")
+        print(f"  {m}: not run ({why[:200] + ' ...' if len(why) > 200 else why})")
     progress = _Progress(sum(len(ms) for _, ms in plan), preset.name, args.quiet)
     rows: List[Dict] = []
     checks: Dict = {}

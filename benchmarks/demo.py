@@ -105,7 +105,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for other in ("triton", "cuda", "cpu"):
         why = backends.reasons(other, inp.q)
         if why and other != name:
-            print(f"  ({other}: {'; '.join(why)})")
+            msg = "; ".join(why)
+            print(f"  ({other}: {msg[:200] + ' ...' if len(msg) > 200 else msg})")
     L = inp.lengths
     print(f"batch: B={case.B} H={case.H} S={case.S} D={case.D} {dtype_name(inp.dtype)}, HF [B,S,H,D] views; "
           f"lengths U[1,{case.S}] (min {int(L.min())}, mean {float(L.float().mean()):.0f}, max {int(L.max())}), "
