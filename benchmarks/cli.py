@@ -166,14 +166,15 @@ def run_preset(preset: Preset, args, device: torch.device) -> Tuple[List[Dict], 
         base = list(dict.fromkeys(replace(c, mode="fwd") for c in cases))
         cases = [replace(c, mode=m) for m in modes for c in base]
     requested = tuple(args.methods.split(",")) if args.methods else preset.methods
-    notes: Dict[str, str] = {}
-    plan = [(c, _methods_for(c, requested, bool(args.methods), device, notes)) for c in cases]
     env = environment(device)
+    print(f"fused_attn benchmarks: preset {preset.name!r} on {env['device_name']} ({device.type}); torch "
+          f"{env['torch']}, triton {env['triton'] or '-'}, fused_attn {env['fused_attn']}; {len(cases)} cases",
+          flush=True)
+    notes: Dict[str, str] = {}           # probing the C++ engines may build the extension (first use)
+    plan = [(c, _methods_for(c, requested, bool(args.methods), device, notes)) for c in cases]
     min_time = args.min_time if args.min_time is not None else preset.cpu_min_time
     os.makedirs(args.out, exist_ok=True)
     path = report.csv_path(args.out, preset.name)
-    print(f"fused_attn benchmarks: preset {preset.name!r} on {env['device_name']} ({device.type}); torch "
-          f"{env['torch']}, triton {env['triton'] or '-'}, fused_attn {env['fused_attn']}; {len(cases)} cases")
     for m, why in notes.items():
         print(f"  {m}: not run ({why[:200] + ' ...' if len(why) > 200 else why})")
     progress = _Progress(sum(len(ms) for _, ms in plan), preset.name, args.quiet)

@@ -85,7 +85,7 @@ def _long() -> List[Case]:
     return _modes(base, ("fwd", "fwd+bwd"))
 
 
-def _sweep() -> List[Case]:
+def _sweep(mode: str) -> List[Case]:
     """One axis at a time around BERT-base at S=512 (B=32, H=12, D=64, fp16, lengths U[1, S])."""
     b = Case("", "S", 32, 12, 512, 64)
     base = [replace(b, panel="seq len (B*S=16384)", x="S", B=16384 // S, S=S) for S in (128, 256, 512, 1024, 2048)]
@@ -94,7 +94,7 @@ def _sweep() -> List[Case]:
     base += [replace(b, panel="head dim", x="D", D=d) for d in (32, 64, 80, 96, 128)]
     base += [replace(b, panel="dtype", x="dtype", dtype=t) for t in ("fp16", "bf16", "fp32")]
     base += [replace(b, panel="batch", x="B", B=n) for n in (1, 8, 32, 64)]
-    return _modes(base, ("fwd", "fwd+bwd"))
+    return _modes(base, (mode,))
 
 
 def _cpu_small() -> List[Case]:
@@ -121,7 +121,9 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
     Preset("long", "long encoders: S 1024..8192 at B*S=16384, D 64/128, fp16, lengths U[1,S], "
            "fwd and fwd+bwd", "cuda", tuple(_long())),
     Preset("sweep", "one axis at a time around BERT-base S=512: seq len, padding fill, causal, "
-           "head dim, dtype, batch; fwd and fwd+bwd", "cuda", tuple(_sweep())),
+           "head dim, dtype, batch; fwd", "cuda", tuple(_sweep("fwd"))),
+    Preset("sweep-train", "the sweep grid in fwd+bwd (--modes bwd for the backward alone)", "cuda",
+           tuple(_sweep("fwd+bwd"))),
     Preset("cpu-small", "small CPU run: B=4 H=12 D=64 fp32, S 128/256, U[1,S] and full, fwd and "
            "fwd+bwd", "any", tuple(_cpu_small())),
     Preset("demo", "the make-demo shape: B=8 H=12 S=128 D=64, lengths U[1,S], fwd (fp32 on CPU, "
