@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from dataclasses import replace
 from typing import Dict, List, Optional, Tuple
 
@@ -170,8 +171,11 @@ def run_preset(preset: Preset, args, device: torch.device) -> Tuple[List[Dict], 
     print(f"fused_attn benchmarks: preset {preset.name!r} on {env['device_name']} ({device.type}); torch "
           f"{env['torch']}, triton {env['triton'] or '-'}, fused_attn {env['fused_attn']}; {len(cases)} cases",
           flush=True)
-    notes: Dict[str, str] = {}           # probing the C++ engines may build the extension (first use)
+    notes: Dict[str, str] = {}
+    t0 = time.perf_counter()             # probing the C++ engines builds the extension on first use
     plan = [(c, _methods_for(c, requested, bool(args.methods), device, notes)) for c in cases]
+    if time.perf_counter() - t0 > 5:
+        print(f"  (probing the engines took {time.perf_counter() - t0:.0f} s: first use of the C++ extension)")
     min_time = args.min_time if args.min_time is not None else preset.cpu_min_time
     os.makedirs(args.out, exist_ok=True)
     path = report.csv_path(args.out, preset.name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import List, Optional
 
 import torch
@@ -98,10 +99,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         case = Case("demo", "S", 8, 12, 128, 64, dtype="fp32")
     inp = make_inputs(case, device, seed=args.seed)
     env = environment(device)
-    name = backends.select("auto", inp.q)
     print(f"fused_attn {env['fused_attn']} demo on {env['device_name']} ({device.type}); torch {env['torch']}, "
-          f"triton {env['triton'] or '-'}")
-    print(f"backend 'auto' -> {name!r}")
+          f"triton {env['triton'] or '-'}", flush=True)
+    t0 = time.perf_counter()
+    name = backends.select("auto", inp.q)      # the first use of a C++ engine builds the extension
+    took = time.perf_counter() - t0
+    print(f"backend 'auto' -> {name!r}" + (f" (choosing took {took:.0f} s: first use builds the C++ extension; "
+                                           f"later runs reuse it)" if took > 5 else ""))
     for other in ("triton", "cuda", "cpu"):
         why = backends.reasons(other, inp.q)
         if why and other != name:
