@@ -26,15 +26,16 @@ inline v8f ld8(const float* p) {
 }
 inline void st8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
 
-// C[M, N] += A[M, K] @ B[K, N]; row-major with leading dims lda / ldb / ldc.
+// C[M, N] += A[M, K] @ B[K, N].  A is read through strides (A[m, k] = A[m * sa_m + k * sa_k], so
+// a transposed operand costs nothing); B and C are row-major with leading dims ldb / ldc.
 // M % 4 == 0 and N % 16 == 0: 4 x 16 register tiles, B rows streamed, A broadcast.
-inline void gemm_acc(float* C, int64_t ldc, const float* A, int64_t lda, const float* B, int64_t ldb,
-                     int64_t M, int64_t N, int64_t K) {
+inline void gemm_acc(float* C, int64_t ldc, const float* A, int64_t sa_m, int64_t sa_k, const float* B,
+                     int64_t ldb, int64_t M, int64_t N, int64_t K) {
   for (int64_t i = 0; i < M; i += 4) {
-    const float* a0 = A + i * lda;
-    const float* a1 = a0 + lda;
-    const float* a2 = a1 + lda;
-    const float* a3 = a2 + lda;
+    const float* a0 = A + i * sa_m;
+    const float* a1 = a0 + sa_m;
+    const float* a2 = a1 + sa_m;
+    const float* a3 = a2 + sa_m;
     for (int64_t j = 0; j < N; j += 16) {
       float* c = C + i * ldc + j;
       v8f c00 = ld8(c), c01 = ld8(c + 8);
@@ -43,11 +44,15 @@ inline void gemm_acc(float* C, int64_t ldc, const float* A, int64_t lda, const f
       v8f c30 = ld8(c + 3 * ldc), c31 = ld8(c + 3 * ldc + 8);
       const float* b = B + j;
       for (int64_t k = 0; k < K; ++k, b += ldb) {
-        const v8f b0 = ld8(b), b1 = ld8(b + 8);
-        c00 += a0[k] * b0; c01 += a0[k] * b1;
-        c10 += a1[k] * b0; c11 += a1[k] * b1;
-        c20 += a2[k] * b0; c21 += a2[k] * b1;
-        c30 += a3[k] * b0; c31 += a3[k] * b1;
+        v8f b0 = ld8(b), b1 = ld8(b + 8);
+#if defined(__AVX__)
+        __asm__("" : "+x"(b0), "+x"(b1));   // keep B in registers, not re-read by every FMA
+#endif
+        const float x0 = a0[k * sa_k], x1 = a1[k * sa_k], x2 = a2[k * sa_k], x3 = a3[k * sa_k];
+        c00 += x0 * b0; c01 += x0 * b1;
+        c10 += x1 * b0; c11 += x1 * b1;
+        c20 += x2 * b0; c21 += x2 * b1;
+        c30 += x3 * b0; c31 += x3 * b1;
       }
       st8(c, c00); st8(c + 8, c01);
       st8(c + ldc, c10); st8(c + ldc + 8, c11);
@@ -57,16 +62,19 @@ inline void gemm_acc(float* C, int64_t ldc, const float* A, int64_t lda, const f
   }
 }
 
-// 2^x in fp32 (~1 ulp), branch-free so loops over it vectorise.  x < -126 (and -inf) -> 0.
-inline float exp2_approx(float x) {
-  const float xc = x < -126.f ? -126.f : (x > 127.f ? 127.f : x);
-  const float t = xc + 12582912.f;  // 1.5 * 2^23: rounds xc to the nearest integer
-  const float n = t - 12582912.f;
-  const float f = xc - n;           // [-0.5, 0.5]
-  int32_t ni;
-  std::memcpy(&ni, &t, 4);
-  ni -= 0x4B400000;
-  float p = 1.5252733804e-5f;       // Taylor series of 2^f = e^(f ln 2), degree 7
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+// 2^x in fp32 (~1 ulp) on 8 lanes; x < -126 (and -inf) -> 0.
+inline v8f exp2_v8(v8f x) {
+  const v8f lo = v8f{} - 126.f, hi = v8f{} + 127.f;
+  const v8i under = x < lo;
+  v8f xc = (v8f)(((v8i)x & ~under) | ((v8i)lo & under));
+  const v8i over = xc > hi;
+  xc = (v8f)(((v8i)xc & ~over) | ((v8i)hi & over));
+  const v8f t = xc + 12582912.f;   // 1.5 * 2^23: rounds xc to the nearest integer
+  const v8f f = xc - (t - 12582912.f);   // [-0.5, 0.5]
+  const v8i n = (v8i)t - 0x4B400000;
+  v8f p = v8f{} + 1.5252733804e-5f;   // Taylor series of 2^f = e^(f ln 2), degree 7
   p = p * f + 1.5403530393e-4f;
   p = p * f + 1.3333558146e-3f;
   p = p * f + 9.6181291076e-3f;
@@ -74,12 +82,17 @@ inline float exp2_approx(float x) {
   p = p * f + 2.4022650696e-1f;
   p = p * f + 6.9314718056e-1f;
   p = p * f + 1.0f;
-  int32_t bits;
-  std::memcpy(&bits, &p, 4);
-  bits += ni * (1 << 23);
-  float r;
-  std::memcpy(&r, &bits, 4);
-  return x < -126.f ? 0.f : r;
+  return (v8f)(((v8i)p + (n << 23)) & ~under);
+}
+
+// x[i] = 2^(x[i] - sub[i]) for i < n (n % 8 == 0).
+inline void exp2_sub(float* x, const float* sub, int64_t n) {
+  for (int64_t i = 0; i < n; i += 8) st8(x + i, exp2_v8(ld8(x + i) - ld8(sub + i)));
+}
+
+inline float exp2_scalar(float x) {
+  float buf[8] = {x, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  return exp2_v8(ld8(buf))[0];
 }
 
 template <typename T>
@@ -136,40 +149,38 @@ inline void mask_row(float* out, const MaskDesc& m, int64_t b, int64_t h, int64_
   }
 }
 
-// Where a score tile needs elementwise work beyond "scale the scores".
+// Elementwise work a score tile needs beyond "scale the scores" (bounds need none: the kernels
+// only read the nk = min(BLOCK_N, hi - n0) key rows of a tile that lie inside [lo, hi)).
 struct TileChecks {
-  int64_t lo, hi;     // visible key range: keys outside are hidden
-  bool bounds;        // the tile crosses lo or hi
+  int64_t hi;         // keys >= hi are hidden (rows past it are never read)
   bool causal;        // the tile crosses the causal diagonal
   bool load_mask;     // mask values must be read
 };
 
-// S[r, c] (raw q.k) -> scaled log2 scores with every mask applied, rows r < rows.
-// Row i0 + r sees key j iff lo <= j < hi, j <= i + causal_off (if causal) and the mask shows it.
-template <int BN>
-inline void finish_scores(float* S, int64_t rows, int64_t i0, int64_t n0, float qk_scale,
-                          const TileChecks& tc, int64_t causal_off, const MaskDesc& m, int64_t b,
-                          int64_t h, float* mrow) {
-  const bool elementwise = tc.bounds || tc.causal || tc.load_mask;
-  const bool row_mask_shared = tc.load_mask && m.ms_m == 0;
-  const int64_t n_valid = tc.hi - n0 < BN ? tc.hi - n0 : BN;   // columns that may be visible
-  if (row_mask_shared) mask_row(mrow, m, b, h, 0, n0, n_valid);
-  for (int64_t r = 0; r < rows; ++r) {
-    float* s = S + r * BN;
+// Transposed score tile ST[j, i] (key j of the tile, query i; row pitch BM) from raw k.q to
+// log2 units with every mask applied, for key rows j < nk.  Query i0 + i sees key n0 + j iff
+// n0 + j <= i0 + i + causal_off (if causal) and the mask shows it.
+template <int BM>
+inline void finish_scores_t(float* ST, int64_t nk, int64_t rows, int64_t i0, int64_t n0, float qk_scale,
+                            const TileChecks& tc, int64_t causal_off, const MaskDesc& m, int64_t b,
+                            int64_t h, float* mrow) {
+  const bool shared_row = m.ms_m == 0;        // the same mask row for every query
+  if (tc.load_mask && shared_row) mask_row(mrow, m, b, h, 0, n0, nk);
+  for (int64_t j = 0; j < nk; ++j) {
+    float* s = ST + j * BM;
+    const float add = (tc.load_mask && shared_row) ? mrow[j] : 0.f;
 #pragma omp simd
-    for (int c = 0; c < BN; ++c) s[c] *= qk_scale;
-    if (!elementwise) continue;
-    if (tc.load_mask && !row_mask_shared) mask_row(mrow, m, b, h, i0 + r, n0, n_valid);
-    // keys j with j < lim are visible, for bounds and causal together
-    int64_t lim = tc.hi;
-    if (tc.causal && i0 + r + causal_off + 1 < lim) lim = i0 + r + causal_off + 1;
-    const int64_t c_lim = lim - n0;
-    const int64_t c_lo = tc.lo - n0;
-    if (tc.load_mask) {
-      for (int64_t c = 0; c < n_valid; ++c) s[c] += mrow[c];
+    for (int i = 0; i < BM; ++i) s[i] = s[i] * qk_scale + add;
+    if (tc.causal) {
+      const int64_t first = n0 + j - causal_off - i0;   // first query column that sees key j
+      for (int64_t i = 0; i < BM && i < first; ++i) s[i] = kNegInf;
     }
-#pragma omp simd
-    for (int c = 0; c < BN; ++c) s[c] = (c < c_lim && c >= c_lo) ? s[c] : kNegInf;
+  }
+  if (tc.load_mask && !shared_row) {
+    for (int64_t i = 0; i < rows; ++i) {
+      mask_row(mrow, m, b, h, i0 + i, n0, nk);
+      for (int64_t j = 0; j < nk; ++j) ST[j * BM + i] += mrow[j];
+    }
   }
 }
 

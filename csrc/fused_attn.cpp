@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -27,7 +28,8 @@ constexpr int BLOCK_N = 64;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// The key tiles one query block visits, in order: calls f(n0, TileChecks).
+// The key tiles one query block visits, in order: calls f(n0, nk, TileChecks) for keys
+// [n0, n0 + nk) (all inside the visible range).
 template <typename F>
 inline int64_t for_each_key_tile(const MaskDesc& m, int64_t b, int64_t h, int64_t qb, int64_t Sq,
                                  int64_t Sk, bool causal, F&& f) {
@@ -40,8 +42,8 @@ inline int64_t for_each_key_tile(const MaskDesc& m, int64_t b, int64_t h, int64_
       const int8_t st = m.tile(b, h, qb, kb);
       if (st == 0) continue;                      // empty tile: never touched
       const bool partial = st == 1;               // edge / diagonal tiles are always partial
-      TileChecks tc{0, Sk, partial, partial && causal, partial};
-      f(kb * BLOCK_N, tc);
+      const int64_t n0 = kb * BLOCK_N;
+      f(n0, std::min<int64_t>(BLOCK_N, Sk - n0), TileChecks{Sk, partial && causal, partial});
       ++visited;
     }
     return visited;
@@ -55,8 +57,7 @@ inline int64_t for_each_key_tile(const MaskDesc& m, int64_t b, int64_t h, int64_
   }
   if (causal) hi = std::min(hi, i_last + off + 1);
   for (int64_t n0 = lo; n0 < hi; n0 += BLOCK_N) {
-    TileChecks tc{lo, hi, n0 + BLOCK_N > hi, causal && n0 + BLOCK_N - 1 > i0 + off, dense};
-    f(n0, tc);
+    f(n0, std::min<int64_t>(BLOCK_N, hi - n0), TileChecks{hi, causal && n0 + BLOCK_N - 1 > i0 + off, dense});
     ++visited;
   }
   return visited;
@@ -64,6 +65,25 @@ inline int64_t for_each_key_tile(const MaskDesc& m, int64_t b, int64_t h, int64_
 
 inline float head_scale(const HeadMask& hm, int64_t b, int64_t h) {
   return hm.ptr ? hm.ptr[b * hm.s_b + h * hm.s_h] : 1.f;
+}
+
+// Rows [n0, n0 + nk) of a [S, D] slice as an fp32 row-major operand (row pitch ld, unit column
+// stride, D <= ld columns readable, rows up to round_up(nk, 4) readable): the tensor itself when
+// it is fp32 with a fitting layout, else a zero-padded copy in buf (pitch Dp).
+struct Rows {
+  const float* p;
+  int64_t ld;
+};
+
+template <typename T>
+inline Rows tile_rows(float* buf, const T* base, int64_t s_r, int64_t s_d, int64_t n0, int64_t nk,
+                      int64_t S, int64_t D, int64_t Dp) {
+  const int64_t nk4 = round_up(nk, 4);
+  if constexpr (std::is_same<T, float>::value) {
+    if (s_d == 1 && D == Dp && n0 + nk4 <= S) return {base + n0 * s_r, s_r};
+  }
+  load_tile(buf, Dp, base + n0 * s_r, s_r, s_d, nk, nk4, D);
+  return {buf, Dp};
 }
 
 template <typename T>
@@ -86,63 +106,73 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
 #pragma omp parallel num_threads(at::get_num_threads())
   {
-    std::vector<float> ws(BLOCK_M * Dp * 2 + Dp * BLOCK_N + BLOCK_N * Dp + BLOCK_M * BLOCK_N + 3 * BLOCK_M + BLOCK_N);
-    float* Qt = ws.data();                  // [BLOCK_M, Dp]
-    float* Acc = Qt + BLOCK_M * Dp;         // [BLOCK_M, Dp]
-    float* Kt = Acc + BLOCK_M * Dp;         // [Dp, BLOCK_N] (transposed)
-    float* Vt = Kt + Dp * BLOCK_N;          // [BLOCK_N, Dp]
-    float* S = Vt + BLOCK_N * Dp;           // [BLOCK_M, BLOCK_N]
-    float* mi = S + BLOCK_M * BLOCK_N;      // running max (log2 units)
+    std::vector<float> ws(Dp * BLOCK_M + BLOCK_M * Dp + 2 * BLOCK_N * Dp + BLOCK_N * BLOCK_M + 5 * BLOCK_M + BLOCK_N);
+    float* QT = ws.data();                  // [D, BLOCK_M]  q tile, transposed
+    float* Acc = QT + Dp * BLOCK_M;         // [BLOCK_M, Dp] output accumulator
+    float* Kb = Acc + BLOCK_M * Dp;         // [BLOCK_N, Dp] k tile (when it must be copied)
+    float* Vb = Kb + BLOCK_N * Dp;          // [BLOCK_N, Dp] v tile (when it must be copied)
+    float* ST = Vb + BLOCK_N * Dp;          // [BLOCK_N, BLOCK_M] scores -> probabilities, transposed
+    float* mi = ST + BLOCK_N * BLOCK_M;     // running max per query (log2 units)
     float* li = mi + BLOCK_M;               // running sum
-    float* alpha = li + BLOCK_M;
+    float* mx = li + BLOCK_M;
+    float* mu = mx + BLOCK_M;
+    float* alpha = mu + BLOCK_M;
     float* mrow = alpha + BLOCK_M;          // one row of mask values
 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t qb = item % nqb, bh = item / nqb, b = bh / H, h = bh % H;
       const int64_t i0 = qb * BLOCK_M, rows = std::min<int64_t>(BLOCK_M, Sq - i0);
-      load_tile(Qt, Dp, Q + b * qs[0] + h * qs[1] + i0 * qs[2], qs[2], qs[3], rows, BLOCK_M, D);
+      load_tile_t(QT, BLOCK_M, Q + b * qs[0] + h * qs[1] + i0 * qs[2], qs[2], qs[3], rows, D);
       std::fill(Acc, Acc + BLOCK_M * Dp, 0.f);
       std::fill(mi, mi + BLOCK_M, kNegInf);
       std::fill(li, li + BLOCK_M, 0.f);
-      const T* Kb = K + b * ks[0] + h * ks[1];
-      const T* Vb = V + b * vs[0] + h * vs[1];
+      const T* Kh = K + b * ks[0] + h * ks[1];
+      const T* Vh = V + b * vs[0] + h * vs[1];
 
-      const int64_t n_vis = for_each_key_tile(m, b, h, qb, Sq, Sk, causal, [&](int64_t n0, const TileChecks& tc) {
-        const int64_t nk = std::min<int64_t>(BLOCK_N, std::min(tc.hi, Sk) - n0);
-        load_tile_t(Kt, BLOCK_N, Kb + n0 * ks[2], ks[2], ks[3], nk, D);
-        load_tile(Vt, Dp, Vb + n0 * vs[2], vs[2], vs[3], nk, nk, D);
-        // -- scores, in log2 units, masked
-        std::fill(S, S + BLOCK_M * BLOCK_N, 0.f);
-        gemm_acc(S, BLOCK_N, Qt, Dp, Kt, BLOCK_N, BLOCK_M, BLOCK_N, D);
-        finish_scores<BLOCK_N>(S, rows, i0, n0, qk_scale, tc, Sk - Sq, m, b, h, mrow);
-        // -- online softmax (a row that has seen nothing keeps m = -inf, l = 0)
-        for (int64_t r = 0; r < rows; ++r) {
-          float* s = S + r * BLOCK_N;
-          float mx = kNegInf;
-#pragma omp simd reduction(max : mx)
-          for (int c = 0; c < BLOCK_N; ++c) mx = std::max(mx, s[c]);
-          const float m_new = std::max(mi[r], mx);
-          const float m_use = m_new == kNegInf ? 0.f : m_new;
-          float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-          for (int c = 0; c < BLOCK_N; ++c) {
-            s[c] = exp2_approx(s[c] - m_use);
-            sum += s[c];
-          }
-          alpha[r] = exp2_approx(mi[r] - m_use);
-          li[r] = li[r] * alpha[r] + sum;
-          mi[r] = m_new;
-          if (dropout) {
-            for (int64_t c = 0; c < nk; ++c)
-              if (!dropout_keep(drop, i0 + r, n0 + c, Sk, static_cast<uint32_t>(bh))) s[c] = 0.f;
-          }
-          float* a = Acc + r * Dp;
+      const int64_t n_vis = for_each_key_tile(m, b, h, qb, Sq, Sk, causal, [&](int64_t n0, int64_t nk,
+                                                                              const TileChecks& tc) {
+        const int64_t nk4 = round_up(nk, 4);
+        const Rows kr = tile_rows(Kb, Kh, ks[2], ks[3], n0, nk, Sk, D, Dp);
+        const Rows vr = tile_rows(Vb, Vh, vs[2], vs[3], n0, nk, Sk, D, Dp);
+        // -- scores S^T = K Q^T, in log2 units, masked
+        std::fill(ST, ST + nk4 * BLOCK_M, 0.f);
+        gemm_acc(ST, BLOCK_M, kr.p, kr.ld, 1, QT, BLOCK_M, nk4, BLOCK_M, D);
+        finish_scores_t<BLOCK_M>(ST, nk, rows, i0, n0, qk_scale, tc, Sk - Sq, m, b, h, mrow);
+        // -- online softmax over the key rows (a query that has seen nothing keeps m = -inf, l = 0)
+        std::copy(mi, mi + BLOCK_M, mx);
+        for (int64_t j = 0; j < nk; ++j) {
+          const float* s = ST + j * BLOCK_M;
 #pragma omp simd
-          for (int64_t d = 0; d < Dp; ++d) a[d] *= alpha[r];
+          for (int i = 0; i < BLOCK_M; ++i) mx[i] = std::max(mx[i], s[i]);
         }
-        // -- acc += P @ V
-        gemm_acc(Acc, Dp, S, BLOCK_N, Vt, Dp, BLOCK_M, Dp, nk);
+#pragma omp simd
+        for (int i = 0; i < BLOCK_M; ++i) {
+          mu[i] = mx[i] == kNegInf ? 0.f : mx[i];
+          alpha[i] = mi[i];
+          mi[i] = mx[i];
+        }
+        exp2_sub(alpha, mu, BLOCK_M);
+#pragma omp simd
+        for (int i = 0; i < BLOCK_M; ++i) li[i] *= alpha[i];
+        for (int64_t j = 0; j < nk; ++j) {
+          float* s = ST + j * BLOCK_M;
+          exp2_sub(s, mu, BLOCK_M);
+#pragma omp simd
+          for (int i = 0; i < BLOCK_M; ++i) li[i] += s[i];
+          if (dropout) {
+            for (int64_t i = 0; i < rows; ++i)
+              if (!dropout_keep(drop, i0 + i, n0 + j, Sk, static_cast<uint32_t>(bh))) s[i] = 0.f;
+          }
+        }
+        for (int64_t i = 0; i < rows; ++i) {
+          float* a = Acc + i * Dp;
+          const float al = alpha[i];
+#pragma omp simd
+          for (int64_t d = 0; d < Dp; ++d) a[d] *= al;
+        }
+        // -- acc += P V  (P read transposed from S^T)
+        gemm_acc(Acc, Dp, ST, 1, BLOCK_M, vr.p, vr.ld, BLOCK_M, Dp, nk);
       });
       vis[item] = static_cast<int32_t>(n_vis);
 
@@ -183,22 +213,21 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
 
 #pragma omp parallel num_threads(at::get_num_threads())
   {
-    std::vector<float> ws(3 * BLOCK_M * Dp + 2 * Dp * BLOCK_N + BLOCK_N * Dp + 4 * BLOCK_M * BLOCK_N +
+    std::vector<float> ws(2 * Dp * BLOCK_M + 3 * BLOCK_M * Dp + 2 * BLOCK_N * Dp + 2 * BLOCK_N * BLOCK_M +
                           3 * BLOCK_M + BLOCK_N + 2 * Skp * Dp);
-    float* Qt = ws.data();                  // [BLOCK_M, Dp] raw q
-    float* dOt = Qt + BLOCK_M * Dp;         // [BLOCK_M, Dp]
-    float* dQa = dOt + BLOCK_M * Dp;        // [BLOCK_M, Dp]
-    float* Kt = dQa + BLOCK_M * Dp;         // [Dp, BLOCK_N] transposed
-    float* VtT = Kt + Dp * BLOCK_N;         // [Dp, BLOCK_N] transposed
-    float* Kn = VtT + Dp * BLOCK_N;         // [BLOCK_N, Dp]
-    float* S = Kn + BLOCK_N * Dp;           // [BLOCK_M, BLOCK_N] scores -> P
-    float* dP = S + BLOCK_M * BLOCK_N;      // [BLOCK_M, BLOCK_N] dP -> dS
-    float* PT = dP + BLOCK_M * BLOCK_N;     // [BLOCK_N, BLOCK_M] dropped, head-masked P, transposed
-    float* dST = PT + BLOCK_M * BLOCK_N;    // [BLOCK_N, BLOCK_M]
-    float* lse2 = dST + BLOCK_M * BLOCK_N;
+    float* QT = ws.data();                  // [D, BLOCK_M]  q tile, transposed
+    float* dOT = QT + Dp * BLOCK_M;         // [D, BLOCK_M]  dO tile, transposed
+    float* Qn = dOT + Dp * BLOCK_M;         // [BLOCK_M, Dp] q tile
+    float* dOn = Qn + BLOCK_M * Dp;         // [BLOCK_M, Dp] dO tile (O first, for delta)
+    float* dQa = dOn + BLOCK_M * Dp;        // [BLOCK_M, Dp] dQ accumulator
+    float* Kb = dQa + BLOCK_M * Dp;         // [BLOCK_N, Dp]
+    float* Vb = Kb + BLOCK_N * Dp;          // [BLOCK_N, Dp]
+    float* PT = Vb + BLOCK_N * Dp;          // [BLOCK_N, BLOCK_M] P^T -> dropped, head-masked P^T
+    float* dST = PT + BLOCK_N * BLOCK_M;    // [BLOCK_N, BLOCK_M] dP^T -> dS^T
+    float* lse2 = dST + BLOCK_N * BLOCK_M;
     float* delta = lse2 + BLOCK_M;
-    float* scratch = delta + BLOCK_M;
-    float* mrow = scratch + BLOCK_M;
+    float* fac = delta + BLOCK_M;           // keep * head_mask / (1 - p) of one key row
+    float* mrow = fac + BLOCK_M;
     float* dKa = mrow + BLOCK_N;            // [Skp, Dp]
     float* dVa = dKa + Skp * Dp;            // [Skp, Dp]
 
@@ -208,75 +237,67 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
       std::fill(dKa, dKa + 2 * Skp * Dp, 0.f);
       float keep_scale = head_scale(hm, b, h);
       if (dropout) keep_scale /= (1.f - drop.p);
-      const T* Kb = K + b * ks[0] + h * ks[1];
-      const T* Vb = V + b * vs[0] + h * vs[1];
+      const T* Kh = K + b * ks[0] + h * ks[1];
+      const T* Vh = V + b * vs[0] + h * vs[1];
       for (int64_t qb = 0; qb < nqb; ++qb) {
         const int64_t i0 = qb * BLOCK_M, rows = std::min<int64_t>(BLOCK_M, Sq - i0);
-        load_tile(Qt, Dp, Q + b * qs[0] + h * qs[1] + i0 * qs[2], qs[2], qs[3], rows, BLOCK_M, D);
-        load_tile(dOt, Dp, dO + b * gs[0] + h * gs[1] + i0 * gs[2], gs[2], gs[3], rows, BLOCK_M, D);
+        const T* Qt = Q + b * qs[0] + h * qs[1] + i0 * qs[2];
+        const T* Gt = dO + b * gs[0] + h * gs[1] + i0 * gs[2];
+        load_tile_t(QT, BLOCK_M, Qt, qs[2], qs[3], rows, D);
+        load_tile_t(dOT, BLOCK_M, Gt, gs[2], gs[3], rows, D);
+        load_tile(Qn, Dp, Qt, qs[2], qs[3], rows, BLOCK_M, D);
         // delta = rowsum(dO * O), O as stored (rounded to the input dtype, like the eager graph)
-        load_tile(dQa, Dp, O + b * os[0] + h * os[1] + i0 * os[2], os[2], os[3], rows, BLOCK_M, D);
-        for (int64_t r = 0; r < rows; ++r) {
+        load_tile(dOn, Dp, O + b * os[0] + h * os[1] + i0 * os[2], os[2], os[3], rows, BLOCK_M, D);
+        for (int64_t i = 0; i < BLOCK_M; ++i) {
           float acc = 0.f;
-          for (int64_t d = 0; d < D; ++d) acc += dOt[r * Dp + d] * dQa[r * Dp + d];
-          delta[r] = acc;
-          lse2[r] = L[bh * Sq + i0 + r];
+          for (int64_t d = 0; d < D; ++d) acc += dOT[d * BLOCK_M + i] * dOn[i * Dp + d];
+          delta[i] = acc;
+          lse2[i] = i < rows ? L[bh * Sq + i0 + i] : std::numeric_limits<float>::infinity();
         }
+        load_tile(dOn, Dp, Gt, gs[2], gs[3], rows, BLOCK_M, D);
         std::fill(dQa, dQa + BLOCK_M * Dp, 0.f);
-        bool any = false;
-        for_each_key_tile(m, b, h, qb, Sq, Sk, causal, [&](int64_t n0, const TileChecks& tc) {
-          any = true;
-          const int64_t nk = std::min<int64_t>(BLOCK_N, std::min(tc.hi, Sk) - n0);
-          load_tile_t(Kt, BLOCK_N, Kb + n0 * ks[2], ks[2], ks[3], nk, D);
-          load_tile_t(VtT, BLOCK_N, Vb + n0 * vs[2], vs[2], vs[3], nk, D);
-          load_tile(Kn, Dp, Kb + n0 * ks[2], ks[2], ks[3], nk, BLOCK_N, D);
-          // -- P from the saved log-sum-exp; rows that saw nothing have lse = +inf -> P = 0
-          std::fill(S, S + BLOCK_M * BLOCK_N, 0.f);
-          gemm_acc(S, BLOCK_N, Qt, Dp, Kt, BLOCK_N, BLOCK_M, BLOCK_N, D);
-          finish_scores<BLOCK_N>(S, rows, i0, n0, qk_scale, tc, Sk - Sq, m, b, h, mrow);
-          // -- dP = dO @ V^T
-          std::fill(dP, dP + BLOCK_M * BLOCK_N, 0.f);
-          gemm_acc(dP, BLOCK_N, dOt, Dp, VtT, BLOCK_N, BLOCK_M, BLOCK_N, D);
-          for (int64_t r = 0; r < BLOCK_M; ++r) {
-            float* s = S + r * BLOCK_N;
-            float* g = dP + r * BLOCK_N;
-            if (r >= rows) {
-              std::fill(s, s + BLOCK_N, 0.f);
-              std::fill(g, g + BLOCK_N, 0.f);
-            } else {
-              const float l = lse2[r];
-              const float dl = delta[r];
-#pragma omp simd
-              for (int c = 0; c < BLOCK_N; ++c) s[c] = exp2_approx(s[c] - l);
-              if (dropout) {
-                for (int64_t c = 0; c < nk; ++c) scratch[c] = dropout_keep(drop, i0 + r, n0 + c, Sk,
-                                                                           static_cast<uint32_t>(bh)) ? keep_scale : 0.f;
-                for (int64_t c = nk; c < BLOCK_N; ++c) scratch[c] = 0.f;
-              } else {
-                std::fill(scratch, scratch + BLOCK_N, keep_scale);
-              }
-              // dS = P * (keep * dP - delta); the P that multiplied V is keep * P
-#pragma omp simd
-              for (int c = 0; c < BLOCK_N; ++c) {
-                const float p = s[c];
-                g[c] = p * (scratch[c] * g[c] - dl);
-                s[c] = p * scratch[c];
-              }
+        for_each_key_tile(m, b, h, qb, Sq, Sk, causal, [&](int64_t n0, int64_t nk, const TileChecks& tc) {
+          const int64_t nk4 = round_up(nk, 4);
+          const Rows kr = tile_rows(Kb, Kh, ks[2], ks[3], n0, nk, Sk, D, Dp);
+          const Rows vr = tile_rows(Vb, Vh, vs[2], vs[3], n0, nk, Sk, D, Dp);
+          // -- P^T from the saved log-sum-exp (rows that saw nothing: lse = +inf -> P = 0)
+          std::fill(PT, PT + nk4 * BLOCK_M, 0.f);
+          gemm_acc(PT, BLOCK_M, kr.p, kr.ld, 1, QT, BLOCK_M, nk4, BLOCK_M, D);
+          finish_scores_t<BLOCK_M>(PT, nk, rows, i0, n0, qk_scale, tc, Sk - Sq, m, b, h, mrow);
+          // -- dP^T = V dO^T
+          std::fill(dST, dST + nk4 * BLOCK_M, 0.f);
+          gemm_acc(dST, BLOCK_M, vr.p, vr.ld, 1, dOT, BLOCK_M, nk4, BLOCK_M, D);
+          for (int64_t j = 0; j < nk4; ++j) {
+            float* p = PT + j * BLOCK_M;
+            float* g = dST + j * BLOCK_M;
+            if (j >= nk) {
+              std::fill(p, p + BLOCK_M, 0.f);
+              std::fill(g, g + BLOCK_M, 0.f);
+              continue;
             }
-            for (int c = 0; c < BLOCK_N; ++c) {
-              PT[c * BLOCK_M + r] = s[c];
-              dST[c * BLOCK_M + r] = g[c];
+            if (dropout) {
+              for (int64_t i = 0; i < BLOCK_M; ++i)
+                fac[i] = i < rows && dropout_keep(drop, i0 + i, n0 + j, Sk, static_cast<uint32_t>(bh)) ? keep_scale : 0.f;
+            } else {
+              std::fill(fac, fac + BLOCK_M, keep_scale);
+            }
+            // dS = P * (fac * dP - delta); the P that multiplied V is fac * P
+            exp2_sub(p, lse2, BLOCK_M);
+#pragma omp simd
+            for (int i = 0; i < BLOCK_M; ++i) {
+              const float pr = p[i];
+              g[i] = pr * (fac[i] * g[i] - delta[i]);
+              p[i] = pr * fac[i];
             }
           }
           // -- dV += P^T dO, dK += dS^T Q, dQ += dS K
-          gemm_acc(dVa + n0 * Dp, Dp, PT, BLOCK_M, dOt, Dp, BLOCK_N, Dp, rows);
-          gemm_acc(dKa + n0 * Dp, Dp, dST, BLOCK_M, Qt, Dp, BLOCK_N, Dp, rows);
-          gemm_acc(dQa, Dp, dP, BLOCK_N, Kn, Dp, BLOCK_M, Dp, nk);
+          gemm_acc(dVa + n0 * Dp, Dp, PT, BLOCK_M, 1, dOn, Dp, nk4, Dp, rows);
+          gemm_acc(dKa + n0 * Dp, Dp, dST, BLOCK_M, 1, Qn, Dp, nk4, Dp, rows);
+          gemm_acc(dQa, Dp, dST, 1, BLOCK_M, kr.p, kr.ld, BLOCK_M, Dp, nk);
         });
         T* g = dQ + b * dqs[0] + h * dqs[1];
         for (int64_t r = 0; r < rows; ++r)
-          for (int64_t d = 0; d < D; ++d)
-            g[(i0 + r) * dqs[2] + d * dqs[3]] = static_cast<T>(any ? dQa[r * Dp + d] * scale : 0.f);
+          for (int64_t d = 0; d < D; ++d) g[(i0 + r) * dqs[2] + d * dqs[3]] = static_cast<T>(dQa[r * Dp + d] * scale);
       }
       T* gk = dK + b * dks[0] + h * dks[1];
       T* gv = dV + b * dvs[0] + h * dvs[1];
