@@ -28,7 +28,8 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", help="what to run (see --list)")
     ap.add_argument("--list", action="store_true", help="list the presets and exit")
-    ap.add_argument("--out", default="out/bench", help="output folder for <preset>.csv and PNGs (default out/bench, git-ignored)")
+    ap.add_argument("--out", default="out/bench",
+                    help="output folder for <preset>.csv and the PNGs (default out/bench, git-ignored)")
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--modes", help=f"comma list replacing the preset's modes ({', '.join(MODES)})")
     ap.add_argument("--methods", help="comma list replacing the preset's methods: fused (every available "
