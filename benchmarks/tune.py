@@ -24,10 +24,10 @@ import fused_attn
 from fused_attn.backends import triton_backend as tb
 from fused_attn.masks import reduce_mask
 
-FWD = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-       (128, 32, 4, 3), (64, 128, 4, 3), (256, 64, 8, 3), (128, 64, 4, 2)]
-BWD = [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2),
-       (32, 128, 4, 2), (64, 64, 8, 2), (128, 128, 8, 2)]
+FWD = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3),
+       (128, 32, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3), (32, 128, 4, 3), (128, 128, 8, 2)]
+BWD = [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2),
+       (32, 128, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2)]
 
 
 def bench(fn):
@@ -73,6 +73,17 @@ def main():
         bm4 = mask[:, None, None, :]
         add = torch.zeros(B, 1, 1, S, device=dev, dtype=torch.float16).masked_fill(~bm4, torch.finfo(torch.float16).min)
         sdpa = torch.nn.functional.scaled_dot_product_attention
+        # host-side cost of one API call (no sync): what the GPU waits for when kernels are tiny
+        import time
+        for _ in range(10):
+            fused_attn.attention(q, k, v, mask)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(200):
+            fused_attn.attention(q, k, v, mask)
+        host_us = (time.perf_counter() - t0) / 200 * 1e6
+        torch.cuda.synchronize()
+        rows.append(dict(base, kind="fwd", impl="fused_host_us_per_call", config="", ms=host_us / 1000, max_err=""))
         times = {
             "sdpa_mask": bench(lambda: sdpa(q, k, v, attn_mask=bm4)),
             "sdpa_nomask": bench(lambda: sdpa(q, k, v)),
@@ -106,8 +117,6 @@ def main():
         # -- forward tile sweep
         for cfg in FWD:
             c = tb.TileConfig(*cfg)
-            if D == 128 and cfg[0] * cfg[1] > 128 * 64 and cfg[2] == 4:
-                continue
             try:
                 out, _ = tb.forward(q, k, v, red, False, scale, 0.0, None, config=c)
                 err = (out.float() - ref.float()).abs().max().item()

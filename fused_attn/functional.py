@@ -55,8 +55,7 @@ def attention(
         return reference.attention(q, k, v, red, causal, float(dropout_p), scale, head_mask)
     if hm is not None:
         hm = hm.detach().to(torch.float32)
-    rng = None
+    seed, offset = 0, 0
     if dropout_p > 0.0:
         seed, offset = philox_seed_offset(q.device, s.batch * s.heads * s.q_len * s.k_len)
-        rng = torch.tensor([seed, offset], dtype=torch.int64)
-    return ops.fused_attention(q, k, v, red, hm, causal, scale, float(dropout_p), name, rng)
+    return ops.fused_attention(q, k, v, red, hm, causal, scale, float(dropout_p), name, seed, offset)

@@ -42,44 +42,83 @@ def _shape(t) -> str:
 
 
 @dataclass
+class BlockLists:
+    """For every row of tiles (a query block, or in the transpose a key block): how many PARTIAL
+    and FULL tiles it has (``*_count`` [Bm, Hm, n]) and which (``*_index`` [Bm, Hm, n, m], the
+    listed blocks first, ascending).  EMPTY tiles are in neither list: kernels never visit them."""
+
+    part_count: torch.Tensor
+    part_index: torch.Tensor
+    full_count: torch.Tensor
+    full_index: torch.Tensor
+
+
+def _lists(state: torch.Tensor) -> BlockLists:
+    def one(sel):
+        count = sel.sum(-1, dtype=torch.int32)
+        # stable sort on "not selected" keeps the selected blocks first and in ascending order
+        index = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return count.contiguous(), index.contiguous()
+
+    pc, pi = one(state == PARTIAL)
+    fc, fi = one(state == FULL)
+    return BlockLists(pc, pi, fc, fi)
+
+
+def _nonempty_list(state: torch.Tensor):
+    nonempty = state != EMPTY
+    count = nonempty.sum(-1, dtype=torch.int32)
+    index = torch.argsort((~nonempty).to(torch.int8), dim=-1, stable=True)
+    return (count.contiguous(), index.to(torch.int32).contiguous(),
+            torch.gather(state, -1, index).to(torch.int32).contiguous())
+
+
+@dataclass
 class BlockMap:
     """Tile classification for one (BLOCK_M, BLOCK_N, causal) triple.
 
     ``state``: [Bm, Hm, nQB, nKB] int8 (EMPTY / PARTIAL / FULL); nQB is 1 when the mask is the
-    same for every query block.  ``kv_count`` [Bm, Hm, nQB] int32 and ``kv_index`` / ``kv_state``
-    [Bm, Hm, nQB, nKB] int32: for every query block, its non-empty key blocks first, ascending.
-    ``q_count`` / ``q_index`` / ``q_state`` are the transpose (for every key block, its non-empty
-    query blocks), built on first use by the backward pass.
+    same for every query block.  Two views of it, each built once:
+    - split lists (Triton kernels: a loop over PARTIAL tiles, then one over FULL tiles, no
+      branch inside): ``kv`` -- the key blocks of each query block (forward, dQ) -- and
+      ``transposed_lists()`` -- the query blocks of each key block (dK / dV);
+    - one list of non-empty tiles with their state (C++ kernels): ``kv_count`` / ``kv_index`` /
+      ``kv_state`` and ``transposed()`` -> (q_count, q_index, q_state).
     """
 
     block_m: int
     block_n: int
     state: torch.Tensor
-    kv_count: torch.Tensor
-    kv_index: torch.Tensor
-    kv_state: torch.Tensor
+    kv: BlockLists
     num_q_blocks: int
-    _transposed: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def _state_t(self):
+        return self.state.expand(-1, -1, self.num_q_blocks, -1).transpose(-1, -2)
+
+    def _get(self, key, build):
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def transposed_lists(self) -> BlockLists:
+        return self._get("t_lists", lambda: _lists(self._state_t()))
+
+    def nonempty(self):
+        """(count, index, state) of the non-empty key blocks of each query block."""
+        return self._get("kv_nonempty", lambda: _nonempty_list(self.state))
 
     def transposed(self):
-        if self._transposed is None:
-            st = self.state.expand(-1, -1, self.num_q_blocks, -1).transpose(-1, -2)
-            self._transposed = _sparse_lists(st)
-        return self._transposed
+        """(count, index, state) of the non-empty query blocks of each key block."""
+        return self._get("t_nonempty", lambda: _nonempty_list(self._state_t()))
+
+    kv_count = property(lambda self: self.nonempty()[0])
+    kv_index = property(lambda self: self.nonempty()[1])
+    kv_state = property(lambda self: self.nonempty()[2])
 
     def visited_kv_blocks(self) -> torch.Tensor:
         """Number of key blocks the forward kernel visits, per (Bm, Hm, query block)."""
-        return self.kv_count
-
-
-def _sparse_lists(state: torch.Tensor):
-    """state [..., n] -> (count [...], index [..., n], state sorted like index), non-empty first."""
-    nonempty = state != EMPTY
-    count = nonempty.sum(-1, dtype=torch.int32)
-    # stable sort on "is empty" keeps the non-empty blocks first and in ascending order
-    index = torch.argsort((~nonempty).to(torch.int8), dim=-1, stable=True)
-    sorted_state = torch.gather(state, -1, index)
-    return count.contiguous(), index.to(torch.int32).contiguous(), sorted_state.to(torch.int32).contiguous()
+        return self.kv.part_count + self.kv.full_count
 
 
 @dataclass
@@ -169,8 +208,7 @@ class ReducedMask:
         state = torch.where(any_v, torch.where(full, FULL, PARTIAL), EMPTY).to(torch.int8)
         if causal:
             state = torch.minimum(state, causal_block_state(sq, sk, block_m, block_n, state.device))
-        count, index, sorted_state = _sparse_lists(state)
-        return BlockMap(block_m, block_n, state, count, index, sorted_state, nqb)
+        return BlockMap(block_m, block_n, state, _lists(state), nqb)
 
 
 def causal_block_state(sq: int, sk: int, block_m: int, block_n: int, device) -> torch.Tensor:

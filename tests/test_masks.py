@@ -71,13 +71,14 @@ def test_block_map_matches_brute_force(kind, causal, bm, bn):
                         assert not nonzero[b, h, qb * bm:(qb + 1) * bm, kb * bn:(kb + 1) * bn].any()
                     else:
                         assert got == PARTIAL
-    # the sparse lists hold exactly the non-empty blocks, ascending
+    # the lists hold exactly the PARTIAL / FULL blocks, ascending
     bmap = red.block_map(bm, bn, causal)
-    for idx in itertools.product(*(range(n) for n in bmap.kv_count.shape)):
-        n = int(bmap.kv_count[idx])
-        listed = bmap.kv_index[idx][:n].tolist()
-        assert listed == sorted(listed)
-        assert listed == [kb for kb in range(st.shape[-1]) if st[idx][kb] != EMPTY]
+    for lists, states in ((bmap.kv, st), (bmap.transposed_lists(), st.expand(-1, -1, -(-Sq // bm), -1).transpose(-1, -2))):
+        for count, index, kind in ((lists.part_count, lists.part_index, PARTIAL),
+                                   (lists.full_count, lists.full_index, FULL)):
+            for idx in itertools.product(*(range(n) for n in count.shape)):
+                listed = index[idx][:int(count[idx])].tolist()
+                assert listed == [j for j in range(states.shape[-1]) if states[idx][j] == kind]
 
 
 def test_reduction_is_cached_per_mask_tensor():

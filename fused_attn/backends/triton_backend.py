@@ -48,9 +48,9 @@ def fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> TileC
     if dtype == torch.float32:                     # fp32 runs the ieee dot: registers are the limit
         return TileConfig(64, 32, 4, 2) if bd <= 64 else TileConfig(32, 32, 4, 2)
     if bd <= 64:
-        return TileConfig(128, 64, 4, 3) if major >= 9 else TileConfig(128, 64, 4, 2)
+        return TileConfig(64, 64, 4, 3) if major >= 9 else TileConfig(128, 64, 4, 2)
     if bd <= 128:
-        return TileConfig(128, 64, 8, 3) if major >= 9 else TileConfig(128, 32, 4, 2)
+        return TileConfig(64, 128, 4, 3) if major >= 9 else TileConfig(64, 64, 4, 2)
     return TileConfig(64, 32, 4, 2)
 
 
@@ -80,14 +80,18 @@ def _mask_args(red: ReducedMask, cfg: TileConfig, causal: bool, dummy: torch.Ten
     else:
         keys = (dummy, dummy, dummy)
     if red.kind == "blocks":
-        bm = red.block_map(cfg.block_m, cfg.block_n, causal)
-        cnt, idx, st = bm.kv_count, bm.kv_index, bm.kv_state
-        cs = [0 if cnt.shape[i] == 1 else cnt.stride(i) for i in range(3)]
-        is_ = [0 if idx.shape[i] == 1 else idx.stride(i) for i in range(3)]
-        blocks = (cnt, idx, st, *cs, *is_)
+        blocks = _list_args(red.block_map(cfg.block_m, cfg.block_n, causal).kv)
     else:
-        blocks = (dummy, dummy, dummy, 0, 0, 0, 0, 0, 0)
+        blocks = (dummy, dummy, dummy, dummy, 0, 0, 0, 0, 0, 0)
     return mode, values, mstrides, keys, blocks
+
+
+def _list_args(lists):
+    """Kernel arguments of masks.BlockLists (stride 0 on broadcast dims)."""
+    cnt, idx = lists.part_count, lists.part_index
+    cs = [0 if cnt.shape[i] == 1 else cnt.stride(i) for i in range(3)]
+    is_ = [0 if idx.shape[i] == 1 else idx.stride(i) for i in range(3)]
+    return (lists.part_count, lists.part_index, lists.full_count, lists.full_index, *cs, *is_)
 
 
 def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: float,
@@ -136,9 +140,9 @@ def bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> TileC
     if dtype == torch.float32:
         return TileConfig(32, 32, 4, 2)
     if bd <= 64:
-        return TileConfig(64, 64, 4, 2)
+        return TileConfig(64, 64, 4, 3)
     if bd <= 128:
-        return TileConfig(64, 64, 8, 2)
+        return TileConfig(64, 64, 4, 2)
     return TileConfig(32, 32, 4, 2)
 
 
@@ -162,13 +166,7 @@ def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale:
                   EVEN_D=block_d == D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     scalars = (H, Sq, Sk, D, scale * triton_fwd.LOG2E, scale, Sk - Sq)
-    if red.kind == "blocks":
-        q_cnt, q_idx, q_st = red.block_map(cfg.block_m, cfg.block_n, causal).transposed()
-        cs = [0 if q_cnt.shape[i] == 1 else q_cnt.stride(i) for i in range(3)]
-        is_ = [0 if q_idx.shape[i] == 1 else q_idx.stride(i) for i in range(3)]
-        t_blocks = (q_cnt, q_idx, q_st, *cs, *is_)
-    else:
-        t_blocks = blocks
+    t_blocks = _list_args(red.block_map(cfg.block_m, cfg.block_n, causal).transposed_lists()) if red.kind == "blocks" else blocks
     rng = (seed, rng_offset, float(dropout_p))
     triton_bwd.attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg.block_n), B * H)](
         q, k, v, grad_out, lse, delta, dk, dv,

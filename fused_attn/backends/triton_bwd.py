@@ -31,15 +31,16 @@ def _grads_from_probs(p, dp, delta, mi, ni, Sk, grad_scale, seed, rng_offset, bh
     return ph, p * (dp - delta)
 
 
+# ---------------------------------------------------------------------------- dK, dV
+
+
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
-               stride_qm, stride_qd, stride_dom, stride_dod,
-               mask_ptr, stride_mm, stride_mn, load_mask, kv_lo, kv_hi, Sq, Sk, D, causal_offset,
-               qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+               stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
+               kv_lo, kv_hi, Sq, Sk, D, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
                BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_ADDITIVE: tl.constexpr,
-               PARTIAL_CHECKS: tl.constexpr, PARTIAL_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-               IEEE: tl.constexpr, UPCAST: tl.constexpr):
+               CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr, MASK_ADDITIVE: tl.constexpr,
+               DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """One query tile's contribution to dK, dV, computed transposed ([BLOCK_N, BLOCK_M]) so
     that no register tile has to be transposed before a dot."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -56,8 +57,8 @@ def _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base,
     mi = offs_m[None, :]
     ni = offs_n[:, None]
     sT = mma(k, qT, tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), IEEE, UPCAST) * qk_scale
-    sT = mask_scores(sT, mi, ni, mask_ptr, stride_mm, stride_mn, load_mask, kv_lo, kv_hi, Sq, Sk,
-                     causal_offset, CHECK_BOUNDS, CAUSAL, HAS_MASK, MASK_ADDITIVE, PARTIAL_CHECKS, PARTIAL_CAUSAL)
+    sT = mask_scores(sT, mi, ni, mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi, Sq, Sk, causal_offset,
+                     CHECK_BOUNDS, CAUSAL, LOAD_MASK, MASK_ADDITIVE)
     pT = tl.math.exp2(sT - lse[None, :])            # lse = +inf on rows that see nothing -> 0
     dpT = mma(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), IEEE, UPCAST)
     phT, dsT = _grads_from_probs(pT, dpT, delta[None, :], mi, ni, Sk, grad_scale, seed, rng_offset, bh,
@@ -68,29 +69,43 @@ def _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base,
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
-             stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, load_mask, kv_lo, kv_hi, Sq, Sk, D,
-             causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
-             BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
-             CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_ADDITIVE: tl.constexpr,
-             PARTIAL_CHECKS: tl.constexpr, PARTIAL_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-             IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """One key tile's contribution to dQ."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, kv_hi, offs_d, D,
-                  CHECK_BOUNDS or PARTIAL_CHECKS, EVEN_D)
-    v = load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, kv_hi, offs_d, D,
-                  CHECK_BOUNDS or PARTIAL_CHECKS, EVEN_D)
-    mi = offs_m[:, None]
-    ni = offs_n[None, :]
-    s = mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE, UPCAST) * qk_scale
-    s = mask_scores(s, mi, ni, mask_ptr, stride_mm, stride_mn, load_mask, kv_lo, kv_hi, Sq, Sk,
-                    causal_offset, CHECK_BOUNDS, CAUSAL, HAS_MASK, MASK_ADDITIVE, PARTIAL_CHECKS, PARTIAL_CAUSAL)
-    p = tl.math.exp2(s - lse[:, None])
-    dp = mma(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE, UPCAST)
-    _, ds = _grads_from_probs(p, dp, delta[:, None], mi, ni, Sk, grad_scale, seed, rng_offset, bh,
-                              dropout_p, DROPOUT)
-    return mma(ds.to(k.dtype), k, dq, IEEE, UPCAST)
+def _dkdv_range(dk, dv, k, v, q_lo, q_mid, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
+                stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
+                kv_lo, kv_hi, Sq, Sk, D, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
+                CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr, MASK_ADDITIVE: tl.constexpr,
+                DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """Query tiles [q_lo, q_mid) straddle the causal diagonal; [q_mid, Sq) see the whole key tile."""
+    for start_m in range(q_lo, q_mid, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
+                            stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
+                            kv_lo, kv_hi, Sq, Sk, D, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh,
+                            dropout_p, BLOCK_M, EVEN_D, CHECK_BOUNDS, CAUSAL, LOAD_MASK, MASK_ADDITIVE,
+                            DROPOUT, IEEE, UPCAST)
+    for start_m in range(q_mid, Sq, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
+                            stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
+                            kv_lo, kv_hi, Sq, Sk, D, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh,
+                            dropout_p, BLOCK_M, EVEN_D, CHECK_BOUNDS, False, LOAD_MASK, MASK_ADDITIVE,
+                            DROPOUT, IEEE, UPCAST)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_list(dk, dv, k, v, Count, Index, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
+               stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
+               Sq, Sk, D, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+               BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr, PARTIAL: tl.constexpr,
+               MASK_ADDITIVE: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    n_blocks = tl.load(Count)
+    for i in range(0, n_blocks):
+        start_m = tl.load(Index + i) * BLOCK_M
+        dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
+                            stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
+                            0, Sk, Sq, Sk, D, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh,
+                            dropout_p, BLOCK_M, EVEN_D, PARTIAL, PARTIAL and CAUSAL, PARTIAL, MASK_ADDITIVE,
+                            DROPOUT, IEEE, UPCAST)
+    return dk, dv
 
 
 @triton.jit
@@ -105,8 +120,9 @@ def attn_bwd_dkdv_kernel(
     H, Sq, Sk, D, qk_scale, sm_scale, causal_offset,
     Mask, stride_mb, stride_mh, stride_mm, stride_mn,
     KeyStart, KeyEnd, KeyDense,
-    # MASK_MODE 2: for every key block, its non-empty query blocks (BlockMap.transposed())
-    BlkCount, BlkIndex, BlkState, stride_cb, stride_ch, stride_cn, stride_ib, stride_ih, stride_in,
+    # MASK_MODE 2: for every key block, its PARTIAL and FULL query blocks (BlockMap.transposed())
+    PartCount, PartIndex, FullCount, FullIndex,
+    stride_cb, stride_ch, stride_cn, stride_ib, stride_ih, stride_in,
     HeadMask, stride_hb, stride_hh,
     seed, rng_offset, dropout_p,
     MASK_MODE: tl.constexpr, MASK_ADDITIVE: tl.constexpr, CAUSAL: tl.constexpr,
@@ -127,7 +143,6 @@ def attn_bwd_dkdv_kernel(
     mask_ptr = Mask + b64 * stride_mb + h64 * stride_mh
     lse_base = Lse + bh.to(tl.int64) * Sq
     delta_base = Delta + bh.to(tl.int64) * Sq
-
     k = load_rows(K + b64 * stride_kb + h64 * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                   offs_n, Sk, offs_d, D, True, EVEN_D)
     v = load_rows(V + b64 * stride_vb + h64 * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
@@ -141,49 +156,55 @@ def attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     if MASK_MODE == 2:
-        n_blocks = tl.load(BlkCount + b * stride_cb + h * stride_ch + pid_n * stride_cn)
-        idx_base = b * stride_ib + h * stride_ih + pid_n * stride_in
-        for i in range(0, n_blocks):
-            start_m = tl.load(BlkIndex + idx_base + i) * BLOCK_M
-            partial = tl.load(BlkState + idx_base + i) == 1
-            dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
-                                stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
-                                partial, 0, Sk, Sq, Sk, D, causal_offset, qk_scale, grad_scale,
-                                seed, rng_offset, bh, dropout_p,
-                                BLOCK_M, EVEN_D, False, False, True, MASK_ADDITIVE, True, CAUSAL, DROPOUT,
-                                IEEE, UPCAST)
+        cnt = b * stride_cb + h * stride_ch + pid_n * stride_cn
+        idx = b * stride_ib + h * stride_ih + pid_n * stride_in
+        dk, dv = _dkdv_list(dk, dv, k, v, PartCount + cnt, PartIndex + idx, offs_n, offs_d, q_base, do_base,
+                            lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr,
+                            stride_mm, stride_mn, Sq, Sk, D, causal_offset, qk_scale, grad_scale, seed,
+                            rng_offset, bh, dropout_p, BLOCK_M, EVEN_D, CAUSAL, True, MASK_ADDITIVE, DROPOUT,
+                            IEEE, UPCAST)
+        dk, dv = _dkdv_list(dk, dv, k, v, FullCount + cnt, FullIndex + idx, offs_n, offs_d, q_base, do_base,
+                            lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr,
+                            stride_mm, stride_mn, Sq, Sk, D, causal_offset, qk_scale, grad_scale, seed,
+                            rng_offset, bh, dropout_p, BLOCK_M, EVEN_D, CAUSAL, False, MASK_ADDITIVE, DROPOUT,
+                            IEEE, UPCAST)
     else:
         lo = 0
         hi = Sk
-        row_dense = 0
+        dense = 0
         if MASK_MODE == 1:
             lo = tl.load(KeyStart + b)
             hi = tl.load(KeyEnd + b)
-            row_dense = tl.load(KeyDense + b)
+            dense = tl.load(KeyDense + b)
         # key blocks wholly outside the visible range get zero gradients without any work
         if (start_n < hi) & (start_n + BLOCK_N > lo):
             edge = (start_n < lo) | (start_n + BLOCK_N > hi)
             q_lo = 0
-            q_safe = 0
+            q_mid = 0
             if CAUSAL:
-                # query i sees key j iff i >= j - causal_offset; rows >= q_safe see the whole tile
+                # query i sees key j iff i >= j - causal_offset; tiles starting at or after
+                # q_safe see the whole key tile
                 q_lo = tl.maximum(start_n - causal_offset, 0)
-                q_safe = tl.maximum(start_n + BLOCK_N - 1 - causal_offset, q_lo)
-            for start_m in range(q_lo, Sq, BLOCK_M):
-                if edge | (start_m < q_safe):
-                    dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base,
-                                        delta_base, stride_qm, stride_qd, stride_dom, stride_dod,
-                                        mask_ptr, stride_mm, stride_mn, row_dense != 0, lo, hi, Sq, Sk, D,
-                                        causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
-                                        BLOCK_M, EVEN_D, True, CAUSAL, MASK_MODE == 1, MASK_ADDITIVE,
-                                        False, False, DROPOUT, IEEE, UPCAST)
-                else:
-                    dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base,
-                                        delta_base, stride_qm, stride_qd, stride_dom, stride_dod,
-                                        mask_ptr, stride_mm, stride_mn, row_dense != 0, lo, hi, Sq, Sk, D,
-                                        causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
-                                        BLOCK_M, EVEN_D, False, False, MASK_MODE == 1, MASK_ADDITIVE,
-                                        False, False, DROPOUT, IEEE, UPCAST)
+                q_safe = start_n + BLOCK_N - 1 - causal_offset
+                q_mid = q_lo + tl.cdiv(tl.maximum(q_safe - q_lo, 0), BLOCK_M) * BLOCK_M
+            if dense != 0:
+                dk, dv = _dkdv_range(dk, dv, k, v, q_lo, q_mid, offs_n, offs_d, q_base, do_base, lse_base,
+                                     delta_base, stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr,
+                                     stride_mm, stride_mn, lo, hi, Sq, Sk, D, causal_offset, qk_scale,
+                                     grad_scale, seed, rng_offset, bh, dropout_p, BLOCK_M, EVEN_D, True, CAUSAL,
+                                     True, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
+            elif edge:
+                dk, dv = _dkdv_range(dk, dv, k, v, q_lo, q_mid, offs_n, offs_d, q_base, do_base, lse_base,
+                                     delta_base, stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr,
+                                     stride_mm, stride_mn, lo, hi, Sq, Sk, D, causal_offset, qk_scale,
+                                     grad_scale, seed, rng_offset, bh, dropout_p, BLOCK_M, EVEN_D, True, CAUSAL,
+                                     False, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
+            else:
+                dk, dv = _dkdv_range(dk, dv, k, v, q_lo, q_mid, offs_n, offs_d, q_base, do_base, lse_base,
+                                     delta_base, stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr,
+                                     stride_mm, stride_mn, lo, hi, Sq, Sk, D, causal_offset, qk_scale,
+                                     grad_scale, seed, rng_offset, bh, dropout_p, BLOCK_M, EVEN_D, False, CAUSAL,
+                                     False, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
 
     dk = dk * sm_scale
     n_ok = offs_n[:, None] < Sk
@@ -193,6 +214,69 @@ def attn_bwd_dkdv_kernel(
              dk.to(DK.dtype.element_ty), mask=n_ok)
     tl.store(DV + b64 * stride_dvb + h64 * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
              dv.to(DV.dtype.element_ty), mask=n_ok)
+
+
+# ---------------------------------------------------------------------------- dQ
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
+             stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi, Sq, Sk, D,
+             causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+             BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
+             CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr, MASK_ADDITIVE: tl.constexpr,
+             DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """One key tile's contribution to dQ."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, kv_hi, offs_d, D,
+                  CHECK_BOUNDS, EVEN_D)
+    v = load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, kv_hi, offs_d, D,
+                  CHECK_BOUNDS, EVEN_D)
+    mi = offs_m[:, None]
+    ni = offs_n[None, :]
+    s = mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE, UPCAST) * qk_scale
+    s = mask_scores(s, mi, ni, mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi, Sq, Sk, causal_offset,
+                    CHECK_BOUNDS, CAUSAL, LOAD_MASK, MASK_ADDITIVE)
+    p = tl.math.exp2(s - lse[:, None])
+    dp = mma(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE, UPCAST)
+    _, ds = _grads_from_probs(p, dp, delta[:, None], mi, ni, Sk, grad_scale, seed, rng_offset, bh,
+                              dropout_p, DROPOUT)
+    return mma(ds.to(k.dtype), k, dq, IEEE, UPCAST)
+
+
+@triton.jit
+def _dq_range(dq, q, do, lse, delta, lo, safe_hi, hi, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
+              stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, Sq, Sk, D,
+              causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+              BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr,
+              MASK_ADDITIVE: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    for start_n in range(lo, safe_hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
+                      stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, lo, hi, Sq, Sk, D,
+                      causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                      BLOCK_N, EVEN_D, False, False, LOAD_MASK, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
+    for start_n in range(safe_hi, hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
+                      stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, lo, hi, Sq, Sk, D,
+                      causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                      BLOCK_N, EVEN_D, True, CAUSAL, LOAD_MASK, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
+    return dq
+
+
+@triton.jit
+def _dq_list(dq, q, do, lse, delta, Count, Index, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
+             stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, Sq, Sk, D,
+             causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+             BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr, PARTIAL: tl.constexpr,
+             MASK_ADDITIVE: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    n_blocks = tl.load(Count)
+    for i in range(0, n_blocks):
+        start_n = tl.load(Index + i) * BLOCK_N
+        dq = _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
+                      stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, 0, Sk, Sq, Sk, D,
+                      causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                      BLOCK_N, EVEN_D, PARTIAL, PARTIAL and CAUSAL, PARTIAL, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
+    return dq
 
 
 @triton.jit
@@ -206,7 +290,8 @@ def attn_bwd_dq_kernel(
     H, Sq, Sk, D, qk_scale, sm_scale, causal_offset,
     Mask, stride_mb, stride_mh, stride_mm, stride_mn,
     KeyStart, KeyEnd, KeyDense,
-    BlkCount, BlkIndex, BlkState, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
+    PartCount, PartIndex, FullCount, FullIndex,
+    stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
     HeadMask, stride_hb, stride_hh,
     seed, rng_offset, dropout_p,
     MASK_MODE: tl.constexpr, MASK_ADDITIVE: tl.constexpr, CAUSAL: tl.constexpr,
@@ -239,36 +324,35 @@ def attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     if MASK_MODE == 2:
-        n_blocks = tl.load(BlkCount + b * stride_cb + h * stride_ch + pid_m * stride_cm)
-        idx_base = b * stride_ib + h * stride_ih + pid_m * stride_im
-        for i in range(0, n_blocks):
-            start_n = tl.load(BlkIndex + idx_base + i) * BLOCK_N
-            partial = tl.load(BlkState + idx_base + i) == 1
-            dq = _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
-                          stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, partial, 0, Sk, Sq, Sk, D,
-                          causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
-                          BLOCK_N, EVEN_D, False, False, True, MASK_ADDITIVE, True, CAUSAL, DROPOUT, IEEE, UPCAST)
+        cnt = b * stride_cb + h * stride_ch + pid_m * stride_cm
+        idx = b * stride_ib + h * stride_ih + pid_m * stride_im
+        dq = _dq_list(dq, q, do, lse, delta, PartCount + cnt, PartIndex + idx, offs_m, offs_d, k_base, v_base,
+                      stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, Sq, Sk, D,
+                      causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                      BLOCK_N, EVEN_D, CAUSAL, True, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
+        dq = _dq_list(dq, q, do, lse, delta, FullCount + cnt, FullIndex + idx, offs_m, offs_d, k_base, v_base,
+                      stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, Sq, Sk, D,
+                      causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                      BLOCK_N, EVEN_D, CAUSAL, False, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
     else:
         lo = 0
         hi = Sk
-        row_dense = 0
+        dense = 0
         if MASK_MODE == 1:
             lo = tl.load(KeyStart + b)
             hi = tl.load(KeyEnd + b)
-            row_dense = tl.load(KeyDense + b)
+            dense = tl.load(KeyDense + b)
         safe_hi, hi = kv_loop_bounds(start_m, lo, hi, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
-        for start_n in range(lo, safe_hi, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
-                          stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, row_dense != 0, lo, hi, Sq, Sk, D,
-                          causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
-                          BLOCK_N, EVEN_D, False, False, MASK_MODE == 1, MASK_ADDITIVE, False, False, DROPOUT,
-                          IEEE, UPCAST)
-        for start_n in range(safe_hi, hi, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
-                          stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, row_dense != 0, lo, hi, Sq, Sk, D,
-                          causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
-                          BLOCK_N, EVEN_D, True, CAUSAL, MASK_MODE == 1, MASK_ADDITIVE, False, False, DROPOUT,
-                          IEEE, UPCAST)
+        if dense != 0:
+            dq = _dq_range(dq, q, do, lse, delta, lo, safe_hi, hi, offs_m, offs_d, k_base, v_base,
+                           stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, Sq, Sk, D,
+                           causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                           BLOCK_N, EVEN_D, CAUSAL, True, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
+        else:
+            dq = _dq_range(dq, q, do, lse, delta, lo, safe_hi, hi, offs_m, offs_d, k_base, v_base,
+                           stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, Sq, Sk, D,
+                           causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                           BLOCK_N, EVEN_D, CAUSAL, False, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
 
     dq = dq * sm_scale
     m_ok = offs_m[:, None] < Sq

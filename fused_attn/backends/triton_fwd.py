@@ -1,8 +1,10 @@
 """Triton forward kernel: masked attention with an online softmax, one pass over K/V.
 
 One program computes BLOCK_M query rows of one (batch, head).  The key loop covers only key
-blocks the mask can show (ReducedMask: per-batch key ranges, causal bounds, or the sparse list of
-non-empty blocks); FULL blocks load no mask, PARTIAL blocks load a mask tile.
+blocks the mask can show (ReducedMask: per-batch key ranges + causal bounds, or the lists of
+PARTIAL and FULL key blocks); FULL blocks load no mask, PARTIAL blocks load a mask tile.  What a
+tile needs (bounds checks, causal diagonal, mask load) is decided per loop, as constexprs, so
+the inner loops have no data-dependent branches and pipeline well.
 """
 from __future__ import annotations
 
@@ -67,29 +69,18 @@ def apply_mask_tile(s, mi, ni, mask_ptr, stride_mm, stride_mn, Sq, Sk, MASK_ADDI
 
 
 @triton.jit
-def apply_bounds(s, mi, ni, kv_lo, kv_hi, causal_offset, CHECK_BOUNDS: tl.constexpr, CAUSAL: tl.constexpr):
-    """Hide keys outside [kv_lo, kv_hi) and, if CAUSAL, keys right of the causal diagonal."""
+def mask_scores(s, mi, ni, mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi, Sq, Sk, causal_offset,
+                CHECK_BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr,
+                MASK_ADDITIVE: tl.constexpr):
+    """All masking of one score tile: the mask tile (LOAD_MASK), keys outside [kv_lo, kv_hi)
+    (CHECK_BOUNDS) and keys right of the causal diagonal (CAUSAL)."""
+    if LOAD_MASK:
+        s = apply_mask_tile(s, mi, ni, mask_ptr, stride_mm, stride_mn, Sq, Sk, MASK_ADDITIVE)
     if CHECK_BOUNDS:
         s = tl.where((ni < kv_hi) & (ni >= kv_lo), s, float("-inf"))
     if CAUSAL:
         s = tl.where(ni <= mi + causal_offset, s, float("-inf"))
     return s
-
-
-@triton.jit
-def mask_scores(s, mi, ni, mask_ptr, stride_mm, stride_mn, load_mask, kv_lo, kv_hi, Sq, Sk, causal_offset,
-                CHECK_BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                MASK_ADDITIVE: tl.constexpr, PARTIAL_CHECKS: tl.constexpr, PARTIAL_CAUSAL: tl.constexpr):
-    """All masking of one score tile.  CHECK_BOUNDS / CAUSAL: bounds and causal masking always.
-    load_mask (runtime): load the mask tile; with PARTIAL_CHECKS the bounds (and with
-    PARTIAL_CAUSAL the causal diagonal) are applied only then -- the block map makes every edge
-    and diagonal tile PARTIAL, so FULL tiles skip all masking work."""
-    if HAS_MASK:
-        if load_mask:
-            s = apply_mask_tile(s, mi, ni, mask_ptr, stride_mm, stride_mn, Sq, Sk, MASK_ADDITIVE)
-            if PARTIAL_CHECKS:
-                s = apply_bounds(s, mi, ni, kv_lo, kv_hi, causal_offset, True, PARTIAL_CAUSAL)
-    return apply_bounds(s, mi, ni, kv_lo, kv_hi, causal_offset, CHECK_BOUNDS, CAUSAL)
 
 
 @triton.jit
@@ -110,22 +101,19 @@ def kv_loop_bounds(start_m, lo, hi, causal_offset, BLOCK_M: tl.constexpr, BLOCK_
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, start_n, offs_m, offs_d,
               k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-              mask_ptr, stride_mm, stride_mn, load_mask,
-              kv_lo, kv_hi, Sq, Sk, D, causal_offset, qk_scale,
+              mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi, Sq, Sk, D, causal_offset, qk_scale,
               seed, rng_offset, bh, dropout_p,
               BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_ADDITIVE: tl.constexpr,
-              PARTIAL_CHECKS: tl.constexpr, PARTIAL_CAUSAL: tl.constexpr,
+              CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr, MASK_ADDITIVE: tl.constexpr,
               DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """One key tile: scores, mask (see mask_scores), online-softmax update, P @ V."""
+    """One key tile: scores, masking, online-softmax update, P @ V."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                  offs_n, kv_hi, offs_d, D, CHECK_BOUNDS or PARTIAL_CHECKS, EVEN_D)
+                  offs_n, kv_hi, offs_d, D, CHECK_BOUNDS, EVEN_D)
     # -- scores, in log2 units
     s = mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE, UPCAST) * qk_scale
-    s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_ptr, stride_mm, stride_mn, load_mask,
-                    kv_lo, kv_hi, Sq, Sk, causal_offset, CHECK_BOUNDS, CAUSAL, HAS_MASK, MASK_ADDITIVE,
-                    PARTIAL_CHECKS, PARTIAL_CAUSAL)
+    s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi,
+                    Sq, Sk, causal_offset, CHECK_BOUNDS, CAUSAL, LOAD_MASK, MASK_ADDITIVE)
     # -- online softmax (a row with nothing visible so far keeps m = -inf and l = 0)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -137,9 +125,57 @@ def _fwd_tile(acc, l_i, m_i, q, start_n, offs_m, offs_d,
         keep = _dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], Sk, dropout_p)
         p = tl.where(keep, p, 0.0)
     v = load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                  offs_n, kv_hi, offs_d, D, CHECK_BOUNDS or PARTIAL_CHECKS, EVEN_D)
+                  offs_n, kv_hi, offs_d, D, CHECK_BOUNDS, EVEN_D)
     acc = mma(p.to(v.dtype), v, acc, IEEE, UPCAST)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_range(acc, l_i, m_i, visited, q, lo, safe_hi, hi, offs_m, offs_d,
+               k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+               mask_ptr, stride_mm, stride_mn, Sq, Sk, D, causal_offset, qk_scale,
+               seed, rng_offset, bh, dropout_p,
+               BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
+               LOAD_MASK: tl.constexpr, MASK_ADDITIVE: tl.constexpr, DROPOUT: tl.constexpr,
+               IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """Keys [lo, hi): interior tiles [lo, safe_hi) unchecked, then the edge / diagonal tiles."""
+    for start_n in range(lo, safe_hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, offs_m, offs_d,
+                                  k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                  mask_ptr, stride_mm, stride_mn, lo, hi, Sq, Sk, D, causal_offset, qk_scale,
+                                  seed, rng_offset, bh, dropout_p, BLOCK_N, EVEN_D, False, False,
+                                  LOAD_MASK, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
+        visited += 1
+    for start_n in range(safe_hi, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, offs_m, offs_d,
+                                  k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                  mask_ptr, stride_mm, stride_mn, lo, hi, Sq, Sk, D, causal_offset, qk_scale,
+                                  seed, rng_offset, bh, dropout_p, BLOCK_N, EVEN_D, True, CAUSAL,
+                                  LOAD_MASK, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
+        visited += 1
+    return acc, l_i, m_i, visited
+
+
+@triton.jit
+def _fwd_list(acc, l_i, m_i, visited, q, Count, Index, offs_m, offs_d,
+              k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+              mask_ptr, stride_mm, stride_mn, Sq, Sk, D, causal_offset, qk_scale,
+              seed, rng_offset, bh, dropout_p,
+              BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
+              PARTIAL: tl.constexpr, MASK_ADDITIVE: tl.constexpr, DROPOUT: tl.constexpr,
+              IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """The key blocks listed at Index[0:Count]: PARTIAL ones load the mask tile and check bounds
+    and causal; FULL ones do no masking at all."""
+    n_blocks = tl.load(Count)
+    for i in range(0, n_blocks):
+        start_n = tl.load(Index + i) * BLOCK_N
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, offs_m, offs_d,
+                                  k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                  mask_ptr, stride_mm, stride_mn, 0, Sk, Sq, Sk, D, causal_offset, qk_scale,
+                                  seed, rng_offset, bh, dropout_p, BLOCK_N, EVEN_D, PARTIAL, PARTIAL and CAUSAL,
+                                  PARTIAL, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
+        visited += 1
+    return acc, l_i, m_i, visited
 
 
 @triton.jit
@@ -154,8 +190,9 @@ def attn_fwd_kernel(
     Mask, stride_mb, stride_mh, stride_mm, stride_mn,
     # MASK_MODE 1 ("keys"): per-batch [start, end) and "row must be loaded" flags
     KeyStart, KeyEnd, KeyDense,
-    # MASK_MODE 2 ("blocks"): sparse lists of non-empty key blocks per query block
-    BlkCount, BlkIndex, BlkState, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
+    # MASK_MODE 2 ("blocks"): lists of PARTIAL and FULL key blocks of every query block
+    PartCount, PartIndex, FullCount, FullIndex,
+    stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
     HeadMask, stride_hb, stride_hh,
     seed, rng_offset, dropout_p,
     MASK_MODE: tl.constexpr, MASK_ADDITIVE: tl.constexpr, CAUSAL: tl.constexpr,
@@ -172,64 +209,56 @@ def attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    # per-(batch, head) bases; a packed [T, H, D] layout only changes these three lines
+    # per-(batch, head) bases; a packed [T, H, D] layout only changes these lines
     q_base = Q + b64 * stride_qb + h64 * stride_qh
     k_base = K + b64 * stride_kb + h64 * stride_kh
     v_base = V + b64 * stride_vb + h64 * stride_vh
     mask_ptr = Mask + b64 * stride_mb + h64 * stride_mh
 
-    q_ptrs = q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    if EVEN_D:
-        q = tl.load(q_ptrs, mask=offs_m[:, None] < Sq, other=0.0)
-    else:
-        q = tl.load(q_ptrs, mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < D), other=0.0)
-
+    q = load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, Sq, offs_d, D,
+                  True, EVEN_D)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     visited = 0
 
     if MASK_MODE == 2:
-        # -- general mask: visit the listed non-empty key blocks only
-        # stride_cm / stride_im are 0 when the mask is the same for every query block
-        n_blocks = tl.load(BlkCount + b * stride_cb + h * stride_ch + pid_m * stride_cm)
-        idx_base = b * stride_ib + h * stride_ih + pid_m * stride_im
-        for i in range(0, n_blocks):
-            kb = tl.load(BlkIndex + idx_base + i)
-            partial = tl.load(BlkState + idx_base + i) == 1
-            acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, q, kb * BLOCK_N, offs_m, offs_d,
-                k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                mask_ptr, stride_mm, stride_mn, partial,
-                0, Sk, Sq, Sk, D, causal_offset, qk_scale, seed, rng_offset, bh, dropout_p,
-                BLOCK_N, EVEN_D, False, False, True, MASK_ADDITIVE, True, CAUSAL, DROPOUT, IEEE, UPCAST)
-            visited += 1
+        # -- general mask: the listed PARTIAL key blocks, then the FULL ones; empty ones never
+        # (stride_cm / stride_im are 0 when the mask is the same for every query block)
+        cnt = b * stride_cb + h * stride_ch + pid_m * stride_cm
+        idx = b * stride_ib + h * stride_ih + pid_m * stride_im
+        acc, l_i, m_i, visited = _fwd_list(
+            acc, l_i, m_i, visited, q, PartCount + cnt, PartIndex + idx, offs_m, offs_d,
+            k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
+            Sq, Sk, D, causal_offset, qk_scale, seed, rng_offset, bh, dropout_p,
+            BLOCK_N, EVEN_D, CAUSAL, True, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
+        acc, l_i, m_i, visited = _fwd_list(
+            acc, l_i, m_i, visited, q, FullCount + cnt, FullIndex + idx, offs_m, offs_d,
+            k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
+            Sq, Sk, D, causal_offset, qk_scale, seed, rng_offset, bh, dropout_p,
+            BLOCK_N, EVEN_D, CAUSAL, False, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
     else:
         # -- no mask / key padding: loop bounds from the key range and causal
         lo = 0
         hi = Sk
-        row_dense = 0
+        dense = 0
         if MASK_MODE == 1:
             lo = tl.load(KeyStart + b)
             hi = tl.load(KeyEnd + b)
-            row_dense = tl.load(KeyDense + b)
+            dense = tl.load(KeyDense + b)
         safe_hi, hi = kv_loop_bounds(start_m, lo, hi, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
-        for start_n in range(lo, safe_hi, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, q, start_n, offs_m, offs_d,
-                k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                mask_ptr, stride_mm, stride_mn, row_dense != 0,
-                lo, hi, Sq, Sk, D, causal_offset, qk_scale, seed, rng_offset, bh, dropout_p,
-                BLOCK_N, EVEN_D, False, False, MASK_MODE == 1, MASK_ADDITIVE, False, False, DROPOUT, IEEE, UPCAST)
-            visited += 1
-        for start_n in range(safe_hi, hi, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, q, start_n, offs_m, offs_d,
-                k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                mask_ptr, stride_mm, stride_mn, row_dense != 0,
-                lo, hi, Sq, Sk, D, causal_offset, qk_scale, seed, rng_offset, bh, dropout_p,
-                BLOCK_N, EVEN_D, True, CAUSAL, MASK_MODE == 1, MASK_ADDITIVE, False, False, DROPOUT, IEEE, UPCAST)
-            visited += 1
+        if dense != 0:      # holes or additive values inside the range: load the row's mask
+            acc, l_i, m_i, visited = _fwd_range(
+                acc, l_i, m_i, visited, q, lo, safe_hi, hi, offs_m, offs_d,
+                k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
+                Sq, Sk, D, causal_offset, qk_scale, seed, rng_offset, bh, dropout_p,
+                BLOCK_N, EVEN_D, CAUSAL, True, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
+        else:
+            acc, l_i, m_i, visited = _fwd_range(
+                acc, l_i, m_i, visited, q, lo, safe_hi, hi, offs_m, offs_d,
+                k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
+                Sq, Sk, D, causal_offset, qk_scale, seed, rng_offset, bh, dropout_p,
+                BLOCK_N, EVEN_D, CAUSAL, False, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
 
     # -- epilogue: normalise; rows that saw nothing give exactly 0 and lse = +inf
     empty = l_i == 0.0
