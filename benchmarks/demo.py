@@ -7,6 +7,7 @@ padding, the tokenizer's mask).  Exit status 1 when a check fails.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import List, Optional
@@ -104,11 +105,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     t0 = time.perf_counter()
     name = backends.select("auto", inp.q)      # the first use of a C++ engine builds the extension
     took = time.perf_counter() - t0
-    print(f"backend 'auto' -> {name!r}" + (f" (choosing took {took:.0f} s: first use builds the C++ extension; "
-                                           f"later runs reuse it)" if took > 5 else ""))
-    for other in ("triton", "cuda", "cpu"):
+    forced = os.environ.get("FUSED_ATTN_BACKEND")
+    print(f"backend 'auto' -> {name!r}" + (f" (FUSED_ATTN_BACKEND={forced})" if forced else "")
+          + (f" (choosing took {took:.0f} s: the C++ extension was built or checked; later runs reuse it)"
+             if took > 5 else ""))
+    # why the engines "auto" prefers over the chosen one were passed over (same order as
+    # fused_attn.backends.select; engines after it are not probed: probing may build C++ code)
+    preferred = ("triton", "cuda") if device.type == "cuda" else ("cpu", "triton")
+    for other in () if forced else preferred[:preferred.index(name)] if name in preferred else preferred:
         why = backends.reasons(other, inp.q)
-        if why and other != name:
+        if why:
             msg = "; ".join(why)
             print(f"  ({other}: {msg[:200] + ' ...' if len(msg) > 200 else msg})")
     L = inp.lengths
