@@ -48,7 +48,7 @@ def assert_close_to_oracle(name, got, oracle, eager):
 def projection_loss(hidden, seed=1):
     """A loss that reaches every position (padding rows included) with distinct weights."""
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(hidden.shape[1:], generator=g).to(hidden.dtype)
+    w = torch.randn(hidden.shape[1:], generator=g).to(hidden.device, hidden.dtype)
     return (hidden * w).mean()
 
 
