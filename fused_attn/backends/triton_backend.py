@@ -48,9 +48,9 @@ def fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> TileC
     if dtype == torch.float32:                     # fp32 runs the ieee dot: registers are the limit
         return TileConfig(64, 32, 4, 2) if bd <= 64 else TileConfig(32, 32, 4, 2)
     if bd <= 64:
-        return TileConfig(64, 64, 4, 3) if major >= 9 else TileConfig(128, 64, 4, 2)
-    if bd <= 128:
-        return TileConfig(64, 128, 4, 3) if major >= 9 else TileConfig(64, 64, 4, 2)
+        return TileConfig(128, 64, 4, 3) if major >= 9 else TileConfig(128, 64, 4, 2)
+    if bd <= 128:   # 3 stages of 64x128 K/V tiles + a mask tile overflow 227 KB of shared memory
+        return TileConfig(64, 128, 4, 2) if major >= 9 else TileConfig(64, 64, 4, 2)
     return TileConfig(64, 32, 4, 2)
 
 
@@ -140,7 +140,7 @@ def bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> TileC
     if dtype == torch.float32:
         return TileConfig(32, 32, 4, 2)
     if bd <= 64:
-        return TileConfig(64, 64, 4, 3)
+        return TileConfig(64, 64, 4, 2)
     if bd <= 128:
         return TileConfig(64, 64, 4, 2)
     return TileConfig(32, 32, 4, 2)
