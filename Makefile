@@ -1,12 +1,18 @@
 # Quick start: `make demo` (check + speed comparison on this machine) and `make test` (the suite).
 # Both create .venv/ from a fresh clone: pinned dev versions (torch 2.13.0 CPU build, triton 3.8.0,
-# transformers 5.18.0) from requirements-*.txt, then fused_attn in editable mode.
-PYTHON ?= python3.11
-VENV   ?= .venv
-PY      = $(VENV)/bin/python
-STAMP   = $(VENV)/.installed
+# transformers 5.18.0) from requirements-*.txt, then fused_attn in editable mode.  `make test`
+# also runs the Hugging Face tests under transformers 4.57.6 in a second venv (.venv-hf4).
+PYTHON   ?= python3.11
+VENV     ?= .venv
+VENV_HF4 ?= .venv-hf4
+PY        = $(VENV)/bin/python
+PY_HF4    = $(VENV_HF4)/bin/python
+STAMP     = $(VENV)/.installed
+STAMP_HF4 = $(VENV_HF4)/.installed
+HF_TESTS  = tests/test_hf_models.py tests/test_hf_minilm.py tests/test_hf_register.py
+JOBS     ?= 2
 
-.PHONY: demo test test-gpu bench clean
+.PHONY: demo test test-main test-hf4 test-gpu bench clean
 
 $(STAMP): requirements-dev.txt requirements-hf.txt pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -14,15 +20,30 @@ $(STAMP): requirements-dev.txt requirements-hf.txt pyproject.toml setup.py
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-demo: $(STAMP)
-	$(PY) -m fused_attn.demo
+$(STAMP_HF4): requirements-dev.txt requirements-hf4.txt pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV_HF4)
+	$(PY_HF4) -m pip install -q -r requirements-dev.txt -r requirements-hf4.txt
+	$(PY_HF4) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
 
-test: $(STAMP)
-	$(PY) -m pytest -q tests
+demo: $(STAMP)
+	$(PY) -m benchmarks.demo
+
+test: test-main test-hf4
+
+test-main: $(STAMP)
+	$(PY) -m pytest -q -n $(JOBS) tests
+
+# the HF integration tests again under transformers 4.x (the old BertSelfAttention protocol)
+test-hf4: $(STAMP_HF4)
+	$(PY_HF4) -m pytest -q -n $(JOBS) $(HF_TESTS)
 
 # On a GPU machine with torch/triton already installed (no venv): the CUDA-marked tests.
 test-gpu:
 	python -m pytest -q -m cuda tests
 
+bench: $(STAMP)
+	$(PY) -m benchmarks --preset cpu-small --out out/bench
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV_HF4) build *.egg-info
