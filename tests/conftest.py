@@ -29,8 +29,8 @@ def _seed():
 ENGINES = [
     pytest.param(("triton", "cpu"), id="triton-interp"),
     pytest.param(("cpu", "cpu"), id="cpu"),
-    pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.cuda),
-    pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.cuda),
+    pytest.param(("triton", "cuda"), id="triton-gpu", marks=pytest.mark.cuda),
+    pytest.param(("cuda", "cuda"), id="cuda-ext", marks=pytest.mark.cuda),
 ]
 
 

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Everything we measure on a GPU machine, in one command (torch/triton/transformers preinstalled):
+#   bash benchmarks/run_gpu.sh OUT_DIR [STEPS]
+# STEPS: space-separated subset of "tests bench train hf cuda" (default: all).  Each step has its
+# own time limit so one slow step cannot starve the others; logs and CSVs land in OUT_DIR.
+set -u
+out=${1:?usage: run_gpu.sh OUT_DIR [STEPS]}
+steps=${2:-"tests bench train hf cuda"}
+mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+log="$out/gpu.log"
+{
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+  date -u
+} >"$log" 2>&1
+for step in $steps; do
+  echo "=== $step" >>"$log"
+  case $step in
+    tests) timeout 170 python -m pytest -q -m cuda -n 8 -p no:cacheprovider tests -k "not cuda-ext" >>"$log" 2>&1 ;;
+    bench) timeout 120 python -m benchmarks --preset fwd-target --out "$out" --no-plot --quiet \
+             --methods fused_triton,eager,sdpa_mask,sdpa_nomask,flex >>"$log" 2>&1 ;;
+    train) timeout 170 python -m benchmarks --preset train-target --out "$out" --no-plot --quiet \
+             --methods fused_triton,eager,sdpa_mask,sdpa_nomask,flex >>"$log" 2>&1 ;;
+    hf)    timeout 120 python benchmarks/bench_hf.py --out "$out/bench_hf.csv" --iters 20 >>"$log" 2>&1 ;;
+    cuda)  timeout 150 python -m pytest -q -m cuda -p no:cacheprovider tests -k "cuda-ext" >>"$log" 2>&1 ;;
+  esac
+  echo "=== $step exit $?" >>"$log"
+done
+tail -c 6000 "$log"
