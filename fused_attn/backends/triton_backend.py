@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -66,6 +66,9 @@ def reasons(q: torch.Tensor) -> List[str]:
     return out
 
 
+_MODES = {"none": 0, "keys": 1, "blocks": 2}
+
+
 def _mask_args(red: ReducedMask, cfg: TileConfig, causal: bool, dummy: torch.Tensor):
     """Kernel arguments describing the reduced mask."""
     if red.kind == "none":
@@ -74,7 +77,7 @@ def _mask_args(red: ReducedMask, cfg: TileConfig, causal: bool, dummy: torch.Ten
     else:
         values = red.values
         mstrides = tuple(values.stride())
-    mode = {"none": 0, "keys": 1, "blocks": 2}[red.kind]
+    mode = _MODES[red.kind]
     if red.kind == "keys":
         keys = (red.key_start, red.key_end, red.key_dense)
     else:
@@ -132,50 +135,59 @@ def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: fl
     return out, lse
 
 
-def bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
-    """Backward tile sizes (both kernels use the same tiles, so they share one block map)."""
+def bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> Tuple[TileConfig, TileConfig]:
+    """(dK/dV tiles, dQ tiles).  dK/dV keeps a key tile resident and streams query tiles, dQ the
+    reverse; each kernel gets its own (BLOCK_M, BLOCK_N) and so its own block map."""
     if device.type != "cuda":
-        return TileConfig(16, 32, 4, 1)
+        return TileConfig(16, 32, 4, 1), TileConfig(32, 16, 4, 1)
     bd = triton.next_power_of_2(head_dim)
     if dtype == torch.float32:
-        return TileConfig(32, 32, 4, 2)
-    if bd <= 64:
-        return TileConfig(64, 64, 4, 2)
+        return TileConfig(32, 32, 4, 2), TileConfig(32, 32, 4, 2)
     if bd <= 128:
-        return TileConfig(64, 64, 4, 2)
-    return TileConfig(32, 32, 4, 2)
+        return TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 2)
+    return TileConfig(32, 32, 4, 2), TileConfig(32, 32, 4, 2)
 
 
 def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale: float,
              dropout_p: float, head_mask: Optional[torch.Tensor], seed: int = 0, rng_offset: int = 0,
-             config: Optional[TileConfig] = None):
-    """Returns (dq, dk, dv) in the dtypes and layouts of q, k, v."""
+             config: Optional[TileConfig] = None, dq_config: Optional[TileConfig] = None):
+    """Returns (dq, dk, dv) in the dtypes and layouts of q, k, v.  config / dq_config override
+    the tiles of the dK/dV and dQ kernels (dq_config defaults to config)."""
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
-    cfg = config or bwd_config(D, q.dtype, q.device)
+    if config is None:
+        config, dq_config = bwd_config(D, q.dtype, q.device)
+    dq_config = dq_config or config
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()   # rowsum(dO ∘ O), [B, H, Sq]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dummy = lse
-    mode, values, ms, keys, blocks = _mask_args(red, cfg, causal, dummy)
     hm = head_mask if head_mask is not None else dummy
     hstr = (0 if hm.shape[0] == 1 else hm.stride(0), hm.stride(1)) if head_mask is not None else (0, 0)
     block_d = max(16, triton.next_power_of_2(D))
-    common = dict(MASK_MODE=mode, MASK_ADDITIVE=red.additive, CAUSAL=bool(causal),
-                  HAS_HEAD_MASK=head_mask is not None, DROPOUT=dropout_p > 0.0,
-                  IEEE=q.dtype == torch.float32, UPCAST=q.dtype == torch.bfloat16 and interpreting(),
-                  EVEN_D=block_d == D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     scalars = (H, Sq, Sk, D, scale * triton_fwd.LOG2E, scale, Sk - Sq)
-    t_blocks = _list_args(red.block_map(cfg.block_m, cfg.block_n, causal).transposed_lists()) if red.kind == "blocks" else blocks
     rng = (seed, rng_offset, float(dropout_p))
-    triton_bwd.attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg.block_n), B * H)](
+
+    def flags(cfg):
+        return dict(MASK_MODE=_MODES[red.kind], MASK_ADDITIVE=red.additive, CAUSAL=bool(causal),
+                    HAS_HEAD_MASK=head_mask is not None, DROPOUT=dropout_p > 0.0,
+                    IEEE=q.dtype == torch.float32, UPCAST=q.dtype == torch.bfloat16 and interpreting(),
+                    EVEN_D=block_d == D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    _, values, ms, keys, _ = _mask_args(red, config, causal, dummy)
+    if red.kind == "blocks":
+        t_blocks = _list_args(red.block_map(config.block_m, config.block_n, causal).transposed_lists())
+    else:
+        t_blocks = (dummy, dummy, dummy, dummy, 0, 0, 0, 0, 0, 0)
+    triton_bwd.attn_bwd_dkdv_kernel[(triton.cdiv(Sk, config.block_n), B * H)](
         q, k, v, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-        *scalars, values, *ms, *keys, *t_blocks, hm, *hstr, *rng, **common)
-    triton_bwd.attn_bwd_dq_kernel[(triton.cdiv(Sq, cfg.block_m), B * H)](
+        *scalars, values, *ms, *keys, *t_blocks, hm, *hstr, *rng, **flags(config))
+    _, _, _, _, blocks = _mask_args(red, dq_config, causal, dummy)
+    triton_bwd.attn_bwd_dq_kernel[(triton.cdiv(Sq, dq_config.block_m), B * H)](
         q, k, v, grad_out, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-        *scalars, values, *ms, *keys, *blocks, hm, *hstr, *rng, **common)
+        *scalars, values, *ms, *keys, *blocks, hm, *hstr, *rng, **flags(dq_config))
     return dq, dk, dv
 
 
