@@ -17,12 +17,12 @@ log="$out/gpu.log"
 for step in $steps; do
   echo "=== $step" >>"$log"
   case $step in
-    tests) timeout 170 python -m pytest -q -m cuda -n 8 -p no:cacheprovider tests -k "not cuda-ext" >>"$log" 2>&1 ;;
-    bench) timeout 120 python -m benchmarks --preset fwd-target --out "$out" --no-plot --quiet \
+    tests) timeout 150 python -m pytest -q -m cuda -n 8 -p no:cacheprovider tests -k "not cuda-ext" >>"$log" 2>&1 ;;
+    bench) timeout 110 python -m benchmarks --preset fwd-target --out "$out" --no-plot --quiet \
              --methods fused_triton,eager,sdpa_mask,sdpa_nomask,flex >>"$log" 2>&1 ;;
-    train) timeout 170 python -m benchmarks --preset train-target --out "$out" --no-plot --quiet \
+    train) timeout 160 python -m benchmarks --preset train-target --out "$out" --no-plot --quiet \
              --methods fused_triton,eager,sdpa_mask,sdpa_nomask,flex >>"$log" 2>&1 ;;
-    hf)    timeout 120 python benchmarks/bench_hf.py --out "$out/bench_hf.csv" --iters 20 >>"$log" 2>&1 ;;
+    hf)    timeout 130 python benchmarks/bench_hf.py --out "$out/bench_hf.csv" --iters 20 >>"$log" 2>&1 ;;
     cuda)  timeout 150 python -m pytest -q -m cuda -p no:cacheprovider tests -k "cuda-ext" >>"$log" 2>&1 ;;
   esac
   echo "=== $step exit $?" >>"$log"
