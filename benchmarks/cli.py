@@ -230,7 +230,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("--device cuda: no CUDA device here", file=sys.stderr)
         return 2
     if preset.device == "cuda" and device.type != "cuda" and not args.force:
-        print(f"preset {preset.name!r} has GPU sizes; on CPU use cpu-small, demo or tiny (or --force)",
+        print(f"preset {preset.name!r} has GPU sizes; on CPU use cpu-small, cpu-target, demo or tiny (or --force)",
               file=sys.stderr)
         return 2
     rows, _ = run_preset(preset, args, device)

@@ -126,6 +126,10 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            tuple(_sweep("fwd+bwd"))),
     Preset("cpu-small", "small CPU run: B=4 H=12 D=64 fp32, S 128/256, U[1,S] and full, fwd and "
            "fwd+bwd", "any", tuple(_cpu_small())),
+    Preset("cpu-target", "issue-4 CPU target: B=8 H=12 S=512 D=64 fp32, lengths U[1,S]; the C++ "
+           "CPU kernel vs eager and SDPA with the same mask, fwd and fwd+bwd", "any",
+           tuple(_modes([Case("fill=uniform", "S", 8, 12, 512, 64, dtype="fp32")], ("fwd", "fwd+bwd"))),
+           methods=("fused", "eager", "sdpa_mask", "sdpa_nomask")),
     Preset("demo", "the make-demo shape: B=8 H=12 S=128 D=64, lengths U[1,S], fwd (fp32 on CPU, "
            "fp16 on GPU)", "any", (Case("fill=uniform", "S", 8, 12, 128, 64, dtype="auto"),)),
     Preset("tiny", "seconds-long smoke run (tests): B=2 H=2 D=16 fp32, S 16/40, fwd and fwd+bwd",

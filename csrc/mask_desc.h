@@ -32,7 +32,7 @@ struct MaskDesc {
   int64_t ss_b = 0, ss_h = 0, ss_m = 0, ss_n = 0;
   int64_t n_kb = 0;
 
-  int8_t tile(int64_t b, int64_t h, int64_t qb, int64_t kb) const {
+  FA_HOST_DEVICE int8_t tile(int64_t b, int64_t h, int64_t qb, int64_t kb) const {
     return state[b * ss_b + h * ss_h + qb * ss_m + kb * ss_n];
   }
 };

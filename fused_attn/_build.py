@@ -80,14 +80,14 @@ def compiler_problem() -> Optional[str]:
 
 
 def cflags(portable: bool) -> List[str]:
-    flags = ["-O3", "-fopenmp", "-std=c++17"]
+    flags = ["-O3", "-fopenmp"]   # the C++ standard: cpp_extension picks what its torch needs
     if not portable:
         flags.append("-march=native")
     return flags
 
 
 def nvcc_flags() -> List[str]:
-    return ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+    return ["-O3", "--use_fast_math", "-lineinfo",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
             "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"]
 

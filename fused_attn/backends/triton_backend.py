@@ -148,6 +148,9 @@ def bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> Tuple
     return TileConfig(32, 32, 4, 2), TileConfig(32, 32, 4, 2)
 
 
+DELTA_BLOCK_M = 64
+
+
 def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale: float,
              dropout_p: float, head_mask: Optional[torch.Tensor], seed: int = 0, rng_offset: int = 0,
              config: Optional[TileConfig] = None, dq_config: Optional[TileConfig] = None):
@@ -158,12 +161,17 @@ def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale:
     if config is None:
         config, dq_config = bwd_config(D, q.dtype, q.device)
     dq_config = dq_config or config
-    delta = (grad_out.float() * out.float()).sum(-1).contiguous()   # rowsum(dO ∘ O), [B, H, Sq]
+    if grad_out.dtype != q.dtype:
+        grad_out = grad_out.to(q.dtype)
+    block_d = max(16, triton.next_power_of_2(D))
+    delta = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)   # rowsum(dO ∘ O)
+    triton_bwd.bwd_delta_kernel[(triton.cdiv(Sq, DELTA_BLOCK_M), B * H)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Sq, D,
+        BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dummy = lse
     hm = head_mask if head_mask is not None else dummy
     hstr = (0 if hm.shape[0] == 1 else hm.stride(0), hm.stride(1)) if head_mask is not None else (0, 0)
-    block_d = max(16, triton.next_power_of_2(D))
     scalars = (H, Sq, Sk, D, scale * triton_fwd.LOG2E, scale, Sk - Sq)
     rng = (seed, rng_offset, float(dropout_p))
 

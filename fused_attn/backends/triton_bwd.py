@@ -363,6 +363,27 @@ def attn_bwd_dq_kernel(
 
 
 @triton.jit
+def bwd_delta_kernel(O, DO, Delta, stride_ob, stride_oh, stride_om, stride_od,
+                     stride_gb, stride_gh, stride_gm, stride_gd, H, Sq, D,
+                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Delta = rowsum(dO ∘ O) in fp32 into a contiguous [B, H, Sq]: one pass over O and dO (the
+    same sum in torch costs two fp32 copies of both and three more launches)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b64 = (bh // H).to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m[:, None] < Sq) & (offs_d[None, :] < D)
+    o = tl.load(O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=ok, other=0.0)
+    do = tl.load(DO + b64 * stride_gb + h64 * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd,
+                 mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + bh.to(tl.int64) * Sq + offs_m, delta, mask=offs_m < Sq)
+
+
+@triton.jit
 def dropout_keep_kernel(Keep, H, Sq, Sk, seed, rng_offset, dropout_p,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Testing hook: writes the keep-mask [B, H, Sq, Sk] the kernels use for (seed, offset)."""

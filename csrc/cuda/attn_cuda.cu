@@ -1,0 +1,583 @@
+// CUDA kernels of the fused_attn ops: a straightforward flash-style forward and backward, the
+// fallback for systems where Triton is missing or broken.
+//
+// fp32 arithmetic on CUDA cores (fp16 / bf16 inputs are converted when loaded to shared memory),
+// 32 x 32 tiles, 4 warps per block, head dims up to 128 (any D; registers sized for 32, 64, 96 or
+// 128).  Same semantics and same reduced mask as the CPU kernel (../fused_attn.cpp): key ranges
+// shrink the loops, the tile-state map skips empty tiles, and only partial tiles (or rows with
+// holes / additive values) read the mask.  Dropout uses the same Philox stream (../philox.h).
+//
+// Forward: block = (query tile, b * h); warp w owns 8 query rows; lane = key of the tile for the
+// scores, lane = output dims (lane + 32 t) for P V.
+// Backward, no atomics: dK/dV kernel over key tiles (warp w owns 8 keys, lane = query row of the
+// query tile), dQ kernel over query tiles (warp w owns 8 query rows, lane = key).
+#include <cuda.h>
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../mask_desc.h"
+
+namespace fused_attn_kernels {
+namespace cuda {
+
+constexpr int TILE = 32;       // BLOCK_M = BLOCK_N; cpp_backend.BLOCKS["cuda"]
+constexpr int WARPS = 4;
+constexpr int THREADS = WARPS * 32;
+constexpr int ROWS_PER_WARP = TILE / WARPS;
+constexpr unsigned FULL = 0xffffffffu;
+#define FA_NEG_INF (-__int_as_float(0x7f800000))
+
+struct Strides {
+  int64_t b, h, s, d;
+};
+
+inline Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(FULL, x, o));
+  return x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(FULL, x, o);
+  return x;
+}
+
+// Mask value of (b, h, i, j) as a log2-unit score offset: -inf hidden, 0 or value * log2(e).
+__device__ __forceinline__ float mask_value(const MaskDesc& m, int64_t b, int64_t h, int64_t i, int64_t j) {
+  const int64_t off = b * m.ms_b + h * m.ms_h + i * m.ms_m + j * m.ms_n;
+  float v;
+  switch (m.type) {
+    case kU8: return static_cast<const uint8_t*>(m.values)[off] != 0 ? 0.f : FA_NEG_INF;
+    case kF32: v = static_cast<const float*>(m.values)[off]; break;
+    case kF16: v = __half2float(static_cast<const __half*>(m.values)[off]); break;
+    default: v = __bfloat162float(static_cast<const __nv_bfloat16*>(m.values)[off]); break;
+  }
+  return v > kHidden ? v * kLog2e : FA_NEG_INF;
+}
+
+// Philox keep bit of one element, out of line: inlined into every unrolled row it multiplies
+// the kernels' code (and their compile time) several times over for a path that is rarely hot.
+__device__ __noinline__ bool keep_element(DropoutParams d, int64_t i, int64_t j, int64_t Sk, uint32_t bh) {
+  return dropout_keep(d, i, j, Sk, bh);
+}
+
+// What one tile needs: visible keys [lo, hi), whether mask values must be read.
+struct Tile {
+  int64_t lo, hi;
+  bool load_mask;
+};
+
+// Score offset of (i, j) inside a visited tile: bounds, causal, mask.
+__device__ __forceinline__ float visibility(const MaskDesc& m, const Tile& t, int64_t b, int64_t h, int64_t i,
+                                            int64_t j, int64_t Sq, bool causal, int64_t causal_off) {
+  if (i >= Sq || j < t.lo || j >= t.hi) return FA_NEG_INF;
+  if (causal && j > i + causal_off) return FA_NEG_INF;
+  return t.load_mask ? mask_value(m, b, h, i, j) : 0.f;
+}
+
+// Key-range description of batch row b (none / keys modes; [0, Sk) otherwise).
+__device__ __forceinline__ void key_range(const MaskDesc& m, int64_t b, int64_t Sk, int64_t& lo, int64_t& hi,
+                                          bool& dense) {
+  lo = 0;
+  hi = Sk;
+  dense = false;
+  if (m.mode == kKeys) {
+    lo = m.key_start[b];
+    hi = m.key_end[b];
+    dense = m.key_dense[b] != 0;
+  }
+}
+
+// The key tiles query tile qb visits, in order: f(n0, tile) for keys [n0, n0 + TILE).  Key
+// ranges (clamped by causal) give consecutive tiles from the first visible key; the block map
+// gives its non-empty tiles.  A single call site of f keeps the unrolled tile body single.
+template <typename F>
+__device__ __forceinline__ void for_each_key_tile(const MaskDesc& m, int64_t b, int64_t h, int64_t qb, int64_t Sq,
+                                                  int64_t Sk, bool causal, F&& f) {
+  int64_t lo, hi;
+  bool dense;
+  key_range(m, b, Sk, lo, hi, dense);
+  const bool blocks = m.mode == kBlocks;
+  if (!blocks && causal) hi = min(hi, min((qb + 1) * TILE, Sq) - 1 + (Sk - Sq) + 1);
+  const int64_t base = blocks ? 0 : lo;
+  const int64_t count = blocks ? m.n_kb : (hi > lo ? (hi - lo + TILE - 1) / TILE : 0);
+  for (int64_t t = 0; t < count; ++t) {
+    const int8_t st = blocks ? m.tile(b, h, qb, t) : (dense ? 1 : 2);   // 0 empty, 1 partial, 2 full
+    if (st != 0) f(base + t * TILE, Tile{lo, hi, st == 1});
+  }
+}
+
+// The query tiles that see key tile kb (dK / dV), in order: f(qb, tile).
+template <typename F>
+__device__ __forceinline__ void for_each_query_tile(const MaskDesc& m, int64_t b, int64_t h, int64_t kb, int64_t Sq,
+                                                    int64_t Sk, bool causal, F&& f) {
+  int64_t lo, hi;
+  bool dense;
+  key_range(m, b, Sk, lo, hi, dense);
+  const bool blocks = m.mode == kBlocks;
+  const int64_t n0 = kb * TILE, nqb = (Sq + TILE - 1) / TILE;
+  int64_t first = 0;
+  if (!blocks) {
+    if (n0 >= hi || n0 + TILE <= lo) return;
+    // causal: query i sees key j iff i >= j - (Sk - Sq); the first query that sees this tile
+    if (causal) first = ::max(int64_t{0}, ::max(n0, lo) - (Sk - Sq)) / TILE;
+  }
+  for (int64_t qb = first; qb < nqb; ++qb) {
+    const int8_t st = blocks ? m.tile(b, h, qb, kb) : (dense ? 1 : 2);
+    if (st != 0) f(qb, Tile{lo, hi, st == 1});
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void load_rows(float* dst, int ld, const T* src, int64_t s_r, int64_t s_d, int64_t r0,
+                                          int64_t n_rows, int D, int DMAX) {
+  for (int e = threadIdx.x; e < TILE * DMAX; e += THREADS) {
+    const int r = e / DMAX, d = e % DMAX;
+    float x = 0.f;
+    if (r0 + r < n_rows && d < D) x = static_cast<float>(src[(r0 + r) * s_r + d * s_d]);
+    dst[r * ld + d] = x;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// forward
+
+template <typename T, int DPL>
+__global__ void __launch_bounds__(THREADS) fwd_kernel(
+    const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, T* __restrict__ O,
+    float* __restrict__ Lse, int32_t* __restrict__ Visited, Strides qs, Strides ks, Strides vs, Strides os,
+    int H, int64_t Sq, int64_t Sk, int D, float qk_scale, MaskDesc m, HeadMask hm, bool causal,
+    DropoutParams drop) {
+  constexpr int DMAX = 32 * DPL;
+  constexpr int LD = DMAX + 1;
+  extern __shared__ float smem[];
+  float* Qs = smem;              // [TILE, LD]
+  float* Ks = Qs + TILE * LD;    // [TILE, LD]
+  float* Vs = Ks + TILE * LD;    // [TILE, LD]
+
+  const int64_t bh = blockIdx.x, qb = blockIdx.y;
+  const int64_t b = bh / H, h = bh % H;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t i0 = qb * TILE;
+  const int64_t off = Sk - Sq;
+  const T* Kb = K + b * ks.b + h * ks.h;
+  const T* Vb = V + b * vs.b + h * vs.h;
+  load_rows(Qs, LD, Q + b * qs.b + h * qs.h, qs.s, qs.d, i0, Sq, D, DMAX);
+
+  float mi[ROWS_PER_WARP], li[ROWS_PER_WARP], acc[ROWS_PER_WARP][DPL];
+#pragma unroll
+  for (int r = 0; r < ROWS_PER_WARP; ++r) {
+    mi[r] = FA_NEG_INF;
+    li[r] = 0.f;
+#pragma unroll
+    for (int t = 0; t < DPL; ++t) acc[r][t] = 0.f;
+  }
+  const bool dropout = drop.p > 0.f;
+
+  auto visit = [&](int64_t n0, const Tile& tile) {
+    __syncthreads();
+    load_rows(Ks, LD, Kb, ks.s, ks.d, n0, Sk, D, DMAX);
+    load_rows(Vs, LD, Vb, vs.s, vs.d, n0, Sk, D, DMAX);
+    __syncthreads();
+    const int64_t j = n0 + lane;
+#pragma unroll
+    for (int r = 0; r < ROWS_PER_WARP; ++r) {
+      const int lr = warp * ROWS_PER_WARP + r;
+      const int64_t i = i0 + lr;
+      if (i >= Sq) break;   // warp-uniform
+      float s = 0.f;
+      for (int d = 0; d < D; ++d) s += Qs[lr * LD + d] * Ks[lane * LD + d];
+      s = s * qk_scale + visibility(m, tile, b, h, i, j, Sq, causal, off);
+      // -- online softmax (a row that has seen nothing keeps m = -inf, l = 0)
+      const float m_new = fmaxf(mi[r], warp_max(s));
+      const float m_use = m_new == FA_NEG_INF ? 0.f : m_new;
+      float p = exp2f(s - m_use);
+      const float alpha = exp2f(mi[r] - m_use);
+      li[r] = li[r] * alpha + warp_sum(p);
+      mi[r] = m_new;
+      if (dropout && j < Sk && !keep_element(drop, i, j, Sk, static_cast<uint32_t>(bh))) p = 0.f;
+#pragma unroll
+      for (int t = 0; t < DPL; ++t) acc[r][t] *= alpha;
+      for (int jj = 0; jj < TILE; ++jj) {
+        const float pj = __shfl_sync(FULL, p, jj);
+#pragma unroll
+        for (int t = 0; t < DPL; ++t) acc[r][t] += pj * Vs[jj * LD + lane + 32 * t];
+      }
+    }
+  };
+
+  int visited = 0;
+  for_each_key_tile(m, b, h, qb, Sq, Sk, causal, [&](int64_t n0, const Tile& tile) {
+    visit(n0, tile);
+    ++visited;
+  });
+
+  // -- epilogue: rows that saw nothing give exactly 0 and lse = +inf
+  float keep_scale = hm.ptr ? hm.ptr[b * hm.s_b + h * hm.s_h] : 1.f;
+  if (dropout) keep_scale /= (1.f - drop.p);
+#pragma unroll
+  for (int r = 0; r < ROWS_PER_WARP; ++r) {
+    const int64_t i = i0 + warp * ROWS_PER_WARP + r;
+    if (i >= Sq) break;
+    const bool empty = li[r] == 0.f;
+    const float f = empty ? 0.f : keep_scale / li[r];
+    T* o = O + b * os.b + h * os.h + i * os.s;
+#pragma unroll
+    for (int t = 0; t < DPL; ++t) {
+      const int d = lane + 32 * t;
+      if (d < D) o[d * os.d] = static_cast<T>(acc[r][t] * f);
+    }
+    if (lane == 0) Lse[bh * Sq + i] = empty ? __int_as_float(0x7f800000) : mi[r] + log2f(li[r]);
+  }
+  if (threadIdx.x == 0) Visited[bh * gridDim.y + qb] = visited;
+}
+
+// ------------------------------------------------------------------------------------------
+// backward
+
+// dP -> dS for one (i, j): returns dS, sets pd (the probability that multiplied V).
+__device__ __forceinline__ float grad_scores(float p, float dp, float delta, float keep_scale, bool dropout,
+                                             const DropoutParams& drop, int64_t i, int64_t j, int64_t Sk,
+                                             uint32_t bh, float& pd) {
+  float f = keep_scale;
+  if (dropout && p != 0.f && !keep_element(drop, i, j, Sk, bh)) f = 0.f;
+  pd = p * f;
+  return p * (f * dp - delta);
+}
+
+template <typename T, int DPL>
+__global__ void __launch_bounds__(THREADS) bwd_dkdv_kernel(
+    const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
+    const float* __restrict__ Lse, const float* __restrict__ Delta, T* __restrict__ dK, T* __restrict__ dV,
+    Strides qs, Strides ks, Strides vs, Strides gs, Strides dks, Strides dvs, int H, int64_t Sq, int64_t Sk,
+    int D, float qk_scale, float scale, MaskDesc m, HeadMask hm, bool causal, DropoutParams drop) {
+  constexpr int DMAX = 32 * DPL;
+  constexpr int LD = DMAX + 1;
+  extern __shared__ float smem[];
+  float* Qs = smem;               // [TILE, LD]
+  float* Gs = Qs + TILE * LD;     // [TILE, LD] dO
+  float* Ks = Gs + TILE * LD;     // [TILE, LD]
+  float* Vs = Ks + TILE * LD;     // [TILE, LD]
+  float* Ls = Vs + TILE * LD;     // [TILE]
+  float* Ds = Ls + TILE;          // [TILE]
+
+  const int64_t bh = blockIdx.x, kb = blockIdx.y;
+  const int64_t b = bh / H, h = bh % H;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t n0 = kb * TILE;
+  const int64_t off = Sk - Sq;
+  load_rows(Ks, LD, K + b * ks.b + h * ks.h, ks.s, ks.d, n0, Sk, D, DMAX);
+  load_rows(Vs, LD, V + b * vs.b + h * vs.h, vs.s, vs.d, n0, Sk, D, DMAX);
+  float dk[ROWS_PER_WARP][DPL], dv[ROWS_PER_WARP][DPL];
+#pragma unroll
+  for (int r = 0; r < ROWS_PER_WARP; ++r)
+#pragma unroll
+    for (int t = 0; t < DPL; ++t) dk[r][t] = dv[r][t] = 0.f;
+  float keep_scale = hm.ptr ? hm.ptr[b * hm.s_b + h * hm.s_h] : 1.f;
+  const bool dropout = drop.p > 0.f;
+  if (dropout) keep_scale /= (1.f - drop.p);
+
+  auto visit = [&](int64_t qb, const Tile& tile) {
+    const int64_t m0 = qb * TILE;
+    __syncthreads();
+    load_rows(Qs, LD, Q + b * qs.b + h * qs.h, qs.s, qs.d, m0, Sq, D, DMAX);
+    load_rows(Gs, LD, dO + b * gs.b + h * gs.h, gs.s, gs.d, m0, Sq, D, DMAX);
+    if (threadIdx.x < TILE) {
+      const int64_t i = m0 + threadIdx.x;
+      Ls[threadIdx.x] = i < Sq ? Lse[bh * Sq + i] : __int_as_float(0x7f800000);
+      Ds[threadIdx.x] = i < Sq ? Delta[bh * Sq + i] : 0.f;
+    }
+    __syncthreads();
+    const int64_t i = m0 + lane;
+#pragma unroll
+    for (int r = 0; r < ROWS_PER_WARP; ++r) {
+      const int lk = warp * ROWS_PER_WARP + r;
+      const int64_t j = n0 + lk;
+      if (j >= Sk) break;   // warp-uniform
+      float s = 0.f, dp = 0.f;
+      for (int d = 0; d < D; ++d) {
+        s += Qs[lane * LD + d] * Ks[lk * LD + d];
+        dp += Gs[lane * LD + d] * Vs[lk * LD + d];
+      }
+      s = s * qk_scale + visibility(m, tile, b, h, i, j, Sq, causal, off);
+      const float p = exp2f(s - Ls[lane]);   // lse = +inf for rows that saw nothing -> 0
+      float pd;
+      const float ds = grad_scores(p, dp, Ds[lane], keep_scale, dropout, drop, i, j, Sk, static_cast<uint32_t>(bh), pd);
+      for (int ii = 0; ii < TILE; ++ii) {
+        const float pdi = __shfl_sync(FULL, pd, ii), dsi = __shfl_sync(FULL, ds, ii);
+#pragma unroll
+        for (int t = 0; t < DPL; ++t) {
+          dv[r][t] += pdi * Gs[ii * LD + lane + 32 * t];
+          dk[r][t] += dsi * Qs[ii * LD + lane + 32 * t];
+        }
+      }
+    }
+  };
+
+  for_each_query_tile(m, b, h, kb, Sq, Sk, causal, visit);
+
+#pragma unroll
+  for (int r = 0; r < ROWS_PER_WARP; ++r) {
+    const int64_t j = n0 + warp * ROWS_PER_WARP + r;
+    if (j >= Sk) break;
+    T* gk = dK + b * dks.b + h * dks.h + j * dks.s;
+    T* gv = dV + b * dvs.b + h * dvs.h + j * dvs.s;
+#pragma unroll
+    for (int t = 0; t < DPL; ++t) {
+      const int d = lane + 32 * t;
+      if (d < D) {
+        gk[d * dks.d] = static_cast<T>(dk[r][t] * scale);
+        gv[d * dvs.d] = static_cast<T>(dv[r][t]);
+      }
+    }
+  }
+}
+
+template <typename T, int DPL>
+__global__ void __launch_bounds__(THREADS) bwd_dq_kernel(
+    const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
+    const float* __restrict__ Lse, const float* __restrict__ Delta, T* __restrict__ dQ, Strides qs,
+    Strides ks, Strides vs, Strides gs, Strides dqs, int H, int64_t Sq, int64_t Sk, int D, float qk_scale,
+    float scale, MaskDesc m, HeadMask hm, bool causal, DropoutParams drop) {
+  constexpr int DMAX = 32 * DPL;
+  constexpr int LD = DMAX + 1;
+  extern __shared__ float smem[];
+  float* Qs = smem;               // [TILE, LD]
+  float* Gs = Qs + TILE * LD;     // [TILE, LD] dO
+  float* Ks = Gs + TILE * LD;     // [TILE, LD]
+  float* Vs = Ks + TILE * LD;     // [TILE, LD]
+
+  const int64_t bh = blockIdx.x, qb = blockIdx.y;
+  const int64_t b = bh / H, h = bh % H;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t i0 = qb * TILE;
+  const int64_t off = Sk - Sq;
+  const T* Kb = K + b * ks.b + h * ks.h;
+  const T* Vb = V + b * vs.b + h * vs.h;
+  load_rows(Qs, LD, Q + b * qs.b + h * qs.h, qs.s, qs.d, i0, Sq, D, DMAX);
+  load_rows(Gs, LD, dO + b * gs.b + h * gs.h, gs.s, gs.d, i0, Sq, D, DMAX);
+  float lse[ROWS_PER_WARP], delta[ROWS_PER_WARP], dq[ROWS_PER_WARP][DPL];
+#pragma unroll
+  for (int r = 0; r < ROWS_PER_WARP; ++r) {
+    const int64_t i = i0 + warp * ROWS_PER_WARP + r;
+    lse[r] = i < Sq ? Lse[bh * Sq + i] : __int_as_float(0x7f800000);
+    delta[r] = i < Sq ? Delta[bh * Sq + i] : 0.f;
+#pragma unroll
+    for (int t = 0; t < DPL; ++t) dq[r][t] = 0.f;
+  }
+  float keep_scale = hm.ptr ? hm.ptr[b * hm.s_b + h * hm.s_h] : 1.f;
+  const bool dropout = drop.p > 0.f;
+  if (dropout) keep_scale /= (1.f - drop.p);
+
+  auto visit = [&](int64_t n0, const Tile& tile) {
+    __syncthreads();
+    load_rows(Ks, LD, Kb, ks.s, ks.d, n0, Sk, D, DMAX);
+    load_rows(Vs, LD, Vb, vs.s, vs.d, n0, Sk, D, DMAX);
+    __syncthreads();
+    const int64_t j = n0 + lane;
+#pragma unroll
+    for (int r = 0; r < ROWS_PER_WARP; ++r) {
+      const int lr = warp * ROWS_PER_WARP + r;
+      const int64_t i = i0 + lr;
+      if (i >= Sq) break;   // warp-uniform
+      float s = 0.f, dp = 0.f;
+      for (int d = 0; d < D; ++d) {
+        s += Qs[lr * LD + d] * Ks[lane * LD + d];
+        dp += Gs[lr * LD + d] * Vs[lane * LD + d];
+      }
+      s = s * qk_scale + visibility(m, tile, b, h, i, j, Sq, causal, off);
+      const float p = exp2f(s - lse[r]);
+      float pd;
+      const float ds = grad_scores(p, dp, delta[r], keep_scale, dropout, drop, i, j, Sk, static_cast<uint32_t>(bh), pd);
+      for (int jj = 0; jj < TILE; ++jj) {
+        const float dsj = __shfl_sync(FULL, ds, jj);
+#pragma unroll
+        for (int t = 0; t < DPL; ++t) dq[r][t] += dsj * Ks[jj * LD + lane + 32 * t];
+      }
+    }
+  };
+
+  for_each_key_tile(m, b, h, qb, Sq, Sk, causal, visit);
+
+#pragma unroll
+  for (int r = 0; r < ROWS_PER_WARP; ++r) {
+    const int64_t i = i0 + warp * ROWS_PER_WARP + r;
+    if (i >= Sq) break;
+    T* g = dQ + b * dqs.b + h * dqs.h + i * dqs.s;
+#pragma unroll
+    for (int t = 0; t < DPL; ++t) {
+      const int d = lane + 32 * t;
+      if (d < D) g[d * dqs.d] = static_cast<T>(dq[r][t] * scale);
+    }
+  }
+}
+
+__global__ void dropout_keep_kernel(bool* keep, int64_t rows, int64_t q_len, int64_t k_len, DropoutParams drop) {
+  const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (e >= rows * k_len) return;
+  const int64_t row = e / k_len, j = e % k_len;
+  keep[e] = dropout_keep(drop, row % q_len, j, k_len, static_cast<uint32_t>(row / q_len));
+}
+
+// ------------------------------------------------------------------------------------------
+// host side
+
+// Compile-time (element type, head dims per lane) of a call: 3 dtypes x 3 register widths.
+template <typename F>
+void dispatch(at::ScalarType dtype, int64_t D, F&& f) {
+  TORCH_CHECK(D >= 1 && D <= 128, "fused_attn (cuda): head dim ", D, " not supported (1..128)");
+  auto with_dpl = [&](auto zero) {
+    if (D <= 32) f(zero, std::integral_constant<int, 1>{});
+    else if (D <= 64) f(zero, std::integral_constant<int, 2>{});
+    else f(zero, std::integral_constant<int, 4>{});
+  };
+  switch (dtype) {
+    case at::kFloat: with_dpl(float{}); break;
+    case at::kHalf: with_dpl(at::Half{}); break;
+    case at::kBFloat16: with_dpl(at::BFloat16{}); break;
+    default: TORCH_CHECK(false, "fused_attn (cuda): dtype ", dtype, " not supported (float16, bfloat16, float32)");
+  }
+}
+
+template <typename Kernel>
+void set_smem(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+using at::Tensor;
+using OptT = std::optional<Tensor>;
+
+void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, int64_t block_m, int64_t block_n) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
+                  q.size(1) == k.size(1) && q.size(3) == k.size(3),
+              "fused_attn: q [B, H, Sq, D], k / v [B, H, Sk, D] expected, got ", q.sizes(), ", ", k.sizes(), ", ",
+              v.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "fused_attn: q, k, v must share a dtype");
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), "fused_attn: q, k, v on different devices");
+  TORCH_CHECK(block_m == TILE && block_n == TILE, "fused_attn: the CUDA kernel uses ", TILE, " x ", TILE,
+              " tiles, got ", block_m, " x ", block_n);
+  TORCH_CHECK(q.size(0) * q.size(1) <= INT32_MAX, "fused_attn (cuda): B * H too large");
+}
+
+std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const OptT& mask,
+                                            const OptT& key_start, const OptT& key_end, const OptT& key_dense,
+                                            const OptT& block_state, const OptT& head_mask, bool additive,
+                                            bool causal, double scale, double dropout_p, int64_t seed,
+                                            int64_t rng_offset, int64_t block_m, int64_t block_n) {
+  check_inputs(q, k, v, block_m, block_n);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const MaskDesc md = make_mask_desc(q, k.size(2), mask, additive, key_start, key_end, key_dense, block_state,
+                                     block_m, block_n);
+  const HeadMask hm = make_head_mask(head_mask, q);
+  const DropoutParams drop = DropoutParams::make(dropout_p, seed, rng_offset);
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), Sk = k.size(2), D = q.size(3);
+  const int64_t nqb = (Sq + TILE - 1) / TILE;
+  TORCH_CHECK(nqb <= 65535, "fused_attn (cuda): Sq too large");
+  Tensor out = at::empty_like(q);
+  Tensor lse = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
+  Tensor visited = at::empty({B, H, nqb}, q.options().dtype(at::kInt));
+  if (out.numel() == 0) return {out, lse, visited};
+  const dim3 grid(static_cast<unsigned>(B * H), static_cast<unsigned>(nqb));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch(q.scalar_type(), D, [&](auto zero, auto dpl) {
+    using scalar_t = decltype(zero);
+    constexpr int DPL = decltype(dpl)::value;
+    const size_t smem = 3 * TILE * (32 * DPL + 1) * sizeof(float);
+    auto kernel = fwd_kernel<scalar_t, DPL>;
+    set_smem(kernel, smem);
+    kernel<<<grid, THREADS, smem, stream>>>(
+        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+        lse.data_ptr<float>(), visited.data_ptr<int32_t>(), strides_of(q), strides_of(k), strides_of(v),
+        strides_of(out), static_cast<int>(H), Sq, Sk, static_cast<int>(D),
+        static_cast<float>(scale) * kLog2e, md, hm, causal, drop);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, lse, visited};
+}
+
+std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& grad_out, const Tensor& q, const Tensor& k,
+                                            const Tensor& v, const Tensor& out, const Tensor& lse,
+                                            const OptT& mask, const OptT& key_start, const OptT& key_end,
+                                            const OptT& key_dense, const OptT& block_state, const OptT& head_mask,
+                                            bool additive, bool causal, double scale, double dropout_p,
+                                            int64_t seed, int64_t rng_offset, int64_t block_m, int64_t block_n) {
+  check_inputs(q, k, v, block_m, block_n);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() &&
+                  grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "fused_attn: grad_out and out must match q ", q.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
+                  lse.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2)}),
+              "fused_attn: lse must be contiguous float32 [B, H, Sq]");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const MaskDesc md = make_mask_desc(q, k.size(2), mask, additive, key_start, key_end, key_dense, block_state,
+                                     block_m, block_n);
+  const HeadMask hm = make_head_mask(head_mask, q);
+  const DropoutParams drop = DropoutParams::make(dropout_p, seed, rng_offset);
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), Sk = k.size(2), D = q.size(3);
+  const int64_t nqb = (Sq + TILE - 1) / TILE, nkb = (Sk + TILE - 1) / TILE;
+  TORCH_CHECK(nqb <= 65535 && nkb <= 65535, "fused_attn (cuda): sequence too long");
+  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  if (q.numel() == 0 || k.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
+  // rowsum(dO * O) with O as stored (rounded to the input dtype, like the eager graph)
+  const Tensor delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const float qk_scale = static_cast<float>(scale) * kLog2e;
+  dispatch(q.scalar_type(), D, [&](auto zero, auto dpl) {
+    using scalar_t = decltype(zero);
+    constexpr int DPL = decltype(dpl)::value;
+    const size_t smem = (4 * TILE * (32 * DPL + 1) + 2 * TILE) * sizeof(float);
+    auto kdkdv = bwd_dkdv_kernel<scalar_t, DPL>;
+    set_smem(kdkdv, smem);
+    kdkdv<<<dim3(static_cast<unsigned>(B * H), static_cast<unsigned>(nkb)), THREADS, smem, stream>>>(
+        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
+        lse.data_ptr<float>(), delta.data_ptr<float>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
+        strides_of(q), strides_of(k), strides_of(v), strides_of(grad_out), strides_of(dk), strides_of(dv),
+        static_cast<int>(H), Sq, Sk, static_cast<int>(D), qk_scale, static_cast<float>(scale), md, hm, causal,
+        drop);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto kdq = bwd_dq_kernel<scalar_t, DPL>;
+    set_smem(kdq, smem);
+    kdq<<<dim3(static_cast<unsigned>(B * H), static_cast<unsigned>(nqb)), THREADS, smem, stream>>>(
+        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
+        lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<scalar_t>(), strides_of(q), strides_of(k),
+        strides_of(v), strides_of(grad_out), strides_of(dq), static_cast<int>(H), Sq, Sk, static_cast<int>(D),
+        qk_scale, static_cast<float>(scale), md, hm, causal, drop);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {dq, dk, dv};
+}
+
+Tensor dropout_keep_cuda(const Tensor& like, int64_t batch, int64_t heads, int64_t q_len, int64_t k_len,
+                         double dropout_p, int64_t seed, int64_t rng_offset) {
+  const c10::cuda::CUDAGuard guard(like.device());
+  Tensor keep = at::empty({batch, heads, q_len, k_len}, like.options().dtype(at::kBool));
+  const int64_t n = keep.numel();
+  if (n == 0) return keep;
+  const int threads = 256;
+  dropout_keep_kernel<<<static_cast<unsigned>((n + threads - 1) / threads), threads, 0,
+                        c10::cuda::getCurrentCUDAStream()>>>(keep.data_ptr<bool>(), batch * heads * q_len, q_len,
+                                                           k_len, DropoutParams::make(dropout_p, seed, rng_offset));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return keep;
+}
+
+}  // namespace cuda
+}  // namespace fused_attn_kernels
+
+TORCH_LIBRARY_IMPL(fused_attn, CUDA, m) {
+  m.impl("fwd", &fused_attn_kernels::cuda::fwd_cuda);
+  m.impl("bwd", &fused_attn_kernels::cuda::bwd_cuda);
+  m.impl("dropout_keep", &fused_attn_kernels::cuda::dropout_keep_cuda);
+}
