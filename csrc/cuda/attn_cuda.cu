@@ -71,6 +71,12 @@ __device__ __noinline__ bool keep_element(DropoutParams d, int64_t i, int64_t j,
   return dropout_keep(d, i, j, Sk, bh);
 }
 
+// The factor on kept probabilities: head_mask[b, h] / (1 - p).
+__device__ __forceinline__ float prob_scale(const HeadMask& hm, const DropoutParams& drop, int64_t b, int64_t h) {
+  const float s = hm.ptr ? hm.ptr[b * hm.s_b + h * hm.s_h] : 1.f;
+  return drop.p > 0.f ? s / (1.f - drop.p) : s;
+}
+
 // What one tile needs: visible keys [lo, hi), whether mask values must be read.
 struct Tile {
   int64_t lo, hi;
@@ -223,8 +229,7 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(
   });
 
   // -- epilogue: rows that saw nothing give exactly 0 and lse = +inf
-  float keep_scale = hm.ptr ? hm.ptr[b * hm.s_b + h * hm.s_h] : 1.f;
-  if (dropout) keep_scale /= (1.f - drop.p);
+  const float keep_scale = prob_scale(hm, drop, b, h);
 #pragma unroll
   for (int r = 0; r < ROWS_PER_WARP; ++r) {
     const int64_t i = i0 + warp * ROWS_PER_WARP + r;
@@ -245,12 +250,30 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(
 // ------------------------------------------------------------------------------------------
 // backward
 
-// dP -> dS for one (i, j): returns dS, sets pd (the probability that multiplied V).
-__device__ __forceinline__ float grad_scores(float p, float dp, float delta, float keep_scale, bool dropout,
-                                             const DropoutParams& drop, int64_t i, int64_t j, int64_t Sk,
-                                             uint32_t bh, float& pd) {
-  float f = keep_scale;
-  if (dropout && p != 0.f && !keep_element(drop, i, j, Sk, bh)) f = 0.f;
+// What every element of one (batch, head) needs in the backward.
+struct HeadCtx {
+  MaskDesc m;
+  DropoutParams drop;
+  int64_t b, h, Sq, Sk;
+  uint32_t bh;
+  bool causal;
+  float qk_scale, keep_scale;
+};
+
+// dS of element (i, j) from shared-memory rows q_i, k_j, dO_i, v_j (P recomputed from the row's
+// log-sum-exp, +inf for rows that saw nothing -> P = 0); pd = the probability that multiplied V.
+__device__ __forceinline__ float grad_element(const float* qi, const float* kj, const float* gi, const float* vj,
+                                              int D, float lse, float delta, const Tile& tile, int64_t i,
+                                              int64_t j, const HeadCtx& c, float& pd) {
+  float s = 0.f, dp = 0.f;
+  for (int d = 0; d < D; ++d) {
+    s += qi[d] * kj[d];
+    dp += gi[d] * vj[d];
+  }
+  s = s * c.qk_scale + visibility(c.m, tile, c.b, c.h, i, j, c.Sq, c.causal, c.Sk - c.Sq);
+  const float p = exp2f(s - lse);
+  float f = c.keep_scale;
+  if (c.drop.p > 0.f && p != 0.f && !keep_element(c.drop, i, j, c.Sk, c.bh)) f = 0.f;
   pd = p * f;
   return p * (f * dp - delta);
 }
@@ -275,7 +298,6 @@ __global__ void __launch_bounds__(THREADS) bwd_dkdv_kernel(
   const int64_t b = bh / H, h = bh % H;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n0 = kb * TILE;
-  const int64_t off = Sk - Sq;
   load_rows(Ks, LD, K + b * ks.b + h * ks.h, ks.s, ks.d, n0, Sk, D, DMAX);
   load_rows(Vs, LD, V + b * vs.b + h * vs.h, vs.s, vs.d, n0, Sk, D, DMAX);
   float dk[ROWS_PER_WARP][DPL], dv[ROWS_PER_WARP][DPL];
@@ -283,9 +305,7 @@ __global__ void __launch_bounds__(THREADS) bwd_dkdv_kernel(
   for (int r = 0; r < ROWS_PER_WARP; ++r)
 #pragma unroll
     for (int t = 0; t < DPL; ++t) dk[r][t] = dv[r][t] = 0.f;
-  float keep_scale = hm.ptr ? hm.ptr[b * hm.s_b + h * hm.s_h] : 1.f;
-  const bool dropout = drop.p > 0.f;
-  if (dropout) keep_scale /= (1.f - drop.p);
+  const HeadCtx ctx{m, drop, b, h, Sq, Sk, static_cast<uint32_t>(bh), causal, qk_scale, prob_scale(hm, drop, b, h)};
 
   auto visit = [&](int64_t qb, const Tile& tile) {
     const int64_t m0 = qb * TILE;
@@ -304,15 +324,9 @@ __global__ void __launch_bounds__(THREADS) bwd_dkdv_kernel(
       const int lk = warp * ROWS_PER_WARP + r;
       const int64_t j = n0 + lk;
       if (j >= Sk) break;   // warp-uniform
-      float s = 0.f, dp = 0.f;
-      for (int d = 0; d < D; ++d) {
-        s += Qs[lane * LD + d] * Ks[lk * LD + d];
-        dp += Gs[lane * LD + d] * Vs[lk * LD + d];
-      }
-      s = s * qk_scale + visibility(m, tile, b, h, i, j, Sq, causal, off);
-      const float p = exp2f(s - Ls[lane]);   // lse = +inf for rows that saw nothing -> 0
       float pd;
-      const float ds = grad_scores(p, dp, Ds[lane], keep_scale, dropout, drop, i, j, Sk, static_cast<uint32_t>(bh), pd);
+      const float ds = grad_element(Qs + lane * LD, Ks + lk * LD, Gs + lane * LD, Vs + lk * LD, D, Ls[lane],
+                                    Ds[lane], tile, i, j, ctx, pd);
       for (int ii = 0; ii < TILE; ++ii) {
         const float pdi = __shfl_sync(FULL, pd, ii), dsi = __shfl_sync(FULL, ds, ii);
 #pragma unroll
@@ -361,7 +375,6 @@ __global__ void __launch_bounds__(THREADS) bwd_dq_kernel(
   const int64_t b = bh / H, h = bh % H;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t i0 = qb * TILE;
-  const int64_t off = Sk - Sq;
   const T* Kb = K + b * ks.b + h * ks.h;
   const T* Vb = V + b * vs.b + h * vs.h;
   load_rows(Qs, LD, Q + b * qs.b + h * qs.h, qs.s, qs.d, i0, Sq, D, DMAX);
@@ -375,9 +388,7 @@ __global__ void __launch_bounds__(THREADS) bwd_dq_kernel(
 #pragma unroll
     for (int t = 0; t < DPL; ++t) dq[r][t] = 0.f;
   }
-  float keep_scale = hm.ptr ? hm.ptr[b * hm.s_b + h * hm.s_h] : 1.f;
-  const bool dropout = drop.p > 0.f;
-  if (dropout) keep_scale /= (1.f - drop.p);
+  const HeadCtx ctx{m, drop, b, h, Sq, Sk, static_cast<uint32_t>(bh), causal, qk_scale, prob_scale(hm, drop, b, h)};
 
   auto visit = [&](int64_t n0, const Tile& tile) {
     __syncthreads();
@@ -390,15 +401,9 @@ __global__ void __launch_bounds__(THREADS) bwd_dq_kernel(
       const int lr = warp * ROWS_PER_WARP + r;
       const int64_t i = i0 + lr;
       if (i >= Sq) break;   // warp-uniform
-      float s = 0.f, dp = 0.f;
-      for (int d = 0; d < D; ++d) {
-        s += Qs[lr * LD + d] * Ks[lane * LD + d];
-        dp += Gs[lr * LD + d] * Vs[lane * LD + d];
-      }
-      s = s * qk_scale + visibility(m, tile, b, h, i, j, Sq, causal, off);
-      const float p = exp2f(s - lse[r]);
       float pd;
-      const float ds = grad_scores(p, dp, delta[r], keep_scale, dropout, drop, i, j, Sk, static_cast<uint32_t>(bh), pd);
+      const float ds = grad_element(Qs + lr * LD, Ks + lane * LD, Gs + lr * LD, Vs + lane * LD, D, lse[r], delta[r],
+                                    tile, i, j, ctx, pd);
       for (int jj = 0; jj < TILE; ++jj) {
         const float dsj = __shfl_sync(FULL, ds, jj);
 #pragma unroll

@@ -22,6 +22,16 @@ except Exception as e:  # pragma: no cover - depends on the installation
 MAX_HEAD_DIM = 256
 
 
+# Host-side integer helpers.  triton.cdiv / triton.next_power_of_2 are constexpr functions whose
+# wrapper costs microseconds per call on the host, which adds up on the per-call launch path.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -44,7 +54,7 @@ def fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> TileC
     if device.type != "cuda":                      # Triton interpreter: small tiles, many blocks
         return TileConfig(32, 16, 4, 1)
     major, _ = _capability(device.index if device.index is not None else torch.cuda.current_device())
-    bd = triton.next_power_of_2(head_dim)
+    bd = _pow2(head_dim)
     if dtype == torch.float32:                     # fp32 runs the ieee dot: registers are the limit
         return TileConfig(64, 32, 4, 2) if bd <= 64 else TileConfig(32, 32, 4, 2)
     if bd <= 64:
@@ -106,13 +116,13 @@ def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: fl
     cfg = config or fwd_config(D, q.dtype, q.device)
     out = torch.empty_like(q)   # keeps q's layout when dense, e.g. HF's [B, S, H, D] storage
     lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
-    n_qb = triton.cdiv(Sq, cfg.block_m)
+    n_qb = _cdiv(Sq, cfg.block_m)
     visited = torch.zeros((B * H * n_qb,), device=q.device, dtype=torch.int32) if stats else lse
     dummy = lse
     mode, values, ms, keys, blocks = _mask_args(red, cfg, causal, dummy)
     hm = head_mask if head_mask is not None else dummy
     hstr = (0 if hm.shape[0] == 1 else hm.stride(0), hm.stride(1)) if head_mask is not None else (0, 0)
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, _pow2(D))
     grid = (n_qb, B * H)
     triton_fwd.attn_fwd_kernel[grid](
         q, k, v, out, lse, visited,
@@ -140,7 +150,7 @@ def bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> Tuple
     reverse; each kernel gets its own (BLOCK_M, BLOCK_N) and so its own block map."""
     if device.type != "cuda":
         return TileConfig(16, 32, 4, 1), TileConfig(32, 16, 4, 1)
-    bd = triton.next_power_of_2(head_dim)
+    bd = _pow2(head_dim)
     if dtype == torch.float32:
         return TileConfig(32, 32, 4, 2), TileConfig(32, 32, 4, 2)
     if bd <= 128:
@@ -163,9 +173,9 @@ def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale:
     dq_config = dq_config or config
     if grad_out.dtype != q.dtype:
         grad_out = grad_out.to(q.dtype)
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, _pow2(D))
     delta = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)   # rowsum(dO ∘ O)
-    triton_bwd.bwd_delta_kernel[(triton.cdiv(Sq, DELTA_BLOCK_M), B * H)](
+    triton_bwd.bwd_delta_kernel[(_cdiv(Sq, DELTA_BLOCK_M), B * H)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Sq, D,
         BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -187,12 +197,12 @@ def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale:
         t_blocks = _list_args(red.block_map(config.block_m, config.block_n, causal).transposed_lists())
     else:
         t_blocks = (dummy, dummy, dummy, dummy, 0, 0, 0, 0, 0, 0)
-    triton_bwd.attn_bwd_dkdv_kernel[(triton.cdiv(Sk, config.block_n), B * H)](
+    triton_bwd.attn_bwd_dkdv_kernel[(_cdiv(Sk, config.block_n), B * H)](
         q, k, v, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         *scalars, values, *ms, *keys, *t_blocks, hm, *hstr, *rng, **flags(config))
     _, _, _, _, blocks = _mask_args(red, dq_config, causal, dummy)
-    triton_bwd.attn_bwd_dq_kernel[(triton.cdiv(Sq, dq_config.block_m), B * H)](
+    triton_bwd.attn_bwd_dq_kernel[(_cdiv(Sq, dq_config.block_m), B * H)](
         q, k, v, grad_out, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
         *scalars, values, *ms, *keys, *blocks, hm, *hstr, *rng, **flags(dq_config))
@@ -204,7 +214,7 @@ def dropout_keep_mask(batch: int, heads: int, q_len: int, k_len: int, dropout_p:
     """The bool keep-mask [B, H, Sq, Sk] the kernels apply for this (seed, offset): a testing
     hook, so the reference can apply exactly the same dropout."""
     keep = torch.empty((batch, heads, q_len, k_len), dtype=torch.int8, device=device)
-    grid = (triton.cdiv(q_len, 32), triton.cdiv(k_len, 32), batch * heads)
+    grid = (_cdiv(q_len, 32), _cdiv(k_len, 32), batch * heads)
     triton_bwd.dropout_keep_kernel[grid](keep, heads, q_len, k_len, seed, rng_offset, float(dropout_p),
                                          BLOCK_M=32, BLOCK_N=32)
     return keep.bool()
