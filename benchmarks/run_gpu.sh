@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Everything we measure on a GPU machine, in one command (torch/triton/transformers preinstalled):
 #   bash benchmarks/run_gpu.sh OUT_DIR [STEPS]
-# STEPS: space-separated subset of "tests bench train hf cuda" (default: all).  Each step has its
+# STEPS: space-separated subset of "tests bench train hf hf-large cuda" (default: all).  Each step has its
 # own time limit so one slow step cannot starve the others; logs and CSVs land in OUT_DIR.
 set -u
 out=${1:?usage: run_gpu.sh OUT_DIR [STEPS]}
-steps=${2:-"tests bench train hf cuda"}
+steps=${2:-"tests bench train hf hf-large cuda"}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 log="$out/gpu.log"
@@ -23,6 +23,8 @@ for step in $steps; do
     train) timeout 160 python -m benchmarks --preset train-target --out "$out" --no-plot --quiet \
              --methods fused_triton,eager,sdpa_mask,sdpa_nomask,flex >>"$log" 2>&1 ;;
     hf)    timeout 130 python benchmarks/bench_hf.py --out "$out/bench_hf.csv" --iters 20 >>"$log" 2>&1 ;;
+    hf-large) timeout 200 python benchmarks/bench_hf.py --models bert-large --out "$out/bench_hf_large.csv" \
+             --iters 10 >>"$log" 2>&1 ;;
     cuda)  timeout 150 python -m pytest -q -m cuda -p no:cacheprovider tests -k "cuda-ext" >>"$log" 2>&1 ;;
   esac
   echo "=== $step exit $?" >>"$log"

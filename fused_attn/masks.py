@@ -349,7 +349,8 @@ def dense_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: int):
 
 class _MaskCache:
     """Tiny identity cache: same tensor object, same version counter, same shapes -> same
-    reduction.  Holds weak references only, so it never keeps a mask alive."""
+    reduction.  Holds weak references only, so it never keeps a mask alive.  Inference tensors
+    (torch.inference_mode) are never cached: they have no version counter."""
 
     def __init__(self, size: int = 16):
         self.size = size
@@ -357,7 +358,7 @@ class _MaskCache:
 
     def get(self, mask: torch.Tensor, key):
         e = self.entries.get(id(mask))
-        if e is None:
+        if e is None or mask.is_inference():
             return None
         ref, version, k, red = e
         if ref() is not mask or version != mask._version or k != key:
@@ -365,7 +366,9 @@ class _MaskCache:
         return red
 
     def put(self, mask: torch.Tensor, key, red):
-        if torch.compiler.is_compiling():
+        # Inference tensors have no version counter, so an in-place change could not be seen:
+        # they are reduced on every call (HF's mask interface still reduces once per forward).
+        if torch.compiler.is_compiling() or mask.is_inference():
             return
         if len(self.entries) >= self.size:
             self.entries.pop(next(iter(self.entries)))

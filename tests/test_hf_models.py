@@ -54,6 +54,18 @@ def test_family_forward_matches_eager(family):
     assert torch.equal(run(model, input_ids=ids, attention_mask=mask), eager)
 
 
+def test_patched_model_under_inference_mode():
+    """Serving code runs under torch.inference_mode, where masks are inference tensors."""
+    model = tiny("bert")
+    ids, mask = batch(3, 13, [13, 7, 2])
+    oracle = run(oracle_of(model), input_ids=ids, attention_mask=mask)
+    with torch.inference_mode():
+        eager = run(model, input_ids=ids, attention_mask=mask)
+        fused_attn.patch(model)
+        got = run(model, input_ids=ids, attention_mask=mask)
+    assert_close_to_oracle("hidden states under inference_mode", got, oracle, eager)
+
+
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_patch_is_idempotent_reversible_and_keeps_state(impl):
     model = tiny("bert", impl=impl).to(torch.float64).train()

@@ -92,6 +92,21 @@ def test_reduction_is_cached_per_mask_tensor():
     assert reduce_mask(r2, 2, 4, 8, 8) is r2                # a ReducedMask passes through
 
 
+def test_inference_mode_masks_are_reduced_fresh(engine):
+    """Inference tensors have no version counter: they work, and an in-place change between
+    calls is seen (never a stale cached reduction)."""
+    name, device = engine
+    q, k, v = make_qkv(2, 2, 8, 8, 16, torch.float32, device)
+    with torch.inference_mode():
+        m = padding_mask([3, 8], 8, device=device)
+        first = fused_attn.attention(q, k, v, m, backend=name)
+        torch.testing.assert_close(first, fused_attn.reference.attention(q, k, v, m), atol=1e-5, rtol=1e-5)
+        m[0, 5] = True
+        second = fused_attn.attention(q, k, v, m, backend=name)
+        torch.testing.assert_close(second, fused_attn.reference.attention(q, k, v, m), atol=1e-5, rtol=1e-5)
+    assert not torch.equal(first[0], second[0])
+
+
 def test_layers_share_one_reduction(monkeypatch):
     calls = []
     real = masks._reduce
