@@ -222,3 +222,21 @@ def test_explicit_backend_that_cannot_serve_says_why(monkeypatch):
         fused_attn.attention(q, k, v, backend="triton")
     monkeypatch.setenv("FUSED_ATTN_BACKEND", "reference")
     torch.testing.assert_close(fused_attn.attention(q, k, v), fused_attn.reference.attention(q, k, v))
+
+
+def test_auto_fallback_warns_once_with_the_reason(monkeypatch):
+    from fused_attn import backends
+    q, k, v = _qkv()
+    real = backends.reasons
+    monkeypatch.setattr(backends, "reasons",
+                        lambda name, t: ["no C++ compiler (test)"] if name == "cpu" else real(name, t))
+    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("FUSED_ATTN_BACKEND", raising=False)
+    with pytest.warns(UserWarning, match=r"backend 'auto' uses 'reference' because cpu: no C\+\+ compiler \(test\)"):
+        out = fused_attn.attention(q, k, v)
+    torch.testing.assert_close(out, fused_attn.reference.attention(q, k, v))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused_attn.attention(q, k, v)          # once: the second call is silent

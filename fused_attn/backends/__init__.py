@@ -55,7 +55,7 @@ def select(requested: str, q: torch.Tensor) -> str:
     for name in candidates:
         why = reasons(name, q)
         if not why:
-            if skipped and q.device.type == "cuda":
+            if skipped:
                 key = (name, tuple(skipped))
                 if key not in _warned:
                     _warned.add(key)
