@@ -161,8 +161,11 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 #pragma omp simd
           for (int i = 0; i < BLOCK_M; ++i) li[i] += s[i];
           if (dropout) {
-            for (int64_t i = 0; i < rows; ++i)
-              if (!dropout_keep(drop, i0 + i, n0 + j, Sk, static_cast<uint32_t>(bh))) s[i] = 0.f;
+            for (int64_t i = 0; i < rows; i += 4) {   // i0 is a multiple of 4: one Philox call per 4 rows
+              const unsigned keep = dropout_keep4(drop, i0 + i, n0 + j, Sk, static_cast<uint32_t>(bh));
+              for (int r = 0; r < 4 && i + r < rows; ++r)
+                if (!((keep >> r) & 1u)) s[i + r] = 0.f;
+            }
           }
         }
         for (int64_t i = 0; i < rows; ++i) {
@@ -276,8 +279,10 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
               continue;
             }
             if (dropout) {
-              for (int64_t i = 0; i < BLOCK_M; ++i)
-                fac[i] = i < rows && dropout_keep(drop, i0 + i, n0 + j, Sk, static_cast<uint32_t>(bh)) ? keep_scale : 0.f;
+              for (int64_t i = 0; i < BLOCK_M; i += 4) {
+                const unsigned keep = i < rows ? dropout_keep4(drop, i0 + i, n0 + j, Sk, static_cast<uint32_t>(bh)) : 0u;
+                for (int r = 0; r < 4; ++r) fac[i + r] = i + r < rows && ((keep >> r) & 1u) ? keep_scale : 0.f;
+              }
             } else {
               std::fill(fac, fac + BLOCK_M, keep_scale);
             }

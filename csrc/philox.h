@@ -2,9 +2,9 @@
 //
 // Philox-4x32 with 10 rounds, laid out exactly like the Triton kernels
 // (fused_attn/backends/triton_fwd.py, _dropout_keep): key = the 63-bit seed as two 31-bit
-// halves, counter = (row * Sk + col, batch * H + head, rng_offset as two 31-bit halves).  The
-// first output word becomes a uniform float the way triton.language.uint_to_uniform_float does,
-// and an element is kept iff uniform >= p.  The keep-mask is a function of the element's
+// halves, counter = ((row / 4) * Sk + col, batch * H + head, rng_offset as two 31-bit halves).
+// Output word row % 4 becomes a uniform float the way triton.language.uint_to_uniform_float
+// does, and an element is kept iff uniform >= p.  The keep-mask is a function of the element's
 // position only, so the backward pass regenerates it and every engine draws the same mask.
 #pragma once
 
@@ -38,9 +38,13 @@ FA_HOST_DEVICE uint32_t philox_mulhi(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
 }
 
-// First output word of Philox-4x32-10.
-FA_HOST_DEVICE uint32_t philox_first(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
-                                     uint32_t k0, uint32_t k1) {
+// Philox-4x32-10: the four output words of counter (c0, c1, c2, c3) under key (k0, k1).
+struct PhiloxWords {
+  uint32_t w[4];
+};
+
+FA_HOST_DEVICE PhiloxWords philox4(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                                   uint32_t k1) {
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
@@ -54,7 +58,7 @@ FA_HOST_DEVICE uint32_t philox_first(uint32_t c0, uint32_t c1, uint32_t c2, uint
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  return c0;
+  return PhiloxWords{{c0, c1, c2, c3}};
 }
 
 // triton.language.uint_to_uniform_float for 32-bit words: [0, 1).
@@ -64,11 +68,22 @@ FA_HOST_DEVICE float philox_uniform(uint32_t r) {
   return static_cast<float>(x) * 4.6566127342e-10f;
 }
 
-// Keep (true) or drop element (row, col) of head bh = b * H + h.
+// Keep (true) or drop element (row, col) of head bh = b * H + h: word row % 4 of the Philox call
+// for counter ((row / 4) * k_len + col, bh, offset), so one call serves four rows (the Triton
+// kernels draw a tile's keep-mask that way).
 FA_HOST_DEVICE bool dropout_keep(const DropoutParams& d, int64_t row, int64_t col, int64_t k_len,
                                  uint32_t bh) {
-  const uint32_t c0 = static_cast<uint32_t>(row * k_len + col);
-  return philox_uniform(philox_first(c0, bh, d.c2, d.c3, d.k0, d.k1)) >= d.p;
+  const uint32_t c0 = static_cast<uint32_t>((row >> 2) * k_len + col);
+  return philox_uniform(philox4(c0, bh, d.c2, d.c3, d.k0, d.k1).w[row & 3]) >= d.p;
+}
+
+// Keep bits of rows row0 .. row0 + 3 (row0 a multiple of 4) at column col: one Philox call.
+FA_HOST_DEVICE unsigned dropout_keep4(const DropoutParams& d, int64_t row0, int64_t col, int64_t k_len,
+                                      uint32_t bh) {
+  const PhiloxWords w = philox4(static_cast<uint32_t>((row0 >> 2) * k_len + col), bh, d.c2, d.c3, d.k0, d.k1);
+  unsigned bits = 0;
+  for (int r = 0; r < 4; ++r) bits |= (philox_uniform(w.w[r]) >= d.p ? 1u : 0u) << r;
+  return bits;
 }
 
 }  // namespace fused_attn_kernels

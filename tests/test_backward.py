@@ -1,4 +1,5 @@
 """Backward pass and in-kernel dropout of every kernel engine against the oracle."""
+import numpy as np
 import pytest
 import torch
 
@@ -147,6 +148,38 @@ def test_dropout_matches_reference_exactly(engine, mask, causal):
                   q, k, v, go)
     for label, x, o, e in zip(("out", "dq", "dk", "dv"), got, oracle, eager):
         assert_tolerance(f"dropout {label}", x, o, e)
+
+
+def _philox_keep_numpy(B, H, Sq, Sk, p, seed, offset):
+    """The keep-mask as DESIGN'd, written independently of the kernels: Philox-4x32-10 with key
+    = seed's two 31-bit halves, counter = ((i // 4) * Sk + j, b * H + h, offset's two 31-bit
+    halves); element (i, j) takes word i % 4, as Triton's uint_to_uniform_float; keep iff >= p."""
+    M32 = np.uint64(0xFFFFFFFF)
+    i = np.arange(Sq, dtype=np.uint64)[:, None]
+    j = np.arange(Sk, dtype=np.uint64)[None, :]
+    out = np.empty((B * H, Sq, Sk), dtype=bool)
+    for bh in range(B * H):
+        c = [((i // np.uint64(4)) * np.uint64(Sk) + j) & M32, np.full_like(i * j, bh),
+             np.full_like(i * j, offset & 0x7FFFFFFF), np.full_like(i * j, (offset >> 31) & 0x7FFFFFFF)]
+        k0, k1 = np.uint64(seed & 0x7FFFFFFF), np.uint64((seed >> 31) & 0x7FFFFFFF)
+        for _ in range(10):
+            n0 = (((np.uint64(0xCD9E8D57) * c[2]) >> np.uint64(32)) ^ c[1] ^ k0) & M32
+            n2 = (((np.uint64(0xD2511F53) * c[0]) >> np.uint64(32)) ^ c[3] ^ k1) & M32
+            c = [n0, (np.uint64(0xCD9E8D57) * c[2]) & M32, n2, (np.uint64(0xD2511F53) * c[0]) & M32]
+            k0, k1 = (k0 + np.uint64(0x9E3779B9)) & M32, (k1 + np.uint64(0xBB67AE85)) & M32
+        word = np.choose((i % np.uint64(4)).astype(np.int64) + np.zeros((1, Sk), np.int64), c)
+        x = word.astype(np.uint32).view(np.int32)
+        x = np.where(x < 0, ~x, x)
+        out[bh] = x.astype(np.float32) * np.float32(4.6566127342e-10) >= np.float32(p)
+    return torch.from_numpy(out.reshape(B, H, Sq, Sk))
+
+
+def test_dropout_keep_mask_is_the_documented_philox_stream(engine):
+    """Every engine draws exactly the documented mask (so engines agree with each other)."""
+    name, device = engine
+    B, H, Sq, Sk, p, seed, offset = 2, 3, 37, 45, 0.3, 2**40 + 12345, 2**33 + 8
+    keep = _keep_mask(engine, B, H, Sq, Sk, p, seed, offset, device)
+    assert torch.equal(keep.cpu(), _philox_keep_numpy(B, H, Sq, Sk, p, seed, offset))
 
 
 def test_dropout_statistics_and_seeding(engine):

@@ -17,12 +17,13 @@ from .triton_fwd import _dropout_keep, kv_loop_bounds, load_rows, mask_scores, m
 
 
 @triton.jit
-def _grads_from_probs(p, dp, delta, mi, ni, Sk, grad_scale, seed, rng_offset, bh, dropout_p,
-                      DROPOUT: tl.constexpr):
+def _grads_from_probs(p, dp, delta, offs_m, offs_n, Sk, grad_scale, seed, rng_offset, bh, dropout_p,
+                      DROPOUT: tl.constexpr, TRANSPOSED: tl.constexpr):
     """(Ph, dS) of one tile from P and dO·Vᵀ; delta broadcastable to the tile; grad_scale =
-    head_mask / (1 - dropout_p).  mi / ni: query / key indices (either orientation)."""
+    head_mask / (1 - dropout_p).  offs_m / offs_n: the tile's query / key indices; the tile is
+    [M, N], or [N, M] when TRANSPOSED."""
     if DROPOUT:
-        keep = _dropout_keep(seed, rng_offset, bh, mi, ni, Sk, dropout_p)
+        keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p, TRANSPOSED)
         ph = tl.where(keep, p * grad_scale, 0.0)
         dp = tl.where(keep, dp * grad_scale, 0.0)
     else:
@@ -61,8 +62,8 @@ def _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base,
                      CHECK_BOUNDS, CAUSAL, LOAD_MASK, MASK_ADDITIVE)
     pT = tl.math.exp2(sT - lse[None, :])            # lse = +inf on rows that see nothing -> 0
     dpT = mma(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), IEEE, UPCAST)
-    phT, dsT = _grads_from_probs(pT, dpT, delta[None, :], mi, ni, Sk, grad_scale, seed, rng_offset, bh,
-                                 dropout_p, DROPOUT)
+    phT, dsT = _grads_from_probs(pT, dpT, delta[None, :], offs_m, offs_n, Sk, grad_scale, seed, rng_offset, bh,
+                                 dropout_p, DROPOUT, True)
     dv = mma(phT.to(do.dtype), do, dv, IEEE, UPCAST)
     dk = mma(dsT.to(qT.dtype), tl.trans(qT), dk, IEEE, UPCAST)
     return dk, dv
@@ -184,7 +185,8 @@ def attn_bwd_dkdv_kernel(
             if CAUSAL:
                 # query i sees key j iff i >= j - causal_offset; tiles starting at or after
                 # q_safe see the whole key tile
-                q_lo = tl.maximum(start_n - causal_offset, 0)
+                # (q_lo rounded down to a tile boundary: dropout draws rows in groups of 4)
+                q_lo = (tl.maximum(start_n - causal_offset, 0) // BLOCK_M) * BLOCK_M
                 q_safe = start_n + BLOCK_N - 1 - causal_offset
                 q_mid = q_lo + tl.cdiv(tl.maximum(q_safe - q_lo, 0), BLOCK_M) * BLOCK_M
             if dense != 0:
@@ -239,8 +241,8 @@ def _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, str
                     CHECK_BOUNDS, CAUSAL, LOAD_MASK, MASK_ADDITIVE)
     p = tl.math.exp2(s - lse[:, None])
     dp = mma(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), IEEE, UPCAST)
-    _, ds = _grads_from_probs(p, dp, delta[:, None], mi, ni, Sk, grad_scale, seed, rng_offset, bh,
-                              dropout_p, DROPOUT)
+    _, ds = _grads_from_probs(p, dp, delta[:, None], offs_m, offs_n, Sk, grad_scale, seed, rng_offset, bh,
+                              dropout_p, DROPOUT, False)
     return mma(ds.to(k.dtype), k, dq, IEEE, UPCAST)
 
 
@@ -392,6 +394,6 @@ def dropout_keep_kernel(Keep, H, Sq, Sk, seed, rng_offset, dropout_p,
     bh = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], Sk, dropout_p)
+    keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p, False)
     ptrs = Keep + bh.to(tl.int64) * Sq * Sk + offs_m[:, None] * Sk + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < Sq) & (offs_n[None, :] < Sk))

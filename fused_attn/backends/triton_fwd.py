@@ -16,12 +16,19 @@ HIDDEN = tl.constexpr(-1.0e4)   # masks.HIDDEN_THRESHOLD
 
 
 @triton.jit
-def _dropout_keep(seed, rng_offset, bh, mi, ni, Sk, dropout_p):
-    """Keep-mask of one tile; mi / ni: query / key indices broadcastable to the tile's shape.
-    Philox-4x32-10, key = seed (two 31-bit halves), counter = (row * Sk + col, batch * H + head,
-    torch's offset as two 31-bit halves): a function of the element's position only, so the
-    backward regenerates it.  Keep iff uniform >= dropout_p."""
-    c0 = (mi * Sk + ni).to(tl.uint32)
+def _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p, TRANSPOSED: tl.constexpr):
+    """Keep-mask of the tile of query rows offs_m (consecutive, from a multiple of 4) and keys
+    offs_n: [M, N], or [N, M] when TRANSPOSED.  Philox-4x32-10 with key = seed (two 31-bit
+    halves) and counter = ((row // 4) * Sk + col, batch * H + head, torch's offset as two 31-bit
+    halves); element (row, col) takes output word row % 4, so one Philox call serves four rows.
+    A function of the element's position only: the backward regenerates it, and the C++ kernels
+    (csrc/philox.h) draw the same mask.  Keep iff uniform >= dropout_p."""
+    G: tl.constexpr = offs_m.shape[0] // 4
+    group = tl.min(offs_m, axis=0) // 4 + tl.arange(0, G)
+    if TRANSPOSED:
+        c0 = (group[None, :] * Sk + offs_n[:, None]).to(tl.uint32)     # [N, G]
+    else:
+        c0 = (group[:, None] * Sk + offs_n[None, :]).to(tl.uint32)     # [G, N]
     zero = tl.zeros_like(c0)
     # scalars may arrive as int32, int64 or constexpr: combine them with a tensor before casting
     c1 = (zero + bh).to(tl.uint32)
@@ -29,7 +36,14 @@ def _dropout_keep(seed, rng_offset, bh, mi, ni, Sk, dropout_p):
     c3 = (zero + ((rng_offset >> 31) & 0x7FFFFFFF)).to(tl.uint32)
     k0 = (zero + (seed & 0x7FFFFFFF)).to(tl.uint32)
     k1 = (zero + ((seed >> 31) & 0x7FFFFFFF)).to(tl.uint32)
-    r, _, _, _ = tl.philox_impl(c0, c1, c2, c3, k0, k1)
+    r0, r1, r2, r3 = tl.philox_impl(c0, c1, c2, c3, k0, k1)
+    # tl.join stacks on a new last axis: r[..., f, e] = word 2 f + e, so after the reshape the
+    # element 4 * group + 2 f + e takes word 2 f + e, i.e. word (its index) % 4
+    r = tl.join(tl.join(r0, r2), tl.join(r1, r3))
+    if TRANSPOSED:
+        r = tl.reshape(r, [offs_n.shape[0], 4 * G])                               # col 4 * group + word
+    else:
+        r = tl.reshape(tl.permute(r, (0, 2, 3, 1)), [4 * G, offs_n.shape[0]])     # row 4 * group + word
     return tl.uint_to_uniform_float(r) >= dropout_p
 
 
@@ -122,7 +136,7 @@ def _fwd_tile(acc, l_i, m_i, q, start_n, offs_m, offs_d,
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if DROPOUT:
-        keep = _dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], Sk, dropout_p)
+        keep = _dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p, False)
         p = tl.where(keep, p, 0.0)
     v = load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                   offs_n, kv_hi, offs_d, D, CHECK_BOUNDS, EVEN_D)
