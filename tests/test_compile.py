@@ -38,7 +38,7 @@ def test_opcheck_forward_op(engine):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("name", ["triton", "cuda"])
+@pytest.mark.parametrize("name", ["triton", "cuda"], ids=["triton-gpu", "cuda-ext"])
 @pytest.mark.parametrize("mask_kind", ["pad-right", "pair"])
 def test_cuda_graph_capture_forward_backward(name, mask_kind):
     """A training step's attention (dropout off) captured in a CUDA graph and replayed on new
