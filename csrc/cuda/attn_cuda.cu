@@ -155,6 +155,16 @@ __device__ __forceinline__ void load_rows(float* dst, int ld, const T* src, int6
   }
 }
 
+// Key / value rows [n0, n0 + TILE) into shared memory, once every thread is done with the last.
+template <typename T>
+__device__ __forceinline__ void load_kv_tile(float* Ks, float* Vs, int ld, const T* Kb, const T* Vb, const Strides& ks,
+                                             const Strides& vs, int64_t n0, int64_t Sk, int D, int DMAX) {
+  __syncthreads();
+  load_rows(Ks, ld, Kb, ks.s, ks.d, n0, Sk, D, DMAX);
+  load_rows(Vs, ld, Vb, vs.s, vs.d, n0, Sk, D, DMAX);
+  __syncthreads();
+}
+
 // ------------------------------------------------------------------------------------------
 // forward
 
@@ -191,10 +201,7 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(
   const bool dropout = drop.p > 0.f;
 
   auto visit = [&](int64_t n0, const Tile& tile) {
-    __syncthreads();
-    load_rows(Ks, LD, Kb, ks.s, ks.d, n0, Sk, D, DMAX);
-    load_rows(Vs, LD, Vb, vs.s, vs.d, n0, Sk, D, DMAX);
-    __syncthreads();
+    load_kv_tile(Ks, Vs, LD, Kb, Vb, ks, vs, n0, Sk, D, DMAX);
     const int64_t j = n0 + lane;
 #pragma unroll
     for (int r = 0; r < ROWS_PER_WARP; ++r) {
@@ -391,10 +398,7 @@ __global__ void __launch_bounds__(THREADS) bwd_dq_kernel(
   const HeadCtx ctx{m, drop, b, h, Sq, Sk, static_cast<uint32_t>(bh), causal, qk_scale, prob_scale(hm, drop, b, h)};
 
   auto visit = [&](int64_t n0, const Tile& tile) {
-    __syncthreads();
-    load_rows(Ks, LD, Kb, ks.s, ks.d, n0, Sk, D, DMAX);
-    load_rows(Vs, LD, Vb, vs.s, vs.d, n0, Sk, D, DMAX);
-    __syncthreads();
+    load_kv_tile(Ks, Vs, LD, Kb, Vb, ks, vs, n0, Sk, D, DMAX);
     const int64_t j = n0 + lane;
 #pragma unroll
     for (int r = 0; r < ROWS_PER_WARP; ++r) {
