@@ -1,0 +1,57 @@
+"""Compile the Triton kernels for an H100 (sm_90) on a machine without a GPU: the interpreter
+runs the kernels' Python, this runs Triton's real frontend, lowering and ptxas.  Run as a script
+without TRITON_INTERPRET (test_triton_compile.py does); prints one line per kernel variant."""
+import inspect
+import os
+import time
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "unset TRITON_INTERPRET"
+
+from fused_attn.backends import triton_bwd, triton_fwd  # noqa: E402  (after the check above)
+
+TYPES = {"*fp32": {"Lse", "Delta", "HeadMask"},
+         "*i32": {"Stats", "KeyStart", "KeyEnd", "KeyDense", "PartCount", "PartIndex", "FullCount", "FullIndex"},
+         "*i8": {"Keep"}, "fp32": {"qk_scale", "sm_scale", "dropout_p"}, "i64": {"seed", "rng_offset"}}
+TENSORS = {"Q", "K", "V", "Out", "O", "DO", "DK", "DV", "DQ"}
+
+
+def signature(kernel, dtype: str, mask: str):
+    out = {}
+    for name, p in inspect.signature(kernel.fn).parameters.items():
+        if "constexpr" in str(p.annotation):
+            continue
+        ty = next((t for t, names in TYPES.items() if name in names), "i32")
+        out[name] = dtype if name in TENSORS else mask if name == "Mask" else ty
+    return out
+
+
+def compile_one(kernel, constexprs, dtype="*fp16", mask="*u8", warps=4, stages=2):
+    t0 = time.time()
+    src = ASTSource(fn=kernel, signature=signature(kernel, dtype, mask), constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    assert compiled.asm["cubin"], kernel
+    print(f"ok {kernel.fn.__name__} {dtype} {constexprs} {time.time() - t0:.1f}s", flush=True)
+
+
+def main():
+    for mode, additive, mask in ((1, False, "*u8"), (2, True, "*fp16")):
+        flags = dict(MASK_MODE=mode, MASK_ADDITIVE=additive, CAUSAL=True, HAS_HEAD_MASK=True, DROPOUT=True,
+                     IEEE=False, UPCAST=False, EVEN_D=True, BLOCK_D=64)
+        compile_one(triton_fwd.attn_fwd_kernel, dict(flags, WRITE_STATS=False, BLOCK_M=128, BLOCK_N=64),
+                    mask=mask, stages=3)
+        compile_one(triton_bwd.attn_bwd_dkdv_kernel, dict(flags, BLOCK_M=64, BLOCK_N=64), mask=mask)
+        compile_one(triton_bwd.attn_bwd_dq_kernel, dict(flags, BLOCK_M=64, BLOCK_N=64), mask=mask)
+    # head dim 80 (not a power of two), bf16
+    flags = dict(MASK_MODE=0, MASK_ADDITIVE=False, CAUSAL=False, HAS_HEAD_MASK=False, DROPOUT=False,
+                 IEEE=False, UPCAST=False, EVEN_D=False, BLOCK_D=128)
+    compile_one(triton_fwd.attn_fwd_kernel, dict(flags, WRITE_STATS=True, BLOCK_M=64, BLOCK_N=128), dtype="*bf16")
+    compile_one(triton_bwd.bwd_delta_kernel, dict(BLOCK_M=64, BLOCK_D=64))
+    compile_one(triton_bwd.dropout_keep_kernel, dict(BLOCK_M=32, BLOCK_N=32))
+
+
+if __name__ == "__main__":
+    main()
