@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_fwd import _dropout_keep, kv_loop_bounds, load_rows, mask_scores, mma
+from .triton_fwd import MASK_ROW, MASK_TILE, _dropout_keep, kv_loop_bounds, load_rows, mask_scores, mma
 
 
 @triton.jit
@@ -104,7 +104,7 @@ def _dkdv_list(dk, dv, k, v, Count, Index, offs_n, offs_d, q_base, do_base, lse_
         dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
                             stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
                             0, Sk, Sq, Sk, D, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh,
-                            dropout_p, BLOCK_M, EVEN_D, PARTIAL, PARTIAL and CAUSAL, PARTIAL, MASK_ADDITIVE,
+                            dropout_p, BLOCK_M, EVEN_D, PARTIAL, PARTIAL and CAUSAL, PARTIAL * MASK_TILE, MASK_ADDITIVE,
                             DROPOUT, IEEE, UPCAST)
     return dk, dv
 
@@ -194,19 +194,19 @@ def attn_bwd_dkdv_kernel(
                                      delta_base, stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr,
                                      stride_mm, stride_mn, lo, hi, Sq, Sk, D, causal_offset, qk_scale,
                                      grad_scale, seed, rng_offset, bh, dropout_p, BLOCK_M, EVEN_D, True, CAUSAL,
-                                     True, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
+                                     MASK_ROW, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
             elif edge:
                 dk, dv = _dkdv_range(dk, dv, k, v, q_lo, q_mid, offs_n, offs_d, q_base, do_base, lse_base,
                                      delta_base, stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr,
                                      stride_mm, stride_mn, lo, hi, Sq, Sk, D, causal_offset, qk_scale,
                                      grad_scale, seed, rng_offset, bh, dropout_p, BLOCK_M, EVEN_D, True, CAUSAL,
-                                     False, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
+                                     0, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
             else:
                 dk, dv = _dkdv_range(dk, dv, k, v, q_lo, q_mid, offs_n, offs_d, q_base, do_base, lse_base,
                                      delta_base, stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr,
                                      stride_mm, stride_mn, lo, hi, Sq, Sk, D, causal_offset, qk_scale,
                                      grad_scale, seed, rng_offset, bh, dropout_p, BLOCK_M, EVEN_D, False, CAUSAL,
-                                     False, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
+                                     0, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
 
     dk = dk * sm_scale
     n_ok = offs_n[:, None] < Sk
@@ -277,7 +277,8 @@ def _dq_list(dq, q, do, lse, delta, Count, Index, offs_m, offs_d, k_base, v_base
         dq = _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
                       stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, 0, Sk, Sq, Sk, D,
                       causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
-                      BLOCK_N, EVEN_D, PARTIAL, PARTIAL and CAUSAL, PARTIAL, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
+                      BLOCK_N, EVEN_D, PARTIAL, PARTIAL and CAUSAL, PARTIAL * MASK_TILE, MASK_ADDITIVE, DROPOUT, IEEE,
+                      UPCAST)
     return dq
 
 
@@ -349,12 +350,12 @@ def attn_bwd_dq_kernel(
             dq = _dq_range(dq, q, do, lse, delta, lo, safe_hi, hi, offs_m, offs_d, k_base, v_base,
                            stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, Sq, Sk, D,
                            causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
-                           BLOCK_N, EVEN_D, CAUSAL, True, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
+                           BLOCK_N, EVEN_D, CAUSAL, MASK_ROW, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
         else:
             dq = _dq_range(dq, q, do, lse, delta, lo, safe_hi, hi, offs_m, offs_d, k_base, v_base,
                            stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, Sq, Sk, D,
                            causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
-                           BLOCK_N, EVEN_D, CAUSAL, False, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
+                           BLOCK_N, EVEN_D, CAUSAL, 0, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
 
     dq = dq * sm_scale
     m_ok = offs_m[:, None] < Sq

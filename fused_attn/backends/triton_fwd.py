@@ -70,12 +70,17 @@ def load_rows(ptrs, rows, n_rows, offs_d, D, CHECK_ROWS: tl.constexpr, EVEN_D: t
     return tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
 
 
+# LOAD_MASK values: which part of the mask a score tile loads
+MASK_ROW: tl.constexpr = tl.constexpr(1)    # one row per tile (key-padding masks, MASK_MODE 1)
+MASK_TILE: tl.constexpr = tl.constexpr(2)   # the whole tile (general masks, MASK_MODE 2)
+
+
 @triton.jit
 def apply_mask_tile(s, mi, ni, mask_ptr, stride_mm, stride_mn, Sq, Sk, MASK_ADDITIVE: tl.constexpr):
     """Load one mask tile and apply it to log2-scores (hidden -> -inf).  mi / ni: query / key
     indices broadcastable to s (offs_m[:, None] and offs_n[None, :], or transposed)."""
     in_b = (mi < Sq) & (ni < Sk)
-    mv = tl.load(mask_ptr + mi * stride_mm + ni * stride_mn, mask=in_b, other=0)
+    mv = tl.load(mask_ptr + (mi * stride_mm + ni * stride_mn), mask=in_b, other=0)
     if MASK_ADDITIVE:
         mv = mv.to(tl.float32)
         return tl.where(mv > HIDDEN, s + mv * 1.4426950408889634, float("-inf"))
@@ -86,9 +91,13 @@ def apply_mask_tile(s, mi, ni, mask_ptr, stride_mm, stride_mn, Sq, Sk, MASK_ADDI
 def mask_scores(s, mi, ni, mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi, Sq, Sk, causal_offset,
                 CHECK_BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr,
                 MASK_ADDITIVE: tl.constexpr):
-    """All masking of one score tile: the mask tile (LOAD_MASK), keys outside [kv_lo, kv_hi)
-    (CHECK_BOUNDS) and keys right of the causal diagonal (CAUSAL)."""
-    if LOAD_MASK:
+    """All masking of one score tile: the mask (LOAD_MASK: 0 none, MASK_ROW or MASK_TILE), keys
+    outside [kv_lo, kv_hi) (CHECK_BOUNDS) and keys right of the causal diagonal (CAUSAL)."""
+    if LOAD_MASK == MASK_ROW:
+        # a key-padding mask is the same for every query: load one row and broadcast it (a full
+        # tile of 64-bit addresses made the compiler spill)
+        s = apply_mask_tile(s, 0, ni, mask_ptr, 0, stride_mn, Sq, Sk, MASK_ADDITIVE)
+    elif LOAD_MASK == MASK_TILE:
         s = apply_mask_tile(s, mi, ni, mask_ptr, stride_mm, stride_mn, Sq, Sk, MASK_ADDITIVE)
     if CHECK_BOUNDS:
         s = tl.where((ni < kv_hi) & (ni >= kv_lo), s, float("-inf"))
@@ -187,7 +196,7 @@ def _fwd_list(acc, l_i, m_i, visited, q, Count, Index, offs_m, offs_d,
                                   k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                   mask_ptr, stride_mm, stride_mn, 0, Sk, Sq, Sk, D, causal_offset, qk_scale,
                                   seed, rng_offset, bh, dropout_p, BLOCK_N, EVEN_D, PARTIAL, PARTIAL and CAUSAL,
-                                  PARTIAL, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
+                                  PARTIAL * MASK_TILE, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
         visited += 1
     return acc, l_i, m_i, visited
 
@@ -266,13 +275,13 @@ def attn_fwd_kernel(
                 acc, l_i, m_i, visited, q, lo, safe_hi, hi, offs_m, offs_d,
                 k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
                 Sq, Sk, D, causal_offset, qk_scale, seed, rng_offset, bh, dropout_p,
-                BLOCK_N, EVEN_D, CAUSAL, True, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
+                BLOCK_N, EVEN_D, CAUSAL, MASK_ROW, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
         else:
             acc, l_i, m_i, visited = _fwd_range(
                 acc, l_i, m_i, visited, q, lo, safe_hi, hi, offs_m, offs_d,
                 k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
                 Sq, Sk, D, causal_offset, qk_scale, seed, rng_offset, bh, dropout_p,
-                BLOCK_N, EVEN_D, CAUSAL, False, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
+                BLOCK_N, EVEN_D, CAUSAL, 0, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
 
     # -- epilogue: normalise; rows that saw nothing give exactly 0 and lse = +inf
     empty = l_i == 0.0
