@@ -1,8 +1,15 @@
 """Compile the Triton kernels for an H100 (sm_90) on a machine without a GPU: the interpreter
 runs the kernels' Python, this runs Triton's real frontend, lowering and ptxas.  Run as a script
-without TRITON_INTERPRET (test_triton_compile.py does); prints one line per kernel variant."""
+without TRITON_INTERPRET (test_triton_compile.py does); prints one line per kernel variant.
+
+    python tests/_triton_sm90.py --resources    # also registers / spill stack per thread
+"""
 import inspect
 import os
+import re
+import subprocess
+import sys
+import tempfile
 import time
 
 import triton
@@ -34,7 +41,20 @@ def compile_one(kernel, constexprs, dtype="*fp16", mask="*u8", warps=4, stages=2
     src = ASTSource(fn=kernel, signature=signature(kernel, dtype, mask), constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     assert compiled.asm["cubin"], kernel
-    print(f"ok {kernel.fn.__name__} {dtype} {constexprs} {time.time() - t0:.1f}s", flush=True)
+    print(f"ok {kernel.fn.__name__} {dtype} {constexprs} {time.time() - t0:.1f}s{resources(compiled)}", flush=True)
+
+
+def resources(compiled) -> str:
+    """' regs R stack S' from cuobjdump (shipped with Triton) when --resources is given."""
+    if "--resources" not in sys.argv:
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return f" regs {m.group(1)} stack {m.group(2)}" if m else " (no resource usage)"
 
 
 def main():
