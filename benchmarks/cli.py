@@ -18,7 +18,7 @@ import torch
 
 from . import report
 from .presets import METHODS, MODES, PRESETS, Case, Preset
-from .timing import bench, environment, peak_memory_mb, sync
+from .timing import bench, environment, peak_memory_mb, pick_device, sync
 from .workloads import (FUSED_ENGINES, Inputs, Skip, build_method, dtype_name, flops, fused_methods,
                         make_inputs, max_error, oracle, resolve_dtype, runners, tolerance)
 
@@ -220,12 +220,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"--preset: unknown preset {args.preset!r}; one of {', '.join(PRESETS)}", file=sys.stderr)
         return 2
     preset = PRESETS[args.preset]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = pick_device(args.device, args.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device here", file=sys.stderr)
         return 2

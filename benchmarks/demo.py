@@ -18,7 +18,7 @@ import fused_attn
 from fused_attn import backends
 
 from .presets import Case
-from .timing import bench, environment
+from .timing import bench, environment, pick_device
 from .workloads import (FLOOR, Method, build_method, dtype_name, flops, hf_eager, make_inputs, max_error,
                         oracle, runners, tolerance)
 
@@ -88,12 +88,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--threads", type=int, help="CPU: torch intra-op threads (default: torch's)")
     ap.add_argument("--no-speed", action="store_true", help="checks only")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = pick_device(args.device, args.threads)
     if device.type == "cuda":
         case = Case("demo", "S", 32, 12, 512, 64, dtype="fp16")
     else:

@@ -16,6 +16,15 @@ import torch
 QUANTILES = (0.5, 0.2, 0.8)
 
 
+def pick_device(name: str, threads: Optional[int] = None) -> torch.device:
+    """--device ("auto": the GPU when there is one) and --threads (CPU intra-op threads)."""
+    if threads:
+        torch.set_num_threads(threads)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
