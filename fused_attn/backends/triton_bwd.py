@@ -377,11 +377,10 @@ def bwd_delta_kernel(O, DO, Delta, stride_ob, stride_oh, stride_om, stride_od,
     h64 = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    ok = (offs_m[:, None] < Sq) & (offs_d[None, :] < D)
-    o = tl.load(O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-                mask=ok, other=0.0)
-    do = tl.load(DO + b64 * stride_gb + h64 * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd,
-                 mask=ok, other=0.0)
+    o = load_rows(O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                  offs_m, Sq, offs_d, D, True, False)
+    do = load_rows(DO + b64 * stride_gb + h64 * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd,
+                   offs_m, Sq, offs_d, D, True, False)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(Delta + bh.to(tl.int64) * Sq + offs_m, delta, mask=offs_m < Sq)
 
