@@ -26,20 +26,34 @@ def _seed():
 
 
 # (backend, device) pairs every kernel test runs on; unavailable ones skip with their reason.
+# "cuda-emu" is the CUDA kernels' source run on CPU under an emulation of CUDA (tests/_cuda_emu.py).
 ENGINES = [
     pytest.param(("triton", "cpu"), id="triton-interp"),
     pytest.param(("cpu", "cpu"), id="cpu"),
+    pytest.param(("cuda-emu", "cpu"), id="cuda-emu"),
     pytest.param(("triton", "cuda"), id="triton-gpu", marks=pytest.mark.cuda),
     pytest.param(("cuda", "cuda"), id="cuda-ext", marks=pytest.mark.cuda),
 ]
 
 
 @pytest.fixture(params=ENGINES)
-def engine(request):
+def engine(request, monkeypatch):
     """(backend name, device) of a kernel engine that can run here."""
     from fused_attn import backends
 
     name, device = request.param
+    if name == "cuda-emu":
+        import _cuda_emu
+
+        why = _cuda_emu.unavailable()
+        if why is None:
+            try:
+                _cuda_emu.route(monkeypatch)
+            except RuntimeError as e:
+                why = str(e)
+        if why:
+            pytest.skip(f"CUDA emulation unavailable: {why}")
+        return "cuda", "cpu"
     why = backends.reasons(name, torch.empty(1, 1, 1, 16, device=device))
     if why:
         pytest.skip(f"backend {name!r} unavailable: {'; '.join(why)}")
@@ -47,4 +61,5 @@ def engine(request):
 
 
 def is_interpreted(name, device):
-    return name == "triton" and device == "cpu"
+    """Kernel code run by an interpreter or emulator on CPU (Triton, CUDA): keep shapes small."""
+    return name in ("triton", "cuda") and device == "cpu"

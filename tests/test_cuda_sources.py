@@ -1,6 +1,7 @@
 """The CUDA sources compile (nvcc, compile only): a broken .cu fails the suite on machines that
 have the CUDA toolkit but no GPU, like CI.  Running the CUDA kernels is the job of the
-parametrized suite's cuda-ext engine on a GPU."""
+parametrized suite's cuda-ext engine on a GPU, and of its cuda-emu engine (the same source under an
+emulation of CUDA, tests/_cuda_emu.py) everywhere else."""
 import os
 import shutil
 import subprocess

@@ -11,6 +11,10 @@
 // scores, lane = output dims (lane + 32 t) for P V.
 // Backward, no atomics: dK/dV kernel over key tiles (warp w owns 8 keys, lane = query row of the
 // query tile), dQ kernel over query tiles (warp w owns 8 query rows, lane = key).
+//
+// The test suite also runs this file on CPU (tests/cuda_emu: FUSED_ATTN_CUDA_EMULATION, with the
+// CUDA runtime emulated); the kernel launches go through FA_LAUNCH for that.
+#if !defined(FUSED_ATTN_CUDA_EMULATION)
 #include <cuda.h>
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -21,6 +25,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#define FA_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#endif
 
 #include "../mask_desc.h"
 
@@ -506,7 +513,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, const Tensor& k, co
     const size_t smem = 3 * TILE * (32 * DPL + 1) * sizeof(float);
     auto kernel = fwd_kernel<scalar_t, DPL>;
     set_smem(kernel, smem);
-    kernel<<<grid, THREADS, smem, stream>>>(
+    FA_LAUNCH(kernel, grid, THREADS, smem, stream)(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
         lse.data_ptr<float>(), visited.data_ptr<int32_t>(), strides_of(q), strides_of(k), strides_of(v),
         strides_of(out), static_cast<int>(H), Sq, Sk, static_cast<int>(D),
@@ -549,7 +556,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& grad_out, const Tensor
     const size_t smem = (4 * TILE * (32 * DPL + 1) + 2 * TILE) * sizeof(float);
     auto kdkdv = bwd_dkdv_kernel<scalar_t, DPL>;
     set_smem(kdkdv, smem);
-    kdkdv<<<dim3(static_cast<unsigned>(B * H), static_cast<unsigned>(nkb)), THREADS, smem, stream>>>(
+    FA_LAUNCH(kdkdv, dim3(static_cast<unsigned>(B * H), static_cast<unsigned>(nkb)), THREADS, smem, stream)(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
         lse.data_ptr<float>(), delta.data_ptr<float>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
         strides_of(q), strides_of(k), strides_of(v), strides_of(grad_out), strides_of(dk), strides_of(dv),
@@ -558,7 +565,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& grad_out, const Tensor
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     auto kdq = bwd_dq_kernel<scalar_t, DPL>;
     set_smem(kdq, smem);
-    kdq<<<dim3(static_cast<unsigned>(B * H), static_cast<unsigned>(nqb)), THREADS, smem, stream>>>(
+    FA_LAUNCH(kdq, dim3(static_cast<unsigned>(B * H), static_cast<unsigned>(nqb)), THREADS, smem, stream)(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
         lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<scalar_t>(), strides_of(q), strides_of(k),
         strides_of(v), strides_of(grad_out), strides_of(dq), static_cast<int>(H), Sq, Sk, static_cast<int>(D),
@@ -575,9 +582,9 @@ Tensor dropout_keep_cuda(const Tensor& like, int64_t batch, int64_t heads, int64
   const int64_t n = keep.numel();
   if (n == 0) return keep;
   const int threads = 256;
-  dropout_keep_kernel<<<static_cast<unsigned>((n + threads - 1) / threads), threads, 0,
-                        c10::cuda::getCurrentCUDAStream()>>>(keep.data_ptr<bool>(), batch * heads * q_len, q_len,
-                                                           k_len, DropoutParams::make(dropout_p, seed, rng_offset));
+  FA_LAUNCH(dropout_keep_kernel, static_cast<unsigned>((n + threads - 1) / threads), threads, 0,
+            c10::cuda::getCurrentCUDAStream())(keep.data_ptr<bool>(), batch * heads * q_len, q_len, k_len,
+                                               DropoutParams::make(dropout_p, seed, rng_offset));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return keep;
 }
@@ -585,8 +592,10 @@ Tensor dropout_keep_cuda(const Tensor& like, int64_t batch, int64_t heads, int64
 }  // namespace cuda
 }  // namespace fused_attn_kernels
 
+#if !defined(FUSED_ATTN_CUDA_EMULATION)
 TORCH_LIBRARY_IMPL(fused_attn, CUDA, m) {
   m.impl("fwd", &fused_attn_kernels::cuda::fwd_cuda);
   m.impl("bwd", &fused_attn_kernels::cuda::bwd_cuda);
   m.impl("dropout_keep", &fused_attn_kernels::cuda::dropout_keep_cuda);
 }
+#endif

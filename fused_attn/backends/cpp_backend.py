@@ -39,14 +39,21 @@ def reasons(q: torch.Tensor, name: str) -> List[str]:
         out.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32)")
     if q.shape[-1] > MAX_HEAD_DIM[name]:
         out.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM[name]}")
+    why = unavailable(name)
+    if why:
+        out.append(why)
+    return out
+
+
+def unavailable(name: str) -> Optional[str]:
+    """Why the kernels of engine `name` cannot be loaded here (None: they can; builds them once)."""
     if name == "cuda" and torch.version.cuda is None:
-        out.append(f"torch {torch.__version__} has no CUDA support")
-        return out
+        return f"torch {torch.__version__} has no CUDA support"
     try:
         _ops(name)
     except RuntimeError as e:
-        out.append(str(e))
-    return out
+        return str(e)
+    return None
 
 
 def _mask_args(red: ReducedMask, device_kind: str, causal: bool):

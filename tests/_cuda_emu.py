@@ -1,0 +1,77 @@
+"""The CUDA kernels of csrc/cuda/attn_cuda.cu, run on CPU: the suite's "cuda-emu" engine.
+
+tests/cuda_emu/cuda_emu.h emulates the part of CUDA the file uses (threads as fibers, barriers,
+warp shuffles, shared memory, launch limits), and attn_cuda_emu.cpp compiles the unchanged .cu
+with it into ``torch.ops.fused_attn_cuda_emu``.  `route` makes the "cuda" backend take CPU
+tensors and call those ops, so every engine-parametrized test also runs the CUDA kernels on
+machines without a GPU (CI).  Emulated threads are slow: a test's shapes are what bound it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from fused_attn import _build
+
+HERE = Path(__file__).resolve().parent / "cuda_emu"
+_state = {"ops": None, "error": None}
+
+
+def cuda_include() -> Optional[str]:
+    """The CUDA toolkit's include directory (cuda_fp16.h; no GPU needed), or None."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        homes.append(str(Path(nvcc).resolve().parent.parent))
+    for home in homes:
+        if home and os.path.isfile(os.path.join(home, "include", "cuda_fp16.h")):
+            return os.path.join(home, "include")
+    return None
+
+
+def unavailable() -> Optional[str]:
+    """Why the emulated kernels cannot be built here (None: they can)."""
+    if os.name != "posix":
+        return "the emulation's fibers need POSIX ucontext"
+    if cuda_include() is None:
+        return "CUDA headers (cuda_fp16.h) not found: set CUDA_HOME"
+    return _build.compiler_problem()
+
+
+def load():
+    """torch.ops.fused_attn_cuda_emu, compiled once (cached like the extension)."""
+    if _state["ops"] is None and _state["error"] is None:
+        from torch.utils import cpp_extension
+
+        try:
+            cpp_extension.load(
+                name="fused_attn_cuda_emu",
+                sources=[str(HERE / "attn_cuda_emu.cpp")],
+                extra_cflags=["-O2", "-Wno-attributes", "-Wno-unknown-pragmas"],
+                extra_include_paths=[str(_build.source_dir()), cuda_include()],
+                is_python_module=False,
+                verbose=os.environ.get("FUSED_ATTN_EXT_VERBOSE", "0") not in ("", "0"),
+            )
+            _state["ops"] = torch.ops.fused_attn_cuda_emu
+        except Exception as e:  # noqa: BLE001 - reported as the engine's skip reason
+            _state["error"] = f"building the CUDA emulation failed: {str(e).strip()[:300]}"
+    if _state["error"] is not None:
+        raise RuntimeError(_state["error"])
+    return _state["ops"]
+
+
+def route(monkeypatch) -> None:
+    """For one test: backend "cuda" accepts CPU tensors and runs the emulated CUDA kernels."""
+    from fused_attn import backends
+    from fused_attn.backends import cpp_backend
+
+    ops = load()
+    real_ops, real_unavailable, real_reasons = cpp_backend._ops, cpp_backend.unavailable, backends.reasons
+    monkeypatch.setattr(cpp_backend, "_ops", lambda kind: ops if kind == "cuda" else real_ops(kind))
+    monkeypatch.setattr(cpp_backend, "unavailable", lambda name: None if name == "cuda" else real_unavailable(name))
+    monkeypatch.setattr(backends, "reasons", lambda name, q: cpp_backend.reasons(q, "cuda")
+                        if name == "cuda" and q.device.type == "cpu" else real_reasons(name, q))
