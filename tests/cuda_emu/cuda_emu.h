@@ -4,7 +4,9 @@
 // Each thread of a block is a fiber with its own stack (created with ucontext, switched with
 // _setjmp / _longjmp, which make no system call); a block's fibers run on one OS thread,
 // round-robin, each until it waits at a barrier.  Blocks of a grid run in parallel
-// (at::parallel_for), one block per OS thread at a time, with thread_local shared memory.
+// (at::parallel_for), one block per OS thread at a time, with per-OS-thread shared memory.
+// A thread runs as far as it can before the next barrier, so a missing __syncthreads shows up as
+// reads of unwritten (NaN) or stale shared memory.
 //   __syncthreads()           every thread of the block arrives, or the launch fails
 //   __shfl_sync / _xor_sync   full-mask warp shuffles: all 32 lanes arrive, then read
 // A block where some threads wait at a barrier that others never reach (an exited thread, or a
@@ -23,9 +25,11 @@
 #include <setjmp.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -67,10 +71,11 @@ constexpr size_t kDefaultSmem = 48 * 1024;      // dynamic shared memory without
 constexpr size_t kMaxSmem = 227 * 1024;         // H100 / H200 opt-in limit per block
 constexpr size_t kSmemFloats = kMaxSmem / sizeof(float) + 1024;  // + a guard zone past the limit
 
-// This OS thread's dynamic shared memory, kSmemFloats floats: the storage behind the kernels'
-// `extern __shared__ float smem[]` (thread_local), defined by the file that includes the kernels.
-float* dynamic_smem();
 constexpr size_t kStackBytes = 128 * 1024;
+
+// This OS thread's dynamic shared memory, kSmemFloats floats: the storage behind the kernels'
+// `extern __shared__ float smem[]` (__thread), defined by the file that includes the kernels.
+float* dynamic_smem();
 
 struct Fiber {
   ucontext_t start;   // the entry point, used once
@@ -195,8 +200,8 @@ inline std::string describe_stall(const Block& blk) {
   for (const Fiber& f : blk.fibers) (f.done ? done : waiting)++;
   std::ostringstream s;
   s << "cuda_emu: block (" << blk.block_idx.x << ", " << blk.block_idx.y << ", " << blk.block_idx.z
-    << ") deadlocked: " << waiting << " threads wait at a barrier or shuffle that " << done
-    << " exited threads and the rest never reach together (divergent __syncthreads / __shfl_sync)";
+    << ") deadlocked: " << waiting << " threads wait at a barrier or shuffle that the others (" << done
+    << " of them exited) never reach: divergent __syncthreads / __shfl_sync";
   return s.str();
 }
 
