@@ -12,7 +12,7 @@ STAMP_HF4 = $(VENV_HF4)/.installed
 HF_TESTS  = tests/test_hf_models.py tests/test_hf_minilm.py tests/test_hf_register.py
 JOBS     ?= 2
 
-.PHONY: demo test test-main test-hf4 test-gpu bench clean
+.PHONY: demo test test-main test-hf4 test-asan test-gpu bench clean
 
 $(STAMP): requirements-dev.txt requirements-hf.txt pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,16 @@ test-main: $(STAMP)
 # the HF integration tests again under transformers 4.x (the old BertSelfAttention protocol)
 test-hf4: $(STAMP_HF4)
 	$(PY_HF4) -m pytest -q -n $(JOBS) $(HF_TESTS)
+
+# The CUDA kernels under the CPU emulation (the cuda-emu engine), built with AddressSanitizer: an
+# out-of-bounds access to a tensor stops the run with a report (out/asan/).  Opt-in, ~5 min.
+# (Not tests/test_cuda_emu.py: its failing launches throw, which preloaded ASan cannot intercept.)
+ASAN_TESTS = tests/test_forward.py tests/test_backward.py tests/test_masks.py
+test-asan: $(STAMP)
+	mkdir -p out/asan && rm -f out/asan/report.*
+	LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:log_path=$(CURDIR)/out/asan/report \
+	  FUSED_ATTN_EMU_ASAN=1 $(PY) -m pytest -q -n $(JOBS) -k cuda-emu $(ASAN_TESTS) \
+	  || (cat out/asan/report.* 2>/dev/null; exit 1)
 
 # On a GPU machine with torch/triton already installed (no venv): the CUDA-marked tests.
 test-gpu:

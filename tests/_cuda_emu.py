@@ -42,16 +42,23 @@ def unavailable() -> Optional[str]:
     return _build.compiler_problem()
 
 
+def sanitized() -> bool:
+    """FUSED_ATTN_EMU_ASAN=1: build with AddressSanitizer (`make test-asan` preloads its runtime)."""
+    return os.environ.get("FUSED_ATTN_EMU_ASAN", "0") not in ("", "0")
+
+
 def load():
     """torch.ops.fused_attn_cuda_emu, compiled once (cached like the extension)."""
     if _state["ops"] is None and _state["error"] is None:
         from torch.utils import cpp_extension
 
+        asan = ["-g", "-fsanitize=address", "-fno-omit-frame-pointer"] if sanitized() else []
         try:
             cpp_extension.load(
-                name="fused_attn_cuda_emu",
+                name="fused_attn_cuda_emu" + ("_asan" if asan else ""),
                 sources=[str(HERE / "attn_cuda_emu.cpp")],
-                extra_cflags=["-O2", "-Wno-attributes", "-Wno-unknown-pragmas"],
+                extra_cflags=["-O2", "-Wno-attributes", "-Wno-unknown-pragmas", *asan],
+                extra_ldflags=["-fsanitize=address"] if asan else [],
                 extra_include_paths=[str(_build.source_dir()), cuda_include()],
                 is_python_module=False,
                 verbose=os.environ.get("FUSED_ATTN_EXT_VERBOSE", "0") not in ("", "0"),
