@@ -21,16 +21,24 @@ HERE = Path(__file__).resolve().parent / "cuda_emu"
 _state = {"ops": None, "error": None}
 
 
-def cuda_include() -> Optional[str]:
-    """The CUDA toolkit's include directory (cuda_fp16.h; no GPU needed), or None."""
+def cuda_file(relative: str) -> Optional[str]:
+    """A file of the CUDA toolkit (no GPU needed), looked for under CUDA_HOME, CUDA_PATH,
+    /usr/local/cuda and nvcc's install on PATH; None when there is none.  (torch's own
+    cpp_extension.CUDA_HOME stays None in a CPU build of torch.)"""
     homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     nvcc = shutil.which("nvcc")
     if nvcc:
         homes.append(str(Path(nvcc).resolve().parent.parent))
     for home in homes:
-        if home and os.path.isfile(os.path.join(home, "include", "cuda_fp16.h")):
-            return os.path.join(home, "include")
+        if home and os.path.isfile(os.path.join(home, relative)):
+            return os.path.join(home, relative)
     return None
+
+
+def cuda_include() -> Optional[str]:
+    """The CUDA toolkit's include directory (cuda_fp16.h), or None."""
+    header = cuda_file(os.path.join("include", "cuda_fp16.h"))
+    return os.path.dirname(header) if header else None
 
 
 def unavailable() -> Optional[str]:

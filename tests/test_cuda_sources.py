@@ -3,7 +3,6 @@ have the CUDA toolkit but no GPU, like CI.  Running the CUDA kernels is the job 
 parametrized suite's cuda-ext engine on a GPU, and of its cuda-emu engine (the same source under an
 emulation of CUDA, tests/_cuda_emu.py) everywhere else."""
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,16 +10,9 @@ import pytest
 from torch.utils import cpp_extension
 
 from fused_attn import _build
+from _cuda_emu import cuda_file
 
-
-def _nvcc():
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
-            return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc")
-
-
-NVCC = _nvcc()
+NVCC = cuda_file(os.path.join("bin", "nvcc"))
 SOURCES = _build.sources(with_cuda=True)[1:]
 
 
