@@ -74,3 +74,80 @@ def check_head_mask(head_mask, s: Shapes, device) -> Optional[torch.Tensor]:
         return head_mask
     raise ValueError(f"head_mask: shape {_shape(head_mask)} is not [H] = [{s.heads}] "
                      f"or [B, H] = [{s.batch}, {s.heads}]")
+
+
+def check_causal(causal) -> bool:
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    return causal
+
+
+def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dtypes=KERNEL_DTYPES,
+                 check_values: Optional[bool] = None):
+    """Checks a packed batch (q [Tq, H, D], k / v [Tk, H, D], cu_seqlens int32 [B + 1]) and returns
+    its fused_attn.packing.SeqLens.  The values of cu_seqlens (start 0, monotone, end T, lengths
+    <= max_seqlen) are checked where that costs no host synchronisation -- CPU tensors -- or when
+    check_values / FUSED_ATTN_DEBUG=1 asks for it."""
+    from .packing import SeqLens, debug_checks
+
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name}: expected 3 dims [T, H, D] (packed tokens), got shape {_shape(t)}")
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name}: dtype {t.dtype} is not supported "
+                            f"(expected one of {', '.join(str(d) for d in dtypes)})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v: dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v: devices differ ({q.device}, {k.device}, {v.device})")
+    if q.shape[1] < 1 or q.shape[2] < 1:
+        raise ValueError(f"q: heads and head dim must be >= 1, got shape {_shape(q)}")
+    if k.shape[1:] != q.shape[1:]:
+        raise ValueError(f"k: shape {_shape(k)} does not match q {_shape(q)} (expected [Tk, {q.shape[1]}, "
+                         f"{q.shape[2]}])")
+    if v.shape != k.shape:
+        raise ValueError(f"v: shape {_shape(v)} must equal k's shape {_shape(k)}")
+    cus = []
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{name}: expected an int32 torch.Tensor [B + 1], got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name}: dtype {cu.dtype}, expected torch.int32")
+        if cu.dim() != 1 or cu.shape[0] < 2:
+            raise ValueError(f"{name}: expected shape [B + 1] with B >= 1, got {_shape(cu)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name}: is on {cu.device} but q is on {q.device}")
+        cus.append(cu.contiguous())
+    if cus[0].shape != cus[1].shape:
+        raise ValueError(f"cu_seqlens_q {_shape(cus[0])} and cu_seqlens_k {_shape(cus[1])}: different batch sizes")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, int):
+            raise TypeError(f"{name}: expected a Python int, got {type(m).__name__}")
+        if m < 0:
+            raise ValueError(f"{name}: must be >= 0, got {m}")
+    if check_values is None:
+        check_values = q.device.type == "cpu" or debug_checks()
+    if check_values:
+        for name, cu, total, mx in (("cu_seqlens_q", cus[0], q.shape[0], max_seqlen_q),
+                                    ("cu_seqlens_k", cus[1], k.shape[0], max_seqlen_k)):
+            _check_cu_values(name, cu, total, mx)
+    return SeqLens(cus[0], cus[1], int(max_seqlen_q), int(max_seqlen_k))
+
+
+def _check_cu_values(name: str, cu: torch.Tensor, total: int, max_seqlen: int) -> None:
+    vals = cu.tolist()
+    if vals[0] != 0:
+        raise ValueError(f"{name}: must start at 0, got {vals[0]}")
+    lengths = [b - a for a, b in zip(vals, vals[1:])]
+    bad = next((i for i, n in enumerate(lengths) if n < 0), None)
+    if bad is not None:
+        raise ValueError(f"{name}: must be non-decreasing, but entry {bad + 1} ({vals[bad + 1]}) < entry {bad} "
+                         f"({vals[bad]})")
+    if vals[-1] != total:
+        raise ValueError(f"{name}: last entry {vals[-1]} must equal the number of packed rows {total}")
+    longest = max(lengths)
+    if longest > max_seqlen:
+        raise ValueError(f"max_seqlen_{name[-1]}: {max_seqlen} is below the longest sequence ({longest}) "
+                         f"in {name}")

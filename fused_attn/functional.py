@@ -6,7 +6,7 @@ from typing import Optional, Union
 import torch
 
 from . import backends, masks, ops, reference
-from ._checks import check_head_mask, check_qkv, check_scalars
+from ._checks import check_causal, check_head_mask, check_qkv, check_scalars, check_varlen
 from ._rng import philox_seed_offset
 from .masks import ReducedMask
 
@@ -47,8 +47,7 @@ def attention(
     s = check_qkv(q, k, v)
     scale = check_scalars(dropout_p, scale, s.head_dim)
     hm = check_head_mask(head_mask, s, q.device)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    causal = check_causal(causal)
     red = masks.reduce_mask(attention_mask, s.batch, s.heads, s.q_len, s.k_len, device=q.device)
     name = backends.select(backend, q)
     if name == "reference":
@@ -59,3 +58,64 @@ def attention(
     if dropout_p > 0.0:
         seed, offset = philox_seed_offset(q.device, s.batch * s.heads * s.q_len * s.k_len)
     return ops.fused_attention(q, k, v, red, hm, causal, scale, float(dropout_p), name, seed, offset)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention over a packed batch of variable-length sequences (FlashAttention-2's
+    ``flash_attn_varlen_func`` argument order): no padding is stored or computed.
+
+    Arguments:
+        q: [Tq, H, D] the queries of all B sequences one after the other; fp16 / bf16 / fp32;
+            any strides (e.g. a slice of a fused [T, 3, H, D] projection is read in place).
+        k, v: [Tk, H, D], same dtype and device as q.
+        cu_seqlens_q, cu_seqlens_k: int32 [B + 1] on q's device, cumulative lengths: sequence b is
+            q rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] and k / v rows cu_seqlens_k[b]:cu_seqlens_k[b + 1].
+            Starts at 0, non-decreasing, ends at Tq / Tk; sequences of length 0 are allowed.
+        max_seqlen_q, max_seqlen_k: Python ints >= the longest query / key sequence (no host
+            sync is needed to find them; they size the grid and the dropout layout).
+        dropout_p: dropout on the attention probabilities, inside the kernel.  Sequence b, query i,
+            key j (positions within the sequence) keeps or drops exactly as element [b, h, i, j] of
+            the padded call on the batch padded to [B, H, max_seqlen_q, max_seqlen_k].
+        scale: score scale, default D ** -0.5.
+        causal: bottom-right aligned within each sequence: query i sees key j iff
+            j <= i + (Sk_b - Sq_b).
+        backend: "auto" | "triton" | "cuda" | "cpu" | "reference"; env FUSED_ATTN_BACKEND
+            overrides "auto".
+    Returns:
+        [Tq, H, D] in q's dtype.  A query with no key to see outputs exactly 0.  Differentiable in
+        q, k, v.
+
+    The values of cu_seqlens are checked on CPU tensors; on CUDA only with FUSED_ATTN_DEBUG=1
+    (checking needs a host sync).  Whatever they hold, the kernels stay inside the tensors.
+    """
+    seqs = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    scale = check_scalars(dropout_p, scale, q.shape[2])
+    causal = check_causal(causal)
+    # the kernels take [1, H, T, D] views: batch stride unused, a sequence is a row offset
+    q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))
+    name = backends.select(backend, q4)
+    if name == "reference":
+        return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                          float(dropout_p), scale, causal)
+    if q.shape[0] == 0:
+        return q.new_zeros(q.shape)
+    heads = q.shape[1]
+    red = masks.ReducedMask("none", seqs.batch, heads, seqs.max_seqlen_q, seqs.max_seqlen_k)
+    seed, offset = 0, 0
+    if dropout_p > 0.0:
+        seed, offset = philox_seed_offset(q.device, seqs.batch * heads * seqs.max_seqlen_q * seqs.max_seqlen_k)
+    out = ops.fused_attention(q4, k4, v4, red, None, causal, scale, float(dropout_p), name, seed, offset,
+                              varlen=seqs)
+    return out[0].transpose(0, 1)

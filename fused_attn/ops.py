@@ -14,12 +14,20 @@ import torch
 from torch import Tensor
 
 from . import backends, masks
+from .packing import SeqLens
 
 NAMESPACE = "fused_attn_op"
 
 
-def _engine_kwargs(engine: str) -> dict:
-    return {"device_kind": engine} if engine in ("cpu", "cuda") else {}
+def _engine_kwargs(engine: str, varlen=None) -> dict:
+    kw = {"device_kind": engine} if engine in ("cpu", "cuda") else {}
+    if varlen is not None:
+        kw["varlen"] = varlen
+    return kw
+
+
+def _seqlens(cu_q: Optional[Tensor], cu_k: Optional[Tensor], max_q: int, max_k: int):
+    return None if cu_q is None else SeqLens(cu_q, cu_k, max_q, max_k)
 
 
 def _seed_offset(rng: Optional[Tensor]) -> Tuple[int, int]:
@@ -33,17 +41,21 @@ def _seed_offset(rng: Optional[Tensor]) -> Tuple[int, int]:
 def attn_forward(q: Tensor, k: Tensor, v: Tensor, mask_values: Optional[Tensor],
                  key_start: Optional[Tensor], key_end: Optional[Tensor], key_dense: Optional[Tensor],
                  head_mask: Optional[Tensor], rng: Optional[Tensor], kind: str, additive: bool,
-                 causal: bool, scale: float, dropout_p: float, engine: str) -> Tuple[Tensor, Tensor]:
+                 causal: bool, scale: float, dropout_p: float, engine: str,
+                 cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
+                 max_seqlen_k: int) -> Tuple[Tensor, Tensor]:
     red = masks.rebuild(kind, q.shape[0], q.shape[1], q.shape[2], k.shape[2], mask_values, additive,
                         key_start, key_end, key_dense)
     seed, offset = _seed_offset(rng)
+    varlen = _seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return backends._engine(engine).forward(q, k, v, red, causal, scale, dropout_p, head_mask,
-                                            seed=seed, rng_offset=offset, **_engine_kwargs(engine))
+                                            seed=seed, rng_offset=offset, **_engine_kwargs(engine, varlen))
 
 
 @attn_forward.register_fake
 def _(q, k, v, mask_values, key_start, key_end, key_dense, head_mask, rng, kind, additive, causal,
-      scale, dropout_p, engine):
+      scale, dropout_p, engine, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    # lse is [B, H, Sq], or [1, H, Tq] for the [1, H, Tq, D] view of a packed batch
     return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
 
 
@@ -52,18 +64,20 @@ def attn_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
                   mask_values: Optional[Tensor], key_start: Optional[Tensor], key_end: Optional[Tensor],
                   key_dense: Optional[Tensor], head_mask: Optional[Tensor], rng: Optional[Tensor],
                   kind: str, additive: bool, causal: bool, scale: float, dropout_p: float,
-                  engine: str) -> Tuple[Tensor, Tensor, Tensor]:
+                  engine: str, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                  max_seqlen_q: int, max_seqlen_k: int) -> Tuple[Tensor, Tensor, Tensor]:
     red = masks.rebuild(kind, q.shape[0], q.shape[1], q.shape[2], k.shape[2], mask_values, additive,
                         key_start, key_end, key_dense)
     seed, offset = _seed_offset(rng)
+    varlen = _seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return backends._engine(engine).backward(grad_out, q, k, v, out, lse, red, causal, scale, dropout_p,
                                              head_mask, seed=seed, rng_offset=offset,
-                                             **_engine_kwargs(engine))
+                                             **_engine_kwargs(engine, varlen))
 
 
 @attn_backward.register_fake
 def _(grad_out, q, k, v, out, lse, mask_values, key_start, key_end, key_dense, head_mask, rng, kind,
-      additive, causal, scale, dropout_p, engine):
+      additive, causal, scale, dropout_p, engine, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -78,7 +92,7 @@ def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, mask_values, key_start, key_end, key_dense, head_mask, rng = ctx.saved_tensors
     dq, dk, dv = attn_backward(grad_out, q, k, v, out, lse, mask_values, key_start, key_end, key_dense,
                                head_mask, rng, *ctx.meta)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
+    return (dq, dk, dv) + (None,) * 16
 
 
 attn_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -90,34 +104,39 @@ class _EagerAttention(torch.autograd.Function):
     call, which show next to a 30 us kernel)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, red, head_mask, causal, scale, dropout_p, engine, seed, offset):
+    def forward(ctx, q, k, v, red, head_mask, causal, scale, dropout_p, engine, seed, offset, varlen):
         out, lse = backends._engine(engine).forward(q, k, v, red, causal, scale, dropout_p, head_mask,
-                                                    seed=seed, rng_offset=offset, **_engine_kwargs(engine))
+                                                    seed=seed, rng_offset=offset, **_engine_kwargs(engine, varlen))
         ctx.save_for_backward(q, k, v, out, lse, head_mask)
-        ctx.meta = (red, causal, scale, dropout_p, engine, seed, offset)
+        ctx.meta = (red, causal, scale, dropout_p, engine, seed, offset, varlen)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, head_mask = ctx.saved_tensors
-        red, causal, scale, dropout_p, engine, seed, offset = ctx.meta
+        red, causal, scale, dropout_p, engine, seed, offset, varlen = ctx.meta
         dq, dk, dv = backends._engine(engine).backward(grad_out, q, k, v, out, lse, red, causal, scale, dropout_p,
                                                        head_mask, seed=seed, rng_offset=offset,
-                                                       **_engine_kwargs(engine))
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+                                                       **_engine_kwargs(engine, varlen))
+        return (dq, dk, dv) + (None,) * 9
 
 
 def fused_attention(q, k, v, red: masks.ReducedMask, head_mask: Optional[Tensor], causal: bool,
-                    scale: float, dropout_p: float, engine: str, seed: int, offset: int) -> Tensor:
+                    scale: float, dropout_p: float, engine: str, seed: int, offset: int,
+                    varlen: Optional[SeqLens] = None) -> Tensor:
     """Run the fused kernel of `engine`: through the custom op under torch.compile, directly
-    otherwise (inference needs no autograd node at all)."""
+    otherwise (inference needs no autograd node at all).  varlen: q / k / v are the [1, H, T, D]
+    views of a packed batch with these sequences."""
     if torch.compiler.is_compiling():
         rng = torch.tensor([seed, offset], dtype=torch.int64) if dropout_p > 0.0 else None
+        seq = (None, None, 0, 0) if varlen is None else (varlen.cu_seqlens_q, varlen.cu_seqlens_k,
+                                                          varlen.max_seqlen_q, varlen.max_seqlen_k)
         out, _ = attn_forward(q, k, v, red.values, red.key_start, red.key_end, red.key_dense, head_mask,
-                              rng, red.kind, red.additive, causal, scale, dropout_p, engine)
+                              rng, red.kind, red.additive, causal, scale, dropout_p, engine, *seq)
         return out
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _EagerAttention.apply(q, k, v, red, head_mask, causal, scale, dropout_p, engine, seed, offset)
+        return _EagerAttention.apply(q, k, v, red, head_mask, causal, scale, dropout_p, engine, seed, offset,
+                                     varlen)
     out, _ = backends._engine(engine).forward(q, k, v, red, causal, scale, dropout_p, head_mask,
-                                              seed=seed, rng_offset=offset, **_engine_kwargs(engine))
+                                              seed=seed, rng_offset=offset, **_engine_kwargs(engine, varlen))
     return out

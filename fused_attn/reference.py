@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from . import masks
-from ._checks import REFERENCE_DTYPES, check_head_mask, check_qkv, check_scalars
+from ._checks import REFERENCE_DTYPES, check_head_mask, check_qkv, check_scalars, check_varlen
 
 
 def causal_visible(q_len: int, k_len: int, device) -> torch.Tensor:
@@ -57,3 +57,35 @@ def attention(q, k, v, attention_mask=None, causal: bool = False, dropout_p: flo
     if hm is not None:
         probs = probs * hm.to(cdt)[:, :, None, None]
     return torch.matmul(probs, v.to(cdt)).to(q.dtype)
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                     dropout_p: float = 0.0, scale: Optional[float] = None, causal: bool = False,
+                     backend: str = "reference", *, dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Same signature and semantics as :func:`fused_attn.varlen_attention`: every sequence of the
+    packed batch through :func:`attention` on its own (causal bottom-right aligned per sequence).
+
+    ``dropout_mask`` (testing): the bool keep-mask in the padded layout [B, H, max_seqlen_q,
+    max_seqlen_k]; sequence b uses ``dropout_mask[b, :, :Sq_b, :Sk_b]`` (DESIGN.md, "Dropout").
+    """
+    seqs = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                        dtypes=REFERENCE_DTYPES, check_values=True)
+    cq, ck = seqs.cu_seqlens_q.tolist(), seqs.cu_seqlens_k.tolist()
+    outs = []
+    for b in range(seqs.batch):
+        qs = q[cq[b]:cq[b + 1]].transpose(0, 1)[None]          # [1, H, Sq_b, D]
+        ks = k[ck[b]:ck[b + 1]].transpose(0, 1)[None]
+        vs = v[ck[b]:ck[b + 1]].transpose(0, 1)[None]
+        if qs.shape[2] == 0:
+            continue
+        if ks.shape[2] == 0:                                    # no key at all: exactly 0
+            o = qs * 0
+        else:
+            keep = None
+            if dropout_mask is not None:
+                keep = dropout_mask[b:b + 1, :, :qs.shape[2], :ks.shape[2]]
+            o = attention(qs, ks, vs, None, causal, dropout_p, scale, dropout_mask=keep)
+        outs.append(o[0].transpose(0, 1))
+    if not outs:
+        return q * 0
+    return torch.cat(outs)

@@ -107,16 +107,37 @@ def _list_args(lists):
     return (lists.part_count, lists.part_index, lists.full_count, lists.full_index, *cs, *is_)
 
 
+def _seq_args(q, k, varlen, dummy):
+    """(B, Sq, Sk, batch-stride factor, kernel arguments CuSeqQ, CuSeqK, Tq, Tk, stride_lb,
+    stride_lh).  Padded: q [B, H, Sq, D].  Packed (varlen, a fused_attn.packing.SeqLens): q is
+    the [1, H, Tq, D] view of [Tq, H, D], B sequences of at most max_seqlen rows, lse [H, Tq]."""
+    H = q.shape[1]
+    if varlen is None:
+        B, _, Sq, _ = q.shape
+        Sk = k.shape[2]
+        return B, Sq, Sk, 1, (dummy, dummy, Sq, Sk, H * Sq, Sq)
+    Tq, Tk = q.shape[2], k.shape[2]
+    return (varlen.batch, varlen.max_seqlen_q, varlen.max_seqlen_k, 0,
+            (varlen.cu_seqlens_q, varlen.cu_seqlens_k, Tq, Tk, 0, Tq))
+
+
+def _strides(t, batch_factor):
+    st = t.stride()
+    return (st[0] * batch_factor, st[1], st[2], st[3])
+
+
 def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: float,
             head_mask: Optional[torch.Tensor], seed: int = 0, rng_offset: int = 0,
-            config: Optional[TileConfig] = None, stats: bool = False):
-    """Returns (out [B, H, Sq, D] in q.dtype, lse [B, H, Sq] fp32 in log2 units[, stats])."""
-    B, H, Sq, D = q.shape
-    Sk = k.shape[2]
+            config: Optional[TileConfig] = None, stats: bool = False, varlen=None):
+    """Returns (out [B, H, Sq, D] in q.dtype, lse [B, H, Sq] fp32 in log2 units[, stats]).
+    With ``varlen``, q / k / v are [1, H, T, D] views of packed tensors (see _seq_args)."""
+    D = q.shape[3]
+    H = q.shape[1]
     cfg = config or fwd_config(D, q.dtype, q.device)
     out = torch.empty_like(q)   # keeps q's layout when dense, e.g. HF's [B, S, H, D] storage
-    lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
-    n_qb = _cdiv(Sq, cfg.block_m)
+    lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+    B, Sq, Sk, bf, seq = _seq_args(q, k, varlen, lse)
+    n_qb = max(1, _cdiv(Sq, cfg.block_m))
     visited = torch.zeros((B * H * n_qb,), device=q.device, dtype=torch.int32) if stats else lse
     dummy = lse
     mode, values, ms, keys, blocks = _mask_args(red, cfg, causal, dummy)
@@ -126,8 +147,9 @@ def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: fl
     grid = (n_qb, B * H)
     triton_fwd.attn_fwd_kernel[grid](
         q, k, v, out, lse, visited,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, Sq, Sk, D, scale * triton_fwd.LOG2E, Sk - Sq,
+        *_strides(q, bf), *_strides(k, bf), *_strides(v, bf), *_strides(out, bf),
+        H, Sq, Sk, D, scale * triton_fwd.LOG2E,
+        *seq,
         values, *ms,
         *keys,
         *blocks,
@@ -135,7 +157,7 @@ def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: fl
         seed, rng_offset, float(dropout_p),
         MASK_MODE=mode, MASK_ADDITIVE=red.additive, CAUSAL=bool(causal),
         HAS_HEAD_MASK=head_mask is not None, DROPOUT=dropout_p > 0.0, WRITE_STATS=stats,
-        IEEE=q.dtype == torch.float32, UPCAST=q.dtype == torch.bfloat16 and interpreting(),
+        VARLEN=varlen is not None, IEEE=q.dtype == torch.float32, UPCAST=q.dtype == torch.bfloat16 and interpreting(),
         EVEN_D=block_d == D,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -163,31 +185,32 @@ DELTA_BLOCK_M = 64
 
 def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale: float,
              dropout_p: float, head_mask: Optional[torch.Tensor], seed: int = 0, rng_offset: int = 0,
-             config: Optional[TileConfig] = None, dq_config: Optional[TileConfig] = None):
+             config: Optional[TileConfig] = None, dq_config: Optional[TileConfig] = None, varlen=None):
     """Returns (dq, dk, dv) in the dtypes and layouts of q, k, v.  config / dq_config override
     the tiles of the dK/dV and dQ kernels (dq_config defaults to config)."""
-    B, H, Sq, D = q.shape
-    Sk = k.shape[2]
+    H, D = q.shape[1], q.shape[3]
+    B, Sq, Sk, bf, seq = _seq_args(q, k, varlen, lse)
     if config is None:
         config, dq_config = bwd_config(D, q.dtype, q.device)
     dq_config = dq_config or config
     if grad_out.dtype != q.dtype:
         grad_out = grad_out.to(q.dtype)
     block_d = max(16, _pow2(D))
-    delta = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)   # rowsum(dO ∘ O)
-    triton_bwd.bwd_delta_kernel[(_cdiv(Sq, DELTA_BLOCK_M), B * H)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Sq, D,
+    # rowsum(dO ∘ O), laid out like lse: a row-wise op, so packed rows need no sequence bounds
+    delta = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+    triton_bwd.bwd_delta_kernel[(_cdiv(q.shape[2], DELTA_BLOCK_M), q.shape[0] * H)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), H, q.shape[2], D,
         BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dummy = lse
     hm = head_mask if head_mask is not None else dummy
     hstr = (0 if hm.shape[0] == 1 else hm.stride(0), hm.stride(1)) if head_mask is not None else (0, 0)
-    scalars = (H, Sq, Sk, D, scale * triton_fwd.LOG2E, scale, Sk - Sq)
+    scalars = (H, Sq, Sk, D, scale * triton_fwd.LOG2E, scale, *seq)
     rng = (seed, rng_offset, float(dropout_p))
 
     def flags(cfg):
         return dict(MASK_MODE=_MODES[red.kind], MASK_ADDITIVE=red.additive, CAUSAL=bool(causal),
-                    HAS_HEAD_MASK=head_mask is not None, DROPOUT=dropout_p > 0.0,
+                    HAS_HEAD_MASK=head_mask is not None, DROPOUT=dropout_p > 0.0, VARLEN=varlen is not None,
                     IEEE=q.dtype == torch.float32, UPCAST=q.dtype == torch.bfloat16 and interpreting(),
                     EVEN_D=block_d == D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -197,14 +220,15 @@ def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale:
         t_blocks = _list_args(red.block_map(config.block_m, config.block_n, causal).transposed_lists())
     else:
         t_blocks = (dummy, dummy, dummy, dummy, 0, 0, 0, 0, 0, 0)
-    triton_bwd.attn_bwd_dkdv_kernel[(_cdiv(Sk, config.block_n), B * H)](
+    triton_bwd.attn_bwd_dkdv_kernel[(max(1, _cdiv(Sk, config.block_n)), B * H)](
         q, k, v, grad_out, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+        *_strides(q, bf), *_strides(k, bf), *_strides(v, bf), *_strides(grad_out, bf), *_strides(dk, bf),
+        *_strides(dv, bf),
         *scalars, values, *ms, *keys, *t_blocks, hm, *hstr, *rng, **flags(config))
     _, _, _, _, blocks = _mask_args(red, dq_config, causal, dummy)
-    triton_bwd.attn_bwd_dq_kernel[(_cdiv(Sq, dq_config.block_m), B * H)](
+    triton_bwd.attn_bwd_dq_kernel[(max(1, _cdiv(Sq, dq_config.block_m)), B * H)](
         q, k, v, grad_out, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+        *_strides(q, bf), *_strides(k, bf), *_strides(v, bf), *_strides(grad_out, bf), *_strides(dq, bf),
         *scalars, values, *ms, *keys, *blocks, hm, *hstr, *rng, **flags(dq_config))
     return dq, dk, dv
 

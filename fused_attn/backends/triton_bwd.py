@@ -13,7 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_fwd import MASK_ROW, MASK_TILE, _dropout_keep, kv_loop_bounds, load_rows, mask_scores, mma
+from .triton_fwd import (MASK_ROW, MASK_TILE, _dropout_keep, kv_loop_bounds, load_rows, mask_scores, mma,
+                         seq_bounds)
 
 
 @triton.jit
@@ -118,7 +119,8 @@ def attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, Sq, Sk, D, qk_scale, sm_scale, causal_offset,
+    H, Sq, Sk, D, qk_scale, sm_scale,
+    CuSeqQ, CuSeqK, Tq, Tk, stride_lb, stride_lh,
     Mask, stride_mb, stride_mh, stride_mm, stride_mn,
     KeyStart, KeyEnd, KeyDense,
     # MASK_MODE 2: for every key block, its PARTIAL and FULL query blocks (BlockMap.transposed())
@@ -127,8 +129,9 @@ def attn_bwd_dkdv_kernel(
     HeadMask, stride_hb, stride_hh,
     seed, rng_offset, dropout_p,
     MASK_MODE: tl.constexpr, MASK_ADDITIVE: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_HEAD_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_HEAD_MASK: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -139,15 +142,17 @@ def attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    q_base = Q + b64 * stride_qb + h64 * stride_qh
-    do_base = DO + b64 * stride_dob + h64 * stride_doh
+    q0, k0, seq_q, seq_k = seq_bounds(b, CuSeqQ, CuSeqK, Sq, Sk, Tq, Tk, VARLEN)
+    causal_offset = seq_k - seq_q
+    q_base = Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm
+    do_base = DO + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom
     mask_ptr = Mask + b64 * stride_mb + h64 * stride_mh
-    lse_base = Lse + bh.to(tl.int64) * Sq
-    delta_base = Delta + bh.to(tl.int64) * Sq
-    k = load_rows(K + b64 * stride_kb + h64 * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                  offs_n, Sk, offs_d, D, True, EVEN_D)
-    v = load_rows(V + b64 * stride_vb + h64 * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                  offs_n, Sk, offs_d, D, True, EVEN_D)
+    lse_base = Lse + b64 * stride_lb + h64 * stride_lh + q0
+    delta_base = Delta + b64 * stride_lb + h64 * stride_lh + q0
+    k = load_rows(K + b64 * stride_kb + h64 * stride_kh + (k0 + offs_n[:, None]) * stride_kn
+                  + offs_d[None, :] * stride_kd, offs_n, seq_k, offs_d, D, True, EVEN_D)
+    v = load_rows(V + b64 * stride_vb + h64 * stride_vh + (k0 + offs_n[:, None]) * stride_vn
+                  + offs_d[None, :] * stride_vd, offs_n, seq_k, offs_d, D, True, EVEN_D)
     grad_scale = 1.0
     if DROPOUT:
         grad_scale = grad_scale / (1.0 - dropout_p)
@@ -161,17 +166,17 @@ def attn_bwd_dkdv_kernel(
         idx = b * stride_ib + h * stride_ih + pid_n * stride_in
         dk, dv = _dkdv_list(dk, dv, k, v, PartCount + cnt, PartIndex + idx, offs_n, offs_d, q_base, do_base,
                             lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr,
-                            stride_mm, stride_mn, Sq, Sk, D, causal_offset, qk_scale, grad_scale, seed,
+                            stride_mm, stride_mn, seq_q, Sk, D, causal_offset, qk_scale, grad_scale, seed,
                             rng_offset, bh, dropout_p, BLOCK_M, EVEN_D, CAUSAL, True, MASK_ADDITIVE, DROPOUT,
                             IEEE, UPCAST)
         dk, dv = _dkdv_list(dk, dv, k, v, FullCount + cnt, FullIndex + idx, offs_n, offs_d, q_base, do_base,
                             lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr,
-                            stride_mm, stride_mn, Sq, Sk, D, causal_offset, qk_scale, grad_scale, seed,
+                            stride_mm, stride_mn, seq_q, Sk, D, causal_offset, qk_scale, grad_scale, seed,
                             rng_offset, bh, dropout_p, BLOCK_M, EVEN_D, CAUSAL, False, MASK_ADDITIVE, DROPOUT,
                             IEEE, UPCAST)
     else:
         lo = 0
-        hi = Sk
+        hi = seq_k
         dense = 0
         if MASK_MODE == 1:
             lo = tl.load(KeyStart + b)
@@ -192,29 +197,30 @@ def attn_bwd_dkdv_kernel(
             if dense != 0:
                 dk, dv = _dkdv_range(dk, dv, k, v, q_lo, q_mid, offs_n, offs_d, q_base, do_base, lse_base,
                                      delta_base, stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr,
-                                     stride_mm, stride_mn, lo, hi, Sq, Sk, D, causal_offset, qk_scale,
+                                     stride_mm, stride_mn, lo, hi, seq_q, Sk, D, causal_offset, qk_scale,
                                      grad_scale, seed, rng_offset, bh, dropout_p, BLOCK_M, EVEN_D, True, CAUSAL,
                                      MASK_ROW, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
             elif edge:
                 dk, dv = _dkdv_range(dk, dv, k, v, q_lo, q_mid, offs_n, offs_d, q_base, do_base, lse_base,
                                      delta_base, stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr,
-                                     stride_mm, stride_mn, lo, hi, Sq, Sk, D, causal_offset, qk_scale,
+                                     stride_mm, stride_mn, lo, hi, seq_q, Sk, D, causal_offset, qk_scale,
                                      grad_scale, seed, rng_offset, bh, dropout_p, BLOCK_M, EVEN_D, True, CAUSAL,
                                      0, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
             else:
                 dk, dv = _dkdv_range(dk, dv, k, v, q_lo, q_mid, offs_n, offs_d, q_base, do_base, lse_base,
                                      delta_base, stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr,
-                                     stride_mm, stride_mn, lo, hi, Sq, Sk, D, causal_offset, qk_scale,
+                                     stride_mm, stride_mn, lo, hi, seq_q, Sk, D, causal_offset, qk_scale,
                                      grad_scale, seed, rng_offset, bh, dropout_p, BLOCK_M, EVEN_D, False, CAUSAL,
                                      0, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
 
     dk = dk * sm_scale
-    n_ok = offs_n[:, None] < Sk
+    n_ok = offs_n[:, None] < seq_k
     if not EVEN_D:
         n_ok = n_ok & (offs_d[None, :] < D)
-    tl.store(DK + b64 * stride_dkb + h64 * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+    rows = k0 + offs_n[:, None]
+    tl.store(DK + b64 * stride_dkb + h64 * stride_dkh + rows * stride_dkn + offs_d[None, :] * stride_dkd,
              dk.to(DK.dtype.element_ty), mask=n_ok)
-    tl.store(DV + b64 * stride_dvb + h64 * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+    tl.store(DV + b64 * stride_dvb + h64 * stride_dvh + rows * stride_dvn + offs_d[None, :] * stride_dvd,
              dv.to(DV.dtype.element_ty), mask=n_ok)
 
 
@@ -290,7 +296,8 @@ def attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, Sq, Sk, D, qk_scale, sm_scale, causal_offset,
+    H, Sq, Sk, D, qk_scale, sm_scale,
+    CuSeqQ, CuSeqK, Tq, Tk, stride_lb, stride_lh,
     Mask, stride_mb, stride_mh, stride_mm, stride_mn,
     KeyStart, KeyEnd, KeyDense,
     PartCount, PartIndex, FullCount, FullIndex,
@@ -298,8 +305,9 @@ def attn_bwd_dq_kernel(
     HeadMask, stride_hb, stride_hh,
     seed, rng_offset, dropout_p,
     MASK_MODE: tl.constexpr, MASK_ADDITIVE: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_HEAD_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_HEAD_MASK: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -310,15 +318,19 @@ def attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    k_base = K + b64 * stride_kb + h64 * stride_kh
-    v_base = V + b64 * stride_vb + h64 * stride_vh
+    q0, k0, seq_q, seq_k = seq_bounds(b, CuSeqQ, CuSeqK, Sq, Sk, Tq, Tk, VARLEN)
+    causal_offset = seq_k - seq_q
+    k_base = K + b64 * stride_kb + h64 * stride_kh + k0 * stride_kn
+    v_base = V + b64 * stride_vb + h64 * stride_vh + k0 * stride_vn
     mask_ptr = Mask + b64 * stride_mb + h64 * stride_mh
-    q = load_rows(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                  offs_m, Sq, offs_d, D, True, EVEN_D)
-    do = load_rows(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                   offs_m, Sq, offs_d, D, True, EVEN_D)
-    lse = tl.load(Lse + bh.to(tl.int64) * Sq + offs_m, mask=offs_m < Sq, other=float("inf"))
-    delta = tl.load(Delta + bh.to(tl.int64) * Sq + offs_m, mask=offs_m < Sq, other=0.0)
+    rows = q0 + offs_m[:, None]
+    q = load_rows(Q + b64 * stride_qb + h64 * stride_qh + rows * stride_qm + offs_d[None, :] * stride_qd,
+                  offs_m, seq_q, offs_d, D, True, EVEN_D)
+    do = load_rows(DO + b64 * stride_dob + h64 * stride_doh + rows * stride_dom + offs_d[None, :] * stride_dod,
+                   offs_m, seq_q, offs_d, D, True, EVEN_D)
+    lse_off = b64 * stride_lb + h64 * stride_lh + q0 + offs_m
+    lse = tl.load(Lse + lse_off, mask=offs_m < seq_q, other=float("inf"))
+    delta = tl.load(Delta + lse_off, mask=offs_m < seq_q, other=0.0)
     grad_scale = 1.0
     if DROPOUT:
         grad_scale = grad_scale / (1.0 - dropout_p)
@@ -339,12 +351,14 @@ def attn_bwd_dq_kernel(
                       BLOCK_N, EVEN_D, CAUSAL, False, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
     else:
         lo = 0
-        hi = Sk
+        hi = seq_k
         dense = 0
         if MASK_MODE == 1:
             lo = tl.load(KeyStart + b)
             hi = tl.load(KeyEnd + b)
             dense = tl.load(KeyDense + b)
+        if VARLEN:      # query blocks past the end of a shorter sequence visit no key
+            hi = tl.where(start_m < seq_q, hi, 0)
         safe_hi, hi = kv_loop_bounds(start_m, lo, hi, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
         if dense != 0:
             dq = _dq_range(dq, q, do, lse, delta, lo, safe_hi, hi, offs_m, offs_d, k_base, v_base,
@@ -358,10 +372,10 @@ def attn_bwd_dq_kernel(
                            BLOCK_N, EVEN_D, CAUSAL, 0, MASK_ADDITIVE, DROPOUT, IEEE, UPCAST)
 
     dq = dq * sm_scale
-    m_ok = offs_m[:, None] < Sq
+    m_ok = offs_m[:, None] < seq_q
     if not EVEN_D:
         m_ok = m_ok & (offs_d[None, :] < D)
-    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=m_ok)
 
 

@@ -122,6 +122,21 @@ def kv_loop_bounds(start_m, lo, hi, causal_offset, BLOCK_M: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def seq_bounds(b, CuSeqQ, CuSeqK, Sq, Sk, Tq, Tk, VARLEN: tl.constexpr):
+    """(q0, k0, seq_q, seq_k): the first row and the length of sequence b's queries and keys.
+    Padded batches: (0, 0, Sq, Sk).  Packed batches (VARLEN): rows [cu[b], cu[b + 1]) of the
+    [T, H, D] tensors, clamped to [0, T], lengths capped at max_seqlen (Sq / Sk): whatever
+    cu_seqlens hold, no program reads or writes outside its tensors."""
+    if VARLEN:
+        q0 = tl.minimum(tl.maximum(tl.load(CuSeqQ + b), 0), Tq)
+        q1 = tl.minimum(tl.maximum(tl.load(CuSeqQ + b + 1), q0), Tq)
+        k0 = tl.minimum(tl.maximum(tl.load(CuSeqK + b), 0), Tk)
+        k1 = tl.minimum(tl.maximum(tl.load(CuSeqK + b + 1), k0), Tk)
+        return q0.to(tl.int64), k0.to(tl.int64), tl.minimum(q1 - q0, Sq), tl.minimum(k1 - k0, Sk)
+    return 0, 0, Sq, Sk
+
+
+@triton.jit
 def _fwd_tile(acc, l_i, m_i, q, start_n, offs_m, offs_d,
               k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
               mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi, Sq, Sk, D, causal_offset, qk_scale,
@@ -208,7 +223,10 @@ def attn_fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    H, Sq, Sk, D, qk_scale, causal_offset,
+    H, Sq, Sk, D, qk_scale,
+    # packed batches (VARLEN): cu_seqlens [B + 1] and the packed lengths; Sq / Sk are then the
+    # max_seqlens, the batch strides 0.  Lse / Delta: [B, H, Sq] or [H, Tq] via these strides
+    CuSeqQ, CuSeqK, Tq, Tk, stride_lb, stride_lh,
     # mask values, 4D [Bm, Hm, Sqm, Sk] with stride 0 on broadcast dims
     Mask, stride_mb, stride_mh, stride_mm, stride_mn,
     # MASK_MODE 1 ("keys"): per-batch [start, end) and "row must be loaded" flags
@@ -219,7 +237,7 @@ def attn_fwd_kernel(
     HeadMask, stride_hb, stride_hh,
     seed, rng_offset, dropout_p,
     MASK_MODE: tl.constexpr, MASK_ADDITIVE: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_HEAD_MASK: tl.constexpr, DROPOUT: tl.constexpr, WRITE_STATS: tl.constexpr,
+    HAS_HEAD_MASK: tl.constexpr, DROPOUT: tl.constexpr, WRITE_STATS: tl.constexpr, VARLEN: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -232,13 +250,15 @@ def attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    # per-(batch, head) bases; a packed [T, H, D] layout only changes these lines
-    q_base = Q + b64 * stride_qb + h64 * stride_qh
-    k_base = K + b64 * stride_kb + h64 * stride_kh
-    v_base = V + b64 * stride_vb + h64 * stride_vh
+    # per-(sequence, head) bases: a packed batch differs only in q0 / k0 and the lengths
+    q0, k0, seq_q, seq_k = seq_bounds(b, CuSeqQ, CuSeqK, Sq, Sk, Tq, Tk, VARLEN)
+    causal_offset = seq_k - seq_q
+    q_base = Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm
+    k_base = K + b64 * stride_kb + h64 * stride_kh + k0 * stride_kn
+    v_base = V + b64 * stride_vb + h64 * stride_vh + k0 * stride_vn
     mask_ptr = Mask + b64 * stride_mb + h64 * stride_mh
 
-    q = load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, Sq, offs_d, D,
+    q = load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, seq_q, offs_d, D,
                   True, EVEN_D)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -263,12 +283,14 @@ def attn_fwd_kernel(
     else:
         # -- no mask / key padding: loop bounds from the key range and causal
         lo = 0
-        hi = Sk
+        hi = seq_k
         dense = 0
         if MASK_MODE == 1:
             lo = tl.load(KeyStart + b)
             hi = tl.load(KeyEnd + b)
             dense = tl.load(KeyDense + b)
+        if VARLEN:      # query blocks past the end of a shorter sequence visit no key
+            hi = tl.where(start_m < seq_q, hi, 0)
         safe_hi, hi = kv_loop_bounds(start_m, lo, hi, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
         if dense != 0:      # holes or additive values inside the range: load the row's mask
             acc, l_i, m_i, visited = _fwd_range(
@@ -292,12 +314,13 @@ def attn_fwd_kernel(
     if HAS_HEAD_MASK:
         out_scale = out_scale * tl.load(HeadMask + b * stride_hb + h * stride_hh).to(tl.float32)
     acc = acc * out_scale[:, None]
-    o_ptrs = Out + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    o_ptrs = (Out + b64 * stride_ob + h64 * stride_oh + (q0 + offs_m[:, None]) * stride_om
+              + offs_d[None, :] * stride_od)
     if EVEN_D:
-        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=offs_m[:, None] < Sq)
+        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=offs_m[:, None] < seq_q)
     else:
-        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < D))
+        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seq_q) & (offs_d[None, :] < D))
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
-    tl.store(Lse + bh.to(tl.int64) * Sq + offs_m, lse, mask=offs_m < Sq)
+    tl.store(Lse + b64 * stride_lb + h64 * stride_lh + q0 + offs_m, lse, mask=offs_m < seq_q)
     if WRITE_STATS:
         tl.store(Stats + bh * tl.cdiv(Sq, BLOCK_M) + pid_m, visited)
