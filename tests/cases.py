@@ -106,3 +106,64 @@ def random_case(seed, small=True):
         mask=r.choice(MASK_KINDS),
         causal=r.random() < 0.3,
     )
+
+
+def packed_lengths(B, max_len, g=None, allow_empty=True):
+    """B sequence lengths in [0 or 1, max_len], with max_len itself drawn at least once."""
+    lo = 0 if allow_empty else 1
+    lens = torch.randint(lo, max_len + 1, (B,), generator=g).tolist()
+    lens[int(torch.randint(0, B, (1,), generator=g))] = max_len
+    return lens
+
+
+def cu_seqlens(lengths, device="cpu"):
+    """int32 [B + 1] cumulative starts of sequences with these lengths."""
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + int(n))
+    return torch.tensor(out, dtype=torch.int32, device=device)
+
+
+def make_packed(lens_q, lens_k, H, D, dtype, device="cpu", layout="contiguous", requires_grad=False, g=None):
+    """A packed batch: q [Tq, H, D], k / v [Tk, H, D] in one of several layouts, and cu_seqlens.
+    "qkv": the three slices of one [T, 3, H, D] projection (needs lens_q == lens_k); "kv": k and v
+    slices of one [Tk, 2, H, D] tensor."""
+    tq, tk = sum(lens_q), sum(lens_k)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    if layout == "contiguous":
+        q, k, v = rnd(tq, H, D), rnd(tk, H, D), rnd(tk, H, D)
+    elif layout == "qkv":
+        assert list(lens_q) == list(lens_k)
+        qkv = rnd(tq, 3, H, D)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    elif layout == "kv":
+        q = rnd(tq, H, D)
+        kv = rnd(tk, 2, H, D)
+        k, v = kv[:, 0], kv[:, 1]
+    else:
+        raise ValueError(layout)
+    if requires_grad:
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    return q, k, v, cu_seqlens(lens_q, device), cu_seqlens(lens_k, device)
+
+
+def random_varlen_case(seed, small=True):
+    """A seeded random packed batch: lengths (some empty, Sq_b != Sk_b), layout, causal, dtype."""
+    r = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    B = r.choice([1, 2, 3, 5])
+    max_q = r.choice([1, 7, 31, 65] if small else [1, 63, 129, 257, 511])
+    same = r.random() < 0.5
+    max_k = max_q if same else r.choice([1, 9, 40, 70] if small else [1, 100, 300, 513])
+    lens_q = packed_lengths(B, max_q, g)
+    lens_k = list(lens_q) if same else packed_lengths(B, max_k, g)
+    return dict(
+        lens_q=lens_q, lens_k=lens_k, H=r.choice([1, 2, 3]),
+        D=r.choice([16, 32, 48, 64, 80] if small else [16, 32, 64, 80, 96, 128]),
+        dtype=r.choice([torch.float16, torch.bfloat16, torch.float32]),
+        layout=r.choice(["contiguous", "qkv"] if same else ["contiguous", "kv"]),
+        causal=r.random() < 0.4,
+    )

@@ -34,7 +34,7 @@ def test_opcheck_forward_op(engine):
     for mask in (padding_mask([5, 33], 33, device=device), make_mask("pair", 2, 2, 20, 33, device=device)):
         red = reduce_mask(mask, 2, 2, 20, 33)
         args = (q, k, v, red.values, red.key_start, red.key_end, red.key_dense, None, None,
-                red.kind, red.additive, False, 0.25, 0.0, name)
+                red.kind, red.additive, False, 0.25, 0.0, name, None, None, 0, 0)
         torch.library.opcheck(ops.attn_forward, args)
 
 
