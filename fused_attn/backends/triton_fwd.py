@@ -132,8 +132,16 @@ def seq_bounds(b, CuSeqQ, CuSeqK, Sq, Sk, Tq, Tk, VARLEN: tl.constexpr):
         q1 = tl.minimum(tl.maximum(tl.load(CuSeqQ + b + 1), q0), Tq)
         k0 = tl.minimum(tl.maximum(tl.load(CuSeqK + b), 0), Tk)
         k1 = tl.minimum(tl.maximum(tl.load(CuSeqK + b + 1), k0), Tk)
-        return q0.to(tl.int64), k0.to(tl.int64), tl.minimum(q1 - q0, Sq), tl.minimum(k1 - k0, Sk)
-    return 0, 0, Sq, Sk
+        seq_q = tl.minimum(q1 - q0, Sq)
+        seq_k = tl.minimum(k1 - k0, Sk)
+        q0 = q0.to(tl.int64)
+        k0 = k0.to(tl.int64)
+    else:
+        q0 = 0
+        k0 = 0
+        seq_q = Sq
+        seq_k = Sk
+    return q0, k0, seq_q, seq_k
 
 
 @triton.jit
