@@ -12,9 +12,12 @@ from typing import Dict, Iterable, List, Tuple
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 # Methods, in the order they are timed and shown.  "fused" expands to one "fused_<backend>" per
-# available engine (triton, cuda, cpu); "reference" is timed on CPU only unless asked for.
-METHODS = ("fused", "eager", "sdpa_mask", "sdpa_nomask", "flex", "reference")
-BASELINES = ("eager", "sdpa_mask", "sdpa_nomask", "flex", "reference")
+# available engine (triton, cuda, cpu), "varlen" to one "varlen_<backend>" (the packed-batch API
+# on the batch's real tokens); "reference" is timed on CPU only unless asked for.  "sdpa_loop":
+# SDPA without a mask, one call per sequence on its real tokens; "flex_doc": FlexAttention on the
+# packed tokens with a document mask.
+METHODS = ("fused", "varlen", "eager", "sdpa_mask", "sdpa_nomask", "sdpa_loop", "flex", "flex_doc", "reference")
+BASELINES = ("eager", "sdpa_mask", "sdpa_nomask", "sdpa_loop", "flex", "flex_doc", "reference")
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,13 @@ def _cpu_small() -> List[Case]:
     return _modes(base, ("fwd", "fwd+bwd"))
 
 
+def _varlen(B: int, dtype: str) -> List[Case]:
+    return _modes([Case("fill=uniform", "S", B, 12, 512, 64, dtype=dtype)], ("fwd", "fwd+bwd"))
+
+
+VARLEN_METHODS = ("fused", "varlen", "sdpa_mask", "sdpa_loop", "flex", "flex_doc")
+
+
 def _tiny() -> List[Case]:
     return _modes([Case("fill=uniform", "S", 2, 2, S, 16, dtype="fp32") for S in (16, 40)], ("fwd", "fwd+bwd"))
 
@@ -130,6 +140,13 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            "CPU kernel vs eager and SDPA with the same mask, fwd and fwd+bwd", "any",
            tuple(_modes([Case("fill=uniform", "S", 8, 12, 512, 64, dtype="fp32")], ("fwd", "fwd+bwd"))),
            methods=("fused", "eager", "sdpa_mask", "sdpa_nomask")),
+    Preset("varlen", "packed batches on the GPU: B=32 H=12 S=512 D=64 fp16, lengths U[1,S]; varlen_attention on "
+           "the real tokens vs the padded kernel, SDPA with the mask, SDPA per sequence, FlexAttention "
+           "(padding mask; document mask on the packed tokens), fwd and fwd+bwd", "cuda",
+           tuple(_varlen(32, "fp16")), methods=VARLEN_METHODS),
+    Preset("cpu-varlen", "packed batches on the CPU: B=8 H=12 S=512 D=64 fp32, lengths U[1,S]; varlen_attention vs "
+           "the padded C++ kernel, SDPA with the mask and SDPA per sequence, fwd and fwd+bwd", "any",
+           tuple(_varlen(8, "fp32")), methods=("fused", "varlen", "sdpa_mask", "sdpa_loop")),
     Preset("demo", "the make-demo shape: B=8 H=12 S=128 D=64, lengths U[1,S], fwd (fp32 on CPU, "
            "fp16 on GPU)", "any", (Case("fill=uniform", "S", 8, 12, 128, 64, dtype="auto"),)),
     Preset("tiny", "seconds-long smoke run (tests): B=2 H=2 D=16 fp32, S 16/40, fwd and fwd+bwd",
