@@ -2,7 +2,8 @@
 
 tests/cuda_emu/cuda_emu.h emulates the part of CUDA the file uses (threads as fibers, barriers,
 warp shuffles, shared memory, launch limits), and attn_cuda_emu.cpp compiles the unchanged .cu
-with it into ``torch.ops.fused_attn_cuda_emu``.  `route` makes the "cuda" backend take CPU
+with it into ``torch.ops.fused_attn_cuda_emu``, under the fused_attn ops' schemas (csrc/op_schema.h:
+the same arguments, packed varlen ones included).  `route` makes the "cuda" backend take CPU
 tensors and call those ops, so every engine-parametrized test also runs the CUDA kernels on
 machines without a GPU (CI).  Emulated threads are slow: a test's shapes are what bound it.
 """
