@@ -25,6 +25,7 @@ added to the scores in fp32, and an entry ``<= HIDDEN_THRESHOLD`` (-1e4, which c
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
@@ -253,14 +254,57 @@ def reduce_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: int,
         raise ValueError(f"attention_mask: mask is on {attention_mask.device} but q is on {device}")
     if torch.compiler.is_compiling():
         return _reduce(attention_mask, batch, heads, q_len, k_len)
+    if _FLOAT01["pending"]:
+        _poll_float01()
     key = (batch, heads, q_len, k_len)
     hit = _CACHE.get(attention_mask, key)
     if hit is not None:
         return hit
     red = _reduce(attention_mask, batch, heads, q_len, k_len)
+    if red.additive and not _FLOAT01["warned"]:
+        _check_float01(red.values)
+        _poll_float01()
     _CACHE.put(attention_mask, key, red)
     _BY_VALUES.put(red.values, (red.kind,) + key, red)
     return red
+
+
+# A float mask holding only 0s and 1s is almost surely a padding mask cast to float: float masks
+# are additive, so its 1.0 and 0.0 both mean "attend" and nothing is hidden.  Checked when a mask is
+# reduced (once per mask tensor); on CUDA the answer comes back through pinned memory and an event
+# that a later call reads once it is ready (no host sync), for the first CUDA masks of a process only.
+_FLOAT01 = {"warned": False, "pending": [], "cuda_checks_left": 16}
+FLOAT01_WARNING = (
+    "fused_attn: attention_mask is a float tensor of 0s and 1s. Float masks are additive (added to "
+    "the scores), so 1.0 and 0.0 both mean 'attend' and nothing is hidden. Pass the padding mask as "
+    "bool or int (mask.bool(): True / 1 = attend), or an additive mask with 0 = attend and -inf (or "
+    "<= -1e4, e.g. torch.finfo(dtype).min) = hidden. (Warned once per process.)")
+
+
+def _check_float01(values: torch.Tensor) -> None:
+    st = _FLOAT01
+    if values.device.type == "cpu":
+        ones = values == 1
+        st["pending"].append((ones.any() & (ones | (values == 0)).all(), None))
+    elif (values.device.type == "cuda" and st["cuda_checks_left"] > 0
+          and not torch.cuda.is_current_stream_capturing()):
+        st["cuda_checks_left"] -= 1
+        ones = values == 1
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(ones.any() & (ones | (values == 0)).all(), non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        st["pending"].append((host, ready))
+
+
+def _poll_float01() -> None:
+    pending = _FLOAT01["pending"]
+    while pending and (pending[0][1] is None or pending[0][1].query()):
+        flag = pending.pop(0)[0]
+        if not _FLOAT01["warned"] and bool(flag):
+            _FLOAT01["warned"] = True
+            pending.clear()
+            warnings.warn(FLOAT01_WARNING, UserWarning, stacklevel=4)
 
 
 def rebuild(kind, batch, heads, q_len, k_len, values, additive, key_start, key_end, key_dense) -> ReducedMask:

@@ -3,6 +3,7 @@ no reasons (warning once when it had to skip the preferred one), and an explicit
 cannot be served raises with the reasons."""
 from __future__ import annotations
 
+import operator
 import os
 import warnings
 from typing import Dict, List
@@ -39,6 +40,25 @@ def reasons(name: str, q: torch.Tensor) -> List[str]:
 
 
 def select(requested: str, q: torch.Tensor) -> str:
+    if torch.compiler.is_compiling():
+        return _select_at_trace_time(requested, q.device, q.dtype, operator.index(q.shape[-1]))
+    return _select(requested, q)
+
+
+def _select_at_trace_time(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """select() under torch.compile.  Dynamo calls this eagerly while it traces and puts the name
+    it returns in the graph as a constant, so the checks and the extension build behind them (a
+    lock, a compiler run) are never traced: the first fused_attn call of a process may be a
+    compiled one.  (Guarded by q's device, dtype and head dim; FUSED_ATTN_BACKEND is read once.)"""
+    return _select(requested, torch.empty((1, 1, 1, head_dim), dtype=dtype, device=device))
+
+
+# What torch.compiler.assume_constant_result(fn) does, without importing torch._dynamo (about 1 s)
+# at `import fused_attn`; tests/test_compile.py checks that the decorator still sets this flag.
+_select_at_trace_time._dynamo_marked_constant = True
+
+
+def _select(requested: str, q: torch.Tensor) -> str:
     if requested not in NAMES + ("auto",):
         raise ValueError(f"backend: {requested!r} is not one of 'auto', " + ", ".join(repr(n) for n in NAMES))
     if requested == "auto":
