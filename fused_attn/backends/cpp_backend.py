@@ -1,4 +1,5 @@
-"""C++ engines ("cpu" and "cuda"): the ``torch.ops.fused_attn`` ops built from csrc/.
+"""C++ engines ("cpu" and "cuda"): the ``torch.ops.fused_attn`` ops built from csrc/, each one
+:class:`CppEngine` (tests register a third, the CUDA kernels under a CPU emulation).
 
 The extension is compiled on first use (fused_attn._build; never at import) unless it was built
 ahead of time.  This module passes the reduced mask as the op's tensors (key ranges, or the block
@@ -10,57 +11,80 @@ arguments; sequence b is rows cu_seqlens[b]:cu_seqlens[b + 1], attended on its o
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
 from .. import _build
 from ..masks import ReducedMask
+from . import Engine
 
-# Tile sizes compiled into the kernels (csrc/fused_attn.cpp, csrc/cuda/attn_cuda.cu); the block
-# map handed to a kernel must be built for them.
-BLOCKS = {"cpu": (64, 64), "cuda": (32, 32)}
-MAX_HEAD_DIM = {"cpu": 256, "cuda": 128}
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _fakes_registered = False
 
 
-def _ops(device_kind: str):
-    """torch.ops.fused_attn, loading (building) the extension on first call."""
+def extension_ops(kernels: str):
+    """torch.ops.fused_attn, loading (building) the extension on first call; kernels "cpu" or
+    "cuda": the extension must hold those."""
     held = _build.load()
-    if device_kind == "cuda" and held != "cuda":
+    if kernels == "cuda" and held != "cuda":
         raise RuntimeError("the extension was built without its CUDA kernels: "
                            + (_build.cuda_toolchain() or "it was built on a machine without nvcc"))
     _register_fakes()
     return torch.ops.fused_attn
 
 
-def reasons(q: torch.Tensor, name: str) -> List[str]:
-    """Why engine `name` ("cpu" or "cuda") cannot serve a call like q (empty list: it can)."""
-    out = []
-    if q.dtype not in DTYPES:
-        out.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32)")
-    if q.shape[-1] > MAX_HEAD_DIM[name]:
-        out.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM[name]}")
-    why = unavailable(name)
-    if why:
-        out.append(why)
-    return out
+class CppEngine(Engine):
+    """The C++ kernels behind one op namespace: ``load_ops()`` returns it (the ``fwd`` / ``bwd`` /
+    ``dropout_keep`` ops of csrc/), ``blocks`` the tile sizes compiled into the kernels (the block
+    maps handed to them must be built for those)."""
+
+    def __init__(self, name: str, device_type: str, blocks: Tuple[int, int], max_head_dim: int,
+                 load_ops: Callable[[], object], unsupported: Optional[Callable[[], Optional[str]]] = None):
+        self.name, self.device_type, self.blocks, self.max_head_dim = name, device_type, blocks, max_head_dim
+        self._load_ops, self._unsupported = load_ops, unsupported
+
+    def ops(self):
+        return self._load_ops()
+
+    def unavailable(self) -> Optional[str]:
+        """Why the kernels cannot be loaded here (None: they can; builds them once)."""
+        why = self._unsupported() if self._unsupported is not None else None
+        if why:
+            return why
+        try:
+            self.ops()
+        except RuntimeError as e:
+            return str(e)
+        return None
+
+    def forward(self, q, k, v, red, *, causal, dropout_p, scale, head_mask=None, seed=0, offset=0, varlen=None,
+                stats=False):
+        out, lse, visited = _forward(self.ops(), self.blocks, q, k, v, red, causal, scale, dropout_p, head_mask,
+                                     seed, offset, varlen)
+        return (out, lse, visited) if stats else (out, lse)
+
+    def backward(self, grad_out, q, k, v, out, lse, red, *, causal, dropout_p, scale, head_mask=None, seed=0,
+                 offset=0, varlen=None):
+        return _backward(self.ops(), self.blocks, grad_out, q, k, v, out, lse, red, causal, scale, dropout_p,
+                         head_mask, seed, offset, varlen)
+
+    def keep_mask(self, batch, heads, q_len, k_len, dropout_p, seed, offset, device):
+        like = torch.empty(0, device=device)
+        return self.ops().dropout_keep(like, batch, heads, q_len, k_len, float(dropout_p), int(seed), int(offset))
 
 
-def unavailable(name: str) -> Optional[str]:
-    """Why the kernels of engine `name` cannot be loaded here (None: they can; builds them once)."""
-    if name == "cuda" and torch.version.cuda is None:
-        return f"torch {torch.__version__} has no CUDA support"
-    try:
-        _ops(name)
-    except RuntimeError as e:
-        return str(e)
-    return None
+def _no_cuda_torch() -> Optional[str]:
+    return None if torch.version.cuda is not None else f"torch {torch.__version__} has no CUDA support"
 
 
-def _mask_args(red: Optional[ReducedMask], device_kind: str, causal: bool):
+# Tile sizes: csrc/fused_attn.cpp (CPU), csrc/cuda/attn_cuda.cu (CUDA).
+CPU = CppEngine("cpu", "cpu", (64, 64), 256, lambda: extension_ops("cpu"))
+CUDA = CppEngine("cuda", "cuda", (32, 32), 128, lambda: extension_ops("cuda"), _no_cuda_torch)
+
+
+def _mask_args(red: Optional[ReducedMask], blocks: Tuple[int, int], causal: bool):
     """(mask values, key_start, key_end, key_dense, block_state, additive) for the op; red None: no
     mask."""
     if red is None:
@@ -68,8 +92,7 @@ def _mask_args(red: Optional[ReducedMask], device_kind: str, causal: bool):
     keys = (red.key_start, red.key_end, red.key_dense) if red.kind == "keys" else (None, None, None)
     state = None
     if red.kind == "blocks":
-        bm, bn = BLOCKS[device_kind]
-        state = red.block_map(bm, bn, causal).state
+        state = red.block_map(blocks[0], blocks[1], causal).state
     values = red.values if red.kind != "none" else None
     return (values, *keys, state, bool(red.additive))
 
@@ -92,49 +115,32 @@ def _varlen_args(varlen, red: Optional[ReducedMask], head_mask: Optional[torch.T
     return (varlen.cu_seqlens_q, varlen.cu_seqlens_k, int(varlen.max_seqlen_q), int(varlen.max_seqlen_k))
 
 
-def forward(q, k, v, red: Optional[ReducedMask], causal: bool, scale: float, dropout_p: float,
-            head_mask: Optional[torch.Tensor], seed: int = 0, rng_offset: int = 0,
-            device_kind: str = "cpu", stats: bool = False, varlen=None):
-    """Returns (out [B, H, Sq, D] in q.dtype, lse [B, H, Sq] fp32 in log2 units, +inf for rows that
-    see nothing[, visited key blocks per (b, h, query block) when stats]).
+def _forward(ops, blocks, q, k, v, red: Optional[ReducedMask], causal: bool, scale: float, dropout_p: float,
+             head_mask: Optional[torch.Tensor], seed: int, offset: int, varlen):
+    """(out [B, H, Sq, D] in q.dtype, lse [B, H, Sq] fp32 in log2 units, +inf for rows that see
+    nothing, visited key blocks per (b, h, query block)).
 
-    varlen: None, or packed sequences: an object with ``cu_seqlens_q``, ``cu_seqlens_k`` (int32
-    [B + 1], contiguous, on q's device) and ``max_seqlen_q``, ``max_seqlen_k`` (ints).  Then q is
-    [1, H, Tq, D], k and v [1, H, Tk, D], red None or a "none" mask, head_mask None; out is
-    [1, H, Tq, D] (a view of a contiguous [Tq, H, D]), lse [1, H, Tq], visited
-    [B, H, cdiv(max_seqlen_q, block_m)]; rows in no sequence give out 0 and lse +inf.  The values of
-    cu_seqlens are not checked here (the kernels clamp them into bounds)."""
-    ops = _ops(device_kind)
-    bm, bn = BLOCKS[device_kind]
+    varlen: None, or packed sequences (fused_attn.packing.SeqLens).  Then q is [1, H, Tq, D], k and
+    v [1, H, Tk, D], red None or a "none" mask, head_mask None; out is [1, H, Tq, D] (a view of a
+    contiguous [Tq, H, D]), lse [1, H, Tq], visited [B, H, cdiv(max_seqlen_q, block_m)]; rows in no
+    sequence give out 0 and lse +inf.  The values of cu_seqlens are not checked here (the kernels
+    clamp them into bounds)."""
     packed = _varlen_args(varlen, red, head_mask)
-    *mask, additive = _mask_args(red, device_kind, causal)
-    out, lse, visited = ops.fwd(q, k, v, *mask, _head_mask(head_mask), additive, bool(causal), float(scale),
-                                float(dropout_p), int(seed), int(rng_offset), bm, bn, *packed)
-    return (out, lse, visited) if stats else (out, lse)
+    *mask, additive = _mask_args(red, blocks, causal)
+    return ops.fwd(q, k, v, *mask, _head_mask(head_mask), additive, bool(causal), float(scale), float(dropout_p),
+                   int(seed), int(offset), blocks[0], blocks[1], *packed)
 
 
-def backward(grad_out, q, k, v, out, lse, red: Optional[ReducedMask], causal: bool, scale: float,
-             dropout_p: float, head_mask: Optional[torch.Tensor], seed: int = 0, rng_offset: int = 0,
-             device_kind: str = "cpu", varlen=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dq, dk, dv) in the dtypes of q, k, v.  varlen: as in :func:`forward` (then
-    grad_out and out are [1, H, Tq, D], lse [1, H, Tq]; rows in no sequence get zero gradients)."""
-    ops = _ops(device_kind)
-    bm, bn = BLOCKS[device_kind]
+def _backward(ops, blocks, grad_out, q, k, v, out, lse, red: Optional[ReducedMask], causal: bool, scale: float,
+              dropout_p: float, head_mask: Optional[torch.Tensor], seed: int, offset: int, varlen):
+    """(dq, dk, dv) in the dtypes of q, k, v.  varlen: as in :func:`_forward` (then grad_out and out
+    are [1, H, Tq, D], lse [1, H, Tq]; rows in no sequence get zero gradients)."""
     if grad_out.dtype != q.dtype:
         grad_out = grad_out.to(q.dtype)
     packed = _varlen_args(varlen, red, head_mask)
-    *mask, additive = _mask_args(red, device_kind, causal)
+    *mask, additive = _mask_args(red, blocks, causal)
     return ops.bwd(grad_out, q, k, v, out, lse, *mask, _head_mask(head_mask), additive, bool(causal),
-                   float(scale), float(dropout_p), int(seed), int(rng_offset), bm, bn, *packed)
-
-
-def dropout_keep_mask(batch: int, heads: int, q_len: int, k_len: int, dropout_p: float, seed: int,
-                      rng_offset: int, device, device_kind: str = "cpu") -> torch.Tensor:
-    """The bool keep-mask [B, H, Sq, Sk] the kernels apply for this (seed, offset): a testing hook,
-    so the reference can apply exactly the same dropout."""
-    ops = _ops(device_kind)
-    like = torch.empty(0, device=device)
-    return ops.dropout_keep(like, batch, heads, q_len, k_len, float(dropout_p), int(seed), int(rng_offset))
+                   float(scale), float(dropout_p), int(seed), int(offset), blocks[0], blocks[1], *packed)
 
 
 def _token_major(t: torch.Tensor) -> torch.Tensor:
