@@ -4,6 +4,8 @@ Everything here raises before any kernel runs, naming the argument and the shape
 """
 from __future__ import annotations
 
+import numbers
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -58,6 +60,18 @@ def check_scalars(dropout_p: float, scale: Optional[float], head_dim: int) -> fl
     if not isinstance(scale, (int, float)) or not float(scale) == float(scale):
         raise TypeError(f"scale: expected a float or None, got {scale!r}")
     return float(scale)
+
+
+def check_causal(causal) -> bool:
+    """causal as a bool: True / False, and also 0 / 1 (Python or NumPy ints) and NumPy bools."""
+    if isinstance(causal, bool):
+        return causal
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(causal, np.bool_):
+        return bool(causal)
+    if isinstance(causal, numbers.Integral) and causal in (0, 1):
+        return bool(causal)
+    raise TypeError(f"causal: expected a bool (or 0 / 1), got {causal!r} ({type(causal).__name__})")
 
 
 def check_head_mask(head_mask, s: Shapes, device) -> Optional[torch.Tensor]:

@@ -6,7 +6,7 @@ from typing import Optional, Union
 import torch
 
 from . import backends, masks, ops, reference
-from ._checks import check_head_mask, check_qkv, check_scalars
+from ._checks import check_causal, check_head_mask, check_qkv, check_scalars
 from ._rng import philox_seed_offset
 from .masks import ReducedMask
 
@@ -48,8 +48,7 @@ def attention(
     s = check_qkv(q, k, v)
     scale = check_scalars(dropout_p, scale, s.head_dim)
     hm = check_head_mask(head_mask, s, q.device)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    causal = check_causal(causal)
     red = masks.reduce_mask(attention_mask, s.batch, s.heads, s.q_len, s.k_len, device=q.device)
     name = backends.select(backend, q)
     if name == "reference":
