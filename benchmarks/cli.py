@@ -50,11 +50,12 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
 
 
 class _Progress:
-    """tqdm when installed, else one plain line per measurement (stderr)."""
+    """tqdm on a terminal when installed, else one plain line per measurement (stderr): a bar
+    redrawn into a log file or CI output would flood it."""
 
     def __init__(self, total: int, desc: str, quiet: bool):
         self.n, self.total, self.quiet, self.bar = 0, total, quiet, None
-        if not quiet:
+        if not quiet and sys.stderr.isatty():
             try:
                 from tqdm.auto import tqdm
                 self.bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False)

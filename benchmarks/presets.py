@@ -118,10 +118,10 @@ def _tiny() -> List[Case]:
 
 
 PRESETS: Dict[str, Preset] = {p.name: p for p in (
-    Preset("fwd-target", "issue-2 forward target: B=32 H=12 D=64 fp16, S 128/512, lengths U[1,S] "
+    Preset("fwd-target", "headline forward comparison: B=32 H=12 D=64 fp16, S 128/512, lengths U[1,S] "
            "and full; fused vs eager, SDPA (bool mask / no mask), FlexAttention", "cuda",
            tuple(_fwd_target()), methods=("fused", "eager", "sdpa_mask", "sdpa_nomask", "flex")),
-    Preset("train-target", "issue-3 training target: fwd+bwd of the fwd-target shapes with and "
+    Preset("train-target", "headline training comparison: fwd+bwd of the fwd-target shapes with and "
            "without dropout 0.1, plus S=2048 (B=32) and S=4096 (B=8) at D=128", "cuda",
            tuple(_train_target()), methods=("fused", "eager", "sdpa_mask", "sdpa_nomask", "flex")),
     Preset("bert-base", "BERT-base attention (B=32 H=12 D=64 fp16), S 128/512, fills U[1,S] / "
@@ -136,7 +136,7 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            tuple(_sweep("fwd+bwd"))),
     Preset("cpu-small", "small CPU run: B=4 H=12 D=64 fp32, S 128/256, U[1,S] and full, fwd and "
            "fwd+bwd", "any", tuple(_cpu_small())),
-    Preset("cpu-target", "issue-4 CPU target: B=8 H=12 S=512 D=64 fp32, lengths U[1,S]; the C++ "
+    Preset("cpu-target", "headline CPU comparison: B=8 H=12 S=512 D=64 fp32, lengths U[1,S]; the C++ "
            "CPU kernel vs eager and SDPA with the same mask, fwd and fwd+bwd", "any",
            tuple(_modes([Case("fill=uniform", "S", 8, 12, 512, 64, dtype="fp32")], ("fwd", "fwd+bwd"))),
            methods=("fused", "eager", "sdpa_mask", "sdpa_nomask")),

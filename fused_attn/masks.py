@@ -127,6 +127,13 @@ class ReducedMask:
     def device(self):
         return self.values.device if self.values is not None else None
 
+    def __repr__(self) -> str:   # short: the dataclass default prints every tensor in full
+        v = self.values
+        what = "" if v is None else (f", values={'additive ' if self.additive else ''}{str(v.dtype)[6:]}"
+                                     f"{list(v.shape)} on {v.device}")
+        return (f"ReducedMask(kind={self.kind!r}, B={self.batch}, H={self.heads}, Sq={self.q_len}, "
+                f"Sk={self.k_len}{what}, block_maps={len(self._block_maps)})")
+
     def check(self, batch: int, heads: int, q_len: int, k_len: int, device) -> None:
         if (self.batch, self.heads, self.q_len, self.k_len) != (batch, heads, q_len, k_len):
             raise ValueError(
@@ -232,6 +239,18 @@ def _normalize(mask: torch.Tensor, batch: int, heads: int, q_len: int, k_len: in
     raise ValueError(f"attention_mask: rank {mask.dim()} (shape {_shape(mask)}) is not accepted; {expect}")
 
 
+def _layout_hint(mask: torch.Tensor, batch: int, heads: int, q_len: int, k_len: int) -> str:
+    """A hint when the mask would fit q, k, v given in HF's [B, S, H, D] layout (dims 1 and 2
+    swapped; with self-attention's Sk == Sq, k's dim 1 is the real Sk)."""
+    try:
+        _normalize(mask, batch, q_len, heads, heads)
+    except ValueError:
+        return ""
+    return (f". The mask would fit q, k, v of shape [B, S, H, D] = [{batch}, {heads}, {q_len}, D]: "
+            f"fused_attn takes [B, H, S, D], so pass q.transpose(1, 2), k.transpose(1, 2), "
+            f"v.transpose(1, 2) (strided views are read in place, not copied)")
+
+
 def _stride0(t: torch.Tensor) -> torch.Tensor:
     """Give broadcast (size-1) dims stride 0 so kernels can index every dim the same way."""
     return t.as_strided(t.shape, [0 if s == 1 else st for s, st in zip(t.shape, t.stride())])
@@ -320,7 +339,10 @@ def rebuild(kind, batch, heads, q_len, k_len, values, additive, key_start, key_e
 
 
 def _reduce(mask: torch.Tensor, batch: int, heads: int, q_len: int, k_len: int) -> ReducedMask:
-    m4 = _normalize(mask, batch, heads, q_len, k_len)
+    try:
+        m4 = _normalize(mask, batch, heads, q_len, k_len)
+    except ValueError as e:
+        raise ValueError(str(e) + _layout_hint(mask, batch, heads, q_len, k_len)) from None
     if mask.dtype == torch.bool:
         values, additive = m4.view(torch.uint8), False
     elif mask.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from . import masks
-from ._checks import REFERENCE_DTYPES, check_head_mask, check_qkv, check_scalars, check_varlen
+from ._checks import REFERENCE_DTYPES, check_causal, check_head_mask, check_qkv, check_scalars, check_varlen
 
 
 def causal_visible(q_len: int, k_len: int, device) -> torch.Tensor:
@@ -36,6 +36,7 @@ def attention(q, k, v, attention_mask=None, causal: bool = False, dropout_p: flo
     s = check_qkv(q, k, v, dtypes=REFERENCE_DTYPES)
     scale = check_scalars(dropout_p, scale, s.head_dim)
     hm = check_head_mask(head_mask, s, q.device)
+    causal = check_causal(causal)
     visible, bias = masks.dense_mask(attention_mask, s.batch, s.heads, s.q_len, s.k_len)
 
     cdt = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)

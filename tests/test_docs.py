@@ -37,3 +37,21 @@ def test_support_matrix_states_pyproject_bounds():
     assert Version(tf.__version__) in reqs["transformers"].specifier
     tested = _row("tested, CPU")
     assert re.search(r"\b3\.11\b", tested[1]) and "2.13.0" in tested[2] and "5.18.0" in tested[4] and "4.57.6" in tested[4]
+
+
+def test_readme_and_benchmark_cli_use_user_words():
+    """No internal tracker words ("issue-2 target", "the issue targets") where users read."""
+    from benchmarks.presets import PRESETS
+
+    bench_readme = (ROOT / "benchmarks" / "README.md").read_text()
+    for where, text in [("README.md", README), ("benchmarks/README.md", bench_readme)] + [
+            (f"preset {name}", p.help) for name, p in PRESETS.items()]:
+        assert not re.search(r"\bissues?\b", text, re.IGNORECASE), where
+
+
+def test_readme_names_every_benchmark_preset():
+    from benchmarks.presets import PRESETS
+
+    section = README.split("## Benchmarks", 1)[1].split("\n## ", 1)[0]
+    missing = [name for name in PRESETS if not re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", section)]
+    assert not missing, missing
