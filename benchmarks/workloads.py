@@ -21,7 +21,7 @@ from .timing import wall_ms
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FUSED_ENGINES = ("triton", "cuda", "cpu")
-# Absolute floor of DESIGN.md's tolerance rule (same values as tests/_utils.py).
+# Absolute floor of docs/design.md's tolerance rule (same values as tests/_utils.py).
 FLOOR = {torch.float16: 1e-4, torch.bfloat16: 1e-3, torch.float32: 2e-5}
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 
@@ -369,7 +369,7 @@ def max_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def tolerance(inp: Inputs, ref: torch.Tensor) -> float:
-    """DESIGN.md: a kernel's error may be at most 2x same-dtype eager's error + a floor."""
+    """docs/design.md: a kernel's error may be at most 2x same-dtype eager's error + a floor."""
     with torch.no_grad():
         eager = hf_eager(inp.q, inp.k, inp.v, inp.eager_mask, inp.scale)
     return 2.0 * max_error(eager, ref) + FLOOR[inp.dtype]

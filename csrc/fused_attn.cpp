@@ -8,7 +8,7 @@
 // Dropout: Philox keep-mask regenerated from (seed, offset) in both passes (philox.h).
 // Padded and packed (varlen) batches are the same kernels: a work item's sequence b has its row
 // offsets and lengths from SeqLayout::seq (mask_desc.h), and everything below is relative to them.
-// Semantics: DESIGN.md / fused_attn.reference.  The CUDA kernels are in cuda/.
+// Semantics: docs/design.md / fused_attn.reference.  The CUDA kernels are in cuda/.
 #include <omp.h>
 
 #include <algorithm>

@@ -1,5 +1,5 @@
 """Mask validation and reduction: every accepted ``attention_mask`` form -> one cheap, exact
-description that the kernels consume (DESIGN.md, "Masks" and "Skipping work").
+description that the kernels consume (docs/design.md, "Masks" and "Skipping work").
 
 Pure torch, no kernels, no host synchronisation: everything here is a handful of vectorised
 tensor ops, so it is cheap, traceable, and computed once per mask (see ``reduce_mask``'s cache).

@@ -1,6 +1,6 @@
 """The oracle: plain eager PyTorch, computed in fp32 (fp64 for fp64 inputs).
 
-It *defines* fused_attn's semantics (DESIGN.md): every kernel is tested against it, and it is
+It *defines* fused_attn's semantics (docs/design.md): every kernel is tested against it, and it is
 tested against plain eager / Hugging Face attention.  Differentiable with ordinary autograd.
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
     packed batch through :func:`attention` on its own (causal bottom-right aligned per sequence).
 
     ``dropout_mask`` (testing): the bool keep-mask in the padded layout [B, H, max_seqlen_q,
-    max_seqlen_k]; sequence b uses ``dropout_mask[b, :, :Sq_b, :Sk_b]`` (DESIGN.md, "Dropout").
+    max_seqlen_k]; sequence b uses ``dropout_mask[b, :, :Sq_b, :Sk_b]`` (docs/design.md, "Dropout").
     """
     seqs = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                         dtypes=REFERENCE_DTYPES, check_values=True)

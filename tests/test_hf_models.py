@@ -1,5 +1,5 @@
 """patch / unpatch / FusedBertSelfAttention on random-init tiny models of every BERT-like family,
-against HF's eager attention (fp64 eager copy as the oracle, DESIGN.md's rule).  Runs with the
+against HF's eager attention (fp64 eager copy as the oracle, docs/design.md's rule).  Runs with the
 installed transformers (5.x in .venv, 4.x in .venv-hf4: `make test-hf4`)."""
 import copy
 
