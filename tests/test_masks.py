@@ -231,6 +231,7 @@ def test_auto_fallback_warns_once_with_the_reason(monkeypatch):
     monkeypatch.setattr(backends, "reasons",
                         lambda name, t: ["no C++ compiler (test)"] if name == "cpu" else real(name, t))
     monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(backends, "_CHOICES", {})
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("FUSED_ATTN_BACKEND", raising=False)
     with pytest.warns(UserWarning, match=r"backend 'auto' uses 'reference' because cpu: no C\+\+ compiler \(test\)"):
@@ -327,3 +328,27 @@ def test_causal_accepts_ints_zero_one_and_numpy_bools():
         for bad in (2, -1, 1.0, "yes", None, torch.tensor(True)):
             with pytest.raises(TypeError, match=r"causal: expected a bool \(or 0 / 1\)"):
                 fn(q, k, v, causal=bad)
+
+
+def test_auto_choice_is_cached_per_device_dtype_and_head_dim(monkeypatch):
+    """select() asks the engines once per (request, environment, device, dtype, head dim); a newly
+    registered engine clears the cache."""
+    from fused_attn import backends
+    q, k, v = _qkv()
+    asked = []
+    real = backends.reasons
+    monkeypatch.setattr(backends, "reasons", lambda name, t: asked.append(name) or real(name, t))
+    monkeypatch.setattr(backends, "_CHOICES", {})
+    first = backends.select("auto", q)
+    n = len(asked)
+    assert n >= 1
+    for _ in range(3):
+        assert backends.select("auto", q) == first
+    assert len(asked) == n
+    backends.select("auto", q.half())            # another dtype: asked again
+    assert len(asked) > n
+    monkeypatch.setattr(backends, "_ENGINES", dict(backends._ENGINES))
+    extra = backends.Engine()
+    extra.name = "test-extra"
+    backends.register(extra)                     # registering clears the cache
+    assert backends._CHOICES == {} and "test-extra" in backends.names()
