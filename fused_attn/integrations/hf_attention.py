@@ -26,6 +26,7 @@ NAME = "fused_attn"
 
 # kwargs of HF attention functions whose semantics the fused kernel does not have
 _UNSUPPORTED_KWARGS = ("position_bias", "softcap", "s_aux", "sinks")
+_ABSENT = object()    # module level: torch.compile cannot trace object() inside the mask function
 
 
 class FusedMask:
@@ -118,7 +119,7 @@ def fused_attn_mask(**kw) -> Optional[FusedMask]:
     plain_ints = isinstance(kv_offset, int) and (q_offset is None or isinstance(q_offset, int))
     if plain_ints and attention_mask is not None and attention_mask.dim() != 2:
         plain_ints = False
-    if plain_ints and mask_function is getattr(mu, "bidirectional_mask_function", object()):
+    if plain_ints and mask_function is getattr(mu, "bidirectional_mask_function", _ABSENT):
         return FusedMask(batch, q_length, kv_length, padding=_key_padding(attention_mask, kv_length, kv_offset))
     if (plain_ints and mask_function is mu.causal_mask_function and q_offset is not None
             and q_offset + q_length == kv_offset + kv_length):       # bottom-right aligned causal
