@@ -14,6 +14,7 @@ Imports transformers lazily: importing this module does not import it.
 """
 from __future__ import annotations
 
+import sys
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -141,11 +142,13 @@ def _wants_attentions(module, kwargs) -> bool:
     """Did the caller ask for the attention probabilities (output_attentions)?"""
     if kwargs.get("output_attentions"):
         return True
-    try:  # transformers 5.x records them through hooks: the active collector lists what it wants
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # older transformers: no collector, the kwarg decides
+    # transformers 5.x records them through hooks: the active collector lists what it wants.  Looked
+    # up in sys.modules (5.x's modeling code has imported it): torch.compile cannot trace the
+    # failing import of older versions, which have no collector (the kwarg decides)
+    capturing = sys.modules.get("transformers.utils.output_capturing")
+    if capturing is None or not hasattr(capturing, "_active_collector"):
         return False
-    collected = _active_collector.get()
+    collected = capturing._active_collector.get()
     return bool(collected) and ("attentions" in collected or "cross_attentions" in collected)
 
 
