@@ -12,7 +12,7 @@ STAMP_HF4 = $(VENV_HF4)/.installed
 HF_TESTS  = tests/test_hf_models.py tests/test_hf_minilm.py tests/test_hf_register.py tests/test_hf_routes.py
 JOBS     ?= 2
 
-.PHONY: demo test test-main test-hf4 test-asan test-gpu bench clean
+.PHONY: demo test test-main test-hf4 test-asan test-gpu fuzz bench clean
 
 $(STAMP): requirements-dev.txt requirements-hf.txt pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,17 @@ test-asan: $(STAMP)
 	LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:log_path=$(CURDIR)/out/asan/report \
 	  FUSED_ATTN_EMU_ASAN=1 $(PY) -m pytest -q -n $(JOBS) -k cuda-emu $(ASAN_TESTS) \
 	  || (cat out/asan/report.* 2>/dev/null; exit 1)
+
+# Randomised differential testing, long form (`make test` runs a fixed slice: tests/test_fuzz.py):
+# N cases per engine against the fp32 oracle, forward and gradients; a summary, and a one-line
+# reproducer per failure.  ~25 min for N=10000 on the cpu engine with 2 cores; the interpreted /
+# emulated engines run smaller shapes, FUZZ_TIME seconds each at most.
+N         ?= 10000
+SEED      ?= 0
+FUZZ_ENGINES ?= cpu,cuda-emu,triton-interp
+FUZZ_TIME ?= 1800
+fuzz: $(STAMP)
+	$(PY) tests/fuzz.py --engine $(FUZZ_ENGINES) --n $(N) --seed $(SEED) --jobs $(JOBS) --time-limit $(FUZZ_TIME)
 
 # On a GPU machine with torch/triton already installed (no venv): the CUDA-marked tests.
 test-gpu:

@@ -6,7 +6,7 @@ from typing import Optional, Union
 import torch
 
 from . import backends, masks, ops, reference
-from ._checks import check_causal, check_head_mask, check_qkv, check_scalars, check_varlen
+from ._checks import check_causal, check_head_mask, check_qkv, check_scalars, check_sizes, check_varlen
 from ._rng import philox_seed_offset
 from .masks import ReducedMask
 
@@ -51,6 +51,7 @@ def attention(
     causal = check_causal(causal)
     red = masks.reduce_mask(attention_mask, s.batch, s.heads, s.q_len, s.k_len, device=q.device)
     name = backends.select(backend, q)
+    check_sizes(q, k, v, red, dropout_p, name)
     if name == "reference":
         return reference.attention(q, k, v, red, causal, float(dropout_p), scale, head_mask)
     if hm is not None:

@@ -25,6 +25,7 @@ added to the scores in fp32, and an entry ``<= HIDDEN_THRESHOLD`` (-1e4, which c
 """
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -279,11 +280,12 @@ def reduce_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: int,
     hit = _CACHE.get(attention_mask, key)
     if hit is not None:
         return hit
+    version = None if attention_mask.is_inference() else attention_mask._version   # before reducing
     red = _reduce(attention_mask, batch, heads, q_len, k_len)
     if red.additive and not _FLOAT01["warned"]:
         _check_float01(red.values)
         _poll_float01()
-    _CACHE.put(attention_mask, key, red)
+    _CACHE.put(attention_mask, key, red, version)
     _BY_VALUES.put(red.values, (red.kind,) + key, red)
     return red
 
@@ -394,11 +396,17 @@ def dense_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: int):
 class _MaskCache:
     """Tiny identity cache: same tensor object, same version counter, same shapes -> same
     reduction.  Holds weak references only, so it never keeps a mask alive.  Inference tensors
-    (torch.inference_mode) are never cached: they have no version counter."""
+    (torch.inference_mode) are never cached: they have no version counter.
+
+    Thread-safe: changes to the table (insert, evict, a dying mask's callback) hold a lock
+    (re-entrant: dropping an evicted entry can run another mask's callback in the same thread);
+    lookups are single dict reads.  An entry records the version the mask had *before* it was
+    reduced, so a write from another thread during the reduction makes the entry stale."""
 
     def __init__(self, size: int = 16):
         self.size = size
         self.entries: Dict[int, tuple] = {}
+        self._lock = threading.RLock()
 
     def get(self, mask: torch.Tensor, key):
         e = self.entries.get(id(mask))
@@ -409,22 +417,31 @@ class _MaskCache:
             return None
         return red
 
-    def put(self, mask: torch.Tensor, key, red):
+    def put(self, mask: torch.Tensor, key, red, version: Optional[int] = None):
+        """Cache `red` for `mask` at `version` (default: its version now)."""
         # Inference tensors have no version counter, so an in-place change could not be seen:
         # they are reduced on every call (HF's mask interface still reduces once per forward).
         if torch.compiler.is_compiling() or mask.is_inference():
             return
-        if len(self.entries) >= self.size:
-            self.entries.pop(next(iter(self.entries)))
         mid = id(mask)
         try:
-            ref = weakref.ref(mask, lambda _r, mid=mid: self.entries.pop(mid, None))
+            ref = weakref.ref(mask, lambda _r, mid=mid: self._drop(mid, _r))
         except TypeError:
             return
-        self.entries[mid] = (ref, mask._version, key, red)
+        with self._lock:
+            while len(self.entries) >= self.size:
+                self.entries.pop(next(iter(self.entries)))
+            self.entries[mid] = (ref, mask._version if version is None else version, key, red)
+
+    def _drop(self, mid: int, ref):
+        with self._lock:
+            e = self.entries.get(mid)
+            if e is not None and e[0] is ref:         # not a newer entry under a reused id
+                del self.entries[mid]
 
     def clear(self):
-        self.entries.clear()
+        with self._lock:
+            self.entries.clear()
 
 
 _CACHE = _MaskCache()        # user's mask tensor -> its reduction
