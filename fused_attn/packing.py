@@ -115,3 +115,19 @@ def seqlens_from_position_ids(position_ids: torch.Tensor) -> SeqLens:
                          "row's smallest)")
     max_seqlen = int(cu.diff().max())
     return SeqLens(cu, cu, max_seqlen, max_seqlen)
+
+
+def seqlens_from_sequence_ids(sequence_ids: torch.Tensor) -> SeqLens:
+    """Packed sequences of [B, S] sequence ids (HF's ``find_packed_sequence_indices``: equal
+    neighbouring ids = same sequence), over the flattened B * S tokens; a sequence never crosses a
+    row.  One host synchronisation (the longest sequence)."""
+    if not isinstance(sequence_ids, torch.Tensor) or sequence_ids.dim() != 2:
+        shape = list(sequence_ids.shape) if isinstance(sequence_ids, torch.Tensor) else type(sequence_ids).__name__
+        raise ValueError(f"sequence_ids: expected [B, S], got {shape}")
+    B, S = sequence_ids.shape
+    new = torch.ones_like(sequence_ids, dtype=torch.bool)
+    new[:, 1:] = sequence_ids[:, 1:] != sequence_ids[:, :-1]
+    starts = torch.nonzero(new.reshape(-1), as_tuple=False).reshape(-1).to(torch.int32)
+    cu = torch.cat([starts, torch.tensor([B * S], dtype=torch.int32, device=sequence_ids.device)])
+    max_seqlen = int(cu.diff().max()) if B * S > 0 else 0
+    return SeqLens(cu, cu, max_seqlen, max_seqlen)
