@@ -65,25 +65,15 @@ def _lists(state: torch.Tensor) -> BlockLists:
     return BlockLists(pc, pi, fc, fi)
 
 
-def _nonempty_list(state: torch.Tensor):
-    nonempty = state != EMPTY
-    count = nonempty.sum(-1, dtype=torch.int32)
-    index = torch.argsort((~nonempty).to(torch.int8), dim=-1, stable=True)
-    return (count.contiguous(), index.to(torch.int32).contiguous(),
-            torch.gather(state, -1, index).to(torch.int32).contiguous())
-
-
 @dataclass
 class BlockMap:
     """Tile classification for one (BLOCK_M, BLOCK_N, causal) triple.
 
     ``state``: [Bm, Hm, nQB, nKB] int8 (EMPTY / PARTIAL / FULL); nQB is 1 when the mask is the
-    same for every query block.  Two views of it, each built once:
-    - split lists (Triton kernels: a loop over PARTIAL tiles, then one over FULL tiles, no
-      branch inside): ``kv`` -- the key blocks of each query block (forward, dQ) -- and
-      ``transposed_lists()`` -- the query blocks of each key block (dK / dV);
-    - one list of non-empty tiles with their state (C++ kernels): ``kv_count`` / ``kv_index`` /
-      ``kv_state`` and ``transposed()`` -> (q_count, q_index, q_state).
+    same for every query block.  The C++ kernels walk ``state`` itself; the Triton kernels take
+    split lists (a loop over PARTIAL tiles, then one over FULL tiles, no branch inside): ``kv``
+    -- the key blocks of each query block (forward, dQ) -- and ``transposed_lists()`` -- the
+    query blocks of each key block (dK / dV), built on first use.
     """
 
     block_m: int
@@ -103,18 +93,6 @@ class BlockMap:
 
     def transposed_lists(self) -> BlockLists:
         return self._get("t_lists", lambda: _lists(self._state_t()))
-
-    def nonempty(self):
-        """(count, index, state) of the non-empty key blocks of each query block."""
-        return self._get("kv_nonempty", lambda: _nonempty_list(self.state))
-
-    def transposed(self):
-        """(count, index, state) of the non-empty query blocks of each key block."""
-        return self._get("t_nonempty", lambda: _nonempty_list(self._state_t()))
-
-    kv_count = property(lambda self: self.nonempty()[0])
-    kv_index = property(lambda self: self.nonempty()[1])
-    kv_state = property(lambda self: self.nonempty()[2])
 
     def visited_kv_blocks(self) -> torch.Tensor:
         """Number of key blocks the forward kernel visits, per (Bm, Hm, query block)."""

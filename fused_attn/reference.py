@@ -22,19 +22,23 @@ def causal_visible(q_len: int, k_len: int, device) -> torch.Tensor:
 
 def attention(q, k, v, attention_mask=None, causal: bool = False, dropout_p: float = 0.0,
               scale: Optional[float] = None, head_mask=None, backend: str = "reference", *,
-              dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+              dropout_mask: Optional[torch.Tensor] = None, compute_dtype: Optional[torch.dtype] = None,
+              return_probs: bool = False):
     """Same signature and semantics as :func:`fused_attn.attention`.
 
     ``dropout_mask`` (testing): a bool keep-mask broadcastable to [B, H, Sq, Sk]; with it the
     reference applies exactly that dropout (kept probabilities scaled by 1 / (1 - dropout_p)),
     so kernel dropout can be compared element-wise.  Without it, dropout_p > 0 draws its own.
+    ``compute_dtype``: the dtype of the math (default fp32, fp64 for fp64 inputs); q's own dtype
+    gives plain eager attention as a user would write it (the tests' tolerance yardstick).
+    ``return_probs``: return (out, probabilities as applied to v [B, H, Sq, Sk] in compute dtype).
     """
     s = check_qkv(q, k, v, dtypes=REFERENCE_DTYPES)
     scale = check_scalars(dropout_p, scale, s.head_dim)
     hm = check_head_mask(head_mask, s, q.device)
     visible, bias = masks.dense_mask(attention_mask, s.batch, s.heads, s.q_len, s.k_len)
 
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
     scores = torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2)) * scale
     if bias is not None:
         scores = scores + bias.to(cdt)
@@ -56,7 +60,8 @@ def attention(q, k, v, attention_mask=None, causal: bool = False, dropout_p: flo
         probs = probs * keep.to(cdt) / (1.0 - dropout_p)
     if hm is not None:
         probs = probs * hm.to(cdt)[:, :, None, None]
-    return torch.matmul(probs, v.to(cdt)).to(q.dtype)
+    out = torch.matmul(probs, v.to(cdt)).to(q.dtype)
+    return (out, probs) if return_probs else out
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 
 from fused_attn import reference
-from fused_attn.masks import dense_mask
 
 # Absolute floor of the tolerance rule, per dtype (FlashAttention's rule: 2x eager + floor).
 FLOOR = {torch.float16: 1e-4, torch.bfloat16: 1e-3, torch.float32: 2e-5, torch.float64: 1e-10}
@@ -14,28 +13,10 @@ def eager_attention(q, k, v, attention_mask=None, causal=False, scale=None, head
                     dropout_mask=None, dropout_p=0.0):
     """Plain eager attention computed *in q's dtype* (what a user would write), with the
     reference's semantics.  Its error against the fp32 oracle sets the tolerance."""
-    dt = q.dtype
-    B, H, Sq, D = q.shape
-    Sk = k.shape[2]
-    scale = D ** -0.5 if scale is None else scale
-    vis, bias = dense_mask(attention_mask, B, H, Sq, Sk)
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if bias is not None:
-        s = s + bias.to(dt)
-    if causal:
-        cv = reference.causal_visible(Sq, Sk, q.device)
-        vis = cv if vis is None else vis & cv
-    if vis is not None:
-        s = s.masked_fill(~vis, float("-inf")).masked_fill(~vis.any(-1, keepdim=True), 0.0)
-        p = torch.softmax(s, -1).masked_fill(~vis, 0.0)
-    else:
-        p = torch.softmax(s, -1)
-    if dropout_mask is not None:
-        p = p * dropout_mask.to(dt) / (1.0 - dropout_p)
-    if head_mask is not None:
-        hm = head_mask if head_mask.dim() == 2 else head_mask[None]
-        p = p * hm.to(dt)[:, :, None, None]
-    return torch.matmul(p, v)
+    if dropout_mask is None:
+        dropout_p = 0.0
+    return reference.attention(q, k, v, attention_mask, causal, dropout_p, scale, head_mask,
+                               dropout_mask=dropout_mask, compute_dtype=q.dtype)
 
 
 def assert_tolerance(name, got, oracle, eager, dtype=None):

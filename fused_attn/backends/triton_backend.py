@@ -50,7 +50,7 @@ def _capability(index: int):
 
 
 def fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
-    """Forward tile sizes by head dim, dtype and GPU generation (measured: benchmarks/tune_fwd.py)."""
+    """Forward tile sizes by head dim, dtype and GPU generation (measured with benchmarks/tune.py)."""
     if device.type != "cuda":                      # Triton interpreter: small tiles, many blocks
         return TileConfig(32, 16, 4, 1)
     major, _ = _capability(device.index if device.index is not None else torch.cuda.current_device())

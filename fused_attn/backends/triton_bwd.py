@@ -123,7 +123,7 @@ def attn_bwd_dkdv_kernel(
     CuSeqQ, CuSeqK, Tq, Tk, stride_lb, stride_lh,
     Mask, stride_mb, stride_mh, stride_mm, stride_mn,
     KeyStart, KeyEnd, KeyDense,
-    # MASK_MODE 2: for every key block, its PARTIAL and FULL query blocks (BlockMap.transposed())
+    # MASK_MODE 2: for every key block, its PARTIAL and FULL query blocks (BlockMap.transposed_lists())
     PartCount, PartIndex, FullCount, FullIndex,
     stride_cb, stride_ch, stride_cn, stride_ib, stride_ih, stride_in,
     HeadMask, stride_hb, stride_hh,

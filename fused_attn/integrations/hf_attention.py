@@ -18,7 +18,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .. import masks
+from .. import masks, reference
 from ..functional import attention as fused_attention
 from ..functional import varlen_attention
 from ..masks import ReducedMask
@@ -98,17 +98,6 @@ class FusedMask:
             red = masks.reduce_mask(src, self.batch, heads, q_len, k_len, device=device)
             self._reduced[key] = red
         return red
-
-    def dense_additive(self, heads: int, q_len: int, k_len: int, device, dtype) -> torch.Tensor:
-        """The equivalent additive [B|1, 1|H, Sq|1, Sk] mask (0 / -inf), for eager fallbacks."""
-        red = self.resolve(heads, q_len, k_len, device)
-        vis = torch.ones(1, 1, 1, k_len, dtype=torch.bool, device=device) if red.kind == "none" else red.visible()
-        if self.causal:
-            i = torch.arange(q_len, device=device)[:, None]
-            j = torch.arange(k_len, device=device)[None, :]
-            vis = vis & (j <= i + (k_len - q_len))
-        zero = torch.zeros((), dtype=dtype, device=device)
-        return torch.where(vis, zero, torch.tensor(float("-inf"), dtype=dtype, device=device))
 
     def __repr__(self) -> str:
         what = ("packed" if self.packed is not None else "dense" if self._dense is not None or self._dense_kw
@@ -237,33 +226,21 @@ def _head_mask_vector(head_mask: Optional[torch.Tensor], heads: int):
 
 def eager_attention(query, key, value, mask, causal: bool, dropout_p: float, scale: float,
                     head_mask: Optional[torch.Tensor], training: bool):
-    """Plain math with fused_attn's semantics that also returns the probabilities
+    """fused_attn's semantics (the reference, in fp32) that also returns the probabilities
     ([B, H, Sq, Sk], query's dtype); used when the caller asks for them."""
     B, H, Sq, _ = query.shape
     Sk = key.shape[2]
     if isinstance(mask, FusedMask):
         causal = causal or mask.causal
         mask = mask.resolve(H, Sq, Sk, query.device)
-    visible, bias = masks.dense_mask(mask, B, H, Sq, Sk)
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
-    if bias is not None:
-        scores = scores + bias
-    if causal:
-        i = torch.arange(Sq, device=query.device)[:, None]
-        j = torch.arange(Sk, device=query.device)[None, :]
-        cv = j <= i + (Sk - Sq)
-        visible = cv if visible is None else visible & cv
-    if visible is not None:
-        scores = scores.masked_fill(~visible, float("-inf"))
-        scores = scores.masked_fill(~visible.any(-1, keepdim=True), 0.0)     # empty rows -> 0
-        probs = torch.softmax(scores, dim=-1).masked_fill(~visible, 0.0)
-    else:
-        probs = torch.softmax(scores, dim=-1)
-    probs = probs.to(query.dtype)
-    probs = torch.nn.functional.dropout(probs, p=dropout_p, training=training and dropout_p > 0)
-    if head_mask is not None:
-        probs = probs * head_mask
-    return torch.matmul(probs, value), probs
+    hm, hm_ok = _head_mask_vector(head_mask, H)
+    p = dropout_p if training else 0.0
+    out, probs = reference.attention(query, key, value, mask, causal, p, scale, hm if hm_ok else None,
+                                     return_probs=True)
+    if not hm_ok:        # a head mask that varies over queries or keys: HF multiplies the probabilities
+        probs = probs * head_mask.to(probs.dtype)
+        out = torch.matmul(probs, value.to(probs.dtype)).to(query.dtype)
+    return out, probs.to(query.dtype)
 
 
 def _repeat_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
