@@ -268,12 +268,15 @@ class _PaddingFreeEncoder:
     _fused_pf_original_class: type = nn.Module
     _fused_pf_layout: Any = None
 
-    def _fallback_reason(self, call: Optional[_Call], a: Dict[str, Any], hidden: torch.Tensor) -> Optional[str]:
+    def _fallback_reason(self, call: Optional[_Call], mask, a: Dict[str, Any], hidden: torch.Tensor) -> Optional[str]:
         """Why this call runs the padded path ('' = silently: nothing to unpad), or None."""
-        if call is None or call.attention_mask is None:
+        if mask is None:
             return ""
-        cfg = getattr(self, "config", None) or getattr(call.owner, "config", None)
-        mask = call.attention_mask
+        cfg = getattr(self, "config", None)
+        if cfg is None and call is not None:
+            cfg = getattr(call.owner, "config", None)
+        if call is None:          # the base model's forward was called without its hooks
+            call = _Call(None, self, mask, None, None, None, None)
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
             return "an attention_mask that is not the 2D padding mask [B, S]"
         if tuple(mask.shape) != tuple(hidden.shape[:2]):
@@ -285,7 +288,9 @@ class _PaddingFreeEncoder:
                 or (call.output_attentions is None and getattr(cfg, "output_attentions", False))
                 or (collector and ("attentions" in collector or "cross_attentions" in collector))):
             return "output_attentions"
-        if call.head_mask is not None:
+        layer_heads = a.get("head_mask")
+        if call.head_mask is not None or (isinstance(layer_heads, (list, tuple)) and any(h is not None for h in layer_heads)) \
+                or isinstance(layer_heads, torch.Tensor):
             return "head_mask"
         if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
             return "a decoder (is_decoder / cross-attention)"
@@ -306,12 +311,17 @@ class _PaddingFreeEncoder:
         hidden = a.get("hidden_states", a.get("x"))
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
             return original(self, *args, **kwargs)
-        why = self._fallback_reason(_current_call(self), a, hidden)
+        call = _current_call(self)
+        if call is not None:
+            mask = call.attention_mask
+        else:                     # e.g. sentence-transformers calls model.forward() itself: no hooks ran
+            mask = _padding_of(a.get("attention_mask", a.get("attn_mask")), hidden)
+        why = self._fallback_reason(call, mask, a, hidden)
         if why is not None:
             if why:
                 self._fused_pf_warn(why)
             return original(self, *args, **kwargs)
-        return self._fused_pf_forward(hidden, _current_call(self).attention_mask, a)
+        return self._fused_pf_forward(hidden, mask, a)
 
     def _fused_pf_warn(self, why: str) -> None:
         warned = self.__dict__.setdefault("_fused_pf_warned", set())
@@ -365,6 +375,33 @@ def _signature(fn: Callable) -> inspect.Signature:
     if sig is None:
         sig = _SIGNATURES[fn] = inspect.signature(fn)
     return sig
+
+
+def _padding_of(mask, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+    """The [B, S] padding mask (True = real) behind the mask an encoder receives, where that is
+    exact and cheap: fused_attn's FusedMask of a key-padding pattern, HF's [B, 1, 1, S] extended
+    mask (0 = real, <= -1e4 = padding; 4.x eager) or its bool form, or DistilBERT 4.x's [B, S].
+    None otherwise (no padding, or a pattern that is not key padding: the padded path)."""
+    from .hf_attention import FusedMask
+
+    B, S = hidden.shape[:2]
+    if isinstance(mask, FusedMask):
+        plain = not (mask.causal or mask.packed is not None or mask._dense is not None or mask._dense_kw)
+        if plain and mask.padding is not None and (mask.batch, mask.q_len, mask.k_len) == (B, S, S):
+            return mask.padding
+        return None
+    if not isinstance(mask, torch.Tensor):
+        return None
+    if mask.dim() == 4 and tuple(mask.shape) == (B, 1, 1, S):
+        mask = mask[:, 0, 0, :]
+    if mask.dim() != 2 or tuple(mask.shape) != (B, S):
+        return None
+    if mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        return mask != 0
+    real = mask == 0
+    return real if bool((real | (mask <= -1e4)).all()) else None
 
 
 def _bind_function(fn: Callable, self, args, kwargs) -> Dict[str, Any]:
