@@ -50,11 +50,12 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
 
 
 class _Progress:
-    """tqdm when installed, else one plain line per measurement (stderr)."""
+    """tqdm on a terminal when installed, else one plain line per measurement (stderr): a bar
+    redrawn into a log file or CI output would flood it."""
 
     def __init__(self, total: int, desc: str, quiet: bool):
         self.n, self.total, self.quiet, self.bar = 0, total, quiet, None
-        if not quiet:
+        if not quiet and sys.stderr.isatty():
             try:
                 from tqdm.auto import tqdm
                 self.bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False)
@@ -86,17 +87,17 @@ def _methods_for(case: Case, requested: Tuple[str, ...], explicit: bool, device:
     probe = torch.empty(1, 1, 1, case.D, device=device, dtype=resolve_dtype(case.dtype, device))
     out = []
     for name in requested:
-        if name == "fused":
-            for m, why in fused_methods(probe):
+        if name in ("fused", "varlen"):
+            for m, why in fused_methods(probe, name):
                 if why:
                     notes[m] = why
                 else:
                     out.append(m)
-        elif name.startswith("fused_") and name[len("fused_"):] in FUSED_ENGINES:
+        elif name.split("_", 1)[0] in ("fused", "varlen") and name.split("_", 1)[-1] in FUSED_ENGINES:
             out.append(name)
         elif name == "reference" and device.type == "cuda" and not explicit:
             notes[name] = "timed on CPU only (ask with --methods ...,reference)"
-        elif name == "flex" and device.type != "cuda":
+        elif name in ("flex", "flex_doc") and device.type != "cuda":
             notes[name] = "FlexAttention is only benchmarked on CUDA"
         elif name in METHODS:
             out.append(name)
@@ -152,8 +153,10 @@ def _measure(row: Dict, name: str, inp: Inputs, args, min_time: float, checks: D
             ref = oracle(inp)
             checks["ref"] = (case.data_key(), ref, tolerance(inp, ref))
         _, ref, tol = checks["ref"]
+        q, k, v, _, _ = m.args(inp)
         with torch.no_grad():
-            err = max_error(m.fn(inp.q, inp.k, inp.v), ref)
+            out = m.fn(q, k, v)
+            err = max_error(*m.packed.to_padded_rows(out, ref)) if m.packed is not None else max_error(out, ref)
         checks[key] = (err, tol, "PASS" if err <= tol else "FAIL")   # NaN compares False: FAIL
     row["max_err"], row["tol"], row["check"] = checks[key]
 

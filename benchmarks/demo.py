@@ -116,7 +116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"batch: B={case.B} H={case.H} S={case.S} D={case.D} {dtype_name(inp.dtype)}, HF [B,S,H,D] views; "
           f"lengths U[1,{case.S}] (min {int(L.min())}, mean {float(L.float().mean()):.0f}, max {int(L.max())}), "
           f"{1 - float(L.sum()) / (case.B * case.S):.0%} of keys are padding")
-    print("check against fused_attn.reference (fp32), DESIGN.md rule: error <= 2 x eager's error + floor")
+    print("check against fused_attn.reference (fp32), docs/design.md rule: error <= 2 x eager's error + floor")
     ok = _check_forward(inp, oracle(inp))
     bwd = _check_backward(inp)
     ok = ok and bwd is not False

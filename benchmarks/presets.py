@@ -12,9 +12,12 @@ from typing import Dict, Iterable, List, Tuple
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 # Methods, in the order they are timed and shown.  "fused" expands to one "fused_<backend>" per
-# available engine (triton, cuda, cpu); "reference" is timed on CPU only unless asked for.
-METHODS = ("fused", "eager", "sdpa_mask", "sdpa_nomask", "flex", "reference")
-BASELINES = ("eager", "sdpa_mask", "sdpa_nomask", "flex", "reference")
+# available engine (triton, cuda, cpu), "varlen" to one "varlen_<backend>" (the packed-batch API
+# on the batch's real tokens); "reference" is timed on CPU only unless asked for.  "sdpa_loop":
+# SDPA without a mask, one call per sequence on its real tokens; "flex_doc": FlexAttention on the
+# packed tokens with a document mask.
+METHODS = ("fused", "varlen", "eager", "sdpa_mask", "sdpa_nomask", "sdpa_loop", "flex", "flex_doc", "reference")
+BASELINES = ("eager", "sdpa_mask", "sdpa_nomask", "sdpa_loop", "flex", "flex_doc", "reference")
 
 
 @dataclass(frozen=True)
@@ -103,15 +106,22 @@ def _cpu_small() -> List[Case]:
     return _modes(base, ("fwd", "fwd+bwd"))
 
 
+def _varlen(B: int, dtype: str) -> List[Case]:
+    return _modes([Case("fill=uniform", "S", B, 12, 512, 64, dtype=dtype)], ("fwd", "fwd+bwd"))
+
+
+VARLEN_METHODS = ("fused", "varlen", "sdpa_mask", "sdpa_loop", "flex", "flex_doc")
+
+
 def _tiny() -> List[Case]:
     return _modes([Case("fill=uniform", "S", 2, 2, S, 16, dtype="fp32") for S in (16, 40)], ("fwd", "fwd+bwd"))
 
 
 PRESETS: Dict[str, Preset] = {p.name: p for p in (
-    Preset("fwd-target", "issue-2 forward target: B=32 H=12 D=64 fp16, S 128/512, lengths U[1,S] "
+    Preset("fwd-target", "headline forward comparison: B=32 H=12 D=64 fp16, S 128/512, lengths U[1,S] "
            "and full; fused vs eager, SDPA (bool mask / no mask), FlexAttention", "cuda",
            tuple(_fwd_target()), methods=("fused", "eager", "sdpa_mask", "sdpa_nomask", "flex")),
-    Preset("train-target", "issue-3 training target: fwd+bwd of the fwd-target shapes with and "
+    Preset("train-target", "headline training comparison: fwd+bwd of the fwd-target shapes with and "
            "without dropout 0.1, plus S=2048 (B=32) and S=4096 (B=8) at D=128", "cuda",
            tuple(_train_target()), methods=("fused", "eager", "sdpa_mask", "sdpa_nomask", "flex")),
     Preset("bert-base", "BERT-base attention (B=32 H=12 D=64 fp16), S 128/512, fills U[1,S] / "
@@ -126,10 +136,17 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            tuple(_sweep("fwd+bwd"))),
     Preset("cpu-small", "small CPU run: B=4 H=12 D=64 fp32, S 128/256, U[1,S] and full, fwd and "
            "fwd+bwd", "any", tuple(_cpu_small())),
-    Preset("cpu-target", "issue-4 CPU target: B=8 H=12 S=512 D=64 fp32, lengths U[1,S]; the C++ "
+    Preset("cpu-target", "headline CPU comparison: B=8 H=12 S=512 D=64 fp32, lengths U[1,S]; the C++ "
            "CPU kernel vs eager and SDPA with the same mask, fwd and fwd+bwd", "any",
            tuple(_modes([Case("fill=uniform", "S", 8, 12, 512, 64, dtype="fp32")], ("fwd", "fwd+bwd"))),
            methods=("fused", "eager", "sdpa_mask", "sdpa_nomask")),
+    Preset("varlen", "packed batches on the GPU: B=32 H=12 S=512 D=64 fp16, lengths U[1,S]; varlen_attention on "
+           "the real tokens vs the padded kernel, SDPA with the mask, SDPA per sequence, FlexAttention "
+           "(padding mask; document mask on the packed tokens), fwd and fwd+bwd", "cuda",
+           tuple(_varlen(32, "fp16")), methods=VARLEN_METHODS),
+    Preset("cpu-varlen", "packed batches on the CPU: B=8 H=12 S=512 D=64 fp32, lengths U[1,S]; varlen_attention vs "
+           "the padded C++ kernel, SDPA with the mask and SDPA per sequence, fwd and fwd+bwd", "any",
+           tuple(_varlen(8, "fp32")), methods=("fused", "varlen", "sdpa_mask", "sdpa_loop")),
     Preset("demo", "the make-demo shape: B=8 H=12 S=128 D=64, lengths U[1,S], fwd (fp32 on CPU, "
            "fp16 on GPU)", "any", (Case("fill=uniform", "S", 8, 12, 128, 64, dtype="auto"),)),
     Preset("tiny", "seconds-long smoke run (tests): B=2 H=2 D=16 fp32, S 16/40, fwd and fwd+bwd",

@@ -1,5 +1,5 @@
 """Tile-size sweep for the Triton kernels on the GPU (source of the tables in
-fused_attn/backends/triton_backend.py), with the issue's baselines timed in the same run.
+fused_attn/backends/triton_backend.py), with the baselines timed in the same run.
 
     python benchmarks/tune.py --out results_dir [--quick]
 

@@ -21,7 +21,7 @@ from .timing import wall_ms
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FUSED_ENGINES = ("triton", "cuda", "cpu")
-# Absolute floor of DESIGN.md's tolerance rule (same values as tests/_utils.py).
+# Absolute floor of docs/design.md's tolerance rule (same values as tests/_utils.py).
 FLOOR = {torch.float16: 1e-4, torch.bfloat16: 1e-3, torch.float32: 2e-5}
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 
@@ -87,6 +87,12 @@ class Inputs:
     scale: float
     layout: str
 
+    def packed(self) -> "Packed":
+        """The same batch as packed real tokens (built once, outside any timing)."""
+        if getattr(self, "_packed", None) is None:
+            self._packed = make_packed(self)
+        return self._packed
+
     def heads(self, leaves: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, ...]:
         """[B, H, S, D] views of tensors laid out like ``leaves``."""
         return tuple(t.transpose(1, 2) for t in leaves) if self.layout == "bshd" else tuple(leaves)
@@ -94,6 +100,37 @@ class Inputs:
     @property
     def hides_keys(self) -> bool:
         return bool((self.lengths < self.case.S).any())
+
+
+@dataclass
+class Packed:
+    """The real tokens of an Inputs batch, packed: q / k / v [T, H, D] (leaves), cu_seqlens."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    do: torch.Tensor
+    cu_seqlens: torch.Tensor      # int32 [B + 1] on the device
+    max_seqlen: int
+    rows: torch.Tensor            # [T] (batch, position) of each packed row, as b * S + s
+
+    def to_padded_rows(self, out: torch.Tensor, ref: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(out, ref) on the real tokens only: ref [B, H, S, D] gathered to [T, H, D]."""
+        B, H, S, D = ref.shape
+        return out, ref.transpose(1, 2).reshape(B * S, H, D)[self.rows]
+
+
+def make_packed(inp: "Inputs") -> Packed:
+    B, H, S, D = inp.q.shape
+    rows = torch.nonzero(inp.key_mask.reshape(-1), as_tuple=True)[0]
+
+    def pack(t):                    # [B, H, S, D] -> [T, H, D]
+        return t.detach().transpose(1, 2).reshape(B * S, H, D)[rows].contiguous()
+
+    q, k, v = (pack(t).requires_grad_() for t in (inp.q, inp.k, inp.v))
+    lens = inp.lengths.to(torch.int32)
+    cu = torch.cat([lens.new_zeros(1), lens.cumsum(0, dtype=torch.int32)]).to(inp.device)
+    return Packed(q, k, v, pack(inp.do), cu, int(lens.max()), rows)
 
 
 def case_seed(case: Case, seed: int) -> int:
@@ -139,6 +176,14 @@ class Method:
     fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     build_ms: Optional[float] = None   # mask set-up cost, paid once per mask (not timed per call)
     masked: bool = True                # False: ignores the padding (sdpa_nomask), not checked
+    packed: Optional[Packed] = None    # set: fn takes the packed tokens, not the padded batch
+
+    def args(self, inp: "Inputs"):
+        """(q, k, v, leaves, do) this method runs on."""
+        if self.packed is not None:
+            p = self.packed
+            return p.q, p.k, p.v, (p.q, p.k, p.v), p.do
+        return inp.q, inp.k, inp.v, inp.leaves, inp.do
 
 
 def hf_eager(q, k, v, additive_mask, scale, dropout_p=0.0):
@@ -152,14 +197,14 @@ def hf_eager(q, k, v, additive_mask, scale, dropout_p=0.0):
     return torch.matmul(probs, v)
 
 
-def fused_methods(q: torch.Tensor) -> List[Tuple[str, Optional[str]]]:
-    """("fused_<engine>", reason or None) for every engine; the interpreter is never timed."""
+def fused_methods(q: torch.Tensor, prefix: str = "fused") -> List[Tuple[str, Optional[str]]]:
+    """("<prefix>_<engine>", reason or None) for every engine; the interpreter is never timed."""
     out = []
     for name in FUSED_ENGINES:
         why = backends.reasons(name, q)
         if not why and name == "triton" and q.device.type != "cuda":
             why = ["Triton's interpreter on CPU is a correctness tool, not timed"]
-        out.append((f"fused_{name}", "; ".join(why) if why else None))
+        out.append((f"{prefix}_{name}", "; ".join(why) if why else None))
     return out
 
 
@@ -194,6 +239,21 @@ def build_method(name: str, inp: Inputs) -> Method:
                         inp.device, reps=5)
         return Method(name, lambda q, k, v: fused_attn.attention(q, k, v, mask, causal=c.causal, dropout_p=p,
                                                                  backend=engine), build)
+    if name.startswith("varlen_"):
+        engine, pk = name[len("varlen_"):], inp.packed()
+        return Method(name, lambda q, k, v: fused_attn.varlen_attention(
+            q, k, v, pk.cu_seqlens, pk.cu_seqlens, pk.max_seqlen, pk.max_seqlen, dropout_p=p, causal=c.causal,
+            backend=engine), packed=pk)
+    if name == "sdpa_loop":
+        pk = inp.packed()
+        cu = pk.cu_seqlens.tolist()
+
+        def loop(q, k, v):          # one SDPA call per sequence on its real tokens, no mask
+            outs = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), dropout_p=p,
+                                                   is_causal=c.causal).transpose(0, 1)
+                    for a, b in zip(cu, cu[1:])]
+            return torch.cat(outs)
+        return Method(name, loop, packed=pk)
     if name == "eager":
         return Method(name, lambda q, k, v: hf_eager(q, k, v, inp.eager_mask, inp.scale, p))
     if name == "sdpa_mask":
@@ -228,6 +288,32 @@ def build_method(name: str, inp: Inputs) -> Method:
         block_mask = build_block_mask()
         build = wall_ms(build_block_mask, inp.device, reps=3)
         return Method(name, lambda q, k, v: flex(q, k, v, block_mask=block_mask, scale=inp.scale), build)
+    if name == "flex_doc":
+        if p > 0.0:
+            raise Skip("FlexAttention has no dropout")
+        if inp.device.type != "cuda":
+            raise Skip("FlexAttention is only benchmarked on CUDA (CPU compile cost)")
+        flex, create_block_mask = _flex()
+        pk = inp.packed()
+        T = pk.q.shape[0]
+        doc = torch.repeat_interleave(torch.arange(c.B, device=inp.device),
+                                      (pk.cu_seqlens[1:] - pk.cu_seqlens[:-1]).long(), output_size=T)
+        start = pk.cu_seqlens[:-1].long()[doc]
+
+        def doc_mask(b, h, q_idx, kv_idx):
+            same = doc[q_idx] == doc[kv_idx]
+            return same & (kv_idx - start[kv_idx] <= q_idx - start[q_idx]) if c.causal else same
+
+        def build_doc_mask():
+            return create_block_mask(doc_mask, None, None, T, T, device=inp.device)
+
+        block_mask = build_doc_mask()
+        build = wall_ms(build_doc_mask, inp.device, reps=3)
+
+        def run(q, k, v):           # [T, H, D] -> [1, H, T, D] views, one "document" per sequence
+            out = flex(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=block_mask, scale=inp.scale)
+            return out[0].transpose(0, 1)
+        return Method(name, run, build, packed=pk)
     raise ValueError(f"unknown method {name!r}")
 
 
@@ -239,7 +325,8 @@ def runners(method: Method, inp: Inputs, mode: str) -> Tuple[Callable[[], object
     fwd: inference forward under no_grad.  fwd+bwd: forward then gradients of q, k, v.
     bwd: gradients only, from one retained forward graph (built here, outside the timing).
     """
-    f, (q, k, v), leaves, do = method.fn, (inp.q, inp.k, inp.v), inp.leaves, inp.do
+    f = method.fn
+    q, k, v, leaves, do = method.args(inp)
 
     def fwd():
         with torch.no_grad():
@@ -282,7 +369,7 @@ def max_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def tolerance(inp: Inputs, ref: torch.Tensor) -> float:
-    """DESIGN.md: a kernel's error may be at most 2x same-dtype eager's error + a floor."""
+    """docs/design.md: a kernel's error may be at most 2x same-dtype eager's error + a floor."""
     with torch.no_grad():
         eager = hf_eager(inp.q, inp.k, inp.v, inp.eager_mask, inp.scale)
     return 2.0 * max_error(eager, ref) + FLOOR[inp.dtype]

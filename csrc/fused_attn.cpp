@@ -6,7 +6,9 @@
 // Backward: OpenMP over (batch, head); each item recomputes the probabilities from the saved
 // log-sum-exp tile by tile and accumulates dQ, dK, dV in fp32 (no atomics, no [Sq, Sk] buffer).
 // Dropout: Philox keep-mask regenerated from (seed, offset) in both passes (philox.h).
-// Semantics: DESIGN.md / fused_attn.reference.  The CUDA kernels are in cuda/.
+// Padded and packed (varlen) batches are the same kernels: a work item's sequence b has its row
+// offsets and lengths from SeqLayout::seq (mask_desc.h), and everything below is relative to them.
+// Semantics: docs/design.md / fused_attn.reference.  The CUDA kernels are in cuda/.
 #include <omp.h>
 
 #include <algorithm>
@@ -19,6 +21,7 @@
 #include <torch/library.h>
 
 #include "cpu_kernels.h"
+#include "op_schema.h"
 
 namespace fused_attn_kernels {
 namespace cpu {
@@ -88,11 +91,12 @@ inline Rows tile_rows(float* buf, const T* base, int64_t s_r, int64_t s_d, int64
 
 template <typename T>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-                    at::Tensor& lse, at::Tensor& visited, const MaskDesc& m, const HeadMask& hm,
-                    bool causal, float scale, const DropoutParams& drop) {
-  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3), Sk = k.size(2);
+                    at::Tensor& lse, at::Tensor& visited, const SeqLayout& lay, int64_t B, const MaskDesc& m,
+                    const HeadMask& hm, bool causal, float scale, const DropoutParams& drop) {
+  const int64_t H = q.size(1), D = q.size(3);
   const int64_t Dp = round_up(D, 16);
-  const int64_t nqb = (Sq + BLOCK_M - 1) / BLOCK_M;
+  const int64_t nqb = (lay.max_q + BLOCK_M - 1) / BLOCK_M;
+  const int64_t drop_k_len = lay.dropout_k_len();
   const T* Q = q.data_ptr<T>();
   const T* K = k.data_ptr<T>();
   const T* V = v.data_ptr<T>();
@@ -122,19 +126,26 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t qb = item % nqb, bh = item / nqb, b = bh / H, h = bh % H;
-      const int64_t i0 = qb * BLOCK_M, rows = std::min<int64_t>(BLOCK_M, Sq - i0);
-      load_tile_t(QT, BLOCK_M, Q + b * qs[0] + h * qs[1] + i0 * qs[2], qs[2], qs[3], rows, D);
+      const Seq seq = lay.seq(b);
+      const int64_t Sq = seq.sq, Sk = seq.sk, k_rows = lay.tk - seq.k0;   // k_rows: readable from Kh
+      const int64_t i0 = qb * BLOCK_M;
+      if (i0 >= Sq) {   // a query block past a shorter sequence's end
+        vis[item] = 0;
+        continue;
+      }
+      const int64_t rows = std::min<int64_t>(BLOCK_M, Sq - i0);
+      load_tile_t(QT, BLOCK_M, Q + seq.b * qs[0] + h * qs[1] + (seq.q0 + i0) * qs[2], qs[2], qs[3], rows, D);
       std::fill(Acc, Acc + BLOCK_M * Dp, 0.f);
       std::fill(mi, mi + BLOCK_M, kNegInf);
       std::fill(li, li + BLOCK_M, 0.f);
-      const T* Kh = K + b * ks[0] + h * ks[1];
-      const T* Vh = V + b * vs[0] + h * vs[1];
+      const T* Kh = K + seq.b * ks[0] + h * ks[1] + seq.k0 * ks[2];
+      const T* Vh = V + seq.b * vs[0] + h * vs[1] + seq.k0 * vs[2];
 
       const int64_t n_vis = for_each_key_tile(m, b, h, qb, Sq, Sk, causal, [&](int64_t n0, int64_t nk,
                                                                               const TileChecks& tc) {
         const int64_t nk4 = round_up(nk, 4);
-        const Rows kr = tile_rows(Kb, Kh, ks[2], ks[3], n0, nk, Sk, D, Dp);
-        const Rows vr = tile_rows(Vb, Vh, vs[2], vs[3], n0, nk, Sk, D, Dp);
+        const Rows kr = tile_rows(Kb, Kh, ks[2], ks[3], n0, nk, k_rows, D, Dp);
+        const Rows vr = tile_rows(Vb, Vh, vs[2], vs[3], n0, nk, k_rows, D, Dp);
         // -- scores S^T = K Q^T, in log2 units, masked
         std::fill(ST, ST + nk4 * BLOCK_M, 0.f);
         gemm_acc(ST, BLOCK_M, kr.p, kr.ld, 1, QT, BLOCK_M, nk4, BLOCK_M, D);
@@ -162,7 +173,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           for (int i = 0; i < BLOCK_M; ++i) li[i] += s[i];
           if (dropout) {
             for (int64_t i = 0; i < rows; i += 4) {   // i0 is a multiple of 4: one Philox call per 4 rows
-              const unsigned keep = dropout_keep4(drop, i0 + i, n0 + j, Sk, static_cast<uint32_t>(bh));
+              const unsigned keep = dropout_keep4(drop, i0 + i, n0 + j, drop_k_len, static_cast<uint32_t>(bh));
               for (int r = 0; r < 4 && i + r < rows; ++r)
                 if (!((keep >> r) & 1u)) s[i + r] = 0.f;
             }
@@ -182,8 +193,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       // -- epilogue: rows that saw nothing give exactly 0 and lse = +inf
       float keep_scale = head_scale(hm, b, h);
       if (dropout) keep_scale /= (1.f - drop.p);
-      T* Ob = O + b * os[0] + h * os[1];
-      float* Lb = L + bh * Sq;
+      T* Ob = O + seq.b * os[0] + h * os[1] + seq.q0 * os[2];
+      float* Lb = L + lay.lse_row(seq, h, H);
       for (int64_t r = 0; r < rows; ++r) {
         const bool empty = li[r] == 0.f;
         const float f = empty ? 0.f : keep_scale / li[r];
@@ -199,12 +210,13 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 template <typename T>
 void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
-                     at::Tensor& dv, const MaskDesc& m, const HeadMask& hm, bool causal, float scale,
-                     const DropoutParams& drop) {
-  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3), Sk = k.size(2);
+                     at::Tensor& dv, const SeqLayout& lay, int64_t B, const MaskDesc& m, const HeadMask& hm,
+                     bool causal, float scale, const DropoutParams& drop) {
+  const int64_t H = q.size(1), D = q.size(3);
   const int64_t Dp = round_up(D, 16);
-  const int64_t nqb = (Sq + BLOCK_M - 1) / BLOCK_M;
-  const int64_t Skp = Sk + BLOCK_N;   // key tiles start anywhere in [0, Sk)
+  // key tiles start anywhere in [0, Sk), Sk <= min(max_k, tk) (SeqLayout::seq)
+  const int64_t Skp = std::min(lay.max_k, lay.tk) + BLOCK_N;
+  const int64_t drop_k_len = lay.dropout_k_len();
   const T *Q = q.data_ptr<T>(), *K = k.data_ptr<T>(), *V = v.data_ptr<T>();
   const T *dO = dout.data_ptr<T>(), *O = out.data_ptr<T>();
   T *dQ = dq.data_ptr<T>(), *dK = dk.data_ptr<T>(), *dV = dv.data_ptr<T>();
@@ -237,32 +249,37 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < B * H; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      std::fill(dKa, dKa + 2 * Skp * Dp, 0.f);
+      const Seq seq = lay.seq(b);
+      const int64_t Sq = seq.sq, Sk = seq.sk, k_rows = lay.tk - seq.k0;   // k_rows: readable from Kh
+      const int64_t nqb = (Sq + BLOCK_M - 1) / BLOCK_M;
+      std::fill(dKa, dKa + (Sk + BLOCK_N) * Dp, 0.f);
+      std::fill(dVa, dVa + (Sk + BLOCK_N) * Dp, 0.f);
       float keep_scale = head_scale(hm, b, h);
       if (dropout) keep_scale /= (1.f - drop.p);
-      const T* Kh = K + b * ks[0] + h * ks[1];
-      const T* Vh = V + b * vs[0] + h * vs[1];
+      const T* Kh = K + seq.b * ks[0] + h * ks[1] + seq.k0 * ks[2];
+      const T* Vh = V + seq.b * vs[0] + h * vs[1] + seq.k0 * vs[2];
+      const float* Lh = L + lay.lse_row(seq, h, H);
       for (int64_t qb = 0; qb < nqb; ++qb) {
         const int64_t i0 = qb * BLOCK_M, rows = std::min<int64_t>(BLOCK_M, Sq - i0);
-        const T* Qt = Q + b * qs[0] + h * qs[1] + i0 * qs[2];
-        const T* Gt = dO + b * gs[0] + h * gs[1] + i0 * gs[2];
+        const T* Qt = Q + seq.b * qs[0] + h * qs[1] + (seq.q0 + i0) * qs[2];
+        const T* Gt = dO + seq.b * gs[0] + h * gs[1] + (seq.q0 + i0) * gs[2];
         load_tile_t(QT, BLOCK_M, Qt, qs[2], qs[3], rows, D);
         load_tile_t(dOT, BLOCK_M, Gt, gs[2], gs[3], rows, D);
         load_tile(Qn, Dp, Qt, qs[2], qs[3], rows, BLOCK_M, D);
         // delta = rowsum(dO * O), O as stored (rounded to the input dtype, like the eager graph)
-        load_tile(dOn, Dp, O + b * os[0] + h * os[1] + i0 * os[2], os[2], os[3], rows, BLOCK_M, D);
+        load_tile(dOn, Dp, O + seq.b * os[0] + h * os[1] + (seq.q0 + i0) * os[2], os[2], os[3], rows, BLOCK_M, D);
         for (int64_t i = 0; i < BLOCK_M; ++i) {
           float acc = 0.f;
           for (int64_t d = 0; d < D; ++d) acc += dOT[d * BLOCK_M + i] * dOn[i * Dp + d];
           delta[i] = acc;
-          lse2[i] = i < rows ? L[bh * Sq + i0 + i] : std::numeric_limits<float>::infinity();
+          lse2[i] = i < rows ? Lh[i0 + i] : std::numeric_limits<float>::infinity();
         }
         load_tile(dOn, Dp, Gt, gs[2], gs[3], rows, BLOCK_M, D);
         std::fill(dQa, dQa + BLOCK_M * Dp, 0.f);
         for_each_key_tile(m, b, h, qb, Sq, Sk, causal, [&](int64_t n0, int64_t nk, const TileChecks& tc) {
           const int64_t nk4 = round_up(nk, 4);
-          const Rows kr = tile_rows(Kb, Kh, ks[2], ks[3], n0, nk, Sk, D, Dp);
-          const Rows vr = tile_rows(Vb, Vh, vs[2], vs[3], n0, nk, Sk, D, Dp);
+          const Rows kr = tile_rows(Kb, Kh, ks[2], ks[3], n0, nk, k_rows, D, Dp);
+          const Rows vr = tile_rows(Vb, Vh, vs[2], vs[3], n0, nk, k_rows, D, Dp);
           // -- P^T from the saved log-sum-exp (rows that saw nothing: lse = +inf -> P = 0)
           std::fill(PT, PT + nk4 * BLOCK_M, 0.f);
           gemm_acc(PT, BLOCK_M, kr.p, kr.ld, 1, QT, BLOCK_M, nk4, BLOCK_M, D);
@@ -280,7 +297,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
             }
             if (dropout) {
               for (int64_t i = 0; i < BLOCK_M; i += 4) {
-                const unsigned keep = i < rows ? dropout_keep4(drop, i0 + i, n0 + j, Sk, static_cast<uint32_t>(bh)) : 0u;
+                const unsigned keep = i < rows ? dropout_keep4(drop, i0 + i, n0 + j, drop_k_len, static_cast<uint32_t>(bh)) : 0u;
                 for (int r = 0; r < 4; ++r) fac[i + r] = i + r < rows && ((keep >> r) & 1u) ? keep_scale : 0.f;
               }
             } else {
@@ -300,12 +317,12 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
           gemm_acc(dKa + n0 * Dp, Dp, dST, BLOCK_M, 1, Qn, Dp, nk4, Dp, rows);
           gemm_acc(dQa, Dp, dST, 1, BLOCK_M, kr.p, kr.ld, BLOCK_M, Dp, nk);
         });
-        T* g = dQ + b * dqs[0] + h * dqs[1];
+        T* g = dQ + seq.b * dqs[0] + h * dqs[1] + seq.q0 * dqs[2];
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t d = 0; d < D; ++d) g[(i0 + r) * dqs[2] + d * dqs[3]] = static_cast<T>(dQa[r * Dp + d] * scale);
       }
-      T* gk = dK + b * dks[0] + h * dks[1];
-      T* gv = dV + b * dvs[0] + h * dvs[1];
+      T* gk = dK + seq.b * dks[0] + h * dks[1] + seq.k0 * dks[2];
+      T* gv = dV + seq.b * dvs[0] + h * dvs[1] + seq.k0 * dvs[2];
       for (int64_t j = 0; j < Sk; ++j)
         for (int64_t d = 0; d < D; ++d) {
           gk[j * dks[2] + d * dks[3]] = static_cast<T>(dKa[j * Dp + d] * scale);
@@ -335,20 +352,23 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, con
                                            const OptT& key_start, const OptT& key_end, const OptT& key_dense,
                                            const OptT& block_state, const OptT& head_mask, bool additive, bool causal, double scale,
                                            double dropout_p, int64_t seed, int64_t rng_offset, int64_t block_m,
-                                           int64_t block_n) {
+                                           int64_t block_n, const OptT& cu_seqlens_q, const OptT& cu_seqlens_k,
+                                           int64_t max_seqlen_q, int64_t max_seqlen_k) {
   check_qkv(q, k, v);
   TORCH_CHECK(block_m == cpu::BLOCK_M && block_n == cpu::BLOCK_N, "fused_attn: the CPU kernel uses ",
               cpu::BLOCK_M, " x ", cpu::BLOCK_N, " tiles, got ", block_m, " x ", block_n);
+  const SeqLayout lay = make_seq_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask,
+                                        key_start, block_state, head_mask);
   const MaskDesc md = make_mask_desc(q, k.size(2), mask, additive, key_start, key_end, key_dense,
                                      block_state, block_m, block_n);
   const HeadMask hm = make_head_mask(head_mask, q);
   const DropoutParams drop = DropoutParams::make(dropout_p, seed, rng_offset);
-  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2);
-  Tensor out = at::empty_like(q);
-  Tensor lse = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
-  Tensor visited = at::empty({B, H, (Sq + block_m - 1) / block_m}, q.options().dtype(at::kInt));
+  const int64_t B = seq_count(q, cu_seqlens_q);
+  Tensor out, lse, visited;
+  allocate_forward(q, lay, B, block_m, out, lse, visited);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fused_attn_fwd_cpu", [&] {
-    cpu::forward_kernel<scalar_t>(q, k, v, out, lse, visited, md, hm, causal, static_cast<float>(scale), drop);
+    cpu::forward_kernel<scalar_t>(q, k, v, out, lse, visited, lay, B, md, hm, causal, static_cast<float>(scale),
+                                  drop);
   });
   return {out, lse, visited};
 }
@@ -359,24 +379,29 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cpu(const Tensor& grad_out, const Tensor&
                                            const OptT& key_dense, const OptT& block_state,
                                            const OptT& head_mask, bool additive,
                                            bool causal, double scale, double dropout_p, int64_t seed,
-                                           int64_t rng_offset, int64_t block_m, int64_t block_n) {
+                                           int64_t rng_offset, int64_t block_m, int64_t block_n,
+                                           const OptT& cu_seqlens_q, const OptT& cu_seqlens_k, int64_t max_seqlen_q,
+                                           int64_t max_seqlen_k) {
   check_qkv(q, k, v);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type() &&
                   out.scalar_type() == q.scalar_type(),
               "fused_attn: grad_out and out must match q ", q.sizes());
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
                   lse.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2)}),
-              "fused_attn: lse must be contiguous float32 [B, H, Sq]");
+              "fused_attn: lse must be contiguous float32 [B, H, Sq] ([1, H, Tq] when packed)");
   TORCH_CHECK(block_m == cpu::BLOCK_M && block_n == cpu::BLOCK_N, "fused_attn: the CPU kernel uses ",
               cpu::BLOCK_M, " x ", cpu::BLOCK_N, " tiles, got ", block_m, " x ", block_n);
+  const SeqLayout lay = make_seq_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask,
+                                        key_start, block_state, head_mask);
   const MaskDesc md = make_mask_desc(q, k.size(2), mask, additive, key_start, key_end, key_dense,
                                      block_state, block_m, block_n);
   const HeadMask hm = make_head_mask(head_mask, q);
   const DropoutParams drop = DropoutParams::make(dropout_p, seed, rng_offset);
-  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  Tensor dq, dk, dv;
+  allocate_backward(q, k, v, lay, dq, dk, dv);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fused_attn_bwd_cpu", [&] {
-    cpu::backward_kernel<scalar_t>(grad_out, q, k, v, out, lse, dq, dk, dv, md, hm, causal,
-                                   static_cast<float>(scale), drop);
+    cpu::backward_kernel<scalar_t>(grad_out, q, k, v, out, lse, dq, dk, dv, lay, seq_count(q, cu_seqlens_q), md,
+                                   hm, causal, static_cast<float>(scale), drop);
   });
   return {dq, dk, dv};
 }
@@ -400,19 +425,9 @@ Tensor dropout_keep_cpu(const Tensor& like, int64_t batch, int64_t heads, int64_
 }  // namespace fused_attn_kernels
 
 TORCH_LIBRARY(fused_attn, m) {
-  m.def(
-      "fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? key_start, Tensor? key_end, Tensor? key_dense, "
-      "Tensor? block_state, Tensor? head_mask, bool additive, bool causal, "
-      "float scale, float dropout_p, int seed, int rng_offset, int block_m, int block_n) "
-      "-> (Tensor out, Tensor lse, Tensor visited)");
-  m.def(
-      "bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
-      "Tensor? key_start, Tensor? key_end, Tensor? key_dense, Tensor? block_state, Tensor? head_mask, bool additive, "
-      "bool causal, float scale, float dropout_p, int seed, int rng_offset, int block_m, int block_n) "
-      "-> (Tensor dq, Tensor dk, Tensor dv)");
-  m.def(
-      "dropout_keep(Tensor like, int batch, int heads, int q_len, int k_len, float dropout_p, int seed, "
-      "int rng_offset) -> Tensor");
+  m.def(fused_attn_kernels::kFwdSchema);
+  m.def(fused_attn_kernels::kBwdSchema);
+  m.def(fused_attn_kernels::kDropoutKeepSchema);
 }
 
 TORCH_LIBRARY_IMPL(fused_attn, CPU, m) {

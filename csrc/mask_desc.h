@@ -1,8 +1,10 @@
-// The reduced mask (fused_attn.masks.ReducedMask) as plain pointers and strides, shared by the
-// CPU and CUDA kernels, plus the host-side code that fills it from the op's tensor arguments.
+// What the CPU and CUDA kernels share about a call, as plain pointers and strides: the reduced
+// mask (fused_attn.masks.ReducedMask), the head mask, and where each sequence's rows lie (padded
+// or packed batches), plus the host-side code that fills them from the op's tensor arguments.
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <optional>
 
 #include <ATen/ATen.h>
@@ -40,6 +42,53 @@ struct MaskDesc {
 struct HeadMask {
   const float* ptr = nullptr;            // [1|B, H] fp32
   int64_t s_b = 0, s_h = 0;
+};
+
+// Sequence b of a call: the batch entry and the first rows of its queries and keys, its lengths.
+struct Seq {
+  int64_t b;        // batch index into q / k / v / out / lse: b when padded, 0 when packed
+  int64_t q0, k0;   // first query row (dim 2 of q, out, lse) and first key row (dim 2 of k, v)
+  int64_t sq, sk;   // query and key rows of the sequence
+};
+
+// Rows [r0, r0 + n) of a packed sequence from its cu_seqlens entries: clamped into [0, t), at most
+// max_len rows.
+FA_HOST_DEVICE void packed_rows(const int32_t* cu, int64_t b, int64_t t, int64_t max_len, int64_t& r0,
+                                int64_t& n) {
+  const int64_t a = cu[b], e = cu[b + 1];
+  r0 = a < 0 ? 0 : (a > t ? t : a);
+  const int64_t r1 = e < r0 ? r0 : (e > t ? t : e);
+  n = r1 - r0 < max_len ? r1 - r0 : max_len;
+}
+
+// Where the sequences of a call lie.  Padded batches: q [B, H, Sq, D], sequence b is batch entry b,
+// rows [0, Sq) x [0, Sk).  Packed ("varlen") batches: q [1, H, Tq, D], k / v [1, H, Tk, D],
+// sequence b is rows [cu_q[b], cu_q[b + 1]) x [cu_k[b], cu_k[b + 1]).  Either way the kernels run
+// one sequence per batch index b with the row offsets and lengths of seq(b); causal is
+// bottom-right aligned per sequence.  Whatever the values in cu_q / cu_k, seq(b) stays inside the
+// tensors (the values are validated only where that costs no host sync).
+struct SeqLayout {
+  const int32_t* cu_q = nullptr;   // packed: [B + 1] row starts; nullptr when padded
+  const int32_t* cu_k = nullptr;
+  int64_t tq = 0, tk = 0;          // rows along dim 2 of q and of k (padded: Sq, Sk)
+  int64_t max_q = 0, max_k = 0;    // bound on a sequence's rows (padded: Sq, Sk)
+
+  FA_HOST_DEVICE bool packed() const { return cu_q != nullptr; }
+
+  FA_HOST_DEVICE Seq seq(int64_t b) const {
+    if (cu_q == nullptr) return Seq{b, 0, 0, max_q, max_k};
+    int64_t q0, sq, k0, sk;
+    packed_rows(cu_q, b, tq, max_q, q0, sq);
+    packed_rows(cu_k, b, tk, max_k, k0, sk);
+    return Seq{0, q0, k0, sq, sk};
+  }
+
+  // Index of row q0 of head h in lse (and the backward's delta), [B | 1, H, tq] contiguous.
+  FA_HOST_DEVICE int64_t lse_row(const Seq& s, int64_t h, int64_t H) const { return (s.b * H + h) * tq + s.q0; }
+
+  // Key stride of the dropout counter: the keep-mask of a packed batch is that of the same batch
+  // padded to [B, H, max_q, max_k] (philox.h), so the engines draw the same dropout either way.
+  FA_HOST_DEVICE int64_t dropout_k_len() const { return max_k; }
 };
 
 inline int64_t bcast_stride(const at::Tensor& t, int dim) {
@@ -124,6 +173,93 @@ inline HeadMask make_head_mask(const std::optional<at::Tensor>& hm, const at::Te
   h.s_b = bcast_stride(t, 0);
   h.s_h = t.stride(1);
   return h;
+}
+
+// The SeqLayout of a call: padded when cu_seqlens_q / _k are absent, packed when both are given
+// (then q [1, H, Tq, D], k [1, H, Tk, D], cu_seqlens int32 [B + 1] on q's device, and no mask
+// values, key ranges, block map or head mask: the op's TORCH_CHECKs say so).
+inline SeqLayout make_seq_layout(const at::Tensor& q, const at::Tensor& k,
+                                 const std::optional<at::Tensor>& cu_seqlens_q,
+                                 const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                                 int64_t max_seqlen_k, const std::optional<at::Tensor>& mask,
+                                 const std::optional<at::Tensor>& key_start,
+                                 const std::optional<at::Tensor>& block_state,
+                                 const std::optional<at::Tensor>& head_mask) {
+  SeqLayout s;
+  TORCH_CHECK(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(),
+              "fused_attn: cu_seqlens_q and cu_seqlens_k must be given together");
+  s.tq = q.size(2);
+  s.tk = k.size(2);
+  if (!cu_seqlens_q.has_value()) {
+    s.max_q = s.tq;
+    s.max_k = s.tk;
+    return s;
+  }
+  const auto& cq = *cu_seqlens_q;
+  const auto& ck = *cu_seqlens_k;
+  for (const auto* t : {&cq, &ck}) {
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->dim() == 1 && t->size(0) >= 1 && t->is_contiguous() &&
+                    t->device() == q.device(),
+                "fused_attn: cu_seqlens must be contiguous int32 [B + 1] on ", q.device(), ", got ", t->sizes(),
+                " ", t->scalar_type(), " on ", t->device());
+  }
+  TORCH_CHECK(cq.size(0) == ck.size(0), "fused_attn: cu_seqlens_q ", cq.sizes(), " and cu_seqlens_k ",
+              ck.sizes(), " give different batch sizes");
+  TORCH_CHECK(q.size(0) == 1 && k.size(0) == 1,
+              "fused_attn: packed (varlen) q / k / v must be [1, H, T, D], got ", q.sizes(), ", ", k.sizes());
+  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, "fused_attn: max_seqlen_q / _k must be >= 0, got ",
+              max_seqlen_q, ", ", max_seqlen_k);
+  TORCH_CHECK(!mask.has_value() && !key_start.has_value() && !block_state.has_value(),
+              "fused_attn: packed (varlen) attention takes no mask values, key ranges or block map");
+  TORCH_CHECK(!head_mask.has_value(), "fused_attn: packed (varlen) attention takes no head_mask");
+  s.cu_q = cq.data_ptr<int32_t>();
+  s.cu_k = ck.data_ptr<int32_t>();
+  s.max_q = max_seqlen_q;
+  s.max_k = max_seqlen_k;
+  return s;
+}
+
+// Batch size of a call: q.size(0) when padded, the number of sequences when packed.
+inline int64_t seq_count(const at::Tensor& q, const std::optional<at::Tensor>& cu_seqlens_q) {
+  return cu_seqlens_q.has_value() ? cu_seqlens_q->size(0) - 1 : q.size(0);
+}
+
+// t's shape with zeros, laid out token-major ([N, T, H, D] seen as [N, H, T, D]): the packed
+// results as contiguous [T, H, D] tensors.
+inline at::Tensor zeros_token_major(const at::Tensor& t) {
+  return at::zeros({t.size(0), t.size(2), t.size(1), t.size(3)}, t.options()).transpose(1, 2);
+}
+
+// The forward's results: out like q, lse [B, H, Sq] fp32, visited key tiles [B, H, query tiles].
+// Padded, the kernels write every element.  Packed, rows in no sequence and query tiles past a
+// sequence's end are never written: they start as out = 0, lse = +inf, visited = 0.
+inline void allocate_forward(const at::Tensor& q, const SeqLayout& lay, int64_t B, int64_t block_m,
+                             at::Tensor& out, at::Tensor& lse, at::Tensor& visited) {
+  const int64_t H = q.size(1), nqb = (lay.max_q + block_m - 1) / block_m;
+  const auto f32 = q.options().dtype(at::kFloat), i32 = q.options().dtype(at::kInt);
+  if (!lay.packed()) {
+    out = at::empty_like(q);
+    lse = at::empty({B, H, q.size(2)}, f32);
+    visited = at::empty({B, H, nqb}, i32);
+    return;
+  }
+  out = zeros_token_major(q);
+  lse = at::full({1, H, q.size(2)}, std::numeric_limits<float>::infinity(), f32);
+  visited = at::zeros({B, H, nqb}, i32);
+}
+
+// The backward's dq, dk, dv (shaped like q, k, v); zeros when packed (rows in no sequence).
+inline void allocate_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const SeqLayout& lay,
+                              at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  if (!lay.packed()) {
+    dq = at::empty_like(q);
+    dk = at::empty_like(k);
+    dv = at::empty_like(v);
+    return;
+  }
+  dq = zeros_token_major(q);
+  dk = zeros_token_major(k);
+  dv = zeros_token_major(v);
 }
 
 }  // namespace fused_attn_kernels

@@ -2,6 +2,7 @@
 and sdpa attention with fused_attn's (the same model, weights and batches for all three).
 
     python examples/finetune.py                        # all-MiniLM-L6-v2 if installed, else a small BERT
+    python examples/finetune.py --model config         # a small random-init BERT; the loss drops on CPU too
     python examples/finetune.py --model config --steps 20 --device cuda --fp16
     python examples/finetune.py --model /path/to/checkpoint
 
@@ -13,6 +14,8 @@ import argparse
 import copy
 import os
 import random
+import re
+import sys
 import tempfile
 import time
 
@@ -43,9 +46,10 @@ def load(model_arg: str):
         tok = AutoTokenizer.from_pretrained(path)
         model = BertForSequenceClassification.from_pretrained(path, num_labels=2, attn_implementation="eager")
         return tok, model
-    # a small BERT from a config (random init) with a character-level toy vocabulary
-    chars = sorted(set("".join(POSITIVE + NEGATIVE)))
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars
+    # a small BERT from a config (random init) with a word-level vocabulary built from the example's
+    # own sentences, so every word is a token the model can learn from (no [UNK])
+    words = sorted({w for s in POSITIVE + NEGATIVE for w in re.findall(r"\w+|[^\w\s]", s.lower())})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
     vocab_file = os.path.join(tempfile.mkdtemp(prefix="fused_attn_"), "vocab.txt")
     with open(vocab_file, "w") as f:
         f.write("\n".join(vocab))
@@ -82,8 +86,9 @@ def set_attention(model, mode: str):
     return model
 
 
-def train(model, data, fp16: bool, device) -> tuple[float, float]:
-    """Returns (median seconds per step after warm-up, final loss)."""
+def train(model, data, fp16: bool, device, log_every: int = 0) -> tuple[float, float]:
+    """Returns (median seconds per step after warm-up, final loss); prints the loss every
+    `log_every` steps (0: never)."""
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5 if model.config.hidden_size > 256 else 3e-4)
     model.train()
     times, loss = [], None
@@ -100,6 +105,8 @@ def train(model, data, fp16: bool, device) -> tuple[float, float]:
             torch.cuda.synchronize()
         if step >= 2:
             times.append(time.perf_counter() - t0)
+        if log_every and (step % log_every == 0 or step == len(data) - 1):
+            print(f"    step {step + 1:4d}/{len(data)}  loss {loss.item():.4f}", flush=True)
     times.sort()
     return times[len(times) // 2], loss.item()
 
@@ -107,15 +114,24 @@ def train(model, data, fp16: bool, device) -> tuple[float, float]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="auto", help="'auto' (MiniLM if installed), 'config', or a checkpoint path")
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="training steps per mode (default: 8 from a checkpoint, 40 from random weights)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--fp16", action="store_true", help="fp16 autocast (CUDA)")
     ap.add_argument("--modes", default="eager,sdpa,fused_attn")
+    ap.add_argument("--log-every", type=int, default=None,
+                    help="print the loss every N steps (default: steps / 8; 0: never)")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.fp16 and device.type != "cuda":
+        print(f"--fp16 is ignored on {device.type}: fp16 autocast is for CUDA; training in fp32", file=sys.stderr)
+        args.fp16 = False
     torch.manual_seed(0)
     tok, base = load(args.model)
+    if args.steps is None:     # random weights (from a config) need more steps than a checkpoint
+        args.steps = 8 if base.config._name_or_path else 40
+    log_every = max(1, args.steps // 8) if args.log_every is None else args.log_every
     base = base.to(device)
     data = batches(tok, args.batch_size, args.steps, device)
     print(f"model: {type(base).__name__} hidden={base.config.hidden_size} layers={base.config.num_hidden_layers} "
@@ -126,7 +142,8 @@ def main():
     for mode in args.modes.split(","):
         model = set_attention(copy.deepcopy(base), mode)
         torch.manual_seed(0)
-        sec, loss = train(model, data, args.fp16, device)
+        print(f"{mode}:")
+        sec, loss = train(model, data, args.fp16, device, log_every)
         print(f"{mode:>11}: {sec * 1e3:9.1f} ms/step   final loss {loss:.4f}")
 
 

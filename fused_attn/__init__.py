@@ -1,4 +1,4 @@
-"""fused_attn: fused masked attention for BERT-family models (see DESIGN.md)."""
+"""fused_attn: fused masked attention for BERT-family models (see docs/design.md)."""
 from . import reference
 from .functional import attention, varlen_attention
 from .masks import ReducedMask, reduce_mask

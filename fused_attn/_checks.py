@@ -4,6 +4,8 @@ Everything here raises before any kernel runs, naming the argument and the shape
 """
 from __future__ import annotations
 
+import numbers
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -60,6 +62,18 @@ def check_scalars(dropout_p: float, scale: Optional[float], head_dim: int) -> fl
     return float(scale)
 
 
+def check_causal(causal) -> bool:
+    """causal as a bool: True / False, and also 0 / 1 (Python or NumPy ints) and NumPy bools."""
+    if isinstance(causal, bool):
+        return causal
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(causal, np.bool_):
+        return bool(causal)
+    if isinstance(causal, numbers.Integral) and causal in (0, 1):
+        return bool(causal)
+    raise TypeError(f"causal: expected a bool (or 0 / 1), got {causal!r} ({type(causal).__name__})")
+
+
 def check_head_mask(head_mask, s: Shapes, device) -> Optional[torch.Tensor]:
     """Returns head_mask as a float [B|1, H] tensor (or None)."""
     if head_mask is None:
@@ -74,12 +88,6 @@ def check_head_mask(head_mask, s: Shapes, device) -> Optional[torch.Tensor]:
         return head_mask
     raise ValueError(f"head_mask: shape {_shape(head_mask)} is not [H] = [{s.heads}] "
                      f"or [B, H] = [{s.batch}, {s.heads}]")
-
-
-def check_causal(causal) -> bool:
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    return causal
 
 
 def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dtypes=KERNEL_DTYPES,

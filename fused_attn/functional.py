@@ -27,7 +27,8 @@ def attention(
     Arguments:
         q: [B, H, Sq, D] fp16 / bf16 / fp32, any strides (HF's transposed views are read in place).
         k, v: [B, H, Sk, D], same dtype and device as q.
-        attention_mask: None, or one of (True / 1 / 0.0 = may attend)
+        attention_mask: None, or one of (bool/int: True / nonzero = may attend; float: additive,
+            0.0 = may attend -- so not ``mask.float()``, whose 1.0 and 0.0 both attend)
             - [B, Sk] bool/int key padding (the tokenizer's attention_mask),
             - [B, Sq, Sk] bool/int per-pair mask,
             - [B|1, H|1, Sq|1, Sk] bool mask (HF 4D masks),

@@ -14,7 +14,7 @@ def main() -> None:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         probe = torch.empty(1, 1, 1, 64, device=dev)
-        for name in backends.NAMES:
+        for name in backends.names():
             why = backends.reasons(name, probe)
             print(f"  {dev:4s} {name:9s} {'available' if not why else 'unavailable: ' + '; '.join(why)}")
 

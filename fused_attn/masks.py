@@ -1,5 +1,5 @@
 """Mask validation and reduction: every accepted ``attention_mask`` form -> one cheap, exact
-description that the kernels consume (DESIGN.md, "Masks" and "Skipping work").
+description that the kernels consume (docs/design.md, "Masks" and "Skipping work").
 
 Pure torch, no kernels, no host synchronisation: everything here is a handful of vectorised
 tensor ops, so it is cheap, traceable, and computed once per mask (see ``reduce_mask``'s cache).
@@ -25,6 +25,7 @@ added to the scores in fp32, and an entry ``<= HIDDEN_THRESHOLD`` (-1e4, which c
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
@@ -125,6 +126,13 @@ class ReducedMask:
     @property
     def device(self):
         return self.values.device if self.values is not None else None
+
+    def __repr__(self) -> str:   # short: the dataclass default prints every tensor in full
+        v = self.values
+        what = "" if v is None else (f", values={'additive ' if self.additive else ''}{str(v.dtype)[6:]}"
+                                     f"{list(v.shape)} on {v.device}")
+        return (f"ReducedMask(kind={self.kind!r}, B={self.batch}, H={self.heads}, Sq={self.q_len}, "
+                f"Sk={self.k_len}{what}, block_maps={len(self._block_maps)})")
 
     def check(self, batch: int, heads: int, q_len: int, k_len: int, device) -> None:
         if (self.batch, self.heads, self.q_len, self.k_len) != (batch, heads, q_len, k_len):
@@ -231,6 +239,18 @@ def _normalize(mask: torch.Tensor, batch: int, heads: int, q_len: int, k_len: in
     raise ValueError(f"attention_mask: rank {mask.dim()} (shape {_shape(mask)}) is not accepted; {expect}")
 
 
+def _layout_hint(mask: torch.Tensor, batch: int, heads: int, q_len: int, k_len: int) -> str:
+    """A hint when the mask would fit q, k, v given in HF's [B, S, H, D] layout (dims 1 and 2
+    swapped; with self-attention's Sk == Sq, k's dim 1 is the real Sk)."""
+    try:
+        _normalize(mask, batch, q_len, heads, heads)
+    except ValueError:
+        return ""
+    return (f". The mask would fit q, k, v of shape [B, S, H, D] = [{batch}, {heads}, {q_len}, D]: "
+            f"fused_attn takes [B, H, S, D], so pass q.transpose(1, 2), k.transpose(1, 2), "
+            f"v.transpose(1, 2) (strided views are read in place, not copied)")
+
+
 def _stride0(t: torch.Tensor) -> torch.Tensor:
     """Give broadcast (size-1) dims stride 0 so kernels can index every dim the same way."""
     return t.as_strided(t.shape, [0 if s == 1 else st for s, st in zip(t.shape, t.stride())])
@@ -253,14 +273,57 @@ def reduce_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: int,
         raise ValueError(f"attention_mask: mask is on {attention_mask.device} but q is on {device}")
     if torch.compiler.is_compiling():
         return _reduce(attention_mask, batch, heads, q_len, k_len)
+    if _FLOAT01["pending"]:
+        _poll_float01()
     key = (batch, heads, q_len, k_len)
     hit = _CACHE.get(attention_mask, key)
     if hit is not None:
         return hit
     red = _reduce(attention_mask, batch, heads, q_len, k_len)
+    if red.additive and not _FLOAT01["warned"]:
+        _check_float01(red.values)
+        _poll_float01()
     _CACHE.put(attention_mask, key, red)
     _BY_VALUES.put(red.values, (red.kind,) + key, red)
     return red
+
+
+# A float mask holding only 0s and 1s is almost surely a padding mask cast to float: float masks
+# are additive, so its 1.0 and 0.0 both mean "attend" and nothing is hidden.  Checked when a mask is
+# reduced (once per mask tensor); on CUDA the answer comes back through pinned memory and an event
+# that a later call reads once it is ready (no host sync), for the first CUDA masks of a process only.
+_FLOAT01 = {"warned": False, "pending": [], "cuda_checks_left": 16}
+FLOAT01_WARNING = (
+    "fused_attn: attention_mask is a float tensor of 0s and 1s. Float masks are additive (added to "
+    "the scores), so 1.0 and 0.0 both mean 'attend' and nothing is hidden. Pass the padding mask as "
+    "bool or int (mask.bool(): True / 1 = attend), or an additive mask with 0 = attend and -inf (or "
+    "<= -1e4, e.g. torch.finfo(dtype).min) = hidden. (Warned once per process.)")
+
+
+def _check_float01(values: torch.Tensor) -> None:
+    st = _FLOAT01
+    if values.device.type == "cpu":
+        ones = values == 1
+        st["pending"].append((ones.any() & (ones | (values == 0)).all(), None))
+    elif (values.device.type == "cuda" and st["cuda_checks_left"] > 0
+          and not torch.cuda.is_current_stream_capturing()):
+        st["cuda_checks_left"] -= 1
+        ones = values == 1
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(ones.any() & (ones | (values == 0)).all(), non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        st["pending"].append((host, ready))
+
+
+def _poll_float01() -> None:
+    pending = _FLOAT01["pending"]
+    while pending and (pending[0][1] is None or pending[0][1].query()):
+        flag = pending.pop(0)[0]
+        if not _FLOAT01["warned"] and bool(flag):
+            _FLOAT01["warned"] = True
+            pending.clear()
+            warnings.warn(FLOAT01_WARNING, UserWarning, stacklevel=4)
 
 
 def rebuild(kind, batch, heads, q_len, k_len, values, additive, key_start, key_end, key_dense) -> ReducedMask:
@@ -276,7 +339,10 @@ def rebuild(kind, batch, heads, q_len, k_len, values, additive, key_start, key_e
 
 
 def _reduce(mask: torch.Tensor, batch: int, heads: int, q_len: int, k_len: int) -> ReducedMask:
-    m4 = _normalize(mask, batch, heads, q_len, k_len)
+    try:
+        m4 = _normalize(mask, batch, heads, q_len, k_len)
+    except ValueError as e:
+        raise ValueError(str(e) + _layout_hint(mask, batch, heads, q_len, k_len)) from None
     if mask.dtype == torch.bool:
         values, additive = m4.view(torch.uint8), False
     elif mask.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):

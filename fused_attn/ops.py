@@ -19,13 +19,6 @@ from .packing import SeqLens
 NAMESPACE = "fused_attn_op"
 
 
-def _engine_kwargs(engine: str, varlen=None) -> dict:
-    kw = {"device_kind": engine} if engine in ("cpu", "cuda") else {}
-    if varlen is not None:
-        kw["varlen"] = varlen
-    return kw
-
-
 def _seqlens(cu_q: Optional[Tensor], cu_k: Optional[Tensor], max_q: int, max_k: int):
     return None if cu_q is None else SeqLens(cu_q, cu_k, max_q, max_k)
 
@@ -48,8 +41,8 @@ def attn_forward(q: Tensor, k: Tensor, v: Tensor, mask_values: Optional[Tensor],
                         key_start, key_end, key_dense)
     seed, offset = _seed_offset(rng)
     varlen = _seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return backends._engine(engine).forward(q, k, v, red, causal, scale, dropout_p, head_mask,
-                                            seed=seed, rng_offset=offset, **_engine_kwargs(engine, varlen))
+    return backends.get(engine).forward(q, k, v, red, causal=causal, dropout_p=dropout_p, scale=scale,
+                                        head_mask=head_mask, seed=seed, offset=offset, varlen=varlen)
 
 
 @attn_forward.register_fake
@@ -70,9 +63,9 @@ def attn_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
                         key_start, key_end, key_dense)
     seed, offset = _seed_offset(rng)
     varlen = _seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return backends._engine(engine).backward(grad_out, q, k, v, out, lse, red, causal, scale, dropout_p,
-                                             head_mask, seed=seed, rng_offset=offset,
-                                             **_engine_kwargs(engine, varlen))
+    return backends.get(engine).backward(grad_out, q, k, v, out, lse, red, causal=causal, dropout_p=dropout_p,
+                                         scale=scale, head_mask=head_mask, seed=seed, offset=offset,
+                                         varlen=varlen)
 
 
 @attn_backward.register_fake
@@ -100,25 +93,21 @@ attn_forward.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerAttention(torch.autograd.Function):
     """The same forward/backward as the custom ops, for eager mode: a plain autograd.Function
-    holding the ReducedMask object itself, without the dispatcher round trips (tens of us per
-    call, which show next to a 30 us kernel)."""
+    holding the engine and the ReducedMask objects themselves, without the dispatcher round trips
+    (tens of us per call, which show next to a 30 us kernel)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, red, head_mask, causal, scale, dropout_p, engine, seed, offset, varlen):
-        out, lse = backends._engine(engine).forward(q, k, v, red, causal, scale, dropout_p, head_mask,
-                                                    seed=seed, rng_offset=offset, **_engine_kwargs(engine, varlen))
-        ctx.save_for_backward(q, k, v, out, lse, head_mask)
-        ctx.meta = (red, causal, scale, dropout_p, engine, seed, offset, varlen)
+    def forward(ctx, q, k, v, engine, red, kw):
+        out, lse = engine.forward(q, k, v, red, **kw)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.engine, ctx.red, ctx.kw = engine, red, kw
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, head_mask = ctx.saved_tensors
-        red, causal, scale, dropout_p, engine, seed, offset, varlen = ctx.meta
-        dq, dk, dv = backends._engine(engine).backward(grad_out, q, k, v, out, lse, red, causal, scale, dropout_p,
-                                                       head_mask, seed=seed, rng_offset=offset,
-                                                       **_engine_kwargs(engine, varlen))
-        return (dq, dk, dv) + (None,) * 9
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.engine.backward(grad_out, q, k, v, out, lse, ctx.red, **ctx.kw)
+        return dq, dk, dv, None, None, None
 
 
 def fused_attention(q, k, v, red: masks.ReducedMask, head_mask: Optional[Tensor], causal: bool,
@@ -134,9 +123,9 @@ def fused_attention(q, k, v, red: masks.ReducedMask, head_mask: Optional[Tensor]
         out, _ = attn_forward(q, k, v, red.values, red.key_start, red.key_end, red.key_dense, head_mask,
                               rng, red.kind, red.additive, causal, scale, dropout_p, engine, *seq)
         return out
+    eng = backends.get(engine)
+    kw = dict(causal=causal, dropout_p=dropout_p, scale=scale, head_mask=head_mask, seed=seed, offset=offset,
+              varlen=varlen)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _EagerAttention.apply(q, k, v, red, head_mask, causal, scale, dropout_p, engine, seed, offset,
-                                     varlen)
-    out, _ = backends._engine(engine).forward(q, k, v, red, causal, scale, dropout_p, head_mask,
-                                              seed=seed, rng_offset=offset, **_engine_kwargs(engine, varlen))
-    return out
+        return _EagerAttention.apply(q, k, v, eng, red, kw)
+    return eng.forward(q, k, v, red, **kw)[0]

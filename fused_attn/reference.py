@@ -1,6 +1,6 @@
 """The oracle: plain eager PyTorch, computed in fp32 (fp64 for fp64 inputs).
 
-It *defines* fused_attn's semantics (DESIGN.md): every kernel is tested against it, and it is
+It *defines* fused_attn's semantics (docs/design.md): every kernel is tested against it, and it is
 tested against plain eager / Hugging Face attention.  Differentiable with ordinary autograd.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from . import masks
-from ._checks import REFERENCE_DTYPES, check_head_mask, check_qkv, check_scalars, check_varlen
+from ._checks import REFERENCE_DTYPES, check_causal, check_head_mask, check_qkv, check_scalars, check_varlen
 
 
 def causal_visible(q_len: int, k_len: int, device) -> torch.Tensor:
@@ -36,6 +36,7 @@ def attention(q, k, v, attention_mask=None, causal: bool = False, dropout_p: flo
     s = check_qkv(q, k, v, dtypes=REFERENCE_DTYPES)
     scale = check_scalars(dropout_p, scale, s.head_dim)
     hm = check_head_mask(head_mask, s, q.device)
+    causal = check_causal(causal)
     visible, bias = masks.dense_mask(attention_mask, s.batch, s.heads, s.q_len, s.k_len)
 
     cdt = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
@@ -71,7 +72,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
     packed batch through :func:`attention` on its own (causal bottom-right aligned per sequence).
 
     ``dropout_mask`` (testing): the bool keep-mask in the padded layout [B, H, max_seqlen_q,
-    max_seqlen_k]; sequence b uses ``dropout_mask[b, :, :Sq_b, :Sk_b]`` (DESIGN.md, "Dropout").
+    max_seqlen_k]; sequence b uses ``dropout_mask[b, :, :Sq_b, :Sk_b]`` (docs/design.md, "Dropout").
     """
     seqs = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                         dtypes=REFERENCE_DTYPES, check_values=True)

@@ -2,7 +2,8 @@
 
 tests/cuda_emu/cuda_emu.h emulates the part of CUDA the file uses (threads as fibers, barriers,
 warp shuffles, shared memory, launch limits), and attn_cuda_emu.cpp compiles the unchanged .cu
-with it into ``torch.ops.fused_attn_cuda_emu``.  `route` makes the "cuda" backend take CPU
+with it into ``torch.ops.fused_attn_cuda_emu``, under the fused_attn ops' schemas (csrc/op_schema.h:
+the same arguments, packed varlen ones included).  `route` makes the "cuda" backend take CPU
 tensors and call those ops, so every engine-parametrized test also runs the CUDA kernels on
 machines without a GPU (CI).  Emulated threads are slow: a test's shapes are what bound it.
 """
@@ -79,14 +80,17 @@ def load():
     return _state["ops"]
 
 
-def route(monkeypatch) -> None:
-    """For one test: backend "cuda" accepts CPU tensors and runs the emulated CUDA kernels."""
+NAME = "cuda-emu"
+
+
+def register() -> str:
+    """Register the emulated CUDA kernels as engine "cuda-emu" (CPU tensors, the CUDA kernels'
+    tile sizes and head-dim limit); returns its name.  Raises RuntimeError when it cannot build."""
     from fused_attn import backends
     from fused_attn.backends import cpp_backend
 
-    ops = load()
-    real_ops, real_unavailable, real_reasons = cpp_backend._ops, cpp_backend.unavailable, backends.reasons
-    monkeypatch.setattr(cpp_backend, "_ops", lambda kind: ops if kind == "cuda" else real_ops(kind))
-    monkeypatch.setattr(cpp_backend, "unavailable", lambda name: None if name == "cuda" else real_unavailable(name))
-    monkeypatch.setattr(backends, "reasons", lambda name, q: cpp_backend.reasons(q, "cuda")
-                        if name == "cuda" and q.device.type == "cpu" else real_reasons(name, q))
+    load()
+    if NAME not in backends.names():
+        cuda = cpp_backend.CUDA
+        backends.register(cpp_backend.CppEngine(NAME, "cpu", cuda.blocks, cuda.max_head_dim, load))
+    return NAME

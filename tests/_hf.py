@@ -1,7 +1,7 @@
 """Helpers for the Hugging Face integration tests: tiny configs, the fp64 eager oracle, training
 steps, the bundled all-MiniLM-L6-v2 checkpoint.
 
-Tolerance (DESIGN.md): a patched fp32 model's error against the same model run eagerly in fp64
+Tolerance (docs/design.md): a patched fp32 model's error against the same model run eagerly in fp64
 must be at most 2x the error of the eager fp32 model against that oracle, plus a small floor.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Test helpers: the DESIGN.md tolerance rule, eager attention in the kernel's dtype, inputs."""
+"""Test helpers: the docs/design.md tolerance rule, eager attention in the kernel's dtype, inputs."""
 from __future__ import annotations
 
 import torch

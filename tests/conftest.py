@@ -37,7 +37,7 @@ ENGINES = [
 
 
 @pytest.fixture(params=ENGINES)
-def engine(request, monkeypatch):
+def engine(request):
     """(backend name, device) of a kernel engine that can run here."""
     from fused_attn import backends
 
@@ -48,12 +48,11 @@ def engine(request, monkeypatch):
         why = _cuda_emu.unavailable()
         if why is None:
             try:
-                _cuda_emu.route(monkeypatch)
+                _cuda_emu.register()
             except RuntimeError as e:
                 why = str(e)
         if why:
             pytest.skip(f"CUDA emulation unavailable: {why}")
-        return "cuda", "cpu"
     why = backends.reasons(name, torch.empty(1, 1, 1, 16, device=device))
     if why:
         pytest.skip(f"backend {name!r} unavailable: {'; '.join(why)}")
@@ -62,4 +61,4 @@ def engine(request, monkeypatch):
 
 def is_interpreted(name, device):
     """Kernel code run by an interpreter or emulator on CPU (Triton, CUDA): keep shapes small."""
-    return name in ("triton", "cuda") and device == "cpu"
+    return name in ("triton", "cuda", "cuda-emu") and device == "cpu"

@@ -110,12 +110,8 @@ def test_gradcheck_reference_fp64():
 
 
 def _keep_mask(engine, B, H, Sq, Sk, p, seed, offset, device):
-    name, _ = engine
-    if name == "triton":
-        from fused_attn.backends import triton_backend
-        return triton_backend.dropout_keep_mask(B, H, Sq, Sk, p, seed, offset, device)
-    from fused_attn.backends import cpp_backend
-    return cpp_backend.dropout_keep_mask(B, H, Sq, Sk, p, seed, offset, device, name)
+    from fused_attn import backends
+    return backends.get(engine[0]).keep_mask(B, H, Sq, Sk, p, seed, offset, device)
 
 
 def _rng_state(device):

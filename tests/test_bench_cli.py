@@ -107,3 +107,24 @@ def test_check_flags_a_wrong_result():
     assert max_error(ref, ref) <= tol
     assert max_error(ref + 10 * tol, ref) > tol
     assert math.isnan(max_error(ref.masked_fill(ref > 0, float("nan")), ref))
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
+    """Redirected to a file or CI log, progress is one plain line per measurement, not a tqdm bar."""
+    pytest.importorskip("tqdm")
+    from benchmarks.cli import _Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    p = _Progress(2, "tiny", quiet=False)
+    assert p.bar is None
+    p.step("case 1")
+    p.close()
+    assert sys.stderr.getvalue() == "[1/2] case 1\n"
+    monkeypatch.setattr(sys, "stderr", Tty())
+    p = _Progress(2, "tiny", quiet=False)
+    assert p.bar is not None
+    p.close()

@@ -77,3 +77,55 @@ def test_cuda_graph_capture_forward_backward(name, mask_kind):
     expected = step()
     for a, b in zip(captured, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+FIRST_CALL_COMPILED = """
+import sys, torch, fused_attn
+from fused_attn import _build
+assert fused_attn.__file__.startswith(sys.argv[2]), fused_attn.__file__
+assert _build._state["loaded"] is None, "the extension is already loaded in this process"
+backend = sys.argv[1]
+f = torch.compile(lambda q, k, v, m: fused_attn.attention(q, k, v, m, backend=backend), fullgraph=True,
+                  backend="aot_eager", dynamic=True)
+for D in (16, 24):          # the head dim is symbolic under dynamic=True: selection still runs once per D
+    q, k, v = (torch.randn(2, 2, 9, D) for _ in range(3))
+    m = torch.ones(2, 9, dtype=torch.bool)
+    m[1, 5:] = False
+    torch.testing.assert_close(f(q, k, v, m), fused_attn.reference.attention(q, k, v, m))
+assert _build._state["loaded"] == "cpu", _build._state
+"""
+
+
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+def test_compile_fullgraph_is_the_first_call_of_a_process(backend):
+    """Compiling the first fused_attn call of a process used to fail on the extension loader's
+    lock; backend selection (and the build behind it) now runs eagerly at trace time."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fused_attn import backends
+
+    why = backends.reasons("cpu", torch.empty(1, 1, 1, 16))     # builds it here, once, if needed
+    if why:
+        pytest.skip(f"cpu backend unavailable: {'; '.join(why)}")
+    root = str(Path(fused_attn.__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    env.pop("FUSED_ATTN_BACKEND", None)
+    res = subprocess.run([sys.executable, "-c", FIRST_CALL_COMPILED, backend, root], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_trace_time_selection_carries_the_constant_result_mark():
+    """backends marks its trace-time selection the way torch.compiler.assume_constant_result does
+    (without importing torch._dynamo at import time); fails if torch changes that mark."""
+    from fused_attn import backends
+
+    def probe():
+        return 0
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert vars(marked) == {"_dynamo_marked_constant": True}
+    assert backends._select_at_trace_time._dynamo_marked_constant is True

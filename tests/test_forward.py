@@ -1,4 +1,4 @@
-"""Forward pass of every kernel engine against the fp32 oracle (DESIGN.md tolerance rule)."""
+"""Forward pass of every kernel engine against the fp32 oracle (docs/design.md tolerance rule)."""
 import pytest
 import torch
 

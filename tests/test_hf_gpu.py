@@ -1,5 +1,5 @@
 """HF integration on a CUDA GPU (skipped without one): patched random-init BERT-family models vs
-HF eager, fp32 and fp16, forward and gradients, against the fp64 eager oracle (DESIGN.md rule)."""
+HF eager, fp32 and fp16, forward and gradients, against the fp64 eager oracle (docs/design.md rule)."""
 import copy
 
 import pytest

@@ -1,5 +1,5 @@
 """patch / unpatch / FusedBertSelfAttention on random-init tiny models of every BERT-like family,
-against HF's eager attention (fp64 eager copy as the oracle, DESIGN.md's rule).  Runs with the
+against HF's eager attention (fp64 eager copy as the oracle, docs/design.md's rule).  Runs with the
 installed transformers (5.x in .venv, 4.x in .venv-hf4: `make test-hf4`)."""
 import copy
 
@@ -261,3 +261,27 @@ def test_import_fused_attn_does_not_import_transformers():
     code = "import sys, fused_attn; assert 'transformers' not in sys.modules; fused_attn.patch"
     subprocess.run([sys.executable, "-c", code], check=True)
 
+
+
+@pytest.mark.parametrize("lengths", [[9, 4], [9, 9]], ids=["padded", "unpadded"])
+def test_hf_masks_never_look_like_float_zero_one_masks(lengths, monkeypatch):
+    """HF's additive masks (4.x: 0 / finfo.min, also for cross-attention) and 5.x's boolean ones never
+    trigger the warning about float 0/1 masks."""
+    import warnings
+
+    from fused_attn import masks
+    monkeypatch.setattr(masks, "_FLOAT01", {"warned": False, "pending": [], "cuda_checks_left": 16})
+    ids, mask = batch(2, 9, lengths)
+    enc = torch.randn(2, 7, TINY["hidden_size"])
+    enc_mask = (torch.arange(7)[None] < torch.tensor([[7], [3]])).long()
+    encoder, decoder = fused_attn.patch(tiny("bert")), fused_attn.patch(_decoder(True))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for train in (False, True):
+            encoder.train(train)
+            decoder.train(train)
+            run(encoder, input_ids=ids, attention_mask=mask)
+            run(decoder, input_ids=ids, attention_mask=mask, encoder_hidden_states=enc,
+                encoder_attention_mask=enc_mask)
+    assert not [w for w in rec if "0s and 1s" in str(w.message)], [str(w.message) for w in rec]
+    assert not masks._FLOAT01["warned"]

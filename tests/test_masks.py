@@ -240,3 +240,90 @@ def test_auto_fallback_warns_once_with_the_reason(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fused_attn.attention(q, k, v)          # once: the second call is silent
+
+
+# -- a float mask of 0s and 1s ----------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_float01_check(monkeypatch):
+    """The once-per-process warning state, reset (another test may have warned already)."""
+    monkeypatch.setattr(masks, "_FLOAT01", {"warned": False, "pending": [], "cuda_checks_left": 16})
+
+
+@pytest.mark.parametrize("shape", ["keys", "pair"])
+def test_float_zero_one_mask_warns_once_with_the_fix(fresh_float01_check, shape):
+    q, k, v = _qkv()
+    pad = padding_mask([7, 4], 7)
+    mask = pad.float() if shape == "keys" else (pad[:, None, :] & pad[:, :, None][:, :5]).float()
+    with pytest.warns(UserWarning, match=r"float tensor of 0s and 1s.*mask\.bool\(\).*-inf") as rec:
+        fused_attn.attention(q, k, v, mask)
+    assert len(rec) == 1 and rec[0].filename == __file__       # points at the caller's line
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused_attn.attention(q, k, v, pad.float() + 0)           # a new mask tensor: no second warning
+
+
+@pytest.mark.parametrize("values", [
+    [0.0, float("-inf")], [0.0, -10000.0], [0.0, torch.finfo(torch.float32).min], [0.0, 0.0], [0.0, -1.0],
+    [0.5, 1.0]], ids=["-inf", "-1e4", "finfo.min", "all-zero", "bias", "not-0/1"])
+def test_additive_masks_do_not_warn(fresh_float01_check, values):
+    q, k, v = _qkv()
+    pad = padding_mask([7, 4], 7)
+    mask = torch.where(pad, values[0], values[1])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused_attn.attention(q, k, v, mask)
+        fused_attn.attention(q, k, v, pad)
+        fused_attn.attention(q, k, v, pad.long())
+    assert masks._FLOAT01["pending"] == [] and not masks._FLOAT01["warned"]
+
+
+# -- small usability checks ---------------------------------------------------------------------
+
+
+def test_reduced_mask_repr_is_short():
+    B, S = 4, 300
+    pad = padding_mask([300, 120, 7, 1], S)
+    red = reduce_mask(pad, B, 12, S, S)
+    assert repr(red) == ("ReducedMask(kind='keys', B=4, H=12, Sq=300, Sk=300, values=uint8[4, 1, 1, 300] "
+                         "on cpu, block_maps=0)")
+    pair = reduce_mask(torch.where(pad[:, None, :] & pad[:, :, None], 0.0, float("-inf")), B, 12, S, S)
+    pair.block_map(64, 64, False)
+    assert repr(pair) == ("ReducedMask(kind='blocks', B=4, H=12, Sq=300, Sk=300, values=additive "
+                          "float32[4, 1, 300, 300] on cpu, block_maps=1)")
+    assert repr(reduce_mask(None, 1, 2, 3, 4)) == "ReducedMask(kind='none', B=1, H=2, Sq=3, Sk=4, block_maps=0)"
+
+
+@pytest.mark.parametrize("mask_kind", ["keys", "pair", "4d"])
+def test_hf_layout_mask_error_has_a_hint(mask_kind):
+    """q, k, v in HF's [B, S, H, D] (not transposed): the mask error says what to do."""
+    B, S, H, D = 2, 10, 4, 16
+    q, k, v = (torch.randn(B, S, H, D) for _ in range(3))
+    pad = padding_mask([10, 6], S)
+    mask = {"keys": pad, "pair": pad[:, None, :] & pad[:, :, None], "4d": pad[:, None, None, :]}[mask_kind]
+    with pytest.raises(ValueError, match=r"would fit q, k, v of shape \[B, S, H, D\] = \[2, 10, 4, D\].*"
+                                         r"q\.transpose\(1, 2\)"):
+        fused_attn.attention(q, k, v, mask)
+    out = fused_attn.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)  # the fix works
+    torch.testing.assert_close(out, fused_attn.reference.attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                                   v.transpose(1, 2), mask))
+    q, k, v = _qkv()                       # a plain wrong shape gets no layout hint
+    with pytest.raises(ValueError) as err:
+        fused_attn.attention(q, k, v, torch.ones(2, 6, dtype=torch.bool))
+    assert "transpose" not in str(err.value)
+
+
+def test_causal_accepts_ints_zero_one_and_numpy_bools():
+    np = pytest.importorskip("numpy")
+    q, k, v = _qkv()
+    for fn in (fused_attn.attention, fused_attn.reference.attention):
+        causal = fn(q, k, v, causal=True)
+        plain = fn(q, k, v, causal=False)
+        for value, want in ((1, causal), (0, plain), (np.True_, causal), (np.False_, plain), (np.int64(1), causal)):
+            torch.testing.assert_close(fn(q, k, v, causal=value), want, rtol=0, atol=0)
+        for bad in (2, -1, 1.0, "yes", None, torch.tensor(True)):
+            with pytest.raises(TypeError, match=r"causal: expected a bool \(or 0 / 1\)"):
+                fn(q, k, v, causal=bad)

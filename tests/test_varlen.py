@@ -1,5 +1,5 @@
 """Packed variable-length attention (fused_attn.varlen_attention) on every engine: against the
-fp32 oracle (DESIGN.md tolerance rule), against the padded kernels, dropout, validation."""
+fp32 oracle (docs/design.md tolerance rule), against the padded kernels, dropout, validation."""
 import pytest
 import torch
 

@@ -6,6 +6,9 @@
 // 128).  Same semantics and same reduced mask as the CPU kernel (../fused_attn.cpp): key ranges
 // shrink the loops, the tile-state map skips empty tiles, and only partial tiles (or rows with
 // holes / additive values) read the mask.  Dropout uses the same Philox stream (../philox.h).
+// Padded and packed (varlen) batches are the same kernels: block (b * h, tile) works on sequence b
+// with the row offsets and lengths of SeqLayout::seq (../mask_desc.h); tiles past a shorter
+// sequence's end return at once.
 //
 // Forward: block = (query tile, b * h); warp w owns 8 query rows; lane = key of the tile for the
 // scores, lane = output dims (lane + 32 t) for P V.
@@ -179,8 +182,7 @@ template <typename T, int DPL>
 __global__ void __launch_bounds__(THREADS) fwd_kernel(
     const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, T* __restrict__ O,
     float* __restrict__ Lse, int32_t* __restrict__ Visited, Strides qs, Strides ks, Strides vs, Strides os,
-    int H, int64_t Sq, int64_t Sk, int D, float qk_scale, MaskDesc m, HeadMask hm, bool causal,
-    DropoutParams drop) {
+    int H, SeqLayout lay, int D, float qk_scale, MaskDesc m, HeadMask hm, bool causal, DropoutParams drop) {
   constexpr int DMAX = 32 * DPL;
   constexpr int LD = DMAX + 1;
   extern __shared__ float smem[];
@@ -190,12 +192,15 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(
 
   const int64_t bh = blockIdx.x, qb = blockIdx.y;
   const int64_t b = bh / H, h = bh % H;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const Seq seq = lay.seq(b);
+  const int64_t Sq = seq.sq, Sk = seq.sk, drop_k_len = lay.dropout_k_len();
   const int64_t i0 = qb * TILE;
+  if (i0 >= Sq) return;   // past a shorter packed sequence (its visited count stays 0)
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t off = Sk - Sq;
-  const T* Kb = K + b * ks.b + h * ks.h;
-  const T* Vb = V + b * vs.b + h * vs.h;
-  load_rows(Qs, LD, Q + b * qs.b + h * qs.h, qs.s, qs.d, i0, Sq, D, DMAX);
+  const T* Kb = K + seq.b * ks.b + h * ks.h + seq.k0 * ks.s;
+  const T* Vb = V + seq.b * vs.b + h * vs.h + seq.k0 * vs.s;
+  load_rows(Qs, LD, Q + seq.b * qs.b + h * qs.h + seq.q0 * qs.s, qs.s, qs.d, i0, Sq, D, DMAX);
 
   float mi[ROWS_PER_WARP], li[ROWS_PER_WARP], acc[ROWS_PER_WARP][DPL];
 #pragma unroll
@@ -225,7 +230,7 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(
       const float alpha = exp2f(mi[r] - m_use);
       li[r] = li[r] * alpha + warp_sum(p);
       mi[r] = m_new;
-      if (dropout && j < Sk && !keep_element(drop, i, j, Sk, static_cast<uint32_t>(bh))) p = 0.f;
+      if (dropout && j < Sk && !keep_element(drop, i, j, drop_k_len, static_cast<uint32_t>(bh))) p = 0.f;
 #pragma unroll
       for (int t = 0; t < DPL; ++t) acc[r][t] *= alpha;
       for (int jj = 0; jj < TILE; ++jj) {
@@ -250,13 +255,13 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(
     if (i >= Sq) break;
     const bool empty = li[r] == 0.f;
     const float f = empty ? 0.f : keep_scale / li[r];
-    T* o = O + b * os.b + h * os.h + i * os.s;
+    T* o = O + seq.b * os.b + h * os.h + (seq.q0 + i) * os.s;
 #pragma unroll
     for (int t = 0; t < DPL; ++t) {
       const int d = lane + 32 * t;
       if (d < D) o[d * os.d] = static_cast<T>(acc[r][t] * f);
     }
-    if (lane == 0) Lse[bh * Sq + i] = empty ? __int_as_float(0x7f800000) : mi[r] + log2f(li[r]);
+    if (lane == 0) Lse[lay.lse_row(seq, h, H) + i] = empty ? __int_as_float(0x7f800000) : mi[r] + log2f(li[r]);
   }
   if (threadIdx.x == 0) Visited[bh * gridDim.y + qb] = visited;
 }
@@ -268,7 +273,7 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(
 struct HeadCtx {
   MaskDesc m;
   DropoutParams drop;
-  int64_t b, h, Sq, Sk;
+  int64_t b, h, Sq, Sk, drop_k_len;
   uint32_t bh;
   bool causal;
   float qk_scale, keep_scale;
@@ -287,7 +292,7 @@ __device__ __forceinline__ float grad_element(const float* qi, const float* kj, 
   s = s * c.qk_scale + visibility(c.m, tile, c.b, c.h, i, j, c.Sq, c.causal, c.Sk - c.Sq);
   const float p = exp2f(s - lse);
   float f = c.keep_scale;
-  if (c.drop.p > 0.f && p != 0.f && !keep_element(c.drop, i, j, c.Sk, c.bh)) f = 0.f;
+  if (c.drop.p > 0.f && p != 0.f && !keep_element(c.drop, i, j, c.drop_k_len, c.bh)) f = 0.f;
   pd = p * f;
   return p * (f * dp - delta);
 }
@@ -296,8 +301,8 @@ template <typename T, int DPL>
 __global__ void __launch_bounds__(THREADS) bwd_dkdv_kernel(
     const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
     const float* __restrict__ Lse, const float* __restrict__ Delta, T* __restrict__ dK, T* __restrict__ dV,
-    Strides qs, Strides ks, Strides vs, Strides gs, Strides dks, Strides dvs, int H, int64_t Sq, int64_t Sk,
-    int D, float qk_scale, float scale, MaskDesc m, HeadMask hm, bool causal, DropoutParams drop) {
+    Strides qs, Strides ks, Strides vs, Strides gs, Strides dks, Strides dvs, int H, SeqLayout lay, int D,
+    float qk_scale, float scale, MaskDesc m, HeadMask hm, bool causal, DropoutParams drop) {
   constexpr int DMAX = 32 * DPL;
   constexpr int LD = DMAX + 1;
   extern __shared__ float smem[];
@@ -310,26 +315,33 @@ __global__ void __launch_bounds__(THREADS) bwd_dkdv_kernel(
 
   const int64_t bh = blockIdx.x, kb = blockIdx.y;
   const int64_t b = bh / H, h = bh % H;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const Seq seq = lay.seq(b);
+  const int64_t Sq = seq.sq, Sk = seq.sk;
   const int64_t n0 = kb * TILE;
-  load_rows(Ks, LD, K + b * ks.b + h * ks.h, ks.s, ks.d, n0, Sk, D, DMAX);
-  load_rows(Vs, LD, V + b * vs.b + h * vs.h, vs.s, vs.d, n0, Sk, D, DMAX);
+  if (n0 >= Sk) return;   // past a shorter packed sequence
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* Qh = Q + seq.b * qs.b + h * qs.h + seq.q0 * qs.s;
+  const T* Gh = dO + seq.b * gs.b + h * gs.h + seq.q0 * gs.s;
+  const int64_t l0 = lay.lse_row(seq, h, H);
+  load_rows(Ks, LD, K + seq.b * ks.b + h * ks.h + seq.k0 * ks.s, ks.s, ks.d, n0, Sk, D, DMAX);
+  load_rows(Vs, LD, V + seq.b * vs.b + h * vs.h + seq.k0 * vs.s, vs.s, vs.d, n0, Sk, D, DMAX);
   float dk[ROWS_PER_WARP][DPL], dv[ROWS_PER_WARP][DPL];
 #pragma unroll
   for (int r = 0; r < ROWS_PER_WARP; ++r)
 #pragma unroll
     for (int t = 0; t < DPL; ++t) dk[r][t] = dv[r][t] = 0.f;
-  const HeadCtx ctx{m, drop, b, h, Sq, Sk, static_cast<uint32_t>(bh), causal, qk_scale, prob_scale(hm, drop, b, h)};
+  const HeadCtx ctx{m, drop, b, h, Sq, Sk, lay.dropout_k_len(), static_cast<uint32_t>(bh), causal, qk_scale,
+                    prob_scale(hm, drop, b, h)};
 
   auto visit = [&](int64_t qb, const Tile& tile) {
     const int64_t m0 = qb * TILE;
     __syncthreads();
-    load_rows(Qs, LD, Q + b * qs.b + h * qs.h, qs.s, qs.d, m0, Sq, D, DMAX);
-    load_rows(Gs, LD, dO + b * gs.b + h * gs.h, gs.s, gs.d, m0, Sq, D, DMAX);
+    load_rows(Qs, LD, Qh, qs.s, qs.d, m0, Sq, D, DMAX);
+    load_rows(Gs, LD, Gh, gs.s, gs.d, m0, Sq, D, DMAX);
     if (threadIdx.x < TILE) {
       const int64_t i = m0 + threadIdx.x;
-      Ls[threadIdx.x] = i < Sq ? Lse[bh * Sq + i] : __int_as_float(0x7f800000);
-      Ds[threadIdx.x] = i < Sq ? Delta[bh * Sq + i] : 0.f;
+      Ls[threadIdx.x] = i < Sq ? Lse[l0 + i] : __int_as_float(0x7f800000);
+      Ds[threadIdx.x] = i < Sq ? Delta[l0 + i] : 0.f;
     }
     __syncthreads();
     const int64_t i = m0 + lane;
@@ -358,8 +370,8 @@ __global__ void __launch_bounds__(THREADS) bwd_dkdv_kernel(
   for (int r = 0; r < ROWS_PER_WARP; ++r) {
     const int64_t j = n0 + warp * ROWS_PER_WARP + r;
     if (j >= Sk) break;
-    T* gk = dK + b * dks.b + h * dks.h + j * dks.s;
-    T* gv = dV + b * dvs.b + h * dvs.h + j * dvs.s;
+    T* gk = dK + seq.b * dks.b + h * dks.h + (seq.k0 + j) * dks.s;
+    T* gv = dV + seq.b * dvs.b + h * dvs.h + (seq.k0 + j) * dvs.s;
 #pragma unroll
     for (int t = 0; t < DPL; ++t) {
       const int d = lane + 32 * t;
@@ -375,8 +387,8 @@ template <typename T, int DPL>
 __global__ void __launch_bounds__(THREADS) bwd_dq_kernel(
     const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
     const float* __restrict__ Lse, const float* __restrict__ Delta, T* __restrict__ dQ, Strides qs,
-    Strides ks, Strides vs, Strides gs, Strides dqs, int H, int64_t Sq, int64_t Sk, int D, float qk_scale,
-    float scale, MaskDesc m, HeadMask hm, bool causal, DropoutParams drop) {
+    Strides ks, Strides vs, Strides gs, Strides dqs, int H, SeqLayout lay, int D, float qk_scale, float scale,
+    MaskDesc m, HeadMask hm, bool causal, DropoutParams drop) {
   constexpr int DMAX = 32 * DPL;
   constexpr int LD = DMAX + 1;
   extern __shared__ float smem[];
@@ -387,22 +399,27 @@ __global__ void __launch_bounds__(THREADS) bwd_dq_kernel(
 
   const int64_t bh = blockIdx.x, qb = blockIdx.y;
   const int64_t b = bh / H, h = bh % H;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const Seq seq = lay.seq(b);
+  const int64_t Sq = seq.sq, Sk = seq.sk;
   const int64_t i0 = qb * TILE;
-  const T* Kb = K + b * ks.b + h * ks.h;
-  const T* Vb = V + b * vs.b + h * vs.h;
-  load_rows(Qs, LD, Q + b * qs.b + h * qs.h, qs.s, qs.d, i0, Sq, D, DMAX);
-  load_rows(Gs, LD, dO + b * gs.b + h * gs.h, gs.s, gs.d, i0, Sq, D, DMAX);
+  if (i0 >= Sq) return;   // past a shorter packed sequence
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* Kb = K + seq.b * ks.b + h * ks.h + seq.k0 * ks.s;
+  const T* Vb = V + seq.b * vs.b + h * vs.h + seq.k0 * vs.s;
+  const int64_t l0 = lay.lse_row(seq, h, H);
+  load_rows(Qs, LD, Q + seq.b * qs.b + h * qs.h + seq.q0 * qs.s, qs.s, qs.d, i0, Sq, D, DMAX);
+  load_rows(Gs, LD, dO + seq.b * gs.b + h * gs.h + seq.q0 * gs.s, gs.s, gs.d, i0, Sq, D, DMAX);
   float lse[ROWS_PER_WARP], delta[ROWS_PER_WARP], dq[ROWS_PER_WARP][DPL];
 #pragma unroll
   for (int r = 0; r < ROWS_PER_WARP; ++r) {
     const int64_t i = i0 + warp * ROWS_PER_WARP + r;
-    lse[r] = i < Sq ? Lse[bh * Sq + i] : __int_as_float(0x7f800000);
-    delta[r] = i < Sq ? Delta[bh * Sq + i] : 0.f;
+    lse[r] = i < Sq ? Lse[l0 + i] : __int_as_float(0x7f800000);
+    delta[r] = i < Sq ? Delta[l0 + i] : 0.f;
 #pragma unroll
     for (int t = 0; t < DPL; ++t) dq[r][t] = 0.f;
   }
-  const HeadCtx ctx{m, drop, b, h, Sq, Sk, static_cast<uint32_t>(bh), causal, qk_scale, prob_scale(hm, drop, b, h)};
+  const HeadCtx ctx{m, drop, b, h, Sq, Sk, lay.dropout_k_len(), static_cast<uint32_t>(bh), causal, qk_scale,
+                    prob_scale(hm, drop, b, h)};
 
   auto visit = [&](int64_t n0, const Tile& tile) {
     load_kv_tile(Ks, Vs, LD, Kb, Vb, ks, vs, n0, Sk, D, DMAX);
@@ -429,7 +446,7 @@ __global__ void __launch_bounds__(THREADS) bwd_dq_kernel(
   for (int r = 0; r < ROWS_PER_WARP; ++r) {
     const int64_t i = i0 + warp * ROWS_PER_WARP + r;
     if (i >= Sq) break;
-    T* g = dQ + b * dqs.b + h * dqs.h + i * dqs.s;
+    T* g = dQ + seq.b * dqs.b + h * dqs.h + (seq.q0 + i) * dqs.s;
 #pragma unroll
     for (int t = 0; t < DPL; ++t) {
       const int d = lane + 32 * t;
@@ -484,27 +501,36 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, int64_t blo
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), "fused_attn: q, k, v on different devices");
   TORCH_CHECK(block_m == TILE && block_n == TILE, "fused_attn: the CUDA kernel uses ", TILE, " x ", TILE,
               " tiles, got ", block_m, " x ", block_n);
-  TORCH_CHECK(q.size(0) * q.size(1) <= INT32_MAX, "fused_attn (cuda): B * H too large");
+}
+
+// Batch size of the grid (q.size(0), or the number of packed sequences), checked against grid.x.
+int64_t grid_batch(const Tensor& q, const OptT& cu_seqlens_q) {
+  const int64_t B = seq_count(q, cu_seqlens_q);
+  TORCH_CHECK(B * q.size(1) <= INT32_MAX, "fused_attn (cuda): B * H too large");
+  return B;
 }
 
 std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const OptT& mask,
                                             const OptT& key_start, const OptT& key_end, const OptT& key_dense,
                                             const OptT& block_state, const OptT& head_mask, bool additive,
                                             bool causal, double scale, double dropout_p, int64_t seed,
-                                            int64_t rng_offset, int64_t block_m, int64_t block_n) {
+                                            int64_t rng_offset, int64_t block_m, int64_t block_n,
+                                            const OptT& cu_seqlens_q, const OptT& cu_seqlens_k, int64_t max_seqlen_q,
+                                            int64_t max_seqlen_k) {
   check_inputs(q, k, v, block_m, block_n);
   const c10::cuda::CUDAGuard guard(q.device());
+  const SeqLayout lay = make_seq_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask,
+                                        key_start, block_state, head_mask);
   const MaskDesc md = make_mask_desc(q, k.size(2), mask, additive, key_start, key_end, key_dense, block_state,
                                      block_m, block_n);
   const HeadMask hm = make_head_mask(head_mask, q);
   const DropoutParams drop = DropoutParams::make(dropout_p, seed, rng_offset);
-  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), Sk = k.size(2), D = q.size(3);
-  const int64_t nqb = (Sq + TILE - 1) / TILE;
+  const int64_t B = grid_batch(q, cu_seqlens_q), H = q.size(1), D = q.size(3);
+  const int64_t nqb = (lay.max_q + TILE - 1) / TILE;
   TORCH_CHECK(nqb <= 65535, "fused_attn (cuda): Sq too large");
-  Tensor out = at::empty_like(q);
-  Tensor lse = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
-  Tensor visited = at::empty({B, H, nqb}, q.options().dtype(at::kInt));
-  if (out.numel() == 0) return {out, lse, visited};
+  Tensor out, lse, visited;
+  allocate_forward(q, lay, B, block_m, out, lse, visited);
+  if (out.numel() == 0 || B * H * nqb == 0) return {out, lse, visited};
   const dim3 grid(static_cast<unsigned>(B * H), static_cast<unsigned>(nqb));
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch(q.scalar_type(), D, [&](auto zero, auto dpl) {
@@ -516,8 +542,8 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, const Tensor& k, co
     FA_LAUNCH(kernel, grid, THREADS, smem, stream)(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
         lse.data_ptr<float>(), visited.data_ptr<int32_t>(), strides_of(q), strides_of(k), strides_of(v),
-        strides_of(out), static_cast<int>(H), Sq, Sk, static_cast<int>(D),
-        static_cast<float>(scale) * kLog2e, md, hm, causal, drop);
+        strides_of(out), static_cast<int>(H), lay, static_cast<int>(D), static_cast<float>(scale) * kLog2e, md,
+        hm, causal, drop);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, lse, visited};
@@ -528,24 +554,29 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& grad_out, const Tensor
                                             const OptT& mask, const OptT& key_start, const OptT& key_end,
                                             const OptT& key_dense, const OptT& block_state, const OptT& head_mask,
                                             bool additive, bool causal, double scale, double dropout_p,
-                                            int64_t seed, int64_t rng_offset, int64_t block_m, int64_t block_n) {
+                                            int64_t seed, int64_t rng_offset, int64_t block_m, int64_t block_n,
+                                            const OptT& cu_seqlens_q, const OptT& cu_seqlens_k, int64_t max_seqlen_q,
+                                            int64_t max_seqlen_k) {
   check_inputs(q, k, v, block_m, block_n);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() &&
                   grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
               "fused_attn: grad_out and out must match q ", q.sizes());
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
                   lse.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2)}),
-              "fused_attn: lse must be contiguous float32 [B, H, Sq]");
+              "fused_attn: lse must be contiguous float32 [B, H, Sq] ([1, H, Tq] when packed)");
   const c10::cuda::CUDAGuard guard(q.device());
+  const SeqLayout lay = make_seq_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask,
+                                        key_start, block_state, head_mask);
   const MaskDesc md = make_mask_desc(q, k.size(2), mask, additive, key_start, key_end, key_dense, block_state,
                                      block_m, block_n);
   const HeadMask hm = make_head_mask(head_mask, q);
   const DropoutParams drop = DropoutParams::make(dropout_p, seed, rng_offset);
-  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), Sk = k.size(2), D = q.size(3);
-  const int64_t nqb = (Sq + TILE - 1) / TILE, nkb = (Sk + TILE - 1) / TILE;
+  const int64_t B = grid_batch(q, cu_seqlens_q), H = q.size(1), D = q.size(3);
+  const int64_t nqb = (lay.max_q + TILE - 1) / TILE, nkb = (lay.max_k + TILE - 1) / TILE;
   TORCH_CHECK(nqb <= 65535 && nkb <= 65535, "fused_attn (cuda): sequence too long");
-  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  if (q.numel() == 0 || k.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
+  Tensor dq, dk, dv;
+  allocate_backward(q, k, v, lay, dq, dk, dv);
+  if (q.numel() == 0 || k.numel() == 0 || B * H == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
   // rowsum(dO * O) with O as stored (rounded to the input dtype, like the eager graph)
   const Tensor delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -554,23 +585,26 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& grad_out, const Tensor
     using scalar_t = decltype(zero);
     constexpr int DPL = decltype(dpl)::value;
     const size_t smem = (4 * TILE * (32 * DPL + 1) + 2 * TILE) * sizeof(float);
-    auto kdkdv = bwd_dkdv_kernel<scalar_t, DPL>;
-    set_smem(kdkdv, smem);
-    FA_LAUNCH(kdkdv, dim3(static_cast<unsigned>(B * H), static_cast<unsigned>(nkb)), THREADS, smem, stream)(
-        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
-        lse.data_ptr<float>(), delta.data_ptr<float>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
-        strides_of(q), strides_of(k), strides_of(v), strides_of(grad_out), strides_of(dk), strides_of(dv),
-        static_cast<int>(H), Sq, Sk, static_cast<int>(D), qk_scale, static_cast<float>(scale), md, hm, causal,
-        drop);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    auto kdq = bwd_dq_kernel<scalar_t, DPL>;
-    set_smem(kdq, smem);
-    FA_LAUNCH(kdq, dim3(static_cast<unsigned>(B * H), static_cast<unsigned>(nqb)), THREADS, smem, stream)(
-        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
-        lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<scalar_t>(), strides_of(q), strides_of(k),
-        strides_of(v), strides_of(grad_out), strides_of(dq), static_cast<int>(H), Sq, Sk, static_cast<int>(D),
-        qk_scale, static_cast<float>(scale), md, hm, causal, drop);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (nkb > 0) {   // (a packed batch's max_seqlen may be 0)
+      auto kdkdv = bwd_dkdv_kernel<scalar_t, DPL>;
+      set_smem(kdkdv, smem);
+      FA_LAUNCH(kdkdv, dim3(static_cast<unsigned>(B * H), static_cast<unsigned>(nkb)), THREADS, smem, stream)(
+          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
+          lse.data_ptr<float>(), delta.data_ptr<float>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
+          strides_of(q), strides_of(k), strides_of(v), strides_of(grad_out), strides_of(dk), strides_of(dv),
+          static_cast<int>(H), lay, static_cast<int>(D), qk_scale, static_cast<float>(scale), md, hm, causal, drop);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (nqb > 0) {
+      auto kdq = bwd_dq_kernel<scalar_t, DPL>;
+      set_smem(kdq, smem);
+      FA_LAUNCH(kdq, dim3(static_cast<unsigned>(B * H), static_cast<unsigned>(nqb)), THREADS, smem, stream)(
+          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
+          lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<scalar_t>(), strides_of(q), strides_of(k),
+          strides_of(v), strides_of(grad_out), strides_of(dq), static_cast<int>(H), lay, static_cast<int>(D),
+          qk_scale, static_cast<float>(scale), md, hm, causal, drop);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   return {dq, dk, dv};
 }

@@ -9,6 +9,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..masks import ReducedMask
+from . import Engine
 
 try:  # imports never fail: keep the reason, report it in reasons()
     import triton
@@ -62,18 +63,6 @@ def fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> TileC
     if bd <= 128:   # 3 stages of 64x128 K/V tiles + a mask tile overflow 227 KB of shared memory
         return TileConfig(64, 128, 4, 2) if major >= 9 else TileConfig(64, 64, 4, 2)
     return TileConfig(64, 32, 4, 2)
-
-
-def reasons(q: torch.Tensor) -> List[str]:
-    """Why the Triton backend cannot take this call (empty list: it can)."""
-    out = []
-    if _IMPORT_ERROR is not None:
-        out.append(_IMPORT_ERROR)
-    if q.device.type != "cuda" and not interpreting():
-        out.append(f"tensors are on {q.device.type} (Triton needs CUDA, or TRITON_INTERPRET=1)")
-    if q.shape[-1] > MAX_HEAD_DIM:
-        out.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}")
-    return out
 
 
 _MODES = {"none": 0, "keys": 1, "blocks": 2}
@@ -242,3 +231,41 @@ def dropout_keep_mask(batch: int, heads: int, q_len: int, k_len: int, dropout_p:
     triton_bwd.dropout_keep_kernel[grid](keep, heads, q_len, k_len, seed, rng_offset, float(dropout_p),
                                          BLOCK_M=32, BLOCK_N=32)
     return keep.bool()
+
+
+class TritonEngine(Engine):
+    """The Triton kernels: CUDA tensors, or CPU tensors under the interpreter (TRITON_INTERPRET=1)."""
+
+    name = "triton"
+    device_type = "cuda"
+    max_head_dim = MAX_HEAD_DIM
+
+    def unavailable(self) -> Optional[str]:
+        return _IMPORT_ERROR
+
+    def reasons(self, q: torch.Tensor) -> List[str]:
+        out = []
+        if _IMPORT_ERROR is not None:
+            out.append(_IMPORT_ERROR)
+        if q.device.type != "cuda" and not interpreting():
+            out.append(f"tensors are on {q.device.type} (Triton needs CUDA, or TRITON_INTERPRET=1)")
+        if q.dtype not in self.dtypes:
+            out.append(f"dtype {q.dtype} is not supported ({', '.join(str(d) for d in self.dtypes)})")
+        if q.shape[-1] > MAX_HEAD_DIM:
+            out.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}")
+        return out
+
+    def forward(self, q, k, v, red, *, causal, dropout_p, scale, head_mask=None, seed=0, offset=0, varlen=None,
+                stats=False):
+        return forward(q, k, v, red, causal, scale, dropout_p, head_mask, seed, offset, stats=stats, varlen=varlen)
+
+    def backward(self, grad_out, q, k, v, out, lse, red, *, causal, dropout_p, scale, head_mask=None, seed=0,
+                 offset=0, varlen=None):
+        return backward(grad_out, q, k, v, out, lse, red, causal, scale, dropout_p, head_mask, seed, offset,
+                        varlen=varlen)
+
+    def keep_mask(self, batch, heads, q_len, k_len, dropout_p, seed, offset, device):
+        return dropout_keep_mask(batch, heads, q_len, k_len, dropout_p, seed, offset, device)
+
+
+ENGINE = TritonEngine()

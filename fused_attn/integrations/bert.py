@@ -16,7 +16,7 @@ output_attentions=True computes that call with eager math instead.
 from __future__ import annotations
 
 import inspect
-from typing import Optional
+from typing import Dict, List, Optional
 
 import torch
 from transformers.models.bert import modeling_bert
@@ -51,9 +51,8 @@ class FusedBertSelfAttention(_BASE):
 
         The class of the result derives from ``module``'s class too (when that is not
         BertSelfAttention itself), so isinstance checks and HF's output-recording hooks still
-        match it.  See :func:`fused_attn.integrations.patch.fused_class_for`.
+        match it.  See :func:`fused_class_for`.
         """
-        from .patch import fused_class_for
         return _rebuild(module, fused_class_for(type(module)))
 
     def unfused(self) -> torch.nn.Module:
@@ -187,3 +186,35 @@ def _rebuild(src: torch.nn.Module, cls: type) -> torch.nn.Module:
             state[name] = type(value)(value)            # own hook/module dicts, same entries
     new.__dict__.update(state)
     return new
+
+
+_CLASSES: Dict[type, type] = {}
+
+
+def _forward_params(cls: type) -> List[str]:
+    try:
+        return list(inspect.signature(cls.forward).parameters)[1:]      # drop self
+    except (TypeError, ValueError):
+        return []
+
+
+def fused_class_for(cls: type) -> type:
+    """The fused class standing in for ``cls``: FusedBertSelfAttention itself for BertSelfAttention,
+    else a subclass of both (so isinstance(m, cls) still holds: HF's output-recording hooks and
+    head pruning find it).  Cached; registered in this module so pickling finds it."""
+    if issubclass(cls, FusedBertSelfAttention):
+        return cls
+    if cls is FusedBertSelfAttention.__mro__[1]:
+        return FusedBertSelfAttention
+    fused = _CLASSES.get(cls)
+    if fused is None:
+        params = _forward_params(cls)
+        cross = TRANSFORMERS_5 and len(params) > 1 and params[1] == "encoder_hidden_states"
+        name = "Fused" + cls.__name__
+        fused = type(name, (FusedBertSelfAttention, cls), {
+            "__module__": __name__, "__qualname__": name,
+            "_fused_original_class": cls, "_fused_cross": cross,
+            "__doc__": f"{cls.__name__} whose attention runs in fused_attn's kernel."})
+        _CLASSES[cls] = fused
+        globals().setdefault(name, fused)
+    return fused

@@ -5,7 +5,7 @@
 * ``patch(model)`` / ``unpatch(model)`` / ``with patched(model):`` swap BertSelfAttention-like
   modules (BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, ...) for FusedBertSelfAttention and back;
 * ``register()`` (transformers >= 4.53, meant for 5.x) adds ``attn_implementation="fused_attn"``
-  for every model that uses HF's attention interface.
+  for every model that uses HF's attention interface; BERT-family models use it from 5.0 on.
 
 Implementation: hf_attention.py (attention and mask functions, register), bert.py (the module),
 patch.py (module swapping).

@@ -17,27 +17,18 @@ restores both.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import warnings
-from typing import Dict, Iterator, List, Tuple
+from typing import Iterator, List, Tuple
 
 from torch import nn
 
-from .bert import TRANSFORMERS_5, FusedBertSelfAttention, _rebuild
+from .bert import TRANSFORMERS_5, FusedBertSelfAttention, _forward_params, _rebuild, fused_class_for  # noqa: F401
 
 _FORWARD_ARGS = {"hidden_states", "attention_mask", "head_mask", "encoder_hidden_states",
                  "encoder_attention_mask", "past_key_value", "past_key_values", "output_attentions",
                  "cache_position", "kwargs"}
 _SUBMODULES = {"query", "key", "value", "dropout"}
 _STATE = "_fused_attn_patch_state"
-_CLASSES: Dict[type, type] = {}
-
-
-def _forward_params(cls: type) -> List[str]:
-    try:
-        return list(inspect.signature(cls.forward).parameters)[1:]      # drop self
-    except (TypeError, ValueError):
-        return []
 
 
 def is_bert_self_attention_like(module: nn.Module) -> bool:
@@ -63,28 +54,6 @@ def is_bert_self_attention_like(module: nn.Module) -> bool:
     if TRANSFORMERS_5 and not hasattr(module, "layer_idx"):
         return False
     return True
-
-
-def fused_class_for(cls: type) -> type:
-    """The fused class standing in for ``cls``: FusedBertSelfAttention itself for BertSelfAttention,
-    else a subclass of both (so isinstance(m, cls) still holds: HF's output-recording hooks and
-    head pruning find it).  Cached; registered in this module so pickling finds it."""
-    if issubclass(cls, FusedBertSelfAttention):
-        return cls
-    if cls is FusedBertSelfAttention.__mro__[1]:
-        return FusedBertSelfAttention
-    fused = _CLASSES.get(cls)
-    if fused is None:
-        params = _forward_params(cls)
-        cross = TRANSFORMERS_5 and len(params) > 1 and params[1] == "encoder_hidden_states"
-        name = "Fused" + cls.__name__
-        fused = type(name, (FusedBertSelfAttention, cls), {
-            "__module__": __name__, "__qualname__": name,
-            "_fused_original_class": cls, "_fused_cross": cross,
-            "__doc__": f"{cls.__name__} whose attention runs in fused_attn's kernel."})
-        _CLASSES[cls] = fused
-        globals().setdefault(name, fused)
-    return fused
 
 
 def _children(model: nn.Module) -> Iterator[Tuple[nn.Module, str, nn.Module]]:

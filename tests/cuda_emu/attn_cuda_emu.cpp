@@ -1,5 +1,5 @@
 // csrc/cuda/attn_cuda.cu compiled for the CPU under the CUDA emulation of cuda_emu.h, registered as
-// torch.ops.fused_attn_cuda_emu.{fwd, bwd, dropout_keep} (same signatures as the fused_attn ops).
+// torch.ops.fused_attn_cuda_emu.{fwd, bwd, dropout_keep} (the fused_attn ops' schemas, op_schema.h).
 // The test suite's "cuda-emu" engine routes the "cuda" backend's calls here (tests/_cuda_emu.py).
 #undef _FORTIFY_SOURCE   // its longjmp check rejects the emulation's jumps between fiber stacks
 #define FUSED_ATTN_CUDA_EMULATION 1
@@ -15,13 +15,14 @@ __shared__ float smem[fa_emu::kSmemFloats];
 }  // namespace fused_attn_kernels
 
 #include "cuda/attn_cuda.cu"
+#include "op_schema.h"
 
 float* fa_emu::dynamic_smem() { return fused_attn_kernels::cuda::smem; }
 
 TORCH_LIBRARY(fused_attn_cuda_emu, m) {
-  m.def("fwd", &fused_attn_kernels::cuda::fwd_cuda);
-  m.def("bwd", &fused_attn_kernels::cuda::bwd_cuda);
-  m.def("dropout_keep", &fused_attn_kernels::cuda::dropout_keep_cuda);
+  m.def(fused_attn_kernels::kFwdSchema, &fused_attn_kernels::cuda::fwd_cuda);
+  m.def(fused_attn_kernels::kBwdSchema, &fused_attn_kernels::cuda::bwd_cuda);
+  m.def(fused_attn_kernels::kDropoutKeepSchema, &fused_attn_kernels::cuda::dropout_keep_cuda);
 }
 
 // -- the emulation's own checks (tests/test_cuda_emu.py): small kernels with known results, and

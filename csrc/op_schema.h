@@ -1,0 +1,30 @@
+// Schemas of the fused_attn ops: registered by fused_attn.cpp (TORCH_LIBRARY(fused_attn)) and, for
+// the test suite's CUDA emulation, by tests/cuda_emu/attn_cuda_emu.cpp under its own namespace, so
+// both take the same arguments with the same names and defaults.
+//
+// cu_seqlens_q / _k (int32 [B + 1], both or neither) switch to packed ("varlen") batches:
+// q [1, H, Tq, D], k / v [1, H, Tk, D], lse [1, H, Tq], sequence b at rows cu[b] .. cu[b + 1] (at
+// most max_seqlen_q / _k of them); see SeqLayout in mask_desc.h.
+#pragma once
+
+namespace fused_attn_kernels {
+
+constexpr const char* kFwdSchema =
+    "fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? key_start, Tensor? key_end, Tensor? key_dense, "
+    "Tensor? block_state, Tensor? head_mask, bool additive, bool causal, "
+    "float scale, float dropout_p, int seed, int rng_offset, int block_m, int block_n, "
+    "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0) "
+    "-> (Tensor out, Tensor lse, Tensor visited)";
+
+constexpr const char* kBwdSchema =
+    "bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
+    "Tensor? key_start, Tensor? key_end, Tensor? key_dense, Tensor? block_state, Tensor? head_mask, bool additive, "
+    "bool causal, float scale, float dropout_p, int seed, int rng_offset, int block_m, int block_n, "
+    "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0) "
+    "-> (Tensor dq, Tensor dk, Tensor dv)";
+
+constexpr const char* kDropoutKeepSchema =
+    "dropout_keep(Tensor like, int batch, int heads, int q_len, int k_len, float dropout_p, int seed, "
+    "int rng_offset) -> Tensor";
+
+}  // namespace fused_attn_kernels

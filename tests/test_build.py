@@ -1,0 +1,106 @@
+"""The C++ extension's build: a cache name that changes with the sources, flags and torch version
+(so two checkouts never rebuild each other's copy), a build that says it is building, and an
+ahead-of-time build that is portable."""
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fused_attn import _build
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def sources(tmp_path, monkeypatch):
+    """A private copy of csrc/ that ext_name hashes."""
+    src = tmp_path / "csrc"
+    shutil.copytree(_build.source_dir(), src)
+    monkeypatch.setattr(_build, "source_dir", lambda: src)
+    return src
+
+
+@pytest.mark.parametrize("with_cuda,portable", [(False, False), (False, True), (True, False)])
+def test_name_follows_every_source_byte(sources, with_cuda, portable):
+    name = _build.ext_name(with_cuda, portable)
+    assert name.startswith(_build.NAME + ("_cuda" if with_cuda else "_cpu") + ("_portable" if portable else ""))
+    for rel in ("fused_attn.cpp", "mask_desc.h", "cuda/attn_cuda.cu"):
+        path = sources / rel
+        data = path.read_bytes()
+        path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))        # one bit of one byte
+        assert _build.ext_name(with_cuda, portable) != name, rel
+        path.write_bytes(data)
+        assert _build.ext_name(with_cuda, portable) == name, rel
+    (sources / "new_header.h").write_text("// a file the build could include\n")
+    assert _build.ext_name(with_cuda, portable) != name
+
+
+def test_identical_sources_anywhere_share_one_name(sources, monkeypatch):
+    """Two checkouts of the same version use one build; the path of the checkout does not count."""
+    here = _build.ext_name(False, False)
+    monkeypatch.undo()
+    assert _build.ext_name(False, False) == here
+
+
+def test_name_follows_flags_and_torch_version(sources, monkeypatch):
+    names = {_build.ext_name(False, False), _build.ext_name(False, True), _build.ext_name(True, False)}
+    assert len(names) == 3
+    base = _build.ext_name(False, False)
+    real_cflags = _build.cflags
+    monkeypatch.setattr(_build, "cflags", lambda portable: real_cflags(portable) + ["-DFUSED_ATTN_TEST"])
+    assert _build.ext_name(False, False) != base
+    monkeypatch.setattr(_build, "cflags", real_cflags)
+    monkeypatch.setattr(_build, "LDFLAGS", _build.LDFLAGS + ["-lm"])
+    assert _build.ext_name(False, False) != base
+    monkeypatch.setattr(_build, "LDFLAGS", _build.LDFLAGS[:-1])
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + ".post1")
+    assert _build.ext_name(False, False) != base
+    monkeypatch.setattr(torch, "__version__", torch.__version__[:-len(".post1")])
+    assert _build.ext_name(False, False) == base
+
+
+def test_a_build_says_so_and_how_long_it_took(monkeypatch, capsys):
+    from torch.utils import cpp_extension
+
+    calls = []
+    monkeypatch.setattr(_build, "_prebuilt", lambda: None)
+    monkeypatch.setattr(_build, "compiler_problem", lambda: None)
+    monkeypatch.setattr(_build, "cuda_toolchain", lambda: "test: CPU only")
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw["name"]))
+    monkeypatch.setattr(_build, "_built_library", lambda name: None)          # not built yet
+    assert _build._load() == "cpu"
+    err = capsys.readouterr().err.splitlines()
+    name = calls[0]
+    assert name == _build.ext_name(False, False)
+    assert len(err) == 2, err
+    assert err[0].startswith("fused_attn: compiling the C++ extension") and name in err[0], err
+    assert err[1].startswith(f"fused_attn: built {name} in ") and err[1].endswith(" s"), err
+    monkeypatch.setattr(_build, "_built_library", lambda name: f"/cache/{name}/{name}.so")   # built before
+    assert _build._load() == "cpu"
+    assert capsys.readouterr().err == ""
+
+
+def test_built_library_finds_the_jit_build():
+    """_built_library looks where cpp_extension.load builds (so the message is not printed twice)."""
+    from fused_attn import backends
+
+    if backends.reasons("cpu", torch.empty(1, 1, 1, 16)):
+        pytest.skip("cpu backend unavailable")
+    if _build._prebuilt() is not None:
+        pytest.skip("a prebuilt extension is used here")
+    import os
+    name = _build.ext_name(False, os.environ.get("FUSED_ATTN_PORTABLE", "0") not in ("", "0"))
+    lib = _build._built_library(name)
+    assert lib is not None and lib.endswith(name + ".so") and os.path.exists(lib)
+
+
+def test_ahead_of_time_build_is_portable(monkeypatch):
+    """FUSED_ATTN_BUILD_EXT=1 wheels run on other CPUs: no -march=native, whatever FUSED_ATTN_PORTABLE says."""
+    monkeypatch.chdir(ROOT)
+    for portable in ("0", "1"):
+        monkeypatch.setenv("FUSED_ATTN_PORTABLE", portable)
+        (ext,) = _build.extension_kwargs()["ext_modules"]
+        flags = ext.extra_compile_args["cxx"]
+        assert "-O3" in flags and not any(f.startswith("-march") for f in flags), flags
+    assert any(f.startswith("-march") for f in _build.cflags(portable=False))   # the JIT default is native
