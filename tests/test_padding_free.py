@@ -385,8 +385,9 @@ def test_concurrent_calls_from_threads_do_not_mix_batches(monkeypatch):
 
 
 def test_torch_compile_aot_eager():
-    """torch.compile works; the gather (nonzero, the host sync for max_seqlen) and the hooks'
-    contextvar break the graph, so fullgraph=True is not possible."""
+    """torch.compile works.  fullgraph=True is not possible: torch._dynamo.explain shows breaks at
+    the gather (nonzero: a data-dependent shape), at the host sync for max_seqlen (.item()), in HF's
+    output capturing (a ContextVar) and in the fused_attn mask function HF still calls."""
     model = tiny("bert")
     fused_attn.patch(model, padding_free=True)
     x = inputs()
