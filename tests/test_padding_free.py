@@ -303,6 +303,8 @@ def test_fallback_warns_once_and_stays_correct():
         warnings.simplefilter("error")
         again = model(**x, output_attentions=True)          # said once
         model(input_ids=x["input_ids"])                       # no mask: nothing to unpad, no warning
+        as_float = model(input_ids=x["input_ids"], attention_mask=x["attention_mask"].float())   # 0/1 floats
+    check_real_tokens("float 0/1 mask", as_float.last_hidden_state, ref64.last_hidden_state, ref.last_hidden_state, MASK)
     for i, (g, o, e) in enumerate(zip(got.attentions, ref64.attentions, ref.attentions)):
         assert_close_to_oracle(f"attentions[{i}]", g, o, e)
     # the padded fused path computes padding rows like eager does: compare everywhere

@@ -281,8 +281,8 @@ class _PaddingFreeEncoder:
             return "an attention_mask that is not the 2D padding mask [B, S]"
         if tuple(mask.shape) != tuple(hidden.shape[:2]):
             return f"an attention_mask of shape {list(mask.shape)} for hidden states {list(hidden.shape)}"
-        if mask.is_floating_point():
-            return "a floating-point attention_mask"
+        if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
+            return "a floating-point attention_mask with values other than 0 and 1"
         collector = _collector()
         if (call.output_attentions or a.get("output_attentions")
                 or (call.output_attentions is None and getattr(cfg, "output_attentions", False))
@@ -321,7 +321,7 @@ class _PaddingFreeEncoder:
             if why:
                 self._fused_pf_warn(why)
             return original(self, *args, **kwargs)
-        return self._fused_pf_forward(hidden, mask, a)
+        return self._fused_pf_forward(hidden, mask if not mask.is_floating_point() else mask != 0, a)
 
     def _fused_pf_warn(self, why: str) -> None:
         warned = self.__dict__.setdefault("_fused_pf_warned", set())
