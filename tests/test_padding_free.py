@@ -87,20 +87,6 @@ def grads_of(model, batch_inputs):
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.fixture(autouse=True)
-def _varlen_backend(monkeypatch):
-    """Until the C++ CPU engine serves varlen_attention, "auto" (-> cpu) cannot; use the oracle."""
-    from fused_attn import backends
-    q = torch.empty(1, 1, 4, 16)
-    try:
-        fused_attn.varlen_attention(q[0].transpose(0, 1), q[0].transpose(0, 1), q[0].transpose(0, 1),
-                                    torch.tensor([0, 4], dtype=torch.int32), torch.tensor([0, 4], dtype=torch.int32),
-                                    4, 4)
-    except TypeError:
-        monkeypatch.setenv("FUSED_ATTN_BACKEND", "reference")
-    del backends
-
-
 # --------------------------------------------------------------------------------------------
 # packing helpers
 
