@@ -260,6 +260,42 @@ def test_unpatch_restores_exactly(family):
     assert not pf.is_padding_free(model) and type(encoder) is enc_cls
 
 
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_forward_called_without_hooks_reads_the_encoders_mask(family, monkeypatch):
+    """model.forward(...) (what sentence-transformers does) skips the base model's hooks: the padding
+    comes from the mask the encoder receives."""
+    model = tiny(family)
+    x = inputs()
+    ref64 = oracle_of(model)(**x).last_hidden_state
+    ref = model(**x).last_hidden_state
+    fused_attn.patch(model, padding_free=True)
+    calls = []
+    real = pf.varlen_attention
+    monkeypatch.setattr(pf, "varlen_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = model.forward(**x).last_hidden_state
+    assert len(calls) == TINY["num_hidden_layers"]
+    check_real_tokens(f"{family} via forward()", got, ref64, ref, MASK)
+
+
+def test_padding_read_back_from_encoder_masks():
+    from fused_attn.integrations.hf_attention import FusedMask
+    hidden = torch.zeros(4, 13, 8)
+    real = MASK.bool()
+    additive = torch.where(real, 0.0, torch.finfo(torch.float32).min)[:, None, None, :]
+    forms = {"FusedMask": FusedMask(4, 13, 13, padding=real), "additive 4D": additive,
+             "old additive 4D": torch.where(real, 0.0, -10000.0)[:, None, None, :], "bool 4D": real[:, None, None, :],
+             "int 2D": MASK, "float 2D": MASK.float()}
+    for name, m in forms.items():
+        got = pf._padding_of(m, hidden)
+        assert got is not None and torch.equal(got, real), name
+    not_padding = {"causal": FusedMask(4, 13, 13, padding=real, causal=True),
+                   "no padding": FusedMask(4, 13, 13), "dense [B,1,S,S]": additive.expand(4, 1, 13, 13),
+                   "soft additive": additive * 0 - 1.0, "float 2D other values": MASK * 0.5, "None": None,
+                   "wrong length": MASK[:, :12]}
+    for name, m in not_padding.items():
+        assert pf._padding_of(m, hidden) is None, name
+
+
 def test_pickle_and_deepcopy_of_a_padding_free_model():
     import io
     model = tiny("bert")

@@ -394,14 +394,16 @@ def _padding_of(mask, hidden: torch.Tensor) -> Optional[torch.Tensor]:
         return None
     if mask.dim() == 4 and tuple(mask.shape) == (B, 1, 1, S):
         mask = mask[:, 0, 0, :]
+        if mask.is_floating_point():                 # additive: 0 = real
+            real = mask == 0
+            return real if bool((real | (mask <= -1e4)).all()) else None
     if mask.dim() != 2 or tuple(mask.shape) != (B, S):
         return None
     if mask.dtype == torch.bool:
         return mask
-    if not mask.is_floating_point():
-        return mask != 0
-    real = mask == 0
-    return real if bool((real | (mask <= -1e4)).all()) else None
+    if mask.is_floating_point():                     # the tokenizer's mask as floats: 1 = real
+        return mask != 0 if bool(((mask == 0) | (mask == 1)).all()) else None
+    return mask != 0
 
 
 def _bind_function(fn: Callable, self, args, kwargs) -> Dict[str, Any]:
