@@ -5,6 +5,7 @@ and sdpa attention with fused_attn's (the same model, weights and batches for al
     python examples/finetune.py --model config         # a small random-init BERT; the loss drops on CPU too
     python examples/finetune.py --model config --steps 20 --device cuda --fp16
     python examples/finetune.py --model /path/to/checkpoint
+    python examples/finetune.py --padding-free         # fused_attn mode with the encoder on real tokens only
 
 The data is a tiny in-file sentiment set (no download).  Works offline (HF_HUB_OFFLINE=1).
 """
@@ -71,11 +72,11 @@ def batches(tok, batch_size: int, steps: int, device):
     return out
 
 
-def set_attention(model, mode: str):
+def set_attention(model, mode: str, padding_free: bool = False):
     import fused_attn
     from fused_attn.integrations.hf import TRANSFORMERS_5
     if mode == "fused_attn":
-        return fused_attn.patch(model)
+        return fused_attn.patch(model, padding_free=padding_free)
     if TRANSFORMERS_5:
         model.set_attn_implementation(mode)
     elif mode == "sdpa":      # transformers 4.x picks the attention class at construction
@@ -120,6 +121,9 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--fp16", action="store_true", help="fp16 autocast (CUDA)")
     ap.add_argument("--modes", default="eager,sdpa,fused_attn")
+    ap.add_argument("--padding-free", action="store_true",
+                    help="fused_attn mode: fused_attn.patch(model, padding_free=True), the encoder runs on the "
+                         "real tokens only (no padding computed anywhere)")
     ap.add_argument("--log-every", type=int, default=None,
                     help="print the loss every N steps (default: steps / 8; 0: never)")
     args = ap.parse_args()
@@ -140,8 +144,10 @@ def main():
     from fused_attn import backends
     print("fused_attn backend for these tensors:", backends.select("auto", torch.empty(1, 1, 1, 32, device=device)))
     for mode in args.modes.split(","):
-        model = set_attention(copy.deepcopy(base), mode)
+        model = set_attention(copy.deepcopy(base), mode, args.padding_free)
         torch.manual_seed(0)
+        if mode == "fused_attn" and args.padding_free:
+            mode = "fused_attn (padding_free)"
         print(f"{mode}:")
         sec, loss = train(model, data, args.fp16, device, log_every)
         print(f"{mode:>11}: {sec * 1e3:9.1f} ms/step   final loss {loss:.4f}")

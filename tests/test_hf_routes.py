@@ -16,13 +16,16 @@ from test_hf_models import tiny
 import transformers as tf  # noqa: E402
 
 FAMILIES = list(PATCH_FAMILIES) + ["distilbert", "minilm"]
-ROUTES = ["patch", "register"]
+ROUTES = ["patch", "register", "padding_free"]
 
 
 def covered(family: str, route: str) -> bool:
     """The README table: patch covers BertSelfAttention-like models on both lines; register
     (attn_implementation="fused_attn") covers every family on 5.x, none of these on 4.x (their 4.x
-    modeling code does not go through HF's AttentionInterface)."""
+    modeling code does not go through HF's AttentionInterface); patch(model, padding_free=True) runs
+    every encoder layer on packed tokens, DistilBERT's included, on both lines."""
+    if route == "padding_free":
+        return True
     if route == "patch":
         return family != "distilbert"
     return TRANSFORMERS_5
@@ -54,6 +57,8 @@ def test_route(family, route, monkeypatch):
         warnings.simplefilter("always")
         if route == "patch":
             fused_attn.patch(model)
+        elif route == "padding_free":
+            fused_attn.patch(model, padding_free=True)
         else:
             fused_attn.register()
             model.set_attn_implementation("fused_attn")
@@ -61,6 +66,11 @@ def test_route(family, route, monkeypatch):
         got = model(input_ids=ids, attention_mask=mask).last_hidden_state
     if covered(family, route):
         assert len(calls) == layers, f"{family} via {route}: {len(calls)} fused calls for {layers} layers"
+        if route == "padding_free":     # real tokens as eager, exact zeros at padding
+            real = mask.bool()
+            assert_close_to_oracle(f"{family} via {route}", got[real], oracle[real], eager[real])
+            assert torch.equal(got[~real], torch.zeros_like(got[~real]))
+            return
         assert_close_to_oracle(f"{family} via {route}", got, oracle, eager)
         return
     assert calls == [], f"{family} via {route} unexpectedly runs fused_attn: update the README table"

@@ -21,6 +21,7 @@ import torch
 
 from .. import masks, reference
 from ..functional import attention as fused_attention
+from ..functional import varlen_attention
 from ..masks import ReducedMask
 
 NAME = "fused_attn"
@@ -39,13 +40,36 @@ class FusedMask:
     for one (heads, Sq, Sk) once and caches the ``ReducedMask`` on this object.
     """
 
-    __slots__ = ("batch", "q_len", "k_len", "padding", "dense", "causal", "_reduced")
+    __slots__ = ("batch", "q_len", "k_len", "padding", "_dense", "_dense_kw", "causal", "packed", "_reduced",
+                 "_seqlens", "_from_positions")
 
     def __init__(self, batch: int, q_len: int, k_len: int, padding: Optional[torch.Tensor] = None,
-                 dense: Optional[torch.Tensor] = None, causal: bool = False):
+                 dense: Optional[torch.Tensor] = None, causal: bool = False,
+                 packed: Optional[torch.Tensor] = None, dense_kw: Optional[dict] = None):
         self.batch, self.q_len, self.k_len = batch, q_len, k_len
-        self.padding, self.dense, self.causal = padding, dense, causal
+        self.padding, self._dense, self.causal = padding, dense, causal
+        self.packed = packed              # [B, S] sequence ids of packed sequences (HF's detection)
+        self._dense_kw = dense_kw         # HF's sdpa_mask arguments: the dense mask, built on first use
         self._reduced: Dict[Tuple[int, int, int], ReducedMask] = {}
+        self._seqlens = None
+        self._from_positions = None
+
+    @property
+    def dense(self) -> Optional[torch.Tensor]:
+        """HF's boolean [B, 1, Sq, Sk] mask for patterns without a cheaper description (built the
+        first time a layer needs it: never, when every layer takes the packed varlen path)."""
+        if self._dense is None and self._dense_kw is not None:
+            from transformers import masking_utils as mu
+            self._dense = mu.sdpa_mask(**self._dense_kw)
+            self._dense_kw = None
+        return self._dense
+
+    def seqlens(self):
+        """The packed sequences of a ``packed`` mask as fused_attn.packing.SeqLens (cached)."""
+        if self._seqlens is None:
+            from ..packing import seqlens_from_sequence_ids
+            self._seqlens = seqlens_from_sequence_ids(self.packed)
+        return self._seqlens
 
     @property
     def shape(self) -> Tuple[int, int, int, int]:
@@ -58,20 +82,28 @@ class FusedMask:
 
     @property
     def device(self):
-        src = self.dense if self.dense is not None else self.padding
-        return None if src is None else src.device
+        for src in (self._dense, self.padding, self.packed):
+            if src is not None:
+                return src.device
+        return None if self._dense_kw is None else torch.device(self._dense_kw.get("device", "cpu"))
 
     def resolve(self, heads: int, q_len: int, k_len: int, device) -> ReducedMask:
         key = (heads, q_len, k_len)
         red = self._reduced.get(key)
         if red is None:
             src = self.dense if self.dense is not None else self.padding
+            if self.packed is not None:        # the padded path of a packed batch: block-diagonal
+                ids = self.packed
+                src = ids[:, :, None] == ids[:, None, :]
+                if self.padding is not None:
+                    src = src & self.padding[:, None, :]
             red = masks.reduce_mask(src, self.batch, heads, q_len, k_len, device=device)
             self._reduced[key] = red
         return red
 
     def __repr__(self) -> str:
-        what = "dense" if self.dense is not None else ("padding" if self.padding is not None else "no padding")
+        what = ("packed" if self.packed is not None else "dense" if self._dense is not None or self._dense_kw
+                else "padding" if self.padding is not None else "no padding")
         return (f"FusedMask(B={self.batch}, Sq={self.q_len}, Sk={self.k_len}, {what}, "
                 f"causal={self.causal})")
 
@@ -115,12 +147,48 @@ def fused_attn_mask(**kw) -> Optional[FusedMask]:
             and q_offset + q_length == kv_offset + kv_length):       # bottom-right aligned causal
         return FusedMask(batch, q_length, kv_length, padding=_key_padding(attention_mask, kv_length, kv_offset),
                          causal=True)
-    # anything else (sliding windows, packed sequences, custom mask functions, static caches):
-    # HF's exact boolean mask, reduced to a block map once like any other mask
-    dense = mu.sdpa_mask(**{**kw, "allow_is_causal_skip": False})
-    if dense is None:
+    packed = _packed_sequence_ids(mask_function, mu)
+    if (plain_ints and packed is not None and q_offset == 0 and kv_offset == 0 and q_length == kv_length
+            and (attention_mask is None or attention_mask.dim() == 2)):
+        base, ids = packed          # HF found packed sequences in position_ids (a flattened batch)
+        return FusedMask(batch, q_length, kv_length, padding=_key_padding(attention_mask, kv_length, kv_offset),
+                         causal=base is mu.causal_mask_function, packed=ids)
+    # anything else (sliding windows, custom mask functions, static caches): HF's exact boolean
+    # mask, built when a layer first needs it and reduced to a block map once like any other mask
+    if q_length is None:
+        dense = mu.sdpa_mask(**{**kw, "allow_is_causal_skip": False})
+        return None if dense is None else FusedMask(batch, dense.shape[-2], dense.shape[-1], dense=dense)
+    return FusedMask(batch, q_length, kv_length, dense_kw={**kw, "allow_is_causal_skip": False,
+                                                           "allow_is_bidirectional_skip": False})
+
+
+def _packed_sequence_ids(mask_function, mu):
+    """(base mask function, [B, S] sequence ids) when ``mask_function`` is HF's
+    ``and_masks(causal_mask_function or bidirectional_mask_function,
+    packed_sequence_mask_function(ids))`` -- what create_causal_mask builds for a flattened batch --
+    else None.  Read from the closures, so anything else falls back to the exact dense mask."""
+    cells = _closure(mask_function) if getattr(mask_function, "__qualname__", "") == "and_masks.<locals>.and_mask" else {}
+    parts = cells.get("mask_functions")
+    bases = (mu.causal_mask_function, getattr(mu, "bidirectional_mask_function", None))
+    if not isinstance(parts, tuple) or len(parts) != 2 or parts[0] not in bases:
         return None
-    return FusedMask(batch, dense.shape[-2], dense.shape[-1], dense=dense)
+    inner = parts[1]
+    if getattr(inner, "__qualname__", "") != "packed_sequence_mask_function.<locals>.inner_mask":
+        return None
+    ids = _closure(inner).get("packed_sequence_mask")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        return None
+    return parts[0], ids
+
+
+def _closure(fn) -> dict:
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
+    if code is None:
+        return {}
+    try:
+        return {name: cell.cell_contents for name, cell in zip(code.co_freevars, cells)}
+    except ValueError:           # an empty cell
+        return {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,6 +256,39 @@ def _repeat_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.repeat_interleave(heads // kv_heads, dim=1)
 
 
+def _packed_batch(attention_mask, query: torch.Tensor, kwargs):
+    """The packed sequences of a flattened batch, as HF's flash-attention path finds them, or None:
+    ``cu_seq_lens_q/k`` + ``max_length_q/k`` keyword arguments, position_ids [1, T] that restart
+    (HF's detection), or a FusedMask of packed sequence ids.  Never with a padding mask."""
+    from ..packing import SeqLens, seqlens_from_position_ids
+
+    if isinstance(attention_mask, FusedMask):
+        if attention_mask.padding is not None or attention_mask._dense is not None or attention_mask._dense_kw:
+            return None
+        if attention_mask.packed is not None:
+            return attention_mask.seqlens() if attention_mask.packed.shape[1] == query.shape[2] else None
+    elif attention_mask is not None:
+        return None
+    B, _, Sq, _ = query.shape
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+    if all(x is not None for x in (cu_q, cu_k, max_q, max_k)):
+        return SeqLens(cu_q.to(device=query.device, dtype=torch.int32), cu_k.to(device=query.device, dtype=torch.int32),
+                       int(max_q), int(max_k))
+    pos = kwargs.get("position_ids")
+    if B != 1 or not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[0] != 1 or pos.shape[1] != Sq:
+        return None
+    if isinstance(attention_mask, FusedMask):            # once per forward pass, not once per layer
+        cached = attention_mask._from_positions
+        if cached is not None and cached[0] is pos:
+            return cached[1]
+    restarts = torch.arange(Sq, device=pos.device) + pos.min() != pos
+    seqs = seqlens_from_position_ids(pos) if bool(restarts.any()) else None
+    if isinstance(attention_mask, FusedMask):
+        attention_mask._from_positions = (pos, seqs)
+    return seqs
+
+
 def fused_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                             value: torch.Tensor, attention_mask, scaling: Optional[float] = None,
                             dropout: float = 0.0, head_mask: Optional[torch.Tensor] = None,
@@ -220,7 +321,20 @@ def fused_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     hm, hm_ok = _head_mask_vector(head_mask, H)
     training = bool(getattr(module, "training", False))
     p = float(dropout) if training else 0.0
-    if _wants_attentions(module, kwargs) or not hm_ok:
+    wants_attentions = _wants_attentions(module, kwargs)
+    if not wants_attentions and hm is None:
+        seqs = _packed_batch(attention_mask, query, kwargs)
+        if seqs is not None:        # a flattened batch (DataCollatorWithFlattening): no mask at all
+            if isinstance(attention_mask, FusedMask):
+                causal = attention_mask.causal
+            elif attention_mask is None:
+                causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+            q, k, v = (t.transpose(1, 2).reshape(-1, H, D) for t in (query, key, value))
+            out = varlen_attention(q, k, v, seqs.cu_seqlens_q, seqs.cu_seqlens_k, seqs.max_seqlen_q,
+                                   seqs.max_seqlen_k, dropout_p=p, scale=scale, causal=causal,
+                                   backend=getattr(module, "fused_attn_backend", "auto"))
+            return out.view(B, Sq, H, D), None
+    if wants_attentions or not hm_ok:
         out, probs = eager_attention(query, key, value, mask, causal, p, scale, head_mask, training)
         return out.transpose(1, 2).contiguous(), probs
     out = fused_attention(query, key, value, attention_mask=mask, causal=causal, dropout_p=p,

@@ -63,13 +63,32 @@ def _children(model: nn.Module) -> Iterator[Tuple[nn.Module, str, nn.Module]]:
                 yield parent, name, child
 
 
-def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
+def _hf_models(model: nn.Module) -> List[nn.Module]:
+    """The outermost modules of ``model`` that can switch attn_implementation (``model`` itself for
+    a Hugging Face model; the wrapped model of a SentenceTransformer, ...)."""
+    if hasattr(model, "set_attn_implementation"):
+        return [model]
+    found: List[nn.Module] = []
+    for m in model.modules():
+        if hasattr(m, "set_attn_implementation") and not any(
+                m is not f and any(s is m for s in f.modules()) for f in found):
+            found.append(m)
+    return found
+
+
+def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -> nn.Module:
     """Replace every BertSelfAttention-like module of ``model`` by its fused version, in place.
 
     ``backend`` is passed to ``fused_attn.attention`` ("auto" honours FUSED_ATTN_BACKEND).
+    ``padding_free=True`` also makes every BERT-family encoder run on packed tokens (the real
+    tokens only, ``fused_attn.varlen_attention``; outputs zero at padding): see
+    fused_attn/integrations/padding_free.py.  ``model`` may be a Hugging Face model or anything that
+    contains one (e.g. a SentenceTransformer).
     Idempotent (already fused modules are kept, their backend updated); returns ``model``.
     """
-    state = model.__dict__.get(_STATE) or {"attn_impl": None, "mask_attrs": []}
+    from . import padding_free as pf
+
+    state = model.__dict__.get(_STATE) or {"attn_impl": [], "mask_attrs": []}
     swapped = 0
     for parent, name, child in _children(model):
         if isinstance(child, FusedBertSelfAttention):
@@ -79,32 +98,41 @@ def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
             fused.fused_attn_backend = backend
             parent._modules[name] = fused
             swapped += 1
+    if padding_free:
+        swapped += pf.enable(model, backend)
     if swapped == 0 and _STATE not in model.__dict__:
-        warnings.warn(f"fused_attn.patch: no BertSelfAttention-like module in {type(model).__name__}; "
-                      "nothing was changed", stacklevel=2)
+        warnings.warn(f"fused_attn.patch: no BertSelfAttention-like module{' or BERT-family encoder' if padding_free else ''} "
+                      f"in {type(model).__name__}; nothing was changed", stacklevel=2)
         return model
     if not TRANSFORMERS_5:
         # 4.x "sdpa" models expand the padding mask to a dense [B, 1, S, S]; the eager form
         # [B, 1, 1, S] says the same thing and reduces to per-row key ranges
         for m in model.modules():
-            if getattr(m, "attn_implementation", None) == "sdpa" and hasattr(m, "get_extended_attention_mask"):
+            if getattr(m, "attn_implementation", None) == "sdpa" and hasattr(m, "get_extended_attention_mask") \
+                    and not any(m is x for x in state["mask_attrs"]):
                 state["mask_attrs"].append(m)
                 m.attn_implementation = "eager"
-    elif state["attn_impl"] is None and hasattr(model, "set_attn_implementation"):
-        previous = model.config._attn_implementation
-        if previous != "fused_attn":
+    else:
+        done = {id(m) for m, _ in state["attn_impl"]}
+        for m in _hf_models(model):
+            previous = m.config._attn_implementation
+            if id(m) in done or previous == "fused_attn":
+                continue
             from .hf_attention import register
             register()
-            model.set_attn_implementation("fused_attn")
-            if model.config._attn_implementation == "fused_attn":
-                state["attn_impl"] = previous
+            m.set_attn_implementation("fused_attn")
+            if m.config._attn_implementation == "fused_attn":
+                state["attn_impl"].append((m, previous))
     model.__dict__[_STATE] = state
     return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch`: original module classes (same weights), mask form and
+    """Undo :func:`patch`: original module classes (same weights), encoders, hooks, mask form and
     attn_implementation.  A no-op on a model that is not patched; returns ``model``."""
+    from . import padding_free as pf
+
+    pf.disable(model)
     for parent, name, child in _children(model):
         if isinstance(child, FusedBertSelfAttention):
             orig = child.unfused()
@@ -114,17 +142,17 @@ def unpatch(model: nn.Module) -> nn.Module:
     if state:
         for m in state["mask_attrs"]:
             m.attn_implementation = "sdpa"
-        if state["attn_impl"] is not None:
-            model.set_attn_implementation(state["attn_impl"])
+        for m, previous in reversed(state["attn_impl"]):
+            m.set_attn_implementation(previous)
     return model
 
 
 @contextlib.contextmanager
-def patched(model: nn.Module, backend: str = "auto"):
+def patched(model: nn.Module, backend: str = "auto", padding_free: bool = False):
     """``with fused_attn.patched(model): ...`` -- patched inside the block, restored after (a model
     that was already patched before the block stays patched)."""
     already = is_patched(model)
-    patch(model, backend=backend)
+    patch(model, backend=backend, padding_free=padding_free)
     try:
         yield model
     finally:
@@ -133,7 +161,8 @@ def patched(model: nn.Module, backend: str = "auto"):
 
 
 def is_patched(model: nn.Module) -> bool:
-    return any(isinstance(m, FusedBertSelfAttention) for m in model.modules())
+    from .padding_free import is_padding_free
+    return any(isinstance(m, FusedBertSelfAttention) for m in model.modules()) or is_padding_free(model)
 
 
 def fused_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:

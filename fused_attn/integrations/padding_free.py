@@ -1,0 +1,482 @@
+"""``patch(model, padding_free=True)``: BERT-family encoders that never compute padding.
+
+The embeddings run on the padded batch as before (position ids unchanged).  The encoder then
+gathers the real tokens once ([1, T, hidden], T = number of real tokens, from the tokenizer's 2D
+attention_mask), runs every layer on them -- the linears, LayerNorms, GELU and dropouts are HF's own
+submodules, attention is ``fused_attn.varlen_attention`` -- and scatters the result back once to
+[B, S, hidden] with zeros at padding.  Poolers and heads see the shapes they saw before.
+
+How it is wired (all of it undone by ``unpatch``):
+
+* the encoder (``.encoder`` of BertModel-like models, ``.transformer`` of DistilBertModel) gets a
+  subclass of its own class whose ``forward`` runs the packed path, or the original forward when it
+  cannot serve the call (see ``_fallback_reason``: output_attentions, head_mask, decoders,
+  cross-attention, caches, relative positions, a 3D/4D mask) -- with a one-time warning;
+* the base model (the module owning ``.embeddings`` and the encoder) gets a forward pre-hook that
+  binds the call's arguments and pushes the 2D attention_mask (and the flags above) onto a
+  ``contextvars`` stack, and a forward hook (always called) that pops it: each thread / async
+  context sees only its own calls, nested models their own entries.
+
+Layers qualify by structure and code, not by class name: a BertLayer-like layer has exactly the
+submodules attention (self + output), intermediate and output, and runs BertLayer's and
+BertAttention's code (RoBERTa, XLM-R, CamemBERT, ELECTRA, Data2VecText, ERNIE, ... share it); its
+self-attention is BertSelfAttention-like (patch.is_bert_self_attention_like).  DistilBERT's
+TransformerBlock is recognised too.
+"""
+from __future__ import annotations
+
+import contextvars
+import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..functional import varlen_attention
+from ..packing import Unpadded, gather_tokens, scatter_tokens, unpad_info
+
+STATE = "_fused_attn_padding_free"
+_CALLS: contextvars.ContextVar = contextvars.ContextVar("fused_attn_padding_free_calls", default=())
+_CLASSES: Dict[type, type] = {}
+
+
+# --------------------------------------------------------------------------------------------
+# layer layouts
+
+
+def _same_code(f, g) -> bool:
+    """Do two functions run the same code (HF's "Copied from" classes do)?"""
+    f, g = getattr(f, "__code__", None), getattr(g, "__code__", None)
+    return f is not None and g is not None and f.co_code == g.co_code and f.co_names == g.co_names
+
+
+def _linears(module: nn.Module, names) -> bool:
+    return all(isinstance(module._modules.get(n), nn.Linear) for n in names)
+
+
+def _attend(att: nn.Module, q_lin, k_lin, v_lin, x: torch.Tensor, heads: int, head_dim: int,
+            un: Unpadded, backend: str) -> torch.Tensor:
+    """Self-attention of the packed tokens x [1, T, hidden] -> context [1, T, heads * head_dim]."""
+    T = x.shape[1]
+    q = q_lin(x).view(T, heads, head_dim)
+    k = k_lin(x).view(T, heads, head_dim)
+    v = v_lin(x).view(T, heads, head_dim)
+    s = un.seqs
+    ctx = varlen_attention(q, k, v, s.cu_seqlens_q, s.cu_seqlens_k, s.max_seqlen_q, s.max_seqlen_k,
+                           dropout_p=float(att.dropout.p) if att.training else 0.0,
+                           scale=float(getattr(att, "scaling", head_dim ** -0.5)), backend=backend)
+    return ctx.reshape(1, T, heads * head_dim)
+
+
+class _BertLayout:
+    """BertModel-like: ``.encoder.layer[i]`` = attention.{self, output}, intermediate, output."""
+
+    name = "BERT"
+    encoder_attr = "encoder"
+    output_class = "BaseModelOutputWithPastAndCrossAttentions"
+
+    @staticmethod
+    def reference():
+        from transformers.models.bert import modeling_bert as mb
+        return mb.BertEncoder, mb.BertLayer, mb.BertAttention
+
+    @classmethod
+    def encoder_ok(cls, encoder: nn.Module) -> bool:
+        enc_ref, _, _ = cls.reference()
+        return (set(encoder._modules) == {"layer"} and isinstance(encoder.layer, nn.ModuleList)
+                and _same_code(type(encoder).forward, enc_ref.forward))
+
+    @classmethod
+    def layer_ok(cls, layer: nn.Module) -> bool:
+        from .bert import FusedBertSelfAttention
+        from .patch import is_bert_self_attention_like
+
+        _, layer_ref, att_ref = cls.reference()
+        if set(layer._modules) != {"attention", "intermediate", "output"}:
+            return False
+        if not (_same_code(type(layer).forward, layer_ref.forward) and hasattr(layer, "feed_forward_chunk")):
+            return False
+        att = layer.attention
+        if set(att._modules) != {"self", "output"} or not _same_code(type(att).forward, att_ref.forward):
+            return False
+        if getattr(att, "is_cross_attention", False) or getattr(layer, "is_decoder", False):
+            return False
+        sa = att.self
+        return isinstance(sa, FusedBertSelfAttention) or is_bert_self_attention_like(sa)
+
+    @staticmethod
+    def run(layer: nn.Module, x: torch.Tensor, un: Unpadded, backend: str) -> torch.Tensor:
+        from transformers.pytorch_utils import apply_chunking_to_forward
+
+        sa = layer.attention.self
+        ctx = _attend(sa, sa.query, sa.key, sa.value, x, sa.num_attention_heads, sa.attention_head_size, un, backend)
+        attn = layer.attention.output(ctx, x)
+        return apply_chunking_to_forward(layer.feed_forward_chunk, layer.chunk_size_feed_forward,
+                                         layer.seq_len_dim, attn)
+
+
+class _DistilBertLayout:
+    """DistilBertModel: ``.transformer.layer[i]`` = attention.{q,k,v,out}_lin, sa_layer_norm, ffn,
+    output_layer_norm."""
+
+    name = "DistilBERT"
+    encoder_attr = "transformer"
+    output_class = "BaseModelOutput"
+
+    @staticmethod
+    def reference():
+        from transformers.models.distilbert import modeling_distilbert as md
+        attention = getattr(md, "DistilBertSelfAttention", None) or md.MultiHeadSelfAttention
+        return md.Transformer, md.TransformerBlock, attention
+
+    @classmethod
+    def encoder_ok(cls, encoder: nn.Module) -> bool:
+        enc_ref, _, _ = cls.reference()
+        return (set(encoder._modules) == {"layer"} and isinstance(encoder.layer, nn.ModuleList)
+                and _same_code(type(encoder).forward, enc_ref.forward))
+
+    @classmethod
+    def layer_ok(cls, layer: nn.Module) -> bool:
+        _, layer_ref, att_ref = cls.reference()
+        if set(layer._modules) != {"attention", "sa_layer_norm", "ffn", "output_layer_norm"}:
+            return False
+        if not _same_code(type(layer).forward, layer_ref.forward):
+            return False
+        att = layer.attention
+        if not isinstance(att, att_ref) or not _linears(att, ("q_lin", "k_lin", "v_lin", "out_lin")):
+            return False
+        heads, dim = getattr(att, "n_heads", None), getattr(att, "dim", None)
+        return (isinstance(heads, int) and isinstance(dim, int) and dim % heads == 0
+                and att.q_lin.out_features == dim and isinstance(att._modules.get("dropout"), nn.Dropout))
+
+    @staticmethod
+    def run(layer: nn.Module, x: torch.Tensor, un: Unpadded, backend: str) -> torch.Tensor:
+        att = layer.attention
+        head_dim = att.dim // att.n_heads
+        ctx = _attend(att, att.q_lin, att.k_lin, att.v_lin, x, att.n_heads, head_dim, un, backend)
+        sa = layer.sa_layer_norm(att.out_lin(ctx) + x)
+        return layer.output_layer_norm(layer.ffn(sa) + sa)
+
+
+LAYOUTS = (_BertLayout, _DistilBertLayout)
+
+
+def _layout_of(base: nn.Module):
+    """The layout whose encoder ``base`` owns (with .embeddings), or None."""
+    if base._modules.get("embeddings") is None:
+        return None
+    for layout in LAYOUTS:
+        enc = base._modules.get(layout.encoder_attr)
+        if enc is None or isinstance(enc, _PaddingFreeEncoder):
+            continue
+        try:
+            if layout.encoder_ok(enc):
+                return layout
+        except ImportError:
+            continue
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# the base model's hooks: the 2D mask of this call, for its encoder
+
+
+@dataclass(frozen=True)
+class _Call:
+    owner: nn.Module
+    encoder: nn.Module
+    attention_mask: Any
+    head_mask: Any
+    output_attentions: Any
+    encoder_hidden_states: Any
+    past_key_values: Any
+
+
+_SIGNATURES: Dict[Any, inspect.Signature] = {}
+
+
+def _bind(module: nn.Module, args, kwargs) -> Dict[str, Any]:
+    fwd = module.forward
+    key = type(module) if "forward" not in module.__dict__ else None
+    sig = _SIGNATURES.get(key) if key is not None else None
+    if sig is None:
+        sig = inspect.signature(fwd)
+        if key is not None:
+            _SIGNATURES[key] = sig
+    try:
+        bound = sig.bind(*args, **kwargs).arguments
+    except TypeError:       # the forward itself will say what is wrong with the call
+        return {}
+    out = dict(bound)
+    for name, p in sig.parameters.items():
+        if p.kind is p.VAR_KEYWORD and name in out:
+            out.update(out.pop(name))
+    return out
+
+
+class _EnterCall:
+    """Forward pre-hook (with kwargs) on the base model."""
+
+    def __init__(self, encoder_attr: str):
+        self.encoder_attr = encoder_attr
+
+    def __call__(self, module, args, kwargs):
+        a = _bind(module, args, kwargs)
+        call = _Call(module, module._modules.get(self.encoder_attr), a.get("attention_mask"), a.get("head_mask"),
+                     a.get("output_attentions"), a.get("encoder_hidden_states"), a.get("past_key_values"))
+        _CALLS.set(_CALLS.get() + (call,))
+        return None
+
+
+class _ExitCall:
+    """Forward hook (always called, also when the forward raised) on the base model."""
+
+    def __call__(self, module, args, output):
+        stack = _CALLS.get()
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i].owner is module:
+                _CALLS.set(stack[:i] + stack[i + 1:])
+                break
+        return None
+
+
+def _current_call(encoder: nn.Module) -> Optional[_Call]:
+    for call in reversed(_CALLS.get()):
+        if call.encoder is encoder:
+            return call
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# the encoder
+
+
+def _collector():
+    """transformers 5.x: the active output collector (what this forward records), else None."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return None
+    return _active_collector.get()
+
+
+class _PaddingFreeEncoder:
+    """Mixin put in front of the encoder's class by :func:`enable` (see the module docstring)."""
+
+    _fused_pf_original_class: type = nn.Module
+    _fused_pf_layout: Any = None
+
+    def _fallback_reason(self, call: Optional[_Call], mask, a: Dict[str, Any], hidden: torch.Tensor) -> Optional[str]:
+        """Why this call runs the padded path ('' = silently: nothing to unpad), or None."""
+        if mask is None:
+            return ""
+        cfg = getattr(self, "config", None)
+        if cfg is None and call is not None:
+            cfg = getattr(call.owner, "config", None)
+        if call is None:          # the base model's forward was called without its hooks
+            call = _Call(None, self, mask, None, None, None, None)
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            return "an attention_mask that is not the 2D padding mask [B, S]"
+        if tuple(mask.shape) != tuple(hidden.shape[:2]):
+            return f"an attention_mask of shape {list(mask.shape)} for hidden states {list(hidden.shape)}"
+        if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
+            return "a floating-point attention_mask with values other than 0 and 1"
+        collector = _collector()
+        if (call.output_attentions or a.get("output_attentions")
+                or (call.output_attentions is None and getattr(cfg, "output_attentions", False))
+                or (collector and ("attentions" in collector or "cross_attentions" in collector))):
+            return "output_attentions"
+        layer_heads = a.get("head_mask")
+        if call.head_mask is not None or (isinstance(layer_heads, (list, tuple)) and any(h is not None for h in layer_heads)) \
+                or isinstance(layer_heads, torch.Tensor):
+            return "head_mask"
+        if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
+            return "a decoder (is_decoder / cross-attention)"
+        if call.encoder_hidden_states is not None or a.get("encoder_hidden_states") is not None:
+            return "cross-attention (encoder_hidden_states)"
+        if call.past_key_values is not None or a.get("past_key_values") is not None or a.get("use_cache"):
+            return "past key values / use_cache"
+        if getattr(cfg, "position_embedding_type", "absolute") not in (None, "absolute"):
+            return f"position_embedding_type={cfg.position_embedding_type!r}"
+        bad = [i for i, layer in enumerate(self.layer) if not self._fused_pf_layout.layer_ok(layer)]
+        if bad:
+            return f"layers {bad} whose structure is not {self._fused_pf_layout.name}'s"
+        return None
+
+    def forward(self, *args, **kwargs):
+        original = self._fused_pf_original_class.forward
+        a = _bind_function(original, self, args, kwargs)
+        hidden = a.get("hidden_states", a.get("x"))
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            return original(self, *args, **kwargs)
+        call = _current_call(self)
+        if call is not None:
+            mask = call.attention_mask
+        else:                     # e.g. sentence-transformers calls model.forward() itself: no hooks ran
+            mask = _padding_of(a.get("attention_mask", a.get("attn_mask")), hidden)
+        why = self._fallback_reason(call, mask, a, hidden)
+        if why is not None:
+            if why:
+                self._fused_pf_warn(why)
+            return original(self, *args, **kwargs)
+        return self._fused_pf_forward(hidden, mask if not mask.is_floating_point() else mask != 0, a)
+
+    def _fused_pf_warn(self, why: str) -> None:
+        warned = self.__dict__.setdefault("_fused_pf_warned", set())
+        if why not in warned:
+            warned.add(why)
+            warnings.warn(f"fused_attn padding_free: {type(self).__name__} cannot run {why} on packed tokens; "
+                          "that call runs the padded path (fused attention where possible). Said once per "
+                          "model and reason.", stacklevel=4)
+
+    def _fused_pf_forward(self, hidden: torch.Tensor, mask: torch.Tensor, a: Dict[str, Any]):
+        from transformers import modeling_outputs
+
+        layout, backend = self._fused_pf_layout, self.__dict__.get("_fused_pf_backend", "auto")
+        un = unpad_info(mask.to(hidden.device))
+        x = gather_tokens(hidden, un).unsqueeze(0)                  # [1, T, hidden]
+
+        # transformers 4.x encoders take output_hidden_states / return_dict and return what they
+        # collect; 5.x ones record hidden states through hooks on the layers (an output collector)
+        legacy = "output_hidden_states" in _signature(self._fused_pf_original_class.forward).parameters
+        collector = None if legacy else _collector()
+        record = bool(a.get("output_hidden_states")) if legacy else bool(collector and "hidden_states" in collector)
+        states: List[Optional[torch.Tensor]] = []
+        wanted = None if legacy or not record else collector.get("_hidden_states_layers")
+        if record and wanted is None:
+            states.append(scatter_tokens(x[0], un))
+
+        for i, layer in enumerate(self.layer):
+            if (getattr(layer, "gradient_checkpointing", False) or getattr(self, "gradient_checkpointing", False)) \
+                    and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layout.run, layer, x, un, backend, use_reentrant=False)
+            else:
+                x = layout.run(layer, x, un, backend)
+            if record:
+                keep = wanted is None or len(states) in wanted
+                states.append(scatter_tokens(x[0], un) if keep else None)
+
+        out = states[-1] if record and states[-1] is not None else scatter_tokens(x[0], un)
+        if record and not legacy:
+            collector["hidden_states"].extend(states)
+        all_states = tuple(states) if record and legacy else None
+        cls = getattr(modeling_outputs, layout.output_class)
+        if legacy and a.get("return_dict") is False:
+            return tuple(v for v in (out, all_states) if v is not None)
+        if legacy:
+            return cls(last_hidden_state=out, hidden_states=all_states)
+        return cls(last_hidden_state=out)
+
+
+def _signature(fn: Callable) -> inspect.Signature:
+    sig = _SIGNATURES.get(fn)
+    if sig is None:
+        sig = _SIGNATURES[fn] = inspect.signature(fn)
+    return sig
+
+
+def _padding_of(mask, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+    """The [B, S] padding mask (True = real) behind the mask an encoder receives, where that is
+    exact and cheap: fused_attn's FusedMask of a key-padding pattern, HF's [B, 1, 1, S] extended
+    mask (0 = real, <= -1e4 = padding; 4.x eager) or its bool form, or DistilBERT 4.x's [B, S].
+    None otherwise (no padding, or a pattern that is not key padding: the padded path)."""
+    from .hf_attention import FusedMask
+
+    B, S = hidden.shape[:2]
+    if isinstance(mask, FusedMask):
+        plain = not (mask.causal or mask.packed is not None or mask._dense is not None or mask._dense_kw)
+        if plain and mask.padding is not None and (mask.batch, mask.q_len, mask.k_len) == (B, S, S):
+            return mask.padding
+        return None
+    if not isinstance(mask, torch.Tensor):
+        return None
+    if mask.dim() == 4 and tuple(mask.shape) == (B, 1, 1, S):
+        mask = mask[:, 0, 0, :]
+        if mask.is_floating_point():                 # additive: 0 = real
+            real = mask == 0
+            return real if bool((real | (mask <= -1e4)).all()) else None
+    if mask.dim() != 2 or tuple(mask.shape) != (B, S):
+        return None
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_floating_point():                     # the tokenizer's mask as floats: 1 = real
+        return mask != 0 if bool(((mask == 0) | (mask == 1)).all()) else None
+    return mask != 0
+
+
+def _bind_function(fn: Callable, self, args, kwargs) -> Dict[str, Any]:
+    sig = _signature(fn)
+    try:
+        bound = sig.bind(self, *args, **kwargs).arguments
+    except TypeError:
+        return {}
+    out = dict(bound)
+    for name, p in sig.parameters.items():
+        if p.kind is p.VAR_KEYWORD and name in out:
+            out.update(out.pop(name))
+    out.pop("self", None)
+    return out
+
+
+def _padding_free_class(cls: type) -> type:
+    pf = _CLASSES.get(cls)
+    if pf is None:
+        name = "PaddingFree" + cls.__name__
+        pf = type(name, (_PaddingFreeEncoder, cls), {
+            "__module__": __name__, "__qualname__": name, "_fused_pf_original_class": cls,
+            "__doc__": f"{cls.__name__} whose layers run on packed tokens (fused_attn padding_free)."})
+        _CLASSES[cls] = pf
+        globals().setdefault(name, pf)      # so pickle finds it
+    return pf
+
+
+# --------------------------------------------------------------------------------------------
+# enable / disable
+
+
+def base_models(model: nn.Module) -> List[Tuple[nn.Module, Any]]:
+    """(base model, layout) of every BERT-family base model inside ``model`` (a task model, a
+    SentenceTransformer, ... or the base model itself)."""
+    found = []
+    for m in model.modules():
+        layout = _layout_of(m)
+        if layout is not None:
+            found.append((m, layout))
+    return found
+
+
+def enable(model: nn.Module, backend: str = "auto") -> int:
+    """Make every BERT-family encoder inside ``model`` padding-free; returns how many."""
+    n = 0
+    for base, layout in base_models(model):
+        enc = base._modules[layout.encoder_attr]
+        enc.__class__ = _padding_free_class(type(enc))
+        enc.__dict__["_fused_pf_layout"] = layout
+        enc.__dict__["_fused_pf_backend"] = backend
+        base.register_forward_pre_hook(_EnterCall(layout.encoder_attr), with_kwargs=True)
+        base.register_forward_hook(_ExitCall(), always_call=True)
+        n += 1
+    for m in model.modules():                 # already padding-free (patch called twice): new backend
+        if isinstance(m, _PaddingFreeEncoder):
+            m.__dict__["_fused_pf_backend"] = backend
+    return n
+
+
+def disable(model: nn.Module) -> None:
+    """Undo :func:`enable`: original encoder classes, hooks removed."""
+    for m in model.modules():
+        if isinstance(m, _PaddingFreeEncoder):
+            m.__class__ = m._fused_pf_original_class
+            for attr in ("_fused_pf_layout", "_fused_pf_backend", "_fused_pf_warned"):
+                m.__dict__.pop(attr, None)
+        for hooks in (m._forward_pre_hooks, m._forward_hooks):
+            for key in [k for k, h in hooks.items() if isinstance(h, (_EnterCall, _ExitCall))]:
+                del hooks[key]
+                m._forward_pre_hooks_with_kwargs.pop(key, None)
+                m._forward_hooks_always_called.pop(key, None)
+
+
+def is_padding_free(model: nn.Module) -> bool:
+    return any(isinstance(m, _PaddingFreeEncoder) for m in model.modules())
