@@ -17,6 +17,8 @@ Environment:
   FUSED_ATTN_CUDA_EXT=0    build the CPU kernel only, even with nvcc and CUDA torch present
   FUSED_ATTN_PORTABLE=1    JIT build without -march=native (e.g. a shared cache across CPUs)
   FUSED_ATTN_EXT_VERBOSE=1 show the compiler's output
+  FUSED_ATTN_ASAN=1        JIT build under AddressSanitizer, cached under its own name (`make
+                           test-asan`: the process must preload libasan)
 """
 from __future__ import annotations
 
@@ -134,13 +136,15 @@ def _load() -> str:
     with_cuda = cuda_toolchain() is None
     portable = os.environ.get("FUSED_ATTN_PORTABLE", "0") not in ("", "0")
     verbose = os.environ.get("FUSED_ATTN_EXT_VERBOSE", "0") not in ("", "0")
+    asan = ["-g", "-fsanitize=address", "-fno-omit-frame-pointer"] if os.environ.get(
+        "FUSED_ATTN_ASAN", "0") not in ("", "0") else []
     try:
         cpp_extension.load(
-            name=NAME + ("_cuda" if with_cuda else "_cpu") + ("_portable" if portable else ""),
+            name=NAME + ("_cuda" if with_cuda else "_cpu") + ("_portable" if portable else "") + ("_asan" if asan else ""),
             sources=sources(with_cuda),
-            extra_cflags=cflags(portable),
+            extra_cflags=cflags(portable) + asan,
             extra_cuda_cflags=nvcc_flags(),
-            extra_ldflags=["-fopenmp"],
+            extra_ldflags=["-fopenmp"] + (["-fsanitize=address"] if asan else []),
             extra_include_paths=[str(source_dir())],
             with_cuda=with_cuda,
             is_python_module=False,
