@@ -11,7 +11,7 @@ Models:
                          longest), runs the encoder and mean-pools; reported as sentences/s.
 
 On a GPU: fp16 autocast, CUDA-event timing.  On CPU (no GPU, or --device cpu): fp32,
-perf_counter timing; keep the sizes small.  Median of --iters after --warmup.
+perf_counter timing, the modes timed in turn (--interleave); keep the sizes small.  Median of --iters after --warmup.
 
     python benchmarks/bench_hf.py --out out/bench_hf.csv                       # BERT-base, GPU
     python benchmarks/bench_hf.py --models bert-large,minilm --out out/hf.csv
@@ -144,6 +144,26 @@ def time_it(fn, warmup: int, iters: int, device):
     return statistics.median(times), q[0], q[-1], mem
 
 
+def time_interleaved(fns: dict, warmup: int, iters: int, device):
+    """time_it for several callables at once, in turn (mode A, B, C, A, B, C, ...): on a shared
+    machine the load drifts over minutes, and interleaving spreads it over every mode alike.
+    Returns {name: (median, p10, p90, '')}."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=10) if len(ts) > 1 else ts * 9
+        out[name] = (statistics.median(ts), q[0], q[-1], "")
+    return out
+
+
 def step_fn(model, batch, phase: str, device):
     """The timed callable of one phase."""
     amp = torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda")
@@ -187,6 +207,9 @@ def main():
     ap.add_argument("--phases", default="train,infer", help="BERT phases (minilm always runs 'embed')")
     ap.add_argument("--warmup", type=int, default=None, help="default: 5 on GPU, 1 on CPU")
     ap.add_argument("--iters", type=int, default=None, help="default: 30 on GPU, 5 on CPU")
+    ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                    help="time the modes in turn, one step each (default on CPU: a shared machine's load drifts); "
+                         "--no-interleave times each mode's steps in a row (default on GPU: one model in memory)")
     args = ap.parse_args()
     dev = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -202,6 +225,8 @@ def main():
                 transformers=hv, dtype="fp16 autocast" if gpu else "fp32",
                 cpu_threads=torch.get_num_threads())
     modes = args.modes.split(",")
+    interleave = (not gpu) if args.interleave is None else args.interleave
+    timing = "interleaved" if interleave else "sequential"
     rows = []
     for name in args.models.split(","):
         if name == "minilm":
@@ -217,15 +242,23 @@ def main():
             mask = batch["attention_mask"]
             seqlen = S or mask.shape[1]
             base = {}
+            if interleave:       # every model built first, then timed in turn
+                models = {m: build_minilm(m, dev) if name == "minilm" else build_bert(name, m, dev) for m in modes}
+                stats = time_interleaved({m: step_fn(models[m], batch, phase, dev) for m in modes}, warmup, iters, dev)
+                del models
             for mode in modes:
-                model = build_minilm(mode, dev) if name == "minilm" else build_bert(name, mode, dev)
-                med, p10, p90, mem = time_it(step_fn(model, batch, phase, dev), warmup, iters, dev)
-                del model
-                if gpu:
-                    torch.cuda.empty_cache()
+                if interleave:
+                    med, p10, p90, mem = stats[mode]
+                else:
+                    model = build_minilm(mode, dev) if name == "minilm" else build_bert(name, mode, dev)
+                    med, p10, p90, mem = time_it(step_fn(model, batch, phase, dev), warmup, iters, dev)
+                    del model
+                    if gpu:
+                        torch.cuda.empty_cache()
                 base[mode] = med
                 row = dict(meta, model=name, phase=phase, mode=mode, batch=B, seqlen=seqlen,
                            mean_len=round(mask.float().sum(1).mean().item(), 1),
+                           real_token_share=round(mask.float().mean().item(), 3), timing=timing,
                            median_ms=round(med, 3), p10_ms=round(p10, 3), p90_ms=round(p90, 3),
                            sentences_per_s=round(B / med * 1e3, 1), peak_mem_mb=mem,
                            speedup_vs_eager=round(base["eager"] / med, 3) if "eager" in base else "",
