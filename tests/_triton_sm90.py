@@ -21,7 +21,7 @@ assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "unset TRITON_INTER
 from fused_attn.backends import triton_bwd, triton_fwd  # noqa: E402  (after the check above)
 
 TYPES = {"*fp32": {"Lse", "Delta", "HeadMask"},
-         "*i32": {"Stats", "KeyStart", "KeyEnd", "KeyDense", "PartCount", "PartIndex", "FullCount", "FullIndex",
+         "*i32": {"Stats", "KeyStart", "KeyEnd", "KeyNeedsMask", "PartCount", "PartIndex", "FullCount", "FullIndex",
                   "CuSeqQ", "CuSeqK"},
          "*i8": {"Keep"}, "fp32": {"qk_scale", "sm_scale", "dropout_p"}, "i64": {"seed", "rng_offset"}}
 TENSORS = {"Q", "K", "V", "Out", "O", "DO", "DK", "DV", "DQ"}

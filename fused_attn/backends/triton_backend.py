@@ -78,7 +78,7 @@ def _mask_args(red: ReducedMask, cfg: TileConfig, causal: bool, dummy: torch.Ten
         mstrides = tuple(values.stride())
     mode = _MODES[red.kind]
     if red.kind == "keys":
-        keys = (red.key_start, red.key_end, red.key_dense)
+        keys = (red.key_start, red.key_end, red.key_needs_mask)
     else:
         keys = (dummy, dummy, dummy)
     if red.kind == "blocks":

@@ -122,7 +122,7 @@ def attn_bwd_dkdv_kernel(
     H, Sq, Sk, D, qk_scale, sm_scale,
     CuSeqQ, CuSeqK, Tq, Tk, stride_lb, stride_lh,
     Mask, stride_mb, stride_mh, stride_mm, stride_mn,
-    KeyStart, KeyEnd, KeyDense,
+    KeyStart, KeyEnd, KeyNeedsMask,
     # MASK_MODE 2: for every key block, its PARTIAL and FULL query blocks (BlockMap.transposed_lists())
     PartCount, PartIndex, FullCount, FullIndex,
     stride_cb, stride_ch, stride_cn, stride_ib, stride_ih, stride_in,
@@ -181,7 +181,7 @@ def attn_bwd_dkdv_kernel(
         if MASK_MODE == 1:
             lo = tl.load(KeyStart + b)
             hi = tl.load(KeyEnd + b)
-            dense = tl.load(KeyDense + b)
+            dense = tl.load(KeyNeedsMask + b)
         # key blocks wholly outside the visible range get zero gradients without any work
         if (start_n < hi) & (start_n + BLOCK_N > lo):
             edge = (start_n < lo) | (start_n + BLOCK_N > hi)
@@ -299,7 +299,7 @@ def attn_bwd_dq_kernel(
     H, Sq, Sk, D, qk_scale, sm_scale,
     CuSeqQ, CuSeqK, Tq, Tk, stride_lb, stride_lh,
     Mask, stride_mb, stride_mh, stride_mm, stride_mn,
-    KeyStart, KeyEnd, KeyDense,
+    KeyStart, KeyEnd, KeyNeedsMask,
     PartCount, PartIndex, FullCount, FullIndex,
     stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
     HeadMask, stride_hb, stride_hh,
@@ -356,7 +356,7 @@ def attn_bwd_dq_kernel(
         if MASK_MODE == 1:
             lo = tl.load(KeyStart + b)
             hi = tl.load(KeyEnd + b)
-            dense = tl.load(KeyDense + b)
+            dense = tl.load(KeyNeedsMask + b)
         if VARLEN:      # query blocks past the end of a shorter sequence visit no key
             hi = tl.where(start_m < seq_q, hi, 0)
         safe_hi, hi = kv_loop_bounds(start_m, lo, hi, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)

@@ -238,7 +238,7 @@ def attn_fwd_kernel(
     # mask values, 4D [Bm, Hm, Sqm, Sk] with stride 0 on broadcast dims
     Mask, stride_mb, stride_mh, stride_mm, stride_mn,
     # MASK_MODE 1 ("keys"): per-batch [start, end) and "row must be loaded" flags
-    KeyStart, KeyEnd, KeyDense,
+    KeyStart, KeyEnd, KeyNeedsMask,
     # MASK_MODE 2 ("blocks"): lists of PARTIAL and FULL key blocks of every query block
     PartCount, PartIndex, FullCount, FullIndex,
     stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
@@ -296,7 +296,7 @@ def attn_fwd_kernel(
         if MASK_MODE == 1:
             lo = tl.load(KeyStart + b)
             hi = tl.load(KeyEnd + b)
-            dense = tl.load(KeyDense + b)
+            dense = tl.load(KeyNeedsMask + b)
         if VARLEN:      # query blocks past the end of a shorter sequence visit no key
             hi = tl.where(start_m < seq_q, hi, 0)
         safe_hi, hi = kv_loop_bounds(start_m, lo, hi, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
