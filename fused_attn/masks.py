@@ -95,10 +95,6 @@ class BlockMap:
     def transposed_lists(self) -> BlockLists:
         return self._get("t_lists", lambda: _lists(self._state_t()))
 
-    def visited_kv_blocks(self) -> torch.Tensor:
-        """Number of key blocks the forward kernel visits, per (Bm, Hm, query block)."""
-        return self.kv.part_count + self.kv.full_count
-
 
 @dataclass
 class ReducedMask:

@@ -4,7 +4,7 @@ without graph breaks and CUDA graphs can capture it (dropout off).
 
 The reduced mask travels as its tensors plus a kind string; the op looks the ReducedMask object
 up again by identity of its tensors (so block maps cached on it are reused), or rebuilds it.
-The engine name picks the backend module ("triton", "cpu", "cuda").
+The engine name picks the engine from the registry (``fused_attn.backends.get``).
 """
 from __future__ import annotations
 

@@ -215,8 +215,17 @@ def test_mask_on_wrong_device_names_it():
         fused_attn.attention(q, k, v, fake)
 
 
+def _triton_decorated_first():
+    """Import the Triton engine while TRITON_INTERPRET is still set: Triton decides at decoration
+    whether it interprets the kernels, and a test that unsets the variable before the engine's
+    first import would leave compiled kernels to the triton-interp tests after it (xdist)."""
+    from fused_attn import backends
+    backends.reasons("triton", torch.empty(1, 1, 1, 16))
+
+
 def test_explicit_backend_that_cannot_serve_says_why(monkeypatch):
     q, k, v = _qkv()
+    _triton_decorated_first()
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="backend 'triton' cannot serve this call: tensors are on cpu"):
         fused_attn.attention(q, k, v, backend="triton")
@@ -231,6 +240,7 @@ def test_auto_fallback_warns_once_with_the_reason(monkeypatch):
     monkeypatch.setattr(backends, "reasons",
                         lambda name, t: ["no C++ compiler (test)"] if name == "cpu" else real(name, t))
     monkeypatch.setattr(backends, "_warned", set())
+    _triton_decorated_first()
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("FUSED_ATTN_BACKEND", raising=False)
     with pytest.warns(UserWarning, match=r"backend 'auto' uses 'reference' because cpu: no C\+\+ compiler \(test\)"):
