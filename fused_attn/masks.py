@@ -10,7 +10,7 @@ Two reduced forms exist:
   queries such as HF's ``[B, 1, 1, Sk]`` extended mask).  Per batch row ``b`` the visible keys lie
   in ``[key_start[b], key_end[b])``; the kernels' loop bounds shrink to that range.  When the row
   is a contiguous run of visible keys carrying no additive value (right or left padding, the
-  tokenizer's case) ``key_dense[b] == 0`` and no mask is loaded at all; otherwise the kernel
+  tokenizer's case) ``key_needs_mask[b] == 0`` and no mask is loaded at all; otherwise the kernel
   loads the row's mask values tile by tile inside the range.
 * ``kind == "blocks"`` -- any other mask (per-pair ``[B, Sq, Sk]``, 4D masks that vary over heads
   or queries).  ``block_map(BLOCK_M, BLOCK_N, causal)`` classifies each (query block, key block)
@@ -96,10 +96,6 @@ class BlockMap:
     def transposed_lists(self) -> BlockLists:
         return self._get("t_lists", lambda: _lists(self._state_t()))
 
-    def visited_kv_blocks(self) -> torch.Tensor:
-        """Number of key blocks the forward kernel visits, per (Bm, Hm, query block)."""
-        return self.kv.part_count + self.kv.full_count
-
 
 @dataclass
 class ReducedMask:
@@ -118,10 +114,11 @@ class ReducedMask:
     # visibility (1 = may attend) or float additive.  None for kind "none".
     values: Optional[torch.Tensor] = None
     additive: bool = False
-    # kind "keys": [B] int32
+    # kind "keys": [B] int32; key_needs_mask[b] != 0: row b must load its mask values inside
+    # [key_start[b], key_end[b]) (holes or additive values there)
     key_start: Optional[torch.Tensor] = None
     key_end: Optional[torch.Tensor] = None
-    key_dense: Optional[torch.Tensor] = None
+    key_needs_mask: Optional[torch.Tensor] = None
     _block_maps: Dict[Tuple[int, int, bool], BlockMap] = field(default_factory=dict, repr=False)
 
     @property
@@ -328,7 +325,7 @@ def _poll_float01() -> None:
             warnings.warn(FLOAT01_WARNING, UserWarning, stacklevel=4)
 
 
-def rebuild(kind, batch, heads, q_len, k_len, values, additive, key_start, key_end, key_dense) -> ReducedMask:
+def rebuild(kind, batch, heads, q_len, k_len, values, additive, key_start, key_end, key_needs_mask) -> ReducedMask:
     """The ReducedMask whose tensors these are (the same object when it is still alive, so its
     cached block maps are reused; the custom ops in fused_attn.ops receive only tensors)."""
     if kind == "none":
@@ -337,7 +334,7 @@ def rebuild(kind, batch, heads, q_len, k_len, values, additive, key_start, key_e
     if hit is not None:
         return hit
     return ReducedMask(kind, batch, heads, q_len, k_len, values=values, additive=additive,
-                       key_start=key_start, key_end=key_end, key_dense=key_dense)
+                       key_start=key_start, key_end=key_end, key_needs_mask=key_needs_mask)
 
 
 def _reduce(mask: torch.Tensor, batch: int, heads: int, q_len: int, k_len: int) -> ReducedMask:
@@ -369,16 +366,16 @@ def _reduce_keys(values, additive, batch, heads, q_len, k_len) -> ReducedMask:
     last = k_len - vis.flip(-1).to(torch.uint8).argmax(-1)              # one past the last visible
     start = torch.where(any_v, first, 0)
     end = torch.where(any_v, last, 0)
-    dense = count != end - start                                         # holes inside the run
+    needs_mask = count != end - start                                    # holes inside the run
     if additive:
-        dense = dense | ((row != 0) & vis).any(-1)                       # values to add
+        needs_mask = needs_mask | ((row != 0) & vis).any(-1)             # values to add
     rb = row.shape[0]
     expand = (lambda t: t.expand(batch)) if rb == 1 else (lambda t: t)
     return ReducedMask(
         "keys", batch, heads, q_len, k_len, values=values, additive=additive,
         key_start=expand(start.to(torch.int32)).contiguous(),
         key_end=expand(end.to(torch.int32)).contiguous(),
-        key_dense=expand(dense.to(torch.int32)).contiguous())
+        key_needs_mask=expand(needs_mask.to(torch.int32)).contiguous())
 
 
 def dense_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: int):
