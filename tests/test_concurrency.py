@@ -122,7 +122,7 @@ def test_cache_keeps_the_version_it_reduced():
     finally:
         masks._reduce = real
     red = masks.reduce_mask(mask, 2, 1, 4, 9)
-    assert red.key_dense.tolist() == [1, 1], "the cache returned the reduction of the old contents"
+    assert red.key_needs_mask.tolist() == [1, 1], "the cache returned the reduction of the old contents"
 
 
 def test_cache_under_concurrent_put_get_and_deletion(busy_switching):

@@ -51,13 +51,13 @@ def test_fuzz_slice(engine, request):
 
 
 def test_fuzzer_catches_a_broken_mask_reduction(monkeypatch):
-    """Sensitivity: key-padding masks with holes reduced as if they were contiguous runs (key_dense
-    forced to 0, so the kernel never loads the mask inside a row's range) must fail cases."""
+    """Sensitivity: key-padding masks with holes reduced as if they were contiguous runs
+    (key_needs_mask forced to 0, so the kernel never loads the mask inside a row's range) must fail cases."""
     real = masks._reduce_keys
 
     def broken(*args):
         red = real(*args)
-        red.key_dense = torch.zeros_like(red.key_dense)
+        red.key_needs_mask = torch.zeros_like(red.key_needs_mask)
         return red
 
     monkeypatch.setattr(masks, "_reduce_keys", broken)
