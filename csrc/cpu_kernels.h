@@ -169,6 +169,10 @@ inline void finish_scores_t(float* ST, int64_t nk, int64_t rows, int64_t i0, int
   for (int64_t j = 0; j < nk; ++j) {
     float* s = ST + j * BM;
     const float add = (tc.load_mask && shared_row) ? mrow[j] : 0.f;
+    if (add == kNegInf) {   // a hidden key: its score is -inf whatever k holds (NaN + -inf would be NaN)
+      std::fill(s, s + BM, kNegInf);
+      continue;
+    }
 #pragma omp simd
     for (int i = 0; i < BM; ++i) s[i] = s[i] * qk_scale + add;
     if (tc.causal) {
@@ -179,7 +183,7 @@ inline void finish_scores_t(float* ST, int64_t nk, int64_t rows, int64_t i0, int
   if (tc.load_mask && !shared_row) {
     for (int64_t i = 0; i < rows; ++i) {
       mask_row(mrow, m, b, h, i0 + i, n0, nk);
-      for (int64_t j = 0; j < nk; ++j) ST[j * BM + i] += mrow[j];
+      for (int64_t j = 0; j < nk; ++j) ST[j * BM + i] = mask_add(ST[j * BM + i], mrow[j]);
     }
   }
 }

@@ -19,6 +19,12 @@ constexpr float kHidden = -1.0e4f;  // masks.HIDDEN_THRESHOLD: additive entries 
 enum MaskMode : int { kNone = 0, kKeys = 1, kBlocks = 2 };
 enum MaskType : int { kU8 = 0, kF32 = 1, kF16 = 2, kBF16 = 3 };
 
+// score + a mask offset in log2 units.  A hidden key (offset -inf) scores -inf whatever k holds:
+// adding would turn a NaN in a hidden key's k into a NaN row (NaN + -inf = NaN).
+FA_HOST_DEVICE float mask_add(float score, float offset) {
+  return offset < -3.0e38f ? offset : score + offset;
+}
+
 struct MaskDesc {
   int mode = kNone;
   bool additive = false;

@@ -48,7 +48,7 @@ from cases import make_mask, make_qkv, random_case  # noqa: E402
 ENGINES = {
     "cpu": ("cpu", "cpu", 256, False),
     "triton-interp": ("triton", "cpu", 256, True),
-    "cuda-emu": ("cuda", "cpu", 128, True),
+    "cuda-emu": ("cuda-emu", "cpu", 128, True),
     "triton-gpu": ("triton", "cuda", 256, False),
     "cuda-ext": ("cuda", "cuda", 128, False),
 }
@@ -63,12 +63,8 @@ class Unavailable(Exception):
     pass
 
 
-_monkeypatch = None
-
-
 def setup_engine(engine_id: str) -> Tuple[str, str]:
     """(backend, device) for an engine id; raises Unavailable with the reason."""
-    global _monkeypatch
     from fused_attn import backends
 
     if engine_id not in ENGINES:
@@ -77,20 +73,15 @@ def setup_engine(engine_id: str) -> Tuple[str, str]:
     if device == "cuda" and not torch.cuda.is_available():
         raise Unavailable("needs a CUDA GPU")
     if engine_id == "cuda-emu":
-        import pytest
-
         import _cuda_emu
 
         why = _cuda_emu.unavailable()
         if why:
             raise Unavailable(f"CUDA emulation unavailable: {why}")
-        if _monkeypatch is None:
-            _monkeypatch = pytest.MonkeyPatch()
-            try:
-                _cuda_emu.route(_monkeypatch)
-            except RuntimeError as e:
-                raise Unavailable(str(e)) from e
-        return "cuda", "cpu"
+        try:
+            _cuda_emu.register()
+        except RuntimeError as e:
+            raise Unavailable(str(e)) from e
     why = backends.reasons(name, torch.empty(1, 1, 1, 16, device=device))
     if why:
         raise Unavailable(f"backend {name!r} unavailable: {'; '.join(why)}")
@@ -112,12 +103,9 @@ def describe(case: dict) -> str:
 
 
 def keep_mask(backend: str, B, H, Sq, Sk, p, seed, offset, device) -> torch.Tensor:
-    """The keep-mask the engine's kernels draw for (seed, offset) (each backend's testing hook)."""
-    if backend == "triton":
-        from fused_attn.backends import triton_backend
-        return triton_backend.dropout_keep_mask(B, H, Sq, Sk, p, seed, offset, device)
-    from fused_attn.backends import cpp_backend
-    return cpp_backend.dropout_keep_mask(B, H, Sq, Sk, p, seed, offset, device, backend)
+    """The keep-mask the engine's kernels draw for (seed, offset) (each engine's testing hook)."""
+    from fused_attn import backends
+    return backends.get(backend).keep_mask(B, H, Sq, Sk, p, seed, offset, device)
 
 
 def _ratio(got, oracle, eager, dtype) -> float:

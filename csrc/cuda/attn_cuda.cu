@@ -223,7 +223,7 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(
       if (i >= Sq) break;   // warp-uniform
       float s = 0.f;
       for (int d = 0; d < D; ++d) s += Qs[lr * LD + d] * Ks[lane * LD + d];
-      s = s * qk_scale + visibility(m, tile, b, h, i, j, Sq, causal, off);
+      s = mask_add(s * qk_scale, visibility(m, tile, b, h, i, j, Sq, causal, off));
       // -- online softmax (a row that has seen nothing keeps m = -inf, l = 0)
       const float m_new = fmaxf(mi[r], warp_max(s));
       const float m_use = m_new == FA_NEG_INF ? 0.f : m_new;
@@ -290,7 +290,7 @@ __device__ __forceinline__ float grad_element(const float* qi, const float* kj, 
     s += qi[d] * kj[d];
     dp += gi[d] * vj[d];
   }
-  s = s * c.qk_scale + visibility(c.m, tile, c.b, c.h, i, j, c.Sq, c.causal, c.Sk - c.Sq);
+  s = mask_add(s * c.qk_scale, visibility(c.m, tile, c.b, c.h, i, j, c.Sq, c.causal, c.Sk - c.Sq));
   const float p = exp2f(s - lse);
   float f = c.keep_scale;
   if (c.drop.p > 0.f && p != 0.f && !keep_element(c.drop, i, j, c.drop_k_len, c.bh)) f = 0.f;
