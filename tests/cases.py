@@ -144,7 +144,7 @@ def make_qkv(B, H, Sq, Sk, D, dtype, device="cpu", layout="contiguous", requires
 SEQ_SMALL = [1, 2, 3, 5, 7, 8, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 97, 129]
 SEQ_LARGE = SEQ_SMALL + [127, 128, 200, 255, 256, 257, 333, 511, 512, 513, 777, 1000, 1025]
 HEAD_DIMS = [8, 12, 16, 24, 31, 32, 40, 48, 57, 64, 72, 80, 96, 100, 112, 127, 128, 144, 160, 192, 255, 256]
-FAMILIES = ["dense"]   # a later "varlen" family (packed batches, cu_seqlens) plugs in here
+FAMILIES = ["dense", "varlen"]   # varlen: packed batches (cu_seqlens), fused_attn.varlen_attention
 
 
 def random_case(seed, small=True, max_head_dim=128, family="dense", extended=False):
@@ -158,6 +158,8 @@ def random_case(seed, small=True, max_head_dim=128, family="dense", extended=Fal
     """
     if family not in FAMILIES:
         raise ValueError(f"family {family!r}: not one of {FAMILIES}")
+    if family == "varlen":
+        return _random_varlen_extended(seed, small, max_head_dim)
     r = random.Random(seed)
     if not extended:
         sizes = [1, 7, 16, 31, 63, 65, 97, 129] if small else [1, 63, 129, 257, 511, 1000, 1025]
@@ -255,4 +257,35 @@ def random_varlen_case(seed, small=True):
         dtype=r.choice([torch.float16, torch.bfloat16, torch.float32]),
         layout=r.choice(["contiguous", "qkv"] if same else ["contiguous", "kv"]),
         causal=r.random() < 0.4,
+    )
+
+
+def _random_varlen_extended(seed, small, max_head_dim):
+    """The fuzzer's packed batches: B sequences (some empty), Sq_b != Sk_b or self-attention
+    lengths, odd head dims, the packed layouts, causal, dropout, scale, inference or gradients."""
+    r = random.Random(seed)
+    g = torch.Generator().manual_seed(seed & (2**63 - 1))
+    seqs = SEQ_SMALL if small else SEQ_LARGE
+    cap = 2**13 if small else 2**18          # bound on H * sum(Sq_b * Sk_b)
+    for _ in range(100):
+        B, H = r.choice([1, 2, 3, 5, 8]), r.choice([1, 1, 2, 3, 4])
+        max_q = r.choice(seqs)
+        same = r.random() < 0.5
+        max_k = max_q if same else r.choice(seqs)
+        lens_q = packed_lengths(B, max_q, g)
+        lens_k = list(lens_q) if same else packed_lengths(B, max_k, g)
+        if H * sum(a * b for a, b in zip(lens_q, lens_k)) <= cap:
+            break
+    else:
+        B, H, lens_q, lens_k, same = 2, 1, [3, 17], [3, 17], True
+    p = r.random()
+    return dict(
+        family="varlen", B=B, H=H, lens_q=lens_q, lens_k=lens_k,
+        D=r.choice([d for d in HEAD_DIMS if d <= max_head_dim]),
+        dtype=r.choice([torch.float16, torch.bfloat16, torch.float32]),
+        layout=r.choice(["contiguous", "qkv"] if same else ["contiguous", "kv"]),
+        causal=r.random() < 0.3,
+        dropout_p=0.0 if p < 0.8 else r.choice([0.1, 0.3, 0.6]),
+        scale=None if r.random() < 0.8 else round(r.uniform(0.02, 1.5), 3),
+        grad=r.random() < 0.85,
     )

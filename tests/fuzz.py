@@ -10,9 +10,9 @@ one command (printed with it).  tests/test_fuzz.py runs a short slice of the sam
 `make test`.  Cases run in worker processes; a crash, or a hang stopped by the per-case
 watchdog, is reported with the case it happened in.
 
-Case families: ``FAMILIES`` maps a family name (cases.random_case's ``family``) to its check;
-"dense" is the [B, H, S, D] API.  Packed variable-length batches ("varlen") plug in as another
-entry.
+Case families: ``FAMILIES`` maps a family name (cases.random_case's ``family``) to its check:
+"dense" is the [B, H, S, D] API, "varlen" packed variable-length batches (varlen_attention,
+--family varlen).
 """
 from __future__ import annotations
 
@@ -276,7 +276,102 @@ def check_dense(backend: str, device: str, case: dict, seed: int) -> Dict[str, f
     return ratios
 
 
-FAMILIES: Dict[str, Callable[[str, str, dict, int], Dict[str, float]]] = {"dense": check_dense}
+def _eager_varlen(q, k, v, cu_q, cu_k, causal, scale, keep, p):
+    """Plain eager attention per sequence, in q's dtype (the tolerance's yardstick)."""
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    outs = []
+    for b in range(len(cq) - 1):
+        qs, ks, vs = (t[lo:hi].transpose(0, 1)[None] for t, lo, hi in
+                      ((q, cq[b], cq[b + 1]), (k, ck[b], ck[b + 1]), (v, ck[b], ck[b + 1])))
+        if qs.shape[2] == 0:
+            continue
+        if ks.shape[2] == 0:
+            outs.append(q[cq[b]:cq[b + 1]] * 0)
+            continue
+        kb = None if keep is None else keep[b:b + 1, :, :qs.shape[2], :ks.shape[2]]
+        o = eager_attention(qs, ks, vs, causal=causal, scale=scale, dropout_mask=kb, dropout_p=p)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs) if outs else q * 0
+
+
+def _eager_fa_varlen(q, k, v, cu_q, cu_k, causal, scale, keep, p, grad_out, out):
+    """eager_fa_grads (the kernels' backward formula with eager's probabilities) per sequence,
+    packed back: (out, dq, dk, dv) like q, k, v."""
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    res = [torch.zeros_like(t) for t in (q, q, k, v)]
+    for b in range(len(cq) - 1):
+        rq, rk = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+        if rq.stop == rq.start or rk.stop == rk.start:
+            continue
+        heads = [t[r].transpose(0, 1)[None] for t, r in ((q, rq), (k, rk), (v, rk), (grad_out, rq), (out, rq))]
+        kb = None if keep is None else keep[b:b + 1, :, :rq.stop - rq.start, :rk.stop - rk.start]
+        o, dq, dk, dv = eager_fa_grads(*heads[:3], None, causal, scale, None, kb, p, heads[3], out_for_delta=heads[4])
+        for dst, src, r in zip(res, (o, dq, dk, dv), (rq, rq, rk, rk)):
+            dst[r] = src[0].transpose(0, 1)
+    return res
+
+
+def check_varlen(backend: str, device: str, case: dict, seed: int) -> Dict[str, float]:
+    """A packed batch through fused_attn.varlen_attention against reference.varlen_attention
+    (fp64 oracle for fp32 inputs), forward and gradients; sequences without keys give exactly 0."""
+    from cases import make_packed
+
+    lens_q, lens_k, H, D, dtype = (case[k] for k in ("lens_q", "lens_k", "H", "D", "dtype"))
+    causal, p, scale, grad = case["causal"], case["dropout_p"], case["scale"], case["grad"]
+    g = torch.Generator().manual_seed(seed & (2**63 - 1))
+    q, k, v, cu_q, cu_k = make_packed(lens_q, lens_k, H, D, dtype, device, case["layout"], requires_grad=grad, g=g)
+    mq, mk, B = max(lens_q), max(lens_k), len(lens_q)
+    grad_out = torch.randn(q.shape, generator=g).to(device=device, dtype=dtype)
+    torch.manual_seed(seed & 0xFFFFFFFF)           # the dropout seed / offset draw
+    rng = torch.get_rng_state()
+
+    def run(fn, a, b, c, go):
+        out = fn(a, b, c)
+        return (out, *torch.autograd.grad(out, (a, b, c), go)) if grad else (out,)
+
+    with torch.set_grad_enabled(grad):
+        got = run(lambda a, b, c: fused_attn.varlen_attention(a, b, c, cu_q, cu_k, mq, mk, dropout_p=p, scale=scale,
+                                                              causal=causal, backend=backend), q, k, v, grad_out)
+    keep = None
+    if p > 0.0:
+        torch.set_rng_state(rng)
+        s, off = philox_seed_offset(torch.device(device), B * H * mq * mk)
+        keep = keep_mask(backend, B, H, mq, mk, p, s, off, device)
+    odt = torch.float64 if dtype == torch.float32 else torch.float32
+    qo, ko, vo = (t.detach().to(odt).requires_grad_(grad) for t in (q, k, v))
+    with torch.set_grad_enabled(grad):
+        oracle = run(lambda a, b, c: reference.varlen_attention(a, b, c, cu_q, cu_k, mq, mk, dropout_p=p, scale=scale,
+                                                                causal=causal, dropout_mask=keep),
+                     qo, ko, vo, grad_out.to(odt))
+        qe, ke, ve = (t.detach().requires_grad_(grad) for t in (q, k, v))
+        eager = run(lambda a, b, c: _eager_varlen(a, b, c, cu_q, cu_k, causal, scale, keep, p), qe, ke, ve, grad_out)
+    ratios, known = {}, []
+
+    def fa():
+        with torch.no_grad():
+            return _eager_fa_varlen(q.detach(), k.detach(), v.detach(), cu_q, cu_k, causal, scale, keep, p, grad_out,
+                                    got[0].detach())
+
+    for label, x, o, e in zip(("out", "dq", "dk", "dv"), got, oracle, eager):
+        assert x.dtype == dtype and x.shape == o.shape, f"{label}: {x.dtype} {tuple(x.shape)}"
+        try:
+            assert_tolerance(label, x, o, e)
+        except AssertionError as err:
+            cause = torch.isfinite(x).all() and _known_cause(label, x, o, e, dtype, fa if grad else None)
+            if not cause:
+                raise
+            known.append((cause, str(err).splitlines()[0]))
+            continue
+        ratios[label] = _ratio(x, o, e, dtype)
+    rows = torch.repeat_interleave(torch.tensor(lens_k) == 0, torch.tensor(lens_q))   # queries with no key
+    if rows.any():
+        assert (got[0][rows.to(device)] == 0).all(), "out: a query of a sequence without keys is not exactly 0"
+    if known:
+        raise KnownIssue(known[0][0], "; ".join(msg for _, msg in known))
+    return ratios
+
+
+FAMILIES: Dict[str, Callable[[str, str, dict, int], Dict[str, float]]] = {"dense": check_dense, "varlen": check_varlen}
 
 
 # -- running ----------------------------------------------------------------------------------

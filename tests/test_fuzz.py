@@ -26,13 +26,13 @@ def _engine_id(request):
     return ENGINE_IDS[request.node.callspec.params["engine"]]
 
 
-def run_slice(engine, engine_id, n, seed=SLICE_SEED, first=0):
+def run_slice(engine, engine_id, n, seed=SLICE_SEED, first=0, family="dense"):
     """(failures, known) over cases first..first+n-1 of `seed`; each failure with its reproducer."""
     name, device = engine
     failures, known = [], []
     for i in range(first, first + n):
         cs = fuzz.case_seed(seed, i)
-        case = fuzz.draw(engine_id, cs)
+        case = fuzz.draw(engine_id, cs, family)
         try:
             fuzz.FAMILIES[case["family"]](name, device, case, cs)
         except fuzz.KnownIssue as e:
@@ -48,6 +48,14 @@ def test_fuzz_slice(engine, request):
     engine_id = _engine_id(request)
     failures, _ = run_slice(engine, engine_id, SLICE[engine_id])
     assert not failures, f"{len(failures)} of {SLICE[engine_id]} cases failed:\n" + "\n".join(failures)
+
+
+def test_fuzz_varlen_slice(engine, request):
+    """A fixed slice of the fuzzer's packed batches (varlen_attention): forward and gradients."""
+    engine_id = _engine_id(request)
+    n = SLICE[engine_id] // 2
+    failures, _ = run_slice(engine, engine_id, n, family="varlen")
+    assert not failures, f"{len(failures)} of {n} packed cases failed:\n" + "\n".join(failures)
 
 
 def test_fuzzer_catches_a_broken_mask_reduction(monkeypatch):
