@@ -9,7 +9,7 @@ PY        = $(VENV)/bin/python
 PY_HF4    = $(VENV_HF4)/bin/python
 STAMP     = $(VENV)/.installed
 STAMP_HF4 = $(VENV_HF4)/.installed
-HF_TESTS  = tests/test_hf_models.py tests/test_hf_minilm.py tests/test_hf_register.py
+HF_TESTS  = tests/test_hf_models.py tests/test_hf_minilm.py tests/test_hf_register.py tests/test_concurrency.py
 JOBS     ?= 2
 
 .PHONY: demo test test-main test-hf4 test-asan test-gpu fuzz bench clean
