@@ -288,6 +288,10 @@ def check_dense(backend: str, device: str, case: dict, seed: int) -> Dict[str, f
     return ratios
 
 
+# family -> check(backend, device, case, case seed) -> {tensor: error / bound}; the cases come from
+# cases.random_case(..., family=name).  Packed batches plug in here as "varlen": cu_seqlens drawn
+# by random_case(family="varlen"), checked through fused_attn.varlen_attention against the
+# reference run per sequence (add the name to cases.FAMILIES too).
 FAMILIES: Dict[str, Callable[[str, str, dict, int], Dict[str, float]]] = {"dense": check_dense}
 
 
