@@ -32,10 +32,6 @@ import torch
 
 if not torch.cuda.is_available():          # before triton is imported (see conftest.py)
     os.environ.setdefault("TRITON_INTERPRET", "1")
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    import _triton_interp
-
-    _triton_interp.round_bf16_to_nearest()
 
 import fused_attn  # noqa: E402
 from fused_attn import reference  # noqa: E402
@@ -94,6 +90,10 @@ def setup_engine(engine_id: str) -> Tuple[str, str]:
     why = backends.reasons(name, torch.empty(1, 1, 1, 16, device=device))
     if why:
         raise Unavailable(f"backend {name!r} unavailable: {'; '.join(why)}")
+    if engine_id == "triton-interp":
+        import _triton_interp
+
+        _triton_interp.round_bf16_to_nearest()    # fp32 -> bf16 as on the GPU (see the module)
     return name, device
 
 
