@@ -32,10 +32,6 @@ import torch
 
 if not torch.cuda.is_available():          # before triton is imported (see conftest.py)
     os.environ.setdefault("TRITON_INTERPRET", "1")
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    import _triton_interp
-
-    _triton_interp.round_bf16_to_nearest()
 
 import fused_attn  # noqa: E402
 from fused_attn import reference  # noqa: E402
@@ -85,6 +81,10 @@ def setup_engine(engine_id: str) -> Tuple[str, str]:
     why = backends.reasons(name, torch.empty(1, 1, 1, 16, device=device))
     if why:
         raise Unavailable(f"backend {name!r} unavailable: {'; '.join(why)}")
+    if engine_id == "triton-interp":
+        import _triton_interp
+
+        _triton_interp.round_bf16_to_nearest()    # fp32 -> bf16 as on the GPU (see the module)
     return name, device
 
 
@@ -276,6 +276,8 @@ def check_dense(backend: str, device: str, case: dict, seed: int) -> Dict[str, f
     return ratios
 
 
+# family -> check(backend, device, case, case seed) -> {tensor: error / bound}; the cases come from
+# cases.random_case(..., family=name).
 def _eager_varlen(q, k, v, cu_q, cu_k, causal, scale, keep, p):
     """Plain eager attention per sequence, in q's dtype (the tolerance's yardstick)."""
     cq, ck = cu_q.tolist(), cu_k.tolist()
