@@ -194,6 +194,8 @@ def test_minilm_checkpoint_embeddings_and_gradients():
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+    enc = dict(tok(SENTENCES[1:4], padding=True, return_tensors="pt"))      # three lengths, to keep it quick
+    assert (enc["attention_mask"] == 0).any()
     f_loss, f_grads = grads_of(model, enc)
     fused_attn.unpatch(model)
     e_loss, e_grads = grads_of(model, enc)
