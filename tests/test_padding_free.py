@@ -360,6 +360,17 @@ def test_decoder_falls_back():
     assert_close_to_oracle("decoder", got, ref64, ref)
 
 
+def test_relative_positions_fall_back():
+    model = tiny("bert", position_embedding_type="relative_key")
+    x = inputs(MASK[:2])
+    ref = model(**x).last_hidden_state
+    ref64 = oracle_of(model)(**x).last_hidden_state
+    fused_attn.patch(model, padding_free=True)
+    with pytest.warns(UserWarning, match="cannot run position_embedding_type='relative_key'"):
+        got = model(**x).last_hidden_state
+    assert_close_to_oracle("relative positions", got, ref64, ref)
+
+
 def test_gradient_checkpointing_in_the_packed_loop(monkeypatch):
     model = tiny("roberta").train()
     x = inputs()
