@@ -13,7 +13,7 @@ HF_TESTS  = tests/test_hf_models.py tests/test_hf_minilm.py tests/test_hf_regist
             tests/test_padding_free.py tests/test_hf_flattened.py
 JOBS     ?= 2
 
-.PHONY: demo test test-main test-hf4 test-asan test-gpu bench clean
+.PHONY: demo test test-main test-hf4 test-asan test-gpu fuzz bench clean
 
 $(STAMP): requirements-dev.txt requirements-hf.txt pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -39,15 +39,28 @@ test-main: $(STAMP)
 test-hf4: $(STAMP_HF4)
 	$(PY_HF4) -m pytest -q -n $(JOBS) $(HF_TESTS)
 
-# The CUDA kernels under the CPU emulation (the cuda-emu engine), built with AddressSanitizer: an
-# out-of-bounds access to a tensor stops the run with a report (out/asan/).  Opt-in, ~5 min.
+# The C++ CPU kernel (the cpu engine) and the CUDA kernels under the CPU emulation (the cuda-emu
+# engine), both built with AddressSanitizer: an out-of-bounds access to a tensor stops the run
+# with a report (out/asan/).  Opt-in, ~10 min.
 # (Not tests/test_cuda_emu.py: its failing launches throw, which preloaded ASan cannot intercept.)
-ASAN_TESTS = tests/test_forward.py tests/test_backward.py tests/test_masks.py
+ASAN_TESTS = tests/test_forward.py tests/test_backward.py tests/test_masks.py tests/test_bad_inputs.py \
+             tests/test_limits.py
 test-asan: $(STAMP)
 	mkdir -p out/asan && rm -f out/asan/report.*
 	LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:log_path=$(CURDIR)/out/asan/report \
-	  FUSED_ATTN_EMU_ASAN=1 $(PY) -m pytest -q -n $(JOBS) -k cuda-emu $(ASAN_TESTS) \
+	  FUSED_ATTN_EMU_ASAN=1 FUSED_ATTN_ASAN=1 $(PY) -m pytest -q -n $(JOBS) -k "cuda-emu or cpu" $(ASAN_TESTS) \
 	  || (cat out/asan/report.* 2>/dev/null; exit 1)
+
+# Randomised differential testing, long form (`make test` runs a fixed slice: tests/test_fuzz.py):
+# N cases per engine against the fp32 oracle, forward and gradients; a summary, and a one-line
+# reproducer per failure.  ~25 min for N=10000 on the cpu engine with 2 cores; the interpreted /
+# emulated engines run smaller shapes, FUZZ_TIME seconds each at most.
+N         ?= 10000
+SEED      ?= 0
+FUZZ_ENGINES ?= cpu,cuda-emu,triton-interp
+FUZZ_TIME ?= 1800
+fuzz: $(STAMP)
+	$(PY) tests/fuzz.py --engine $(FUZZ_ENGINES) --n $(N) --seed $(SEED) --jobs $(JOBS) --time-limit $(FUZZ_TIME)
 
 # On a GPU machine with torch/triton already installed (no venv): the CUDA-marked tests.
 test-gpu:

@@ -52,15 +52,15 @@ inline int64_t for_each_key_tile(const MaskDesc& m, int64_t b, int64_t h, int64_
     return visited;
   }
   int64_t lo = 0, hi = Sk;
-  bool dense = false;
+  bool needs_mask = false;
   if (m.mode == kKeys) {
     lo = m.key_start[b];
     hi = m.key_end[b];
-    dense = m.key_dense[b] != 0;
+    needs_mask = m.key_needs_mask[b] != 0;
   }
   if (causal) hi = std::min(hi, i_last + off + 1);
   for (int64_t n0 = lo; n0 < hi; n0 += BLOCK_N) {
-    f(n0, std::min<int64_t>(BLOCK_N, hi - n0), TileChecks{hi, causal && n0 + BLOCK_N - 1 > i0 + off, dense});
+    f(n0, std::min<int64_t>(BLOCK_N, hi - n0), TileChecks{hi, causal && n0 + BLOCK_N - 1 > i0 + off, needs_mask});
     ++visited;
   }
   return visited;
@@ -349,7 +349,7 @@ void check_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
 }
 
 std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const OptT& mask,
-                                           const OptT& key_start, const OptT& key_end, const OptT& key_dense,
+                                           const OptT& key_start, const OptT& key_end, const OptT& key_needs_mask,
                                            const OptT& block_state, const OptT& head_mask, bool additive, bool causal, double scale,
                                            double dropout_p, int64_t seed, int64_t rng_offset, int64_t block_m,
                                            int64_t block_n, const OptT& cu_seqlens_q, const OptT& cu_seqlens_k,
@@ -359,7 +359,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, con
               cpu::BLOCK_M, " x ", cpu::BLOCK_N, " tiles, got ", block_m, " x ", block_n);
   const SeqLayout lay = make_seq_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask,
                                         key_start, block_state, head_mask);
-  const MaskDesc md = make_mask_desc(q, k.size(2), mask, additive, key_start, key_end, key_dense,
+  const MaskDesc md = make_mask_desc(q, k.size(2), mask, additive, key_start, key_end, key_needs_mask,
                                      block_state, block_m, block_n);
   const HeadMask hm = make_head_mask(head_mask, q);
   const DropoutParams drop = DropoutParams::make(dropout_p, seed, rng_offset);
@@ -376,7 +376,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, con
 std::tuple<Tensor, Tensor, Tensor> bwd_cpu(const Tensor& grad_out, const Tensor& q, const Tensor& k,
                                            const Tensor& v, const Tensor& out, const Tensor& lse,
                                            const OptT& mask, const OptT& key_start, const OptT& key_end,
-                                           const OptT& key_dense, const OptT& block_state,
+                                           const OptT& key_needs_mask, const OptT& block_state,
                                            const OptT& head_mask, bool additive,
                                            bool causal, double scale, double dropout_p, int64_t seed,
                                            int64_t rng_offset, int64_t block_m, int64_t block_n,
@@ -393,7 +393,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cpu(const Tensor& grad_out, const Tensor&
               cpu::BLOCK_M, " x ", cpu::BLOCK_N, " tiles, got ", block_m, " x ", block_n);
   const SeqLayout lay = make_seq_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask,
                                         key_start, block_state, head_mask);
-  const MaskDesc md = make_mask_desc(q, k.size(2), mask, additive, key_start, key_end, key_dense,
+  const MaskDesc md = make_mask_desc(q, k.size(2), mask, additive, key_start, key_end, key_needs_mask,
                                      block_state, block_m, block_n);
   const HeadMask hm = make_head_mask(head_mask, q);
   const DropoutParams drop = DropoutParams::make(dropout_p, seed, rng_offset);

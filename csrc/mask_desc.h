@@ -27,7 +27,7 @@ struct MaskDesc {
   int64_t ms_b = 0, ms_h = 0, ms_m = 0, ms_n = 0;
   const int32_t* key_start = nullptr;    // kind "keys": [B]
   const int32_t* key_end = nullptr;
-  const int32_t* key_dense = nullptr;
+  const int32_t* key_needs_mask = nullptr;
   // kind "blocks": tile states [Bm, Hm, nQB|1, nKB] int8 (0 empty, 1 partial, 2 full) for the
   // kernel's BLOCK_M x BLOCK_N tiles (fused_attn.masks.BlockMap.state)
   const int8_t* state = nullptr;
@@ -99,7 +99,7 @@ inline int64_t bcast_stride(const at::Tensor& t, int dim) {
 inline MaskDesc make_mask_desc(const at::Tensor& q, int64_t k_len, const std::optional<at::Tensor>& mask,
                                bool additive, const std::optional<at::Tensor>& key_start,
                                const std::optional<at::Tensor>& key_end,
-                               const std::optional<at::Tensor>& key_dense,
+                               const std::optional<at::Tensor>& key_needs_mask,
                                const std::optional<at::Tensor>& block_state, int64_t block_m,
                                int64_t block_n) {
   MaskDesc m;
@@ -132,15 +132,15 @@ inline MaskDesc make_mask_desc(const at::Tensor& q, int64_t k_len, const std::op
   m.ms_n = v.stride(3);
   if (key_start.has_value()) {
     m.mode = kKeys;
-    for (const auto* t : {&key_start, &key_end, &key_dense}) {
+    for (const auto* t : {&key_start, &key_end, &key_needs_mask}) {
       TORCH_CHECK(t->has_value() && (*t)->scalar_type() == at::kInt && (*t)->dim() == 1 &&
                       (*t)->size(0) == B && (*t)->is_contiguous() && (*t)->device() == q.device(),
-                  "fused_attn: key_start / key_end / key_dense must be contiguous int32 [", B, "] on ",
+                  "fused_attn: key_start / key_end / key_needs_mask must be contiguous int32 [", B, "] on ",
                   q.device());
     }
     m.key_start = key_start->data_ptr<int32_t>();
     m.key_end = key_end->data_ptr<int32_t>();
-    m.key_dense = key_dense->data_ptr<int32_t>();
+    m.key_needs_mask = key_needs_mask->data_ptr<int32_t>();
   } else {
     m.mode = kBlocks;
     const int64_t nqb = (Sq + block_m - 1) / block_m, nkb = (k_len + block_n - 1) / block_n;

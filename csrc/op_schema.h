@@ -10,7 +10,7 @@
 namespace fused_attn_kernels {
 
 constexpr const char* kFwdSchema =
-    "fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? key_start, Tensor? key_end, Tensor? key_dense, "
+    "fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? key_start, Tensor? key_end, Tensor? key_needs_mask, "
     "Tensor? block_state, Tensor? head_mask, bool additive, bool causal, "
     "float scale, float dropout_p, int seed, int rng_offset, int block_m, int block_n, "
     "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0) "
@@ -18,8 +18,8 @@ constexpr const char* kFwdSchema =
 
 constexpr const char* kBwdSchema =
     "bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
-    "Tensor? key_start, Tensor? key_end, Tensor? key_dense, Tensor? block_state, Tensor? head_mask, bool additive, "
-    "bool causal, float scale, float dropout_p, int seed, int rng_offset, int block_m, int block_n, "
+    "Tensor? key_start, Tensor? key_end, Tensor? key_needs_mask, Tensor? block_state, Tensor? head_mask, "
+    "bool additive, bool causal, float scale, float dropout_p, int seed, int rng_offset, int block_m, int block_n, "
     "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0) "
     "-> (Tensor dq, Tensor dk, Tensor dv)";
 

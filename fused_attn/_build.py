@@ -21,6 +21,8 @@ Environment:
   FUSED_ATTN_CUDA_EXT=0    build the CPU kernel only, even with nvcc and CUDA torch present
   FUSED_ATTN_PORTABLE=1    JIT build without -march=native (e.g. a shared cache across CPUs)
   FUSED_ATTN_EXT_VERBOSE=1 show the compiler's output
+  FUSED_ATTN_ASAN=1        JIT build under AddressSanitizer, cached under its own name (`make
+                           test-asan`: the process must preload libasan)
 """
 from __future__ import annotations
 
@@ -86,14 +88,22 @@ def compiler_problem() -> Optional[str]:
     return None
 
 
+def asan() -> bool:
+    """FUSED_ATTN_ASAN=1: build with AddressSanitizer (`make test-asan`), under its own name."""
+    return os.environ.get("FUSED_ATTN_ASAN", "0") not in ("", "0")
+
+
 def cflags(portable: bool) -> List[str]:
     flags = ["-O3", "-fopenmp"]   # the C++ standard: cpp_extension picks what its torch needs
     if not portable:
         flags.append("-march=native")
+    if asan():
+        flags += ["-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
     return flags
 
 
-LDFLAGS = ["-fopenmp"]
+def ldflags() -> List[str]:
+    return ["-fopenmp"] + (["-fsanitize=address"] if asan() else [])
 
 
 def nvcc_flags() -> List[str]:
@@ -112,9 +122,10 @@ def ext_name(with_cuda: bool, portable: bool) -> str:
     if src is not None:
         for path in sorted(p for p in src.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
             h.update(path.relative_to(src).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    h.update(repr((with_cuda, cflags(portable), nvcc_flags() if with_cuda else None, LDFLAGS,
+    h.update(repr((with_cuda, cflags(portable), nvcc_flags() if with_cuda else None, ldflags(),
                    os.environ.get("CXX", "c++"), torch.__version__, torch.version.cuda)).encode())
-    return f"{NAME}_{'cuda' if with_cuda else 'cpu'}{'_portable' if portable else ''}_{h.hexdigest()[:12]}"
+    kind = ("cuda" if with_cuda else "cpu") + ("_portable" if portable else "") + ("_asan" if asan() else "")
+    return f"{NAME}_{kind}_{h.hexdigest()[:12]}"
 
 
 def _built_library(name: str) -> Optional[str]:
@@ -183,7 +194,7 @@ def _load() -> str:
             sources=sources(with_cuda),
             extra_cflags=cflags(portable),
             extra_cuda_cflags=nvcc_flags(),
-            extra_ldflags=list(LDFLAGS),
+            extra_ldflags=ldflags(),
             extra_include_paths=[str(source_dir())],
             with_cuda=with_cuda,
             is_python_module=False,
@@ -217,7 +228,7 @@ def extension_kwargs() -> dict:
         raise FileNotFoundError("csrc/fused_attn.cpp not found")
     root = Path(os.getcwd())
     rel = [os.path.relpath(p, root) for p in sources(with_cuda)]
-    kwargs = dict(sources=rel, include_dirs=[str(src_dir)], extra_link_args=list(LDFLAGS),
+    kwargs = dict(sources=rel, include_dirs=[str(src_dir)], extra_link_args=ldflags(),
                   extra_compile_args={"cxx": cflags(portable=True)})
     if with_cuda:
         kwargs["extra_compile_args"]["nvcc"] = nvcc_flags()

@@ -159,3 +159,63 @@ def _check_cu_values(name: str, cu: torch.Tensor, total: int, max_seqlen: int) -
     if longest > max_seqlen:
         raise ValueError(f"max_seqlen_{name[-1]}: {max_seqlen} is below the longest sequence ({longest}) "
                          f"in {name}")
+
+
+# -- size limits of the kernels (README, "Size limits") ----------------------------------------
+INT32_MAX = 2**31 - 1
+TRITON_MAX_GRID_Y = 65535        # CUDA's gridDim.y limit; Triton launches (query blocks, B * H)
+CUDA_TILE = 32                   # csrc/cuda tiles; grid (B * H, blocks of 32 rows), gridDim.y <= 65535
+CUDA_MAX_GRID_Y = 65535
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Largest element offset inside one [S, D] slice of a [B, H, S, D] tensor."""
+    return sum((n - 1) * abs(st) for n, st in zip(t.shape[2:], t.stride()[2:]))
+
+
+def check_sizes(q, k, v, red, dropout_p: float, engine: str) -> None:
+    """Raise ValueError when a call is too large for `engine`'s index arithmetic, before any
+    kernel runs (red: the ReducedMask; engine: "triton", "cuda", "cpu" or "reference").
+
+    - dropout, every engine: the Philox counter of element (i, j) is ((i // 4) * Sk + j, b * H + h)
+      as 32-bit words, so ceil(Sq / 4) * Sk must stay <= 2^32 (else the keep-mask repeats);
+    - triton: offsets inside one (batch, head) slice are 32-bit (row * row stride + col * col
+      stride, for q, k, v, the output and the mask; batch / head bases are 64-bit), and B * H is
+      grid dimension y (<= 65535);
+    - cuda: query / key blocks of 32 rows are grid dimension y (<= 65535), B * H dimension x;
+    - cpu: 64-bit offsets throughout; only the dropout limit applies.
+    """
+    if engine == "reference":
+        return
+    b, h, sq, _ = q.shape
+    sk = k.shape[2]
+    shape = f"q {_shape(q)}, k {_shape(k)}"
+    if dropout_p > 0.0 and (-(-sq // 4) * sk > 2**32 or b * h > 2**32):
+        raise ValueError(
+            f"dropout_p > 0 with {shape}: the dropout RNG counts (query // 4) * Sk + key in 32 bits, so "
+            f"ceil(Sq / 4) * Sk must be <= 2^32 (here {-(-sq // 4) * sk}); the keep-mask would repeat. "
+            f"Split the sequence or apply dropout outside the kernel")
+    if engine == "triton":
+        if b * h > TRITON_MAX_GRID_Y:
+            raise ValueError(f"{shape}: the Triton kernels launch B * H = {b * h} programs on grid axis y, "
+                             f"at most {TRITON_MAX_GRID_Y}; split the batch")
+        out_extent = max(_extent(q), (sq - 1) * q.shape[3] + q.shape[3] - 1)   # out: q's layout or contiguous
+        for name, ext in (("q", _extent(q)), ("k", _extent(k)), ("v", _extent(v)), ("out", out_extent)):
+            if ext > INT32_MAX:
+                raise ValueError(
+                    f"{name}: one (batch, head) slice of {shape} spans {ext + 1} elements (strides "
+                    f"{tuple((q if name in ('q', 'out') else k).stride())}); the Triton kernels index inside a "
+                    f"slice with 32-bit offsets (< 2^31). Make it contiguous [B, H, S, D] or split the sequence")
+        if red.values is not None:
+            m = red.values
+            ext = (m.shape[2] - 1) * m.stride(2) + (m.shape[3] - 1) * abs(m.stride(3))
+            if ext > INT32_MAX:
+                raise ValueError(f"attention_mask: one (batch, head) slice of the mask spans {ext + 1} elements "
+                                 f"(Sq x Sk = {sq} x {sk}); the Triton kernels index masks with 32-bit offsets "
+                                 f"(< 2^31). Use a key-padding mask [B, Sk] or split the sequence")
+    if engine == "cuda":
+        blocks = max(-(-sq // CUDA_TILE), -(-sk // CUDA_TILE))
+        if blocks > CUDA_MAX_GRID_Y or b * h > INT32_MAX:
+            raise ValueError(f"{shape}: the CUDA kernels launch (B * H, blocks of {CUDA_TILE} rows) = "
+                             f"({b * h}, {blocks}) blocks; at most ({INT32_MAX}, {CUDA_MAX_GRID_Y}). "
+                             f"Split the sequence or the batch")

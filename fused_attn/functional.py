@@ -6,7 +6,7 @@ from typing import Optional, Union
 import torch
 
 from . import backends, masks, ops, reference
-from ._checks import check_causal, check_head_mask, check_qkv, check_scalars, check_varlen
+from ._checks import check_causal, check_head_mask, check_qkv, check_scalars, check_sizes, check_varlen
 from ._rng import philox_seed_offset
 from .masks import ReducedMask
 
@@ -51,6 +51,7 @@ def attention(
     causal = check_causal(causal)
     red = masks.reduce_mask(attention_mask, s.batch, s.heads, s.q_len, s.k_len, device=q.device)
     name = backends.select(backend, q)
+    check_sizes(q, k, v, red, dropout_p, name)
     if name == "reference":
         return reference.attention(q, k, v, red, causal, float(dropout_p), scale, head_mask)
     if hm is not None:
@@ -107,6 +108,11 @@ def varlen_attention(
     # the kernels take [1, H, T, D] views: batch stride unused, a sequence is a row offset
     q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))
     name = backends.select(backend, q4)
+    b, mq, mk = seqs.batch, seqs.max_seqlen_q, seqs.max_seqlen_k
+    # the kernels' limits, on the padded shape the packed batch stands for (one sequence per batch entry)
+    padded = (torch.empty_strided((b, t.shape[1], m, t.shape[3]), (0, *t.stride()[1:]), dtype=t.dtype, device="meta")
+              for t, m in ((q4, mq), (k4, mk), (v4, mk)))      # shapes and strides only, no memory
+    check_sizes(*padded, masks.ReducedMask("none", b, q.shape[1], mq, mk), dropout_p, name)
     if name == "reference":
         return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                           float(dropout_p), scale, causal)

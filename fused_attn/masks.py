@@ -10,7 +10,7 @@ Two reduced forms exist:
   queries such as HF's ``[B, 1, 1, Sk]`` extended mask).  Per batch row ``b`` the visible keys lie
   in ``[key_start[b], key_end[b])``; the kernels' loop bounds shrink to that range.  When the row
   is a contiguous run of visible keys carrying no additive value (right or left padding, the
-  tokenizer's case) ``key_dense[b] == 0`` and no mask is loaded at all; otherwise the kernel
+  tokenizer's case) ``key_needs_mask[b] == 0`` and no mask is loaded at all; otherwise the kernel
   loads the row's mask values tile by tile inside the range.
 * ``kind == "blocks"`` -- any other mask (per-pair ``[B, Sq, Sk]``, 4D masks that vary over heads
   or queries).  ``block_map(BLOCK_M, BLOCK_N, causal)`` classifies each (query block, key block)
@@ -25,6 +25,7 @@ added to the scores in fp32, and an entry ``<= HIDDEN_THRESHOLD`` (-1e4, which c
 """
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -95,10 +96,6 @@ class BlockMap:
     def transposed_lists(self) -> BlockLists:
         return self._get("t_lists", lambda: _lists(self._state_t()))
 
-    def visited_kv_blocks(self) -> torch.Tensor:
-        """Number of key blocks the forward kernel visits, per (Bm, Hm, query block)."""
-        return self.kv.part_count + self.kv.full_count
-
 
 @dataclass
 class ReducedMask:
@@ -117,10 +114,11 @@ class ReducedMask:
     # visibility (1 = may attend) or float additive.  None for kind "none".
     values: Optional[torch.Tensor] = None
     additive: bool = False
-    # kind "keys": [B] int32
+    # kind "keys": [B] int32; key_needs_mask[b] != 0: row b must load its mask values inside
+    # [key_start[b], key_end[b]) (holes or additive values there)
     key_start: Optional[torch.Tensor] = None
     key_end: Optional[torch.Tensor] = None
-    key_dense: Optional[torch.Tensor] = None
+    key_needs_mask: Optional[torch.Tensor] = None
     _block_maps: Dict[Tuple[int, int, bool], BlockMap] = field(default_factory=dict, repr=False)
 
     @property
@@ -279,11 +277,12 @@ def reduce_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: int,
     hit = _CACHE.get(attention_mask, key)
     if hit is not None:
         return hit
+    version = None if attention_mask.is_inference() else attention_mask._version   # before reducing
     red = _reduce(attention_mask, batch, heads, q_len, k_len)
     if red.additive and not _FLOAT01["warned"]:
         _check_float01(red.values)
         _poll_float01()
-    _CACHE.put(attention_mask, key, red)
+    _CACHE.put(attention_mask, key, red, version)
     _BY_VALUES.put(red.values, (red.kind,) + key, red)
     return red
 
@@ -326,7 +325,7 @@ def _poll_float01() -> None:
             warnings.warn(FLOAT01_WARNING, UserWarning, stacklevel=4)
 
 
-def rebuild(kind, batch, heads, q_len, k_len, values, additive, key_start, key_end, key_dense) -> ReducedMask:
+def rebuild(kind, batch, heads, q_len, k_len, values, additive, key_start, key_end, key_needs_mask) -> ReducedMask:
     """The ReducedMask whose tensors these are (the same object when it is still alive, so its
     cached block maps are reused; the custom ops in fused_attn.ops receive only tensors)."""
     if kind == "none":
@@ -335,7 +334,7 @@ def rebuild(kind, batch, heads, q_len, k_len, values, additive, key_start, key_e
     if hit is not None:
         return hit
     return ReducedMask(kind, batch, heads, q_len, k_len, values=values, additive=additive,
-                       key_start=key_start, key_end=key_end, key_dense=key_dense)
+                       key_start=key_start, key_end=key_end, key_needs_mask=key_needs_mask)
 
 
 def _reduce(mask: torch.Tensor, batch: int, heads: int, q_len: int, k_len: int) -> ReducedMask:
@@ -367,16 +366,16 @@ def _reduce_keys(values, additive, batch, heads, q_len, k_len) -> ReducedMask:
     last = k_len - vis.flip(-1).to(torch.uint8).argmax(-1)              # one past the last visible
     start = torch.where(any_v, first, 0)
     end = torch.where(any_v, last, 0)
-    dense = count != end - start                                         # holes inside the run
+    needs_mask = count != end - start                                    # holes inside the run
     if additive:
-        dense = dense | ((row != 0) & vis).any(-1)                       # values to add
+        needs_mask = needs_mask | ((row != 0) & vis).any(-1)             # values to add
     rb = row.shape[0]
     expand = (lambda t: t.expand(batch)) if rb == 1 else (lambda t: t)
     return ReducedMask(
         "keys", batch, heads, q_len, k_len, values=values, additive=additive,
         key_start=expand(start.to(torch.int32)).contiguous(),
         key_end=expand(end.to(torch.int32)).contiguous(),
-        key_dense=expand(dense.to(torch.int32)).contiguous())
+        key_needs_mask=expand(needs_mask.to(torch.int32)).contiguous())
 
 
 def dense_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: int):
@@ -394,11 +393,17 @@ def dense_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: int):
 class _MaskCache:
     """Tiny identity cache: same tensor object, same version counter, same shapes -> same
     reduction.  Holds weak references only, so it never keeps a mask alive.  Inference tensors
-    (torch.inference_mode) are never cached: they have no version counter."""
+    (torch.inference_mode) are never cached: they have no version counter.
+
+    Thread-safe: changes to the table (insert, evict, a dying mask's callback) hold a lock
+    (re-entrant: dropping an evicted entry can run another mask's callback in the same thread);
+    lookups are single dict reads.  An entry records the version the mask had *before* it was
+    reduced, so a write from another thread during the reduction makes the entry stale."""
 
     def __init__(self, size: int = 16):
         self.size = size
         self.entries: Dict[int, tuple] = {}
+        self._lock = threading.RLock()
 
     def get(self, mask: torch.Tensor, key):
         e = self.entries.get(id(mask))
@@ -409,22 +414,31 @@ class _MaskCache:
             return None
         return red
 
-    def put(self, mask: torch.Tensor, key, red):
+    def put(self, mask: torch.Tensor, key, red, version: Optional[int] = None):
+        """Cache `red` for `mask` at `version` (default: its version now)."""
         # Inference tensors have no version counter, so an in-place change could not be seen:
         # they are reduced on every call (HF's mask interface still reduces once per forward).
         if torch.compiler.is_compiling() or mask.is_inference():
             return
-        if len(self.entries) >= self.size:
-            self.entries.pop(next(iter(self.entries)))
         mid = id(mask)
         try:
-            ref = weakref.ref(mask, lambda _r, mid=mid: self.entries.pop(mid, None))
+            ref = weakref.ref(mask, lambda _r, mid=mid: self._drop(mid, _r))
         except TypeError:
             return
-        self.entries[mid] = (ref, mask._version, key, red)
+        with self._lock:
+            while len(self.entries) >= self.size:
+                self.entries.pop(next(iter(self.entries)))
+            self.entries[mid] = (ref, mask._version if version is None else version, key, red)
+
+    def _drop(self, mid: int, ref):
+        with self._lock:
+            e = self.entries.get(mid)
+            if e is not None and e[0] is ref:         # not a newer entry under a reused id
+                del self.entries[mid]
 
     def clear(self):
-        self.entries.clear()
+        with self._lock:
+            self.entries.clear()
 
 
 _CACHE = _MaskCache()        # user's mask tensor -> its reduction

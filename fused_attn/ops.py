@@ -4,7 +4,7 @@ without graph breaks and CUDA graphs can capture it (dropout off).
 
 The reduced mask travels as its tensors plus a kind string; the op looks the ReducedMask object
 up again by identity of its tensors (so block maps cached on it are reused), or rebuilds it.
-The engine name picks the backend module ("triton", "cpu", "cuda").
+The engine name picks the engine from the registry (``fused_attn.backends.get``).
 """
 from __future__ import annotations
 
@@ -32,13 +32,13 @@ def _seed_offset(rng: Optional[Tensor]) -> Tuple[int, int]:
 
 @torch.library.custom_op(f"{NAMESPACE}::forward", mutates_args=())
 def attn_forward(q: Tensor, k: Tensor, v: Tensor, mask_values: Optional[Tensor],
-                 key_start: Optional[Tensor], key_end: Optional[Tensor], key_dense: Optional[Tensor],
+                 key_start: Optional[Tensor], key_end: Optional[Tensor], key_needs_mask: Optional[Tensor],
                  head_mask: Optional[Tensor], rng: Optional[Tensor], kind: str, additive: bool,
                  causal: bool, scale: float, dropout_p: float, engine: str,
                  cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
                  max_seqlen_k: int) -> Tuple[Tensor, Tensor]:
     red = masks.rebuild(kind, q.shape[0], q.shape[1], q.shape[2], k.shape[2], mask_values, additive,
-                        key_start, key_end, key_dense)
+                        key_start, key_end, key_needs_mask)
     seed, offset = _seed_offset(rng)
     varlen = _seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return backends.get(engine).forward(q, k, v, red, causal=causal, dropout_p=dropout_p, scale=scale,
@@ -46,7 +46,7 @@ def attn_forward(q: Tensor, k: Tensor, v: Tensor, mask_values: Optional[Tensor],
 
 
 @attn_forward.register_fake
-def _(q, k, v, mask_values, key_start, key_end, key_dense, head_mask, rng, kind, additive, causal,
+def _(q, k, v, mask_values, key_start, key_end, key_needs_mask, head_mask, rng, kind, additive, causal,
       scale, dropout_p, engine, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     # lse is [B, H, Sq], or [1, H, Tq] for the [1, H, Tq, D] view of a packed batch
     return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
@@ -55,12 +55,12 @@ def _(q, k, v, mask_values, key_start, key_end, key_dense, head_mask, rng, kind,
 @torch.library.custom_op(f"{NAMESPACE}::backward", mutates_args=())
 def attn_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   mask_values: Optional[Tensor], key_start: Optional[Tensor], key_end: Optional[Tensor],
-                  key_dense: Optional[Tensor], head_mask: Optional[Tensor], rng: Optional[Tensor],
+                  key_needs_mask: Optional[Tensor], head_mask: Optional[Tensor], rng: Optional[Tensor],
                   kind: str, additive: bool, causal: bool, scale: float, dropout_p: float,
                   engine: str, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                   max_seqlen_q: int, max_seqlen_k: int) -> Tuple[Tensor, Tensor, Tensor]:
     red = masks.rebuild(kind, q.shape[0], q.shape[1], q.shape[2], k.shape[2], mask_values, additive,
-                        key_start, key_end, key_dense)
+                        key_start, key_end, key_needs_mask)
     seed, offset = _seed_offset(rng)
     varlen = _seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return backends.get(engine).backward(grad_out, q, k, v, out, lse, red, causal=causal, dropout_p=dropout_p,
@@ -69,21 +69,21 @@ def attn_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
 
 
 @attn_backward.register_fake
-def _(grad_out, q, k, v, out, lse, mask_values, key_start, key_end, key_dense, head_mask, rng, kind,
+def _(grad_out, q, k, v, out, lse, mask_values, key_start, key_end, key_needs_mask, head_mask, rng, kind,
       additive, causal, scale, dropout_p, engine, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask_values, key_start, key_end, key_dense, head_mask, rng = inputs[:9]
+    q, k, v, mask_values, key_start, key_end, key_needs_mask, head_mask, rng = inputs[:9]
     ctx.meta = inputs[9:]
-    ctx.save_for_backward(q, k, v, output[0], output[1], mask_values, key_start, key_end, key_dense,
+    ctx.save_for_backward(q, k, v, output[0], output[1], mask_values, key_start, key_end, key_needs_mask,
                           head_mask, rng)
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, mask_values, key_start, key_end, key_dense, head_mask, rng = ctx.saved_tensors
-    dq, dk, dv = attn_backward(grad_out, q, k, v, out, lse, mask_values, key_start, key_end, key_dense,
+    q, k, v, out, lse, mask_values, key_start, key_end, key_needs_mask, head_mask, rng = ctx.saved_tensors
+    dq, dk, dv = attn_backward(grad_out, q, k, v, out, lse, mask_values, key_start, key_end, key_needs_mask,
                                head_mask, rng, *ctx.meta)
     return (dq, dk, dv) + (None,) * 16
 
@@ -120,7 +120,7 @@ def fused_attention(q, k, v, red: masks.ReducedMask, head_mask: Optional[Tensor]
         rng = torch.tensor([seed, offset], dtype=torch.int64) if dropout_p > 0.0 else None
         seq = (None, None, 0, 0) if varlen is None else (varlen.cu_seqlens_q, varlen.cu_seqlens_k,
                                                           varlen.max_seqlen_q, varlen.max_seqlen_k)
-        out, _ = attn_forward(q, k, v, red.values, red.key_start, red.key_end, red.key_dense, head_mask,
+        out, _ = attn_forward(q, k, v, red.values, red.key_start, red.key_end, red.key_needs_mask, head_mask,
                               rng, red.kind, red.additive, causal, scale, dropout_p, engine, *seq)
         return out
     eng = backends.get(engine)

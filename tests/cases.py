@@ -13,6 +13,14 @@ MASK_KINDS = [
     "pair", "pair-blockdiag", "4d-heads", "4d-b1-q", "hf-old-additive", "hf-finfo-additive",
     "additive-bias", "additive-4d-q-inf",
 ]
+# More forms for the randomised cases (random_case): the remaining broadcast shapes, additive
+# values at the hiding threshold, float [B, Sk] masks, non-contiguous mask views.
+EXTRA_MASK_KINDS = [
+    "4d-b-keys-holes", "4d-h-keys", "4d-b-q", "pair-int", "additive-2d", "additive-threshold",
+    "additive-4d-finfo-pair", "additive-all-hidden", "mask-strided-2d", "mask-transposed-4d",
+]
+ALL_MASK_KINDS = MASK_KINDS + EXTRA_MASK_KINDS
+LAYOUTS = ["contiguous", "hf", "fused-kv", "qkv-packed", "d-strided", "d-major", "expanded-kv"]
 
 
 def make_mask(kind, B, H, Sq, Sk, dtype=torch.float32, device="cpu", g=None):
@@ -67,6 +75,32 @@ def make_mask(kind, B, H, Sq, Sk, dtype=torch.float32, device="cpu", g=None):
     if kind == "additive-4d-q-inf":
         bias = (rand(1, H, Sq, Sk) - 0.5).to(dtype)
         return bias.masked_fill(rand(1, H, Sq, Sk) > 0.6, float("-inf"))
+    if kind == "4d-b-keys-holes":                     # [B, 1, 1, Sk] bool: key padding in 4D form
+        return (rand(B, Sk) > 0.3)[:, None, None, :]
+    if kind == "4d-h-keys":                           # [1, H, 1, Sk]: varies over heads only
+        return rand(1, H, 1, Sk) > 0.4
+    if kind == "4d-b-q":                              # [B, 1, Sq, Sk] bool, HF's 4D per-example mask
+        return (rand(B, 1, Sq, Sk) > 0.5) & padding_mask(lengths(), Sk, device=device)[:, None, None, :]
+    if kind == "pair-int":
+        return (rand(B, Sq, Sk) > 0.4).to(torch.int32)
+    if kind == "additive-2d":                         # float [B, Sk]: real values, -inf holes
+        bias = (rand(B, Sk) * 4 - 2).to(dtype)
+        return bias.masked_fill(rand(B, Sk) > 0.7, float("-inf"))
+    if kind == "additive-threshold":                  # values on both sides of the -1e4 threshold
+        vals = torch.tensor([0.0, -1e4, -9999.0, -10001.0, -3.5, 1.25])
+        idx = torch.randint(0, len(vals), (B, 1, 1, Sk), generator=g)
+        return vals[idx].to(device=device, dtype=dtype)
+    if kind == "additive-4d-finfo-pair":              # [B, 1, Sq, Sk] finfo.min, some rows fully hidden
+        m = rand(B, 1, Sq, Sk) > 0.5
+        m[:, :, : max(1, Sq // 7)] = False
+        ext = torch.zeros(B, 1, Sq, Sk, dtype=dtype, device=device)
+        return ext.masked_fill(~m, torch.finfo(dtype).min)
+    if kind == "additive-all-hidden":                 # every key hidden: every row outputs 0
+        return torch.full((B, 1, 1, Sk), float("-inf"), dtype=dtype, device=device)
+    if kind == "mask-strided-2d":                     # a [B, Sk] view with key stride 2
+        return (rand(B, 2 * Sk) > 0.3)[:, ::2]
+    if kind == "mask-transposed-4d":                  # [B, 1, Sq, Sk] with transposed strides
+        return (rand(B, 1, Sk, Sq) > 0.4).transpose(-1, -2)
     raise ValueError(kind)
 
 
@@ -81,10 +115,21 @@ def make_qkv(B, H, Sq, Sk, D, dtype, device="cpu", layout="contiguous", requires
         q = rnd(B, Sq, H * D).view(B, Sq, H, D).transpose(1, 2)
         k = rnd(B, Sk, H * D).view(B, Sk, H, D).transpose(1, 2)
         v = rnd(B, Sk, H * D).view(B, Sk, H, D).transpose(1, 2)
-    elif layout == "fused-kv":                        # k, v slices of one [B, Sk, 2, H, D] tensor
-        q = rnd(B, Sq, H, D).transpose(1, 2)
+    elif layout == "fused-kv" or (layout == "qkv-packed" and Sq != Sk):
+        q = rnd(B, Sq, H, D).transpose(1, 2)          # k, v slices of one [B, Sk, 2, H, D] tensor
         kv = rnd(B, Sk, 2, H, D)
         k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    elif layout == "qkv-packed":                      # q, k, v slices of one [B, S, 3, H, D] tensor
+        qkv = rnd(B, Sq, 3, H, D)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    elif layout == "d-strided":                       # head-dim stride 2 (every other column)
+        q, k, v = rnd(B, H, Sq, 2 * D)[..., ::2], rnd(B, H, Sk, 2 * D)[..., ::2], rnd(B, H, Sk, 2 * D)[..., ::2]
+    elif layout == "d-major":                         # [B, H, D, S] storage, transposed
+        q = rnd(B, H, D, Sq).transpose(-1, -2)
+        k, v = rnd(B, H, D, Sk).transpose(-1, -2), rnd(B, H, D, Sk).transpose(-1, -2)
+    elif layout == "expanded-kv":                     # k, v shared by all heads: head stride 0
+        q = rnd(B, H, Sq, D)
+        k, v = rnd(B, 1, Sk, D).expand(B, H, Sk, D), rnd(B, 1, Sk, D).expand(B, H, Sk, D)
     else:
         raise ValueError(layout)
     if requires_grad:
@@ -93,18 +138,62 @@ def make_qkv(B, H, Sq, Sk, D, dtype, device="cpu", layout="contiguous", requires
     return q, k, v
 
 
-def random_case(seed, small=True):
-    """A seeded random case: shape, layout, mask kind, causal, dtype."""
+# Sizes random_case draws from: awkward lengths around tile edges (16, 32, 64, 128), and head
+# dims 8..256 including odd ones.  "small" bounds them for engines run by an interpreter or an
+# emulator on CPU.
+SEQ_SMALL = [1, 2, 3, 5, 7, 8, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 97, 129]
+SEQ_LARGE = SEQ_SMALL + [127, 128, 200, 255, 256, 257, 333, 511, 512, 513, 777, 1000, 1025]
+HEAD_DIMS = [8, 12, 16, 24, 31, 32, 40, 48, 57, 64, 72, 80, 96, 100, 112, 127, 128, 144, 160, 192, 255, 256]
+FAMILIES = ["dense"]   # a later "varlen" family (packed batches, cu_seqlens) plugs in here
+
+
+def random_case(seed, small=True, max_head_dim=128, family="dense", extended=False):
+    """A seeded random case: shape, layout, mask kind, causal, dtype.
+
+    The default draws the suite's classic cases.  ``extended=True`` (the differential fuzzer,
+    tests/fuzz.py) draws from everything: Sq != Sk, head dims 8..max_head_dim (odd ones too),
+    every mask form (ALL_MASK_KINDS), every layout (LAYOUTS), and adds ``dropout_p``,
+    ``head_mask`` ("H" / "BH" / None), ``scale`` (None or a float) and ``grad`` (False: run the
+    inference path only).  ``small`` bounds the work per case (interpreted / emulated engines).
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"family {family!r}: not one of {FAMILIES}")
     r = random.Random(seed)
-    sizes = [1, 7, 16, 31, 63, 65, 97, 129] if small else [1, 63, 129, 257, 511, 1000, 1025]
+    if not extended:
+        sizes = [1, 7, 16, 31, 63, 65, 97, 129] if small else [1, 63, 129, 257, 511, 1000, 1025]
+        return dict(
+            B=r.choice([1, 2, 3]), H=r.choice([1, 2, 3]),
+            Sq=r.choice(sizes), Sk=r.choice(sizes),
+            D=r.choice([16, 32, 64, 80, 96, 128] if not small else [16, 32, 48, 64, 80]),
+            dtype=r.choice([torch.float16, torch.bfloat16, torch.float32]),
+            layout=r.choice(["contiguous", "hf", "fused-kv"]),
+            mask=r.choice(MASK_KINDS),
+            causal=r.random() < 0.3,
+        )
+    seqs = SEQ_SMALL if small else SEQ_LARGE
+    # a bound on B * H * Sq * Sk (the tiles an engine walks), so that a long run stays fast on
+    # average: sizes over it are drawn again
+    cap = 2**13 if small else 2**18
+    for _ in range(100):
+        B, H = r.choice([1, 1, 2, 3, 4]), r.choice([1, 1, 2, 3, 4])
+        Sq = r.choice(seqs)
+        Sk = Sq if r.random() < 0.2 else r.choice(seqs)
+        if B * H * Sq * Sk <= cap:
+            break
+    else:
+        B, H, Sq, Sk = 1, 1, 17, 33
+    D = r.choice([d for d in HEAD_DIMS if d <= max_head_dim])
+    p = r.random()
     return dict(
-        B=r.choice([1, 2, 3]), H=r.choice([1, 2, 3]),
-        Sq=r.choice(sizes), Sk=r.choice(sizes),
-        D=r.choice([16, 32, 64, 80, 96, 128] if not small else [16, 32, 48, 64, 80]),
+        family=family, B=B, H=H, Sq=Sq, Sk=Sk, D=D,
         dtype=r.choice([torch.float16, torch.bfloat16, torch.float32]),
-        layout=r.choice(["contiguous", "hf", "fused-kv"]),
-        mask=r.choice(MASK_KINDS),
+        layout=r.choice(LAYOUTS),
+        mask=r.choice(ALL_MASK_KINDS),
         causal=r.random() < 0.3,
+        dropout_p=0.0 if p < 0.8 else r.choice([0.1, 0.3, 0.6]),
+        head_mask=r.choice([None] * 8 + ["H", "BH"]),
+        scale=None if r.random() < 0.8 else round(r.uniform(0.02, 1.5), 3),
+        grad=r.random() < 0.85,
     )
 
 

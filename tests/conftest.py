@@ -8,6 +8,10 @@ import torch
 # here (before any test module runs a kernel) makes the Triton kernels run on CPU tensors.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    import _triton_interp
+
+    _triton_interp.round_bf16_to_nearest()    # fp32 -> bf16 as on the GPU (see the module)
 
 
 def pytest_configure(config):

@@ -51,9 +51,13 @@ def test_name_follows_flags_and_torch_version(sources, monkeypatch):
     monkeypatch.setattr(_build, "cflags", lambda portable: real_cflags(portable) + ["-DFUSED_ATTN_TEST"])
     assert _build.ext_name(False, False) != base
     monkeypatch.setattr(_build, "cflags", real_cflags)
-    monkeypatch.setattr(_build, "LDFLAGS", _build.LDFLAGS + ["-lm"])
+    real_ldflags = _build.ldflags
+    monkeypatch.setattr(_build, "ldflags", lambda: real_ldflags() + ["-lm"])
     assert _build.ext_name(False, False) != base
-    monkeypatch.setattr(_build, "LDFLAGS", _build.LDFLAGS[:-1])
+    monkeypatch.setattr(_build, "ldflags", real_ldflags)
+    monkeypatch.setenv("FUSED_ATTN_ASAN", "1")
+    assert "_asan_" in _build.ext_name(False, False)
+    monkeypatch.delenv("FUSED_ATTN_ASAN")
     monkeypatch.setattr(torch, "__version__", torch.__version__ + ".post1")
     assert _build.ext_name(False, False) != base
     monkeypatch.setattr(torch, "__version__", torch.__version__[:-len(".post1")])

@@ -33,7 +33,7 @@ def test_opcheck_forward_op(engine):
     q, k, v = make_qkv(2, 2, 20, 33, 16, torch.float32, device, requires_grad=True)
     for mask in (padding_mask([5, 33], 33, device=device), make_mask("pair", 2, 2, 20, 33, device=device)):
         red = reduce_mask(mask, 2, 2, 20, 33)
-        args = (q, k, v, red.values, red.key_start, red.key_end, red.key_dense, None, None,
+        args = (q, k, v, red.values, red.key_start, red.key_end, red.key_needs_mask, None, None,
                 red.kind, red.additive, False, 0.25, 0.0, name, None, None, 0, 0)
         torch.library.opcheck(ops.attn_forward, args)
 

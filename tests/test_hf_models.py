@@ -285,3 +285,26 @@ def test_hf_masks_never_look_like_float_zero_one_masks(lengths, monkeypatch):
                 encoder_attention_mask=enc_mask)
     assert not [w for w in rec if "0s and 1s" in str(w.message)], [str(w.message) for w in rec]
     assert not masks._FLOAT01["warned"]
+
+
+def test_gradient_checkpointing_with_dropout_matches():
+    """HF gradient checkpointing recomputes the fused layers with torch's RNG state restored, so the
+    in-kernel dropout draws the same keep-mask: the gradients equal those without checkpointing."""
+    base = tiny("bert", attention_probs_dropout_prob=0.3)
+    ids, mask = batch(2, 9, [9, 5])
+    grads = []
+    for checkpointing in (False, True):
+        model = fused_attn.patch(copy.deepcopy(base)).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        torch.manual_seed(1)
+        run(model, input_ids=ids, attention_mask=mask).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    torch.manual_seed(2)
+    model = fused_attn.patch(copy.deepcopy(base)).train()
+    run(model, input_ids=ids, attention_mask=mask).square().mean().backward()
+    other_seed = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads[0]) == set(grads[1])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=0)
+    assert any(not torch.equal(other_seed[n], grads[0][n]) for n in grads[0]), "dropout had no effect"

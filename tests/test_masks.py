@@ -20,25 +20,25 @@ def test_contiguous_padding_becomes_key_ranges():
     r = reduce_mask(right, 3, 2, 4, 9)
     assert r.kind == "keys"
     assert r.key_start.tolist() == [0, 0, 0] and r.key_end.tolist() == [5, 9, 1]
-    assert r.key_dense.tolist() == [0, 0, 0]          # no mask load at all
+    assert r.key_needs_mask.tolist() == [0, 0, 0]          # no mask load at all
     l_ = reduce_mask(left, 3, 2, 4, 9)
     assert l_.key_start.tolist() == [4, 0, 8] and l_.key_end.tolist() == [9, 9, 9]
-    assert l_.key_dense.tolist() == [0, 0, 0]
+    assert l_.key_needs_mask.tolist() == [0, 0, 0]
     # HF's extended additive masks reduce the same way, old (-10000) and new (finfo.min)
     for fill in (-10000.0, torch.finfo(torch.float16).min, float("-inf")):
         ext = torch.zeros(3, 1, 1, 9, dtype=torch.float16).masked_fill(~right[:, None, None, :], fill)
         e = reduce_mask(ext, 3, 2, 4, 9)
-        assert e.kind == "keys" and e.key_end.tolist() == [5, 9, 1] and e.key_dense.tolist() == [0, 0, 0]
+        assert e.kind == "keys" and e.key_end.tolist() == [5, 9, 1] and e.key_needs_mask.tolist() == [0, 0, 0]
 
 
 def test_holes_and_values_force_a_dense_row():
     m = torch.tensor([[1, 0, 1, 1, 0], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
     r = reduce_mask(m, 3, 1, 2, 5)
     assert r.key_start.tolist() == [0, 1, 0] and r.key_end.tolist() == [4, 3, 0]
-    assert r.key_dense.tolist() == [1, 0, 0]
+    assert r.key_needs_mask.tolist() == [1, 0, 0]
     bias = torch.tensor([[0.0, 0.5, -1e4, -1e4, -1e4]])           # a visible non-zero value
     b = reduce_mask(bias[:, None, None, :], 1, 1, 2, 5)
-    assert b.key_end.tolist() == [2] and b.key_dense.tolist() == [1]
+    assert b.key_end.tolist() == [2] and b.key_needs_mask.tolist() == [1]
 
 
 @pytest.mark.parametrize("kind", [k for k in MASK_KINDS if k != "none"])
@@ -88,7 +88,7 @@ def test_reduction_is_cached_per_mask_tensor():
     assert r1.block_map(16, 16, False) is r1.block_map(16, 16, False)
     m[0, 5] = True                                          # in-place change -> new reduction
     r2 = reduce_mask(m, 2, 4, 8, 8)
-    assert r2 is not r1 and r2.key_dense.tolist() == [1, 0]
+    assert r2 is not r1 and r2.key_needs_mask.tolist() == [1, 0]
     assert reduce_mask(r2, 2, 4, 8, 8) is r2                # a ReducedMask passes through
 
 
@@ -215,8 +215,17 @@ def test_mask_on_wrong_device_names_it():
         fused_attn.attention(q, k, v, fake)
 
 
+def _triton_decorated_first():
+    """Import the Triton engine while TRITON_INTERPRET is still set: Triton decides at decoration
+    whether it interprets the kernels, and a test that unsets the variable before the engine's
+    first import would leave compiled kernels to the triton-interp tests after it (xdist)."""
+    from fused_attn import backends
+    backends.reasons("triton", torch.empty(1, 1, 1, 16))
+
+
 def test_explicit_backend_that_cannot_serve_says_why(monkeypatch):
     q, k, v = _qkv()
+    _triton_decorated_first()
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="backend 'triton' cannot serve this call: tensors are on cpu"):
         fused_attn.attention(q, k, v, backend="triton")
@@ -231,6 +240,8 @@ def test_auto_fallback_warns_once_with_the_reason(monkeypatch):
     monkeypatch.setattr(backends, "reasons",
                         lambda name, t: ["no C++ compiler (test)"] if name == "cpu" else real(name, t))
     monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(backends, "_CHOICES", {})
+    _triton_decorated_first()
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("FUSED_ATTN_BACKEND", raising=False)
     with pytest.warns(UserWarning, match=r"backend 'auto' uses 'reference' because cpu: no C\+\+ compiler \(test\)"):
@@ -327,3 +338,27 @@ def test_causal_accepts_ints_zero_one_and_numpy_bools():
         for bad in (2, -1, 1.0, "yes", None, torch.tensor(True)):
             with pytest.raises(TypeError, match=r"causal: expected a bool \(or 0 / 1\)"):
                 fn(q, k, v, causal=bad)
+
+
+def test_auto_choice_is_cached_per_device_dtype_and_head_dim(monkeypatch):
+    """select() asks the engines once per (request, environment, device, dtype, head dim); a newly
+    registered engine clears the cache."""
+    from fused_attn import backends
+    q, k, v = _qkv()
+    asked = []
+    real = backends.reasons
+    monkeypatch.setattr(backends, "reasons", lambda name, t: asked.append(name) or real(name, t))
+    monkeypatch.setattr(backends, "_CHOICES", {})
+    first = backends.select("auto", q)
+    n = len(asked)
+    assert n >= 1
+    for _ in range(3):
+        assert backends.select("auto", q) == first
+    assert len(asked) == n
+    backends.select("auto", q.half())            # another dtype: asked again
+    assert len(asked) > n
+    monkeypatch.setattr(backends, "_ENGINES", dict(backends._ENGINES))
+    extra = backends.Engine()
+    extra.name = "test-extra"
+    backends.register(extra)                     # registering clears the cache
+    assert backends._CHOICES == {} and "test-extra" in backends.names()

@@ -227,3 +227,12 @@ def test_varlen_validation(change, error, match):
         fused_attn.varlen_attention(*args, backend="reference")
     with pytest.raises(error, match=match):
         fused_attn.varlen_attention(*args)
+
+
+def test_varlen_size_limits_apply_to_the_padded_shape():
+    """The dropout counter limit (ceil(Sq / 4) * Sk <= 2^32) holds for max_seqlen_q x max_seqlen_k."""
+    args = _args()
+    args[5], args[6] = 2**20, 2**15
+    fused_attn.varlen_attention(*args, backend="cpu")                  # no dropout: fine
+    with pytest.raises(ValueError, match="dropout RNG counts"):
+        fused_attn.varlen_attention(*args, dropout_p=0.1, backend="cpu")

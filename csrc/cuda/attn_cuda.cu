@@ -101,16 +101,17 @@ __device__ __forceinline__ float visibility(const MaskDesc& m, const Tile& t, in
   return t.load_mask ? mask_value(m, b, h, i, j) : 0.f;
 }
 
-// Key-range description of batch row b (none / keys modes; [0, Sk) otherwise).
+// Key-range description of batch row b (none / keys modes; [0, Sk) otherwise) and whether the
+// row must load its mask values inside the range.
 __device__ __forceinline__ void key_range(const MaskDesc& m, int64_t b, int64_t Sk, int64_t& lo, int64_t& hi,
-                                          bool& dense) {
+                                          bool& needs_mask) {
   lo = 0;
   hi = Sk;
-  dense = false;
+  needs_mask = false;
   if (m.mode == kKeys) {
     lo = m.key_start[b];
     hi = m.key_end[b];
-    dense = m.key_dense[b] != 0;
+    needs_mask = m.key_needs_mask[b] != 0;
   }
 }
 
@@ -121,14 +122,14 @@ template <typename F>
 __device__ __forceinline__ void for_each_key_tile(const MaskDesc& m, int64_t b, int64_t h, int64_t qb, int64_t Sq,
                                                   int64_t Sk, bool causal, F&& f) {
   int64_t lo, hi;
-  bool dense;
-  key_range(m, b, Sk, lo, hi, dense);
+  bool needs_mask;
+  key_range(m, b, Sk, lo, hi, needs_mask);
   const bool blocks = m.mode == kBlocks;
   if (!blocks && causal) hi = min(hi, min((qb + 1) * TILE, Sq) - 1 + (Sk - Sq) + 1);
   const int64_t base = blocks ? 0 : lo;
   const int64_t count = blocks ? m.n_kb : (hi > lo ? (hi - lo + TILE - 1) / TILE : 0);
   for (int64_t t = 0; t < count; ++t) {
-    const int8_t st = blocks ? m.tile(b, h, qb, t) : (dense ? 1 : 2);   // 0 empty, 1 partial, 2 full
+    const int8_t st = blocks ? m.tile(b, h, qb, t) : (needs_mask ? 1 : 2);   // 0 empty, 1 partial, 2 full
     if (st != 0) f(base + t * TILE, Tile{lo, hi, st == 1});
   }
 }
@@ -138,8 +139,8 @@ template <typename F>
 __device__ __forceinline__ void for_each_query_tile(const MaskDesc& m, int64_t b, int64_t h, int64_t kb, int64_t Sq,
                                                     int64_t Sk, bool causal, F&& f) {
   int64_t lo, hi;
-  bool dense;
-  key_range(m, b, Sk, lo, hi, dense);
+  bool needs_mask;
+  key_range(m, b, Sk, lo, hi, needs_mask);
   const bool blocks = m.mode == kBlocks;
   const int64_t n0 = kb * TILE, nqb = (Sq + TILE - 1) / TILE;
   int64_t first = 0;
@@ -149,7 +150,7 @@ __device__ __forceinline__ void for_each_query_tile(const MaskDesc& m, int64_t b
     if (causal) first = ::max(int64_t{0}, ::max(n0, lo) - (Sk - Sq)) / TILE;
   }
   for (int64_t qb = first; qb < nqb; ++qb) {
-    const int8_t st = blocks ? m.tile(b, h, qb, kb) : (dense ? 1 : 2);
+    const int8_t st = blocks ? m.tile(b, h, qb, kb) : (needs_mask ? 1 : 2);
     if (st != 0) f(qb, Tile{lo, hi, st == 1});
   }
 }
@@ -511,7 +512,7 @@ int64_t grid_batch(const Tensor& q, const OptT& cu_seqlens_q) {
 }
 
 std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const OptT& mask,
-                                            const OptT& key_start, const OptT& key_end, const OptT& key_dense,
+                                            const OptT& key_start, const OptT& key_end, const OptT& key_needs_mask,
                                             const OptT& block_state, const OptT& head_mask, bool additive,
                                             bool causal, double scale, double dropout_p, int64_t seed,
                                             int64_t rng_offset, int64_t block_m, int64_t block_n,
@@ -521,7 +522,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, const Tensor& k, co
   const c10::cuda::CUDAGuard guard(q.device());
   const SeqLayout lay = make_seq_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask,
                                         key_start, block_state, head_mask);
-  const MaskDesc md = make_mask_desc(q, k.size(2), mask, additive, key_start, key_end, key_dense, block_state,
+  const MaskDesc md = make_mask_desc(q, k.size(2), mask, additive, key_start, key_end, key_needs_mask, block_state,
                                      block_m, block_n);
   const HeadMask hm = make_head_mask(head_mask, q);
   const DropoutParams drop = DropoutParams::make(dropout_p, seed, rng_offset);
@@ -552,7 +553,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, const Tensor& k, co
 std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& grad_out, const Tensor& q, const Tensor& k,
                                             const Tensor& v, const Tensor& out, const Tensor& lse,
                                             const OptT& mask, const OptT& key_start, const OptT& key_end,
-                                            const OptT& key_dense, const OptT& block_state, const OptT& head_mask,
+                                            const OptT& key_needs_mask, const OptT& block_state, const OptT& head_mask,
                                             bool additive, bool causal, double scale, double dropout_p,
                                             int64_t seed, int64_t rng_offset, int64_t block_m, int64_t block_n,
                                             const OptT& cu_seqlens_q, const OptT& cu_seqlens_k, int64_t max_seqlen_q,
@@ -567,7 +568,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& grad_out, const Tensor
   const c10::cuda::CUDAGuard guard(q.device());
   const SeqLayout lay = make_seq_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask,
                                         key_start, block_state, head_mask);
-  const MaskDesc md = make_mask_desc(q, k.size(2), mask, additive, key_start, key_end, key_dense, block_state,
+  const MaskDesc md = make_mask_desc(q, k.size(2), mask, additive, key_start, key_end, key_needs_mask, block_state,
                                      block_m, block_n);
   const HeadMask hm = make_head_mask(head_mask, q);
   const DropoutParams drop = DropoutParams::make(dropout_p, seed, rng_offset);

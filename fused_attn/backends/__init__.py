@@ -100,6 +100,7 @@ def register(engine: Engine) -> Engine:
     """Make ``engine`` available as ``backend=engine.name`` (replacing one of that name)."""
     _ENGINES[engine.name] = engine
     _BROKEN.pop(engine.name, None)
+    _CHOICES.clear()
     return engine
 
 
@@ -132,10 +133,22 @@ def reasons(name: str, q: torch.Tensor) -> List[str]:
     return engine.reasons(q)
 
 
+# select()'s answers: what decides them (the request, the environment switches, q's device,
+# dtype and head dim) -> engine name; cleared when an engine is registered.
+_CHOICES: Dict[tuple, str] = {}
+
+
 def select(requested: str, q: torch.Tensor) -> str:
+    """The engine that serves a call like q: `requested` itself when it can (else RuntimeError with
+    its reasons), or for "auto" the first engine of AUTO[q's device] that can."""
     if torch.compiler.is_compiling():
         return _select_at_trace_time(requested, q.device, q.dtype, operator.index(q.shape[-1]))
-    return _select(requested, q)
+    env = os.environ
+    key = (requested, env.get("FUSED_ATTN_BACKEND"), env.get("TRITON_INTERPRET"), q.device, q.dtype, q.shape[-1])
+    name = _CHOICES.get(key)
+    if name is None:
+        name = _CHOICES[key] = _select(requested, q)
+    return name
 
 
 def _select_at_trace_time(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:

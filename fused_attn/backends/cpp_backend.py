@@ -85,11 +85,11 @@ CUDA = CppEngine("cuda", "cuda", (32, 32), 128, lambda: extension_ops("cuda"), _
 
 
 def _mask_args(red: Optional[ReducedMask], blocks: Tuple[int, int], causal: bool):
-    """(mask values, key_start, key_end, key_dense, block_state, additive) for the op; red None: no
+    """(mask values, key_start, key_end, key_needs_mask, block_state, additive) for the op; red None: no
     mask."""
     if red is None:
         return (None, None, None, None, None, False)
-    keys = (red.key_start, red.key_end, red.key_dense) if red.kind == "keys" else (None, None, None)
+    keys = (red.key_start, red.key_end, red.key_needs_mask) if red.kind == "keys" else (None, None, None)
     state = None
     if red.kind == "blocks":
         state = red.block_map(blocks[0], blocks[1], causal).state
@@ -158,7 +158,7 @@ def _register_fakes() -> None:
     _fakes_registered = True
 
     @torch.library.register_fake("fused_attn::fwd")
-    def _fwd_fake(q, k, v, mask, key_start, key_end, key_dense, block_state, head_mask, additive, causal,
+    def _fwd_fake(q, k, v, mask, key_start, key_end, key_needs_mask, block_state, head_mask, additive, causal,
                   scale, dropout_p, seed, rng_offset, block_m, block_n, cu_seqlens_q=None, cu_seqlens_k=None,
                   max_seqlen_q=0, max_seqlen_k=0):
         B, H, Sq, _ = q.shape
@@ -169,7 +169,7 @@ def _register_fakes() -> None:
         return (_token_major(q), lse, q.new_empty((n_seq, H, -(-max_seqlen_q // block_m)), dtype=torch.int32))
 
     @torch.library.register_fake("fused_attn::bwd")
-    def _bwd_fake(grad_out, q, k, v, out, lse, mask, key_start, key_end, key_dense, block_state, head_mask,
+    def _bwd_fake(grad_out, q, k, v, out, lse, mask, key_start, key_end, key_needs_mask, block_state, head_mask,
                   additive, causal, scale, dropout_p, seed, rng_offset, block_m, block_n, cu_seqlens_q=None,
                   cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
         if cu_seqlens_q is None:

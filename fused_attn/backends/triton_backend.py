@@ -1,4 +1,6 @@
-"""Triton launcher: tile sizes, grid, strides.  Kernels live in triton_fwd.py / triton_bwd.py."""
+"""Triton launcher: tile sizes, grid, kernel arguments.  Kernels live in triton_fwd.py (forward),
+triton_bwd.py (dK/dV, dQ, delta) and triton_keep.py (the keep-mask testing hook); their shared
+@triton.jit helpers in triton_common.py."""
 from __future__ import annotations
 
 import functools
@@ -14,8 +16,11 @@ from . import Engine
 try:  # imports never fail: keep the reason, report it in reasons()
     import triton
 
-    from . import triton_bwd, triton_fwd
+    from . import triton_bwd, triton_common, triton_fwd, triton_keep
     _IMPORT_ERROR: Optional[str] = None
+    # MASK_MODE of each ReducedMask.kind
+    _MASK_MODE = {"none": triton_common.MASK_NONE.value, "keys": triton_common.MASK_KEYS.value,
+                  "blocks": triton_common.MASK_BLOCKS.value}
 except Exception as e:  # pragma: no cover - depends on the installation
     triton = None
     _IMPORT_ERROR = f"triton is not importable ({type(e).__name__}: {e})"
@@ -65,27 +70,22 @@ def fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> TileC
     return TileConfig(64, 32, 4, 2)
 
 
-_MODES = {"none": 0, "keys": 1, "blocks": 2}
+# Kernel arguments, in the kernels' order, built on every call: keep them cheap.
 
 
-def _mask_args(red: ReducedMask, cfg: TileConfig, causal: bool, dummy: torch.Tensor):
-    """Kernel arguments describing the reduced mask."""
-    if red.kind == "none":
-        values = dummy
-        mstrides = (0, 0, 0, 0)
-    else:
-        values = red.values
-        mstrides = tuple(values.stride())
-    mode = _MODES[red.kind]
-    if red.kind == "keys":
-        keys = (red.key_start, red.key_end, red.key_dense)
-    else:
-        keys = (dummy, dummy, dummy)
-    if red.kind == "blocks":
-        blocks = _list_args(red.block_map(cfg.block_m, cfg.block_n, causal).kv)
-    else:
-        blocks = (dummy, dummy, dummy, dummy, 0, 0, 0, 0, 0, 0)
-    return mode, values, mstrides, keys, blocks
+def _mask_args(red: ReducedMask, cfg: TileConfig, causal: bool, dummy: torch.Tensor, transposed: bool = False):
+    """The reduced mask: Mask and its 4 strides; KeyStart, KeyEnd, KeyNeedsMask (MASK_KEYS); the
+    lists of PARTIAL and FULL blocks and their 6 strides (MASK_BLOCKS: the key blocks of every query
+    block, or with ``transposed`` the query blocks of every key block).  Dummies where unused."""
+    kind = red.kind
+    if kind == "none":
+        return (dummy, 0, 0, 0, 0, dummy, dummy, dummy, dummy, dummy, dummy, dummy, 0, 0, 0, 0, 0, 0)
+    values = red.values
+    if kind == "keys":
+        return (values, *values.stride(), red.key_start, red.key_end, red.key_needs_mask,
+                dummy, dummy, dummy, dummy, 0, 0, 0, 0, 0, 0)
+    bm = red.block_map(cfg.block_m, cfg.block_n, causal)
+    return (values, *values.stride(), dummy, dummy, dummy, *_list_args(bm.transposed_lists() if transposed else bm.kv))
 
 
 def _list_args(lists):
@@ -115,6 +115,22 @@ def _strides(t, batch_factor):
     return (st[0] * batch_factor, st[1], st[2], st[3])
 
 
+def _head_mask_args(head_mask: Optional[torch.Tensor], dummy: torch.Tensor):
+    """HeadMask, stride_hb, stride_hh of a [1 or B, H] head mask (stride 0 over a broadcast batch)."""
+    if head_mask is None:
+        return dummy, 0, 0
+    return head_mask, (0 if head_mask.shape[0] == 1 else head_mask.stride(0)), head_mask.stride(1)
+
+
+def _constexprs(red: ReducedMask, causal: bool, dropout_p: float, head_mask, varlen, D: int, block_d: int,
+                cfg: TileConfig) -> dict:
+    """The constexprs the forward and backward kernels share, and the launch options."""
+    return dict(MASK_MODE=_MASK_MODE[red.kind], CAUSAL=bool(causal), HAS_HEAD_MASK=head_mask is not None,
+                DROPOUT=dropout_p > 0.0, VARLEN=varlen is not None, EVEN_D=block_d == D,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: float,
             head_mask: Optional[torch.Tensor], seed: int = 0, rng_offset: int = 0,
             config: Optional[TileConfig] = None, stats: bool = False, varlen=None):
@@ -125,32 +141,19 @@ def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: fl
     cfg = config or fwd_config(D, q.dtype, q.device)
     out = torch.empty_like(q)   # keeps q's layout when dense, e.g. HF's [B, S, H, D] storage
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
-    B, Sq, Sk, bf, seq = _seq_args(q, k, varlen, lse)
-    n_qb = max(1, _cdiv(Sq, cfg.block_m))
-    visited = torch.zeros((B * H * n_qb,), device=q.device, dtype=torch.int32) if stats else lse
     dummy = lse
-    mode, values, ms, keys, blocks = _mask_args(red, cfg, causal, dummy)
-    hm = head_mask if head_mask is not None else dummy
-    hstr = (0 if hm.shape[0] == 1 else hm.stride(0), hm.stride(1)) if head_mask is not None else (0, 0)
+    B, Sq, Sk, bf, seq = _seq_args(q, k, varlen, dummy)
+    n_qb = max(1, _cdiv(Sq, cfg.block_m))
+    visited = torch.zeros((B * H * n_qb,), device=q.device, dtype=torch.int32) if stats else dummy
     block_d = max(16, _pow2(D))
-    grid = (n_qb, B * H)
-    triton_fwd.attn_fwd_kernel[grid](
+    triton_fwd.attn_fwd_kernel[(n_qb, B * H)](
         q, k, v, out, lse, visited,
         *_strides(q, bf), *_strides(k, bf), *_strides(v, bf), *_strides(out, bf),
-        H, Sq, Sk, D, scale * triton_fwd.LOG2E,
-        *seq,
-        values, *ms,
-        *keys,
-        *blocks,
-        hm, *hstr,
+        H, Sq, Sk, D, scale * triton_common.LOG2E, *seq,
+        *_mask_args(red, cfg, causal, dummy),
+        *_head_mask_args(head_mask, dummy),
         seed, rng_offset, float(dropout_p),
-        MASK_MODE=mode, MASK_ADDITIVE=red.additive, CAUSAL=bool(causal),
-        HAS_HEAD_MASK=head_mask is not None, DROPOUT=dropout_p > 0.0, WRITE_STATS=stats,
-        VARLEN=varlen is not None, IEEE=q.dtype == torch.float32, UPCAST=q.dtype == torch.bfloat16 and interpreting(),
-        EVEN_D=block_d == D,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+        WRITE_STATS=stats, **_constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, cfg))
     if stats:
         return out, lse, visited.view(B, H, n_qb)
     return out, lse
@@ -192,33 +195,20 @@ def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale:
         BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dummy = lse
-    hm = head_mask if head_mask is not None else dummy
-    hstr = (0 if hm.shape[0] == 1 else hm.stride(0), hm.stride(1)) if head_mask is not None else (0, 0)
-    scalars = (H, Sq, Sk, D, scale * triton_fwd.LOG2E, scale, *seq)
+    scalars = (H, Sq, Sk, D, scale * triton_common.LOG2E, scale, *seq)
+    head = _head_mask_args(head_mask, dummy)
     rng = (seed, rng_offset, float(dropout_p))
-
-    def flags(cfg):
-        return dict(MASK_MODE=_MODES[red.kind], MASK_ADDITIVE=red.additive, CAUSAL=bool(causal),
-                    HAS_HEAD_MASK=head_mask is not None, DROPOUT=dropout_p > 0.0, VARLEN=varlen is not None,
-                    IEEE=q.dtype == torch.float32, UPCAST=q.dtype == torch.bfloat16 and interpreting(),
-                    EVEN_D=block_d == D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-    _, values, ms, keys, _ = _mask_args(red, config, causal, dummy)
-    if red.kind == "blocks":
-        t_blocks = _list_args(red.block_map(config.block_m, config.block_n, causal).transposed_lists())
-    else:
-        t_blocks = (dummy, dummy, dummy, dummy, 0, 0, 0, 0, 0, 0)
     triton_bwd.attn_bwd_dkdv_kernel[(max(1, _cdiv(Sk, config.block_n)), B * H)](
         q, k, v, grad_out, lse, delta, dk, dv,
         *_strides(q, bf), *_strides(k, bf), *_strides(v, bf), *_strides(grad_out, bf), *_strides(dk, bf),
         *_strides(dv, bf),
-        *scalars, values, *ms, *keys, *t_blocks, hm, *hstr, *rng, **flags(config))
-    _, _, _, _, blocks = _mask_args(red, dq_config, causal, dummy)
+        *scalars, *_mask_args(red, config, causal, dummy, transposed=True), *head, *rng,
+        **_constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, config))
     triton_bwd.attn_bwd_dq_kernel[(max(1, _cdiv(Sq, dq_config.block_m)), B * H)](
         q, k, v, grad_out, lse, delta, dq,
         *_strides(q, bf), *_strides(k, bf), *_strides(v, bf), *_strides(grad_out, bf), *_strides(dq, bf),
-        *scalars, values, *ms, *keys, *blocks, hm, *hstr, *rng, **flags(dq_config))
+        *scalars, *_mask_args(red, dq_config, causal, dummy), *head, *rng,
+        **_constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, dq_config))
     return dq, dk, dv
 
 
@@ -228,8 +218,8 @@ def dropout_keep_mask(batch: int, heads: int, q_len: int, k_len: int, dropout_p:
     hook, so the reference can apply exactly the same dropout."""
     keep = torch.empty((batch, heads, q_len, k_len), dtype=torch.int8, device=device)
     grid = (_cdiv(q_len, 32), _cdiv(k_len, 32), batch * heads)
-    triton_bwd.dropout_keep_kernel[grid](keep, heads, q_len, k_len, seed, rng_offset, float(dropout_p),
-                                         BLOCK_M=32, BLOCK_N=32)
+    triton_keep.dropout_keep_kernel[grid](keep, heads, q_len, k_len, seed, rng_offset, float(dropout_p),
+                                          BLOCK_M=32, BLOCK_N=32)
     return keep.bool()
 
 

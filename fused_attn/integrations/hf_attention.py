@@ -14,6 +14,7 @@ Imports transformers lazily: importing this module does not import it.
 """
 from __future__ import annotations
 
+import sys
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -27,6 +28,7 @@ NAME = "fused_attn"
 
 # kwargs of HF attention functions whose semantics the fused kernel does not have
 _UNSUPPORTED_KWARGS = ("position_bias", "softcap", "s_aux", "sinks")
+_ABSENT = object()    # module level: torch.compile cannot trace object() inside the mask function
 
 
 class FusedMask:
@@ -139,7 +141,7 @@ def fused_attn_mask(**kw) -> Optional[FusedMask]:
     plain_ints = isinstance(kv_offset, int) and (q_offset is None or isinstance(q_offset, int))
     if plain_ints and attention_mask is not None and attention_mask.dim() != 2:
         plain_ints = False
-    if plain_ints and mask_function is getattr(mu, "bidirectional_mask_function", object()):
+    if plain_ints and mask_function is getattr(mu, "bidirectional_mask_function", _ABSENT):
         return FusedMask(batch, q_length, kv_length, padding=_key_padding(attention_mask, kv_length, kv_offset))
     if (plain_ints and mask_function is mu.causal_mask_function and q_offset is not None
             and q_offset + q_length == kv_offset + kv_length):       # bottom-right aligned causal
@@ -197,11 +199,13 @@ def _wants_attentions(module, kwargs) -> bool:
     """Did the caller ask for the attention probabilities (output_attentions)?"""
     if kwargs.get("output_attentions"):
         return True
-    try:  # transformers 5.x records them through hooks: the active collector lists what it wants
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # older transformers: no collector, the kwarg decides
+    # transformers 5.x records them through hooks: the active collector lists what it wants.  Looked
+    # up in sys.modules (5.x's modeling code has imported it): torch.compile cannot trace the
+    # failing import of older versions, which have no collector (the kwarg decides)
+    capturing = sys.modules.get("transformers.utils.output_capturing")
+    if capturing is None or not hasattr(capturing, "_active_collector"):
         return False
-    collected = _active_collector.get()
+    collected = capturing._active_collector.get()
     return bool(collected) and ("attentions" in collected or "cross_attentions" in collected)
 
 

@@ -1,0 +1,160 @@
+"""@triton.jit helpers shared by the forward (triton_fwd.py) and backward (triton_bwd.py) kernels:
+tile loads, dots, masking of a score tile, key-loop bounds, packed-sequence bounds, Philox dropout.
+
+Conventions that keep a change to the kernels cheap and safe:
+- Every tl.constexpr is passed by keyword at every call site (``CAUSAL=CAUSAL, LOAD_MASK=LOAD_TILE``):
+  two swapped flags are an error, not a silently different kernel.  Runtime arguments stay
+  positional, in the callee's order.
+- What the dtypes decide is derived in the kernels, not passed as flags: fp32 dots multiply
+  exactly (``mma``), a float mask is additive (``apply_mask_tile``).
+- No tuples as @triton.jit arguments, although they would shorten the argument lists: Triton's
+  compiler accepts them from 3.3 on (3.2 rejects a tuple passed to a helper), and the package
+  supports triton >= 3.0.  Keyword arguments to helpers and the dtype checks work from 3.0 on.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+LOG2E = 1.4426950408889634
+HIDDEN = tl.constexpr(-1.0e4)   # masks.HIDDEN_THRESHOLD
+
+# MASK_MODE: the form of the reduced mask (masks.ReducedMask.kind); one kernel variant each
+MASK_NONE: tl.constexpr = tl.constexpr(0)     # no mask: key loop bounds from the sequence and causal
+MASK_KEYS: tl.constexpr = tl.constexpr(1)     # per-batch key range [KeyStart, KeyEnd) + KeyNeedsMask
+MASK_BLOCKS: tl.constexpr = tl.constexpr(2)   # lists of the PARTIAL and FULL blocks of every tile row
+
+# LOAD_MASK: which part of the mask a score tile loads
+LOAD_NONE: tl.constexpr = tl.constexpr(0)     # nothing (no mask, FULL blocks, rows that need none)
+LOAD_ROW: tl.constexpr = tl.constexpr(1)      # one row, the same for every query (MASK_KEYS)
+LOAD_TILE: tl.constexpr = tl.constexpr(2)     # the whole tile (PARTIAL blocks of MASK_BLOCKS)
+
+
+@triton.jit
+def dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p, TRANSPOSED: tl.constexpr):
+    """Keep-mask of the tile of query rows offs_m (consecutive, from a multiple of 4) and keys
+    offs_n: [M, N], or [N, M] when TRANSPOSED.  Philox-4x32-10 with key = seed (two 31-bit
+    halves) and counter = ((row // 4) * Sk + col, batch * H + head, torch's offset as two 31-bit
+    halves); element (row, col) takes output word row % 4, so one Philox call serves four rows.
+    A function of the element's position only: the backward regenerates it, and the C++ kernels
+    (csrc/philox.h) draw the same mask.  Keep iff uniform >= dropout_p."""
+    G: tl.constexpr = offs_m.shape[0] // 4
+    group = tl.min(offs_m, axis=0) // 4 + tl.arange(0, G)
+    if TRANSPOSED:
+        c0 = (group[None, :] * Sk + offs_n[:, None]).to(tl.uint32)     # [N, G]
+    else:
+        c0 = (group[:, None] * Sk + offs_n[None, :]).to(tl.uint32)     # [G, N]
+    zero = tl.zeros_like(c0)
+    # scalars may arrive as int32, int64 or constexpr: combine them with a tensor before casting
+    c1 = (zero + bh).to(tl.uint32)
+    c2 = (zero + (rng_offset & 0x7FFFFFFF)).to(tl.uint32)
+    c3 = (zero + ((rng_offset >> 31) & 0x7FFFFFFF)).to(tl.uint32)
+    k0 = (zero + (seed & 0x7FFFFFFF)).to(tl.uint32)
+    k1 = (zero + ((seed >> 31) & 0x7FFFFFFF)).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox_impl(c0, c1, c2, c3, k0, k1)
+    # tl.join stacks on a new last axis: r[..., f, e] = word 2 f + e, so after the reshape the
+    # element 4 * group + 2 f + e takes word 2 f + e, i.e. word (its index) % 4
+    r = tl.join(tl.join(r0, r2), tl.join(r1, r3))
+    if TRANSPOSED:
+        r = tl.reshape(r, [offs_n.shape[0], 4 * G])                               # col 4 * group + word
+    else:
+        r = tl.reshape(tl.permute(r, (0, 2, 3, 1)), [4 * G, offs_n.shape[0]])     # row 4 * group + word
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def mma(a, b, acc):
+    """acc + a @ b with fp32 accumulation.  fp32 operands multiply exactly (IEEE, no tf32).  Under
+    the interpreter, bf16 operands go through fp32: Triton 3.8's interpreter mis-multiplies bf16 dots."""
+    if INTERPRETED:
+        if a.dtype == tl.bfloat16:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+# Whether Triton runs these kernels under its interpreter (TRITON_INTERPRET=1 when it decorated them)
+INTERPRETED: tl.constexpr = tl.constexpr(isinstance(mma, InterpretedFunction))
+
+
+@triton.jit
+def load_rows(ptrs, rows, n_rows, offs_d, D, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile, masking rows >= n_rows (if CHECK_ROWS) and cols >= D."""
+    if CHECK_ROWS:
+        if EVEN_D:
+            return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < D), other=0.0)
+    if EVEN_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+
+
+@triton.jit
+def apply_mask_tile(s, mi, ni, mask_ptr, stride_mm, stride_mn, Sq, Sk):
+    """Load one mask tile and apply it to log2-scores (hidden -> -inf).  mi / ni: query / key
+    indices broadcastable to s (offs_m[:, None] and offs_n[None, :], or transposed).  Float
+    values are additive (added in fp32, <= HIDDEN hides); uint8 values are visibility (0 hides)."""
+    in_b = (mi < Sq) & (ni < Sk)
+    mv = tl.load(mask_ptr + (mi * stride_mm + ni * stride_mn), mask=in_b, other=0)
+    if mv.dtype.is_floating():
+        mv = mv.to(tl.float32)
+        return tl.where(mv > HIDDEN, s + mv * 1.4426950408889634, float("-inf"))
+    return tl.where(mv != 0, s, float("-inf"))
+
+
+@triton.jit
+def mask_scores(s, mi, ni, mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi, Sq, Sk, causal_offset,
+                CHECK_BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr):
+    """All masking of one score tile: the mask (LOAD_MASK: LOAD_NONE, LOAD_ROW or LOAD_TILE), keys
+    outside [kv_lo, kv_hi) (CHECK_BOUNDS) and keys right of the causal diagonal (CAUSAL)."""
+    if LOAD_MASK == LOAD_ROW:
+        # a key-padding mask is the same for every query: load one row and broadcast it (a full
+        # tile of 64-bit addresses made the compiler spill)
+        s = apply_mask_tile(s, 0, ni, mask_ptr, 0, stride_mn, Sq, Sk)
+    elif LOAD_MASK == LOAD_TILE:
+        s = apply_mask_tile(s, mi, ni, mask_ptr, stride_mm, stride_mn, Sq, Sk)
+    if CHECK_BOUNDS:
+        s = tl.where((ni < kv_hi) & (ni >= kv_lo), s, float("-inf"))
+    if CAUSAL:
+        s = tl.where(ni <= mi + causal_offset, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def kv_loop_bounds(start_m, lo, hi, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr):
+    """Key loop of a query block starting at start_m over visible keys [lo, hi): returns
+    (safe_hi, hi): tiles in [lo, safe_hi) need no bounds or causal masking, [safe_hi, hi) do."""
+    safe_hi = lo + ((hi - lo) // BLOCK_N) * BLOCK_N            # tiles wholly inside [lo, hi)
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M + causal_offset)
+        # keys <= start_m + causal_offset are visible to every row of the block
+        free = tl.maximum(start_m + causal_offset + 1 - lo, 0)
+        safe_hi = tl.minimum(safe_hi, lo + (free // BLOCK_N) * BLOCK_N)
+    safe_hi = tl.maximum(safe_hi, lo)
+    return safe_hi, hi
+
+
+@triton.jit
+def seq_bounds(b, CuSeqQ, CuSeqK, Sq, Sk, Tq, Tk, VARLEN: tl.constexpr):
+    """(q0, k0, seq_q, seq_k): the first row and the length of sequence b's queries and keys.
+    Padded batches: (0, 0, Sq, Sk).  Packed batches (VARLEN): rows [cu[b], cu[b + 1]) of the
+    [T, H, D] tensors, clamped to [0, T], lengths capped at max_seqlen (Sq / Sk): whatever
+    cu_seqlens hold, no program reads or writes outside its tensors."""
+    if VARLEN:
+        q0 = tl.minimum(tl.maximum(tl.load(CuSeqQ + b), 0), Tq)
+        q1 = tl.minimum(tl.maximum(tl.load(CuSeqQ + b + 1), q0), Tq)
+        k0 = tl.minimum(tl.maximum(tl.load(CuSeqK + b), 0), Tk)
+        k1 = tl.minimum(tl.maximum(tl.load(CuSeqK + b + 1), k0), Tk)
+        seq_q = tl.minimum(q1 - q0, Sq)
+        seq_k = tl.minimum(k1 - k0, Sk)
+        q0 = q0.to(tl.int64)
+        k0 = k0.to(tl.int64)
+    else:
+        q0 = 0
+        k0 = 0
+        seq_q = Sq
+        seq_k = Sk
+    return q0, k0, seq_q, seq_k
