@@ -276,8 +276,9 @@ def check_dense(backend: str, device: str, case: dict, seed: int) -> Dict[str, f
     return ratios
 
 
-# family -> check(backend, device, case, case seed) -> {tensor: error / bound}; the cases come from
-# cases.random_case(..., family=name).
+# -- the varlen family ------------------------------------------------------------------------
+
+
 def _eager_varlen(q, k, v, cu_q, cu_k, causal, scale, keep, p):
     """Plain eager attention per sequence, in q's dtype (the tolerance's yardstick)."""
     cq, ck = cu_q.tolist(), cu_k.tolist()
@@ -373,6 +374,8 @@ def check_varlen(backend: str, device: str, case: dict, seed: int) -> Dict[str, 
     return ratios
 
 
+# family -> check(backend, device, case, case seed) -> {tensor: error / bound}; the cases come from
+# cases.random_case(..., family=name).
 FAMILIES: Dict[str, Callable[[str, str, dict, int], Dict[str, float]]] = {"dense": check_dense, "varlen": check_varlen}
 
 

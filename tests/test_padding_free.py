@@ -3,7 +3,8 @@
 Against HF's eager model (the fp64 eager copy as the oracle, DESIGN.md's rule) on every real token,
 exact zeros at padding; eval, train without dropout, gradients of every parameter; hidden states;
 unpatch; fallbacks; gradient checkpointing; threads; torch.compile; HF Trainer; flattened batches
-(DataCollatorWithFlattening, transformers 5.x); sentence-transformers.  Runs with the installed
+(DataCollatorWithFlattening without a mask); sentence-transformers.  HF's flattened batches under
+attn_implementation="fused_attn" are in test_hf_flattened.py.  Runs with the installed
 transformers (5.x in .venv, 4.x in .venv-hf4: `make test-hf4`).
 """
 import copy
@@ -194,6 +195,8 @@ def test_minilm_checkpoint_embeddings_and_gradients():
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+    enc = dict(tok(SENTENCES[1:4], padding=True, return_tensors="pt"))      # three lengths, to keep it quick
+    assert (enc["attention_mask"] == 0).any()
     f_loss, f_grads = grads_of(model, enc)
     fused_attn.unpatch(model)
     e_loss, e_grads = grads_of(model, enc)
@@ -358,6 +361,17 @@ def test_decoder_falls_back():
     assert_close_to_oracle("decoder", got, ref64, ref)
 
 
+def test_relative_positions_fall_back():
+    model = tiny("bert", position_embedding_type="relative_key")
+    x = inputs(MASK[:2])
+    ref = model(**x).last_hidden_state
+    ref64 = oracle_of(model)(**x).last_hidden_state
+    fused_attn.patch(model, padding_free=True)
+    with pytest.warns(UserWarning, match="cannot run position_embedding_type='relative_key'"):
+        got = model(**x).last_hidden_state
+    assert_close_to_oracle("relative positions", got, ref64, ref)
+
+
 def test_gradient_checkpointing_in_the_packed_loop(monkeypatch):
     model = tiny("roberta").train()
     x = inputs()
@@ -447,69 +461,17 @@ def test_hf_trainer_runs_and_loss_falls(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# HF's flattened batches (transformers 5.x, attn_implementation="fused_attn")
-
-
-def _flattened_and_padded(lens, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    feats = [{"input_ids": torch.randint(5, 97, (n,), generator=g).tolist()} for n in lens]
-    for f in feats:
-        f["labels"] = list(f["input_ids"])
-    S = max(lens)
-    ids = torch.zeros(len(lens), S, dtype=torch.long)
-    mask = torch.zeros(len(lens), S, dtype=torch.long)
-    labels = torch.full((len(lens), S), -100)
-    for i, f in enumerate(feats):
-        n = len(f["input_ids"])
-        ids[i, :n] = torch.tensor(f["input_ids"])
-        mask[i, :n] = 1
-        labels[i, 1:n] = torch.tensor(f["labels"][1:])        # the collator hides each first token
-    return feats, dict(input_ids=ids, attention_mask=mask, labels=labels)
-
-
-@pytest.mark.skipif(not TRANSFORMERS_5, reason="attn_implementation='fused_attn' is the 5.x path")
-@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
-@pytest.mark.parametrize("family", ["bert", "llama"])
-def test_flattened_batch_loss_equals_padded(family, flash_kwargs, monkeypatch):
-    from transformers import DataCollatorWithFlattening
-    from transformers import masking_utils as mu
-    from fused_attn.integrations import hf_attention
-
-    fused_attn.register()
-    if family == "llama":       # causal and grouped-query: packed sequences must stay causal
-        torch.manual_seed(0)
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96,
-                                                   num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-                                                   max_position_embeddings=64, attn_implementation="eager")).eval()
-    else:
-        model = tiny("bert", head="mlm")
-    feats, padded = _flattened_and_padded([7, 3, 11, 1])
-    flat = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)(feats)
-    assert flat["input_ids"].shape == (1, 22) and "attention_mask" not in flat
-    o64 = oracle_of(model)
-    oracle = o64(**padded).loss
-    eager = model(**padded).loss
-    model.set_attn_implementation("fused_attn")
-    dense, varlen = [], []
-    monkeypatch.setattr(mu, "sdpa_mask", lambda *a, **k: dense.append(1))
-    real = hf_attention.varlen_attention
-    monkeypatch.setattr(hf_attention, "varlen_attention", lambda *a, **k: varlen.append(k["causal"]) or real(*a, **k))
-    got = model(**flat).loss
-    assert not dense, "a dense mask was built"
-    assert varlen == [family == "llama"] * 2
-    assert_close_to_oracle(f"{family} flattened loss", got, oracle, eager)
-    eager_flat = copy.deepcopy(o64).float()(**flat).loss if family == "llama" else None
-    if eager_flat is not None:      # HF's eager attends across the packed sequences: not the same loss
-        assert abs(eager_flat.item() - oracle.item()) > 1e-4
+# a flattened batch (no mask) through a padding-free model
 
 
 @pytest.mark.skipif(not TRANSFORMERS_5, reason="flattened batches reach the attention function in 5.x")
 def test_flattened_batch_through_a_padding_free_model():
     """No attention_mask: nothing for the encoder to unpad; the layers' attention sees the restarting
     position_ids and runs varlen (same loss as the padded batch)."""
+    from test_hf_flattened import flattened_and_padded
     from transformers import DataCollatorWithFlattening
     model = tiny("bert", head="mlm")
-    feats, padded = _flattened_and_padded([5, 12, 2])
+    feats, padded = flattened_and_padded([5, 12, 2])
     oracle = oracle_of(model)(**padded).loss
     eager = model(**padded).loss
     fused_attn.patch(model, padding_free=True)
