@@ -451,7 +451,7 @@ def test_hf_trainer_runs_and_loss_falls(tmp_path):
         rows.append({"input_ids": ids, "attention_mask": (torch.arange(13) < n).long(), "labels": torch.tensor(label)})
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=6,
                              learning_rate=5e-3, logging_steps=1, report_to=[], save_strategy="no",
-                             use_cpu=True, disable_tqdm=True, seed=0)
+                             use_cpu=True, disable_tqdm=True, seed=0, dataloader_pin_memory=False)
     trainer = Trainer(model=model, args=args, train_dataset=rows)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

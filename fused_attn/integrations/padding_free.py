@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -254,12 +255,12 @@ def _current_call(encoder: nn.Module) -> Optional[_Call]:
 
 
 def _collector():
-    """transformers 5.x: the active output collector (what this forward records), else None."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:
+    """transformers 5.x: the active output collector (what this forward records), else None.
+    Looked up in sys.modules, as hf_attention does: an import that fails on 4.x cannot be traced."""
+    capturing = sys.modules.get("transformers.utils.output_capturing")
+    if capturing is None or not hasattr(capturing, "_active_collector"):
         return None
-    return _active_collector.get()
+    return capturing._active_collector.get()
 
 
 class _PaddingFreeEncoder:
