@@ -28,12 +28,14 @@ def _shape(t) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
-def check_qkv(q, k, v, dtypes=KERNEL_DTYPES) -> Shapes:
+def _check_tensors(q, k, v, layout: str, dtypes) -> None:
+    """q, k, v are tensors of len(layout) dims (e.g. "BHSD"), one supported dtype, one device."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name}: expected 4 dims [B, H, S, D], got shape {_shape(t)}")
+        if t.dim() != len(layout):
+            what = " (packed tokens)" if layout == "THD" else ""
+            raise ValueError(f"{name}: expected {len(layout)} dims [{', '.join(layout)}]{what}, got shape {_shape(t)}")
         if t.dtype not in dtypes:
             raise TypeError(f"{name}: dtype {t.dtype} is not supported "
                             f"(expected one of {', '.join(str(d) for d in dtypes)})")
@@ -41,6 +43,10 @@ def check_qkv(q, k, v, dtypes=KERNEL_DTYPES) -> Shapes:
         raise TypeError(f"q, k, v: dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v: devices differ ({q.device}, {k.device}, {v.device})")
+
+
+def check_qkv(q, k, v, dtypes=KERNEL_DTYPES) -> Shapes:
+    _check_tensors(q, k, v, "BHSD", dtypes)
     b, h, sq, d = q.shape
     if min(q.shape) < 1 or min(k.shape) < 1:
         raise ValueError(f"q, k: every dim must be >= 1, got q {_shape(q)}, k {_shape(k)}")
@@ -98,18 +104,7 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     check_values / FUSED_ATTN_DEBUG=1 asks for it."""
     from .packing import SeqLens, debug_checks
 
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{name}: expected 3 dims [T, H, D] (packed tokens), got shape {_shape(t)}")
-        if t.dtype not in dtypes:
-            raise TypeError(f"{name}: dtype {t.dtype} is not supported "
-                            f"(expected one of {', '.join(str(d) for d in dtypes)})")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v: dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v: devices differ ({q.device}, {k.device}, {v.device})")
+    _check_tensors(q, k, v, "THD", dtypes)
     if q.shape[1] < 1 or q.shape[2] < 1:
         raise ValueError(f"q: heads and head dim must be >= 1, got shape {_shape(q)}")
     if k.shape[1:] != q.shape[1:]:

@@ -19,6 +19,26 @@ def eager_attention(q, k, v, attention_mask=None, causal=False, scale=None, head
                                dropout_mask=dropout_mask, compute_dtype=q.dtype)
 
 
+def eager_varlen(q, k, v, cu_q, cu_k, causal=False, scale=None, dropout_mask=None, dropout_p=0.0):
+    """eager_attention per sequence of a packed batch (q [Tq, H, D], k / v [Tk, H, D]), in q's
+    dtype; dropout_mask in the padded layout [B, H, max_seqlen_q, max_seqlen_k]."""
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    outs = []
+    for b in range(len(cq) - 1):
+        qs = q[cq[b]:cq[b + 1]].transpose(0, 1)[None]
+        ks = k[ck[b]:ck[b + 1]].transpose(0, 1)[None]
+        vs = v[ck[b]:ck[b + 1]].transpose(0, 1)[None]
+        if qs.shape[2] == 0:
+            continue
+        if ks.shape[2] == 0:                          # no key at all: exactly 0
+            outs.append(q[cq[b]:cq[b + 1]] * 0)
+            continue
+        keep = None if dropout_mask is None else dropout_mask[b:b + 1, :, :qs.shape[2], :ks.shape[2]]
+        o = eager_attention(qs, ks, vs, causal=causal, scale=scale, dropout_mask=keep, dropout_p=dropout_p)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs) if outs else q * 0
+
+
 def assert_tolerance(name, got, oracle, eager, dtype=None):
     """|got - oracle|_max <= 2 |eager - oracle|_max + floor, reporting where it fails."""
     dtype = dtype or got.dtype

@@ -37,7 +37,7 @@ import fused_attn  # noqa: E402
 from fused_attn import reference  # noqa: E402
 from fused_attn._rng import philox_seed_offset  # noqa: E402
 from fused_attn.masks import dense_mask  # noqa: E402
-from _utils import FLOOR, assert_tolerance, eager_attention  # noqa: E402
+from _utils import FLOOR, assert_tolerance, eager_attention, eager_varlen  # noqa: E402
 from cases import make_mask, make_qkv, random_case  # noqa: E402
 
 # engine id -> (backend, device, max head dim, small shapes); ids as in conftest.ENGINES
@@ -192,6 +192,25 @@ def _known_cause(label, x, o, e, dtype, fa) -> Optional[str]:
     return None
 
 
+def compare(got, oracle, eager, dtype, fa, ratios) -> List[Tuple[str, str]]:
+    """The tolerance rule on (out, dq, dk, dv): fills ratios {tensor: error / bound}; returns the
+    failures with a known cause as (cause, message) (raised after the family's other checks), and
+    raises on any other failure.  fa: eager_fa_grads-like (out, dq, dk, dv), or None."""
+    known = []
+    for label, x, o, e in zip(("out", "dq", "dk", "dv"), got, oracle, eager):
+        assert x.dtype == dtype and x.shape == o.shape, f"{label}: {x.dtype} {tuple(x.shape)}"
+        try:
+            assert_tolerance(label, x, o, e)
+        except AssertionError as err:
+            cause = torch.isfinite(x).all() and _known_cause(label, x, o, e, dtype, fa)
+            if not cause:
+                raise
+            known.append((cause, str(err).splitlines()[0]))
+            continue
+        ratios[label] = _ratio(x, o, e, dtype)
+    return known
+
+
 def check_dense(backend: str, device: str, case: dict, seed: int) -> Dict[str, float]:
     """Run one case; raise AssertionError on a violation; return {tensor: error / bound}."""
     B, H, Sq, Sk, D, dtype = (case[k] for k in ("B", "H", "Sq", "Sk", "D", "dtype"))
@@ -248,18 +267,7 @@ def check_dense(backend: str, device: str, case: dict, seed: int) -> Dict[str, f
                                                grad_out, out_for_delta=got[0].detach()))
         return fa_cache[0]
 
-    known = []          # (cause, message): raised after every other check has passed
-    for label, x, o, e in zip(("out", "dq", "dk", "dv"), got, oracle, eager):
-        assert x.dtype == dtype and x.shape == o.shape, f"{label}: {x.dtype} {tuple(x.shape)}"
-        try:
-            assert_tolerance(label, x, o, e)
-        except AssertionError as err:
-            cause = torch.isfinite(x).all() and _known_cause(label, x, o, e, dtype, fa if grad else None)
-            if not cause:
-                raise
-            known.append((cause, str(err).splitlines()[0]))
-            continue
-        ratios[label] = _ratio(x, o, e, dtype)
+    known = compare(got, oracle, eager, dtype, fa if grad else None, ratios)
     # rows that see no key: exactly 0, and zero gradients (DESIGN.md), not merely within the floor
     vis, _ = dense_mask(m, B, H, Sq, Sk)
     if causal:
@@ -277,24 +285,6 @@ def check_dense(backend: str, device: str, case: dict, seed: int) -> Dict[str, f
 
 
 # -- the varlen family ------------------------------------------------------------------------
-
-
-def _eager_varlen(q, k, v, cu_q, cu_k, causal, scale, keep, p):
-    """Plain eager attention per sequence, in q's dtype (the tolerance's yardstick)."""
-    cq, ck = cu_q.tolist(), cu_k.tolist()
-    outs = []
-    for b in range(len(cq) - 1):
-        qs, ks, vs = (t[lo:hi].transpose(0, 1)[None] for t, lo, hi in
-                      ((q, cq[b], cq[b + 1]), (k, ck[b], ck[b + 1]), (v, ck[b], ck[b + 1])))
-        if qs.shape[2] == 0:
-            continue
-        if ks.shape[2] == 0:
-            outs.append(q[cq[b]:cq[b + 1]] * 0)
-            continue
-        kb = None if keep is None else keep[b:b + 1, :, :qs.shape[2], :ks.shape[2]]
-        o = eager_attention(qs, ks, vs, causal=causal, scale=scale, dropout_mask=kb, dropout_p=p)
-        outs.append(o[0].transpose(0, 1))
-    return torch.cat(outs) if outs else q * 0
 
 
 def _eager_fa_varlen(q, k, v, cu_q, cu_k, causal, scale, keep, p, grad_out, out):
@@ -347,25 +337,15 @@ def check_varlen(backend: str, device: str, case: dict, seed: int) -> Dict[str, 
                                                                 causal=causal, dropout_mask=keep),
                      qo, ko, vo, grad_out.to(odt))
         qe, ke, ve = (t.detach().requires_grad_(grad) for t in (q, k, v))
-        eager = run(lambda a, b, c: _eager_varlen(a, b, c, cu_q, cu_k, causal, scale, keep, p), qe, ke, ve, grad_out)
-    ratios, known = {}, []
+        eager = run(lambda a, b, c: eager_varlen(a, b, c, cu_q, cu_k, causal, scale, keep, p), qe, ke, ve, grad_out)
+    ratios = {}
 
     def fa():
         with torch.no_grad():
             return _eager_fa_varlen(q.detach(), k.detach(), v.detach(), cu_q, cu_k, causal, scale, keep, p, grad_out,
                                     got[0].detach())
 
-    for label, x, o, e in zip(("out", "dq", "dk", "dv"), got, oracle, eager):
-        assert x.dtype == dtype and x.shape == o.shape, f"{label}: {x.dtype} {tuple(x.shape)}"
-        try:
-            assert_tolerance(label, x, o, e)
-        except AssertionError as err:
-            cause = torch.isfinite(x).all() and _known_cause(label, x, o, e, dtype, fa if grad else None)
-            if not cause:
-                raise
-            known.append((cause, str(err).splitlines()[0]))
-            continue
-        ratios[label] = _ratio(x, o, e, dtype)
+    known = compare(got, oracle, eager, dtype, fa if grad else None, ratios)
     rows = torch.repeat_interleave(torch.tensor(lens_k) == 0, torch.tensor(lens_q))   # queries with no key
     if rows.any():
         assert (got[0][rows.to(device)] == 0).all(), "out: a query of a sequence without keys is not exactly 0"

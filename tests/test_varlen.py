@@ -7,29 +7,10 @@ import fused_attn
 from fused_attn import ops, reference
 from fused_attn._rng import philox_seed_offset
 from fused_attn.packing import SeqLens
-from _utils import assert_tolerance, eager_attention, padding_mask
+from _utils import assert_tolerance, eager_varlen, padding_mask
 from cases import cu_seqlens, make_packed, random_varlen_case
 from conftest import is_interpreted
 from test_backward import _keep_mask, _rng_state, _set_rng_state
-
-
-def eager_varlen(q, k, v, cu_q, cu_k, causal=False, scale=None, dropout_mask=None, dropout_p=0.0):
-    """Plain eager attention per sequence, in q's dtype (sets the tolerance)."""
-    cq, ck = cu_q.tolist(), cu_k.tolist()
-    outs = []
-    for b in range(len(cq) - 1):
-        qs = q[cq[b]:cq[b + 1]].transpose(0, 1)[None]
-        ks = k[ck[b]:ck[b + 1]].transpose(0, 1)[None]
-        vs = v[ck[b]:ck[b + 1]].transpose(0, 1)[None]
-        if qs.shape[2] == 0:
-            continue
-        if ks.shape[2] == 0:
-            outs.append(q[cq[b]:cq[b + 1]] * 0)
-            continue
-        keep = None if dropout_mask is None else dropout_mask[b:b + 1, :, :qs.shape[2], :ks.shape[2]]
-        o = eager_attention(qs, ks, vs, causal=causal, scale=scale, dropout_mask=keep, dropout_p=dropout_p)
-        outs.append(o[0].transpose(0, 1))
-    return torch.cat(outs) if outs else q * 0
 
 
 def _grads(f, q, k, v, go):
