@@ -16,7 +16,7 @@ from fused_attn import masks, reference
 import fused_attn
 
 # cases per engine in `make test`: the interpreted / emulated engines are slower per case
-SLICE = {"cpu": 48, "triton-interp": 12, "cuda-emu": 32, "triton-gpu": 64, "cuda-ext": 64}
+SLICE = {"cpu": 32, "triton-interp": 8, "cuda-emu": 24, "triton-gpu": 64, "cuda-ext": 64}
 ENGINE_IDS = {("cpu", "cpu"): "cpu", ("triton", "cpu"): "triton-interp", ("cuda-emu", "cpu"): "cuda-emu",
               ("triton", "cuda"): "triton-gpu", ("cuda", "cuda"): "cuda-ext"}
 SLICE_SEED = int(os.environ.get("FUSED_ATTN_FUZZ_SEED", "0"))
