@@ -71,7 +71,17 @@ def _attend(att: nn.Module, q_lin, k_lin, v_lin, x: torch.Tensor, heads: int, he
     return ctx.reshape(1, T, heads * head_dim)
 
 
-class _BertLayout:
+class _Layout:
+    """A family's encoder layout; ``reference()`` gives HF's (encoder, layer, attention) classes."""
+
+    @classmethod
+    def encoder_ok(cls, encoder: nn.Module) -> bool:
+        enc_ref, _, _ = cls.reference()
+        return (set(encoder._modules) == {"layer"} and isinstance(encoder.layer, nn.ModuleList)
+                and _same_code(type(encoder).forward, enc_ref.forward))
+
+
+class _BertLayout(_Layout):
     """BertModel-like: ``.encoder.layer[i]`` = attention.{self, output}, intermediate, output."""
 
     name = "BERT"
@@ -82,12 +92,6 @@ class _BertLayout:
     def reference():
         from transformers.models.bert import modeling_bert as mb
         return mb.BertEncoder, mb.BertLayer, mb.BertAttention
-
-    @classmethod
-    def encoder_ok(cls, encoder: nn.Module) -> bool:
-        enc_ref, _, _ = cls.reference()
-        return (set(encoder._modules) == {"layer"} and isinstance(encoder.layer, nn.ModuleList)
-                and _same_code(type(encoder).forward, enc_ref.forward))
 
     @classmethod
     def layer_ok(cls, layer: nn.Module) -> bool:
@@ -118,7 +122,7 @@ class _BertLayout:
                                          layer.seq_len_dim, attn)
 
 
-class _DistilBertLayout:
+class _DistilBertLayout(_Layout):
     """DistilBertModel: ``.transformer.layer[i]`` = attention.{q,k,v,out}_lin, sa_layer_norm, ffn,
     output_layer_norm."""
 
@@ -131,12 +135,6 @@ class _DistilBertLayout:
         from transformers.models.distilbert import modeling_distilbert as md
         attention = getattr(md, "DistilBertSelfAttention", None) or md.MultiHeadSelfAttention
         return md.Transformer, md.TransformerBlock, attention
-
-    @classmethod
-    def encoder_ok(cls, encoder: nn.Module) -> bool:
-        enc_ref, _, _ = cls.reference()
-        return (set(encoder._modules) == {"layer"} and isinstance(encoder.layer, nn.ModuleList)
-                and _same_code(type(encoder).forward, enc_ref.forward))
 
     @classmethod
     def layer_ok(cls, layer: nn.Module) -> bool:
