@@ -163,9 +163,34 @@ CUDA_TILE = 32                   # csrc/cuda tiles; grid (B * H, blocks of 32 ro
 CUDA_MAX_GRID_Y = 65535
 
 
+class _Lazy:
+    """A string built when formatted: error texts cost nothing on the hot path."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __format__(self, spec):
+        return format(self.make(), spec)
+
+
 def _extent(t: torch.Tensor) -> int:
     """Largest element offset inside one [S, D] slice of a [B, H, S, D] tensor."""
-    return sum((n - 1) * abs(st) for n, st in zip(t.shape[2:], t.stride()[2:]))
+    _, _, s, d = t.shape
+    _, _, st_s, st_d = t.stride()
+    return (s - 1) * abs(st_s) + (d - 1) * abs(st_d)
+
+
+class Geometry:
+    """Shape and strides of a tensor that need not exist (the padded equivalent of a packed batch):
+    what check_sizes reads of q, k, v, and cheaper to build than a meta tensor."""
+
+    __slots__ = ("shape", "_stride")
+
+    def __init__(self, shape, stride):
+        self.shape, self._stride = tuple(shape), tuple(stride)
+
+    def stride(self):
+        return self._stride
 
 
 def check_sizes(q, k, v, red, dropout_p: float, engine: str) -> None:
@@ -184,7 +209,7 @@ def check_sizes(q, k, v, red, dropout_p: float, engine: str) -> None:
         return
     b, h, sq, _ = q.shape
     sk = k.shape[2]
-    shape = f"q {_shape(q)}, k {_shape(k)}"
+    shape = _Lazy(lambda: f"q {_shape(q)}, k {_shape(k)}")      # formatted only for an error
     if dropout_p > 0.0 and (-(-sq // 4) * sk > 2**32 or b * h > 2**32):
         raise ValueError(
             f"dropout_p > 0 with {shape}: the dropout RNG counts (query // 4) * Sk + key in 32 bits, so "
@@ -194,8 +219,11 @@ def check_sizes(q, k, v, red, dropout_p: float, engine: str) -> None:
         if b * h > TRITON_MAX_GRID_Y:
             raise ValueError(f"{shape}: the Triton kernels launch B * H = {b * h} programs on grid axis y, "
                              f"at most {TRITON_MAX_GRID_Y}; split the batch")
-        out_extent = max(_extent(q), (sq - 1) * q.shape[3] + q.shape[3] - 1)   # out: q's layout or contiguous
-        for name, ext in (("q", _extent(q)), ("k", _extent(k)), ("v", _extent(v)), ("out", out_extent)):
+        ext_q, ext_k, ext_v = _extent(q), _extent(k), _extent(v)
+        out_extent = max(ext_q, sq * q.shape[3] - 1)     # out: q's layout or contiguous
+        if max(ext_q, ext_k, ext_v, out_extent) <= INT32_MAX:   # the common case: one comparison
+            ext_q = ext_k = ext_v = out_extent = 0
+        for name, ext in (("q", ext_q), ("k", ext_k), ("v", ext_v), ("out", out_extent)):
             if ext > INT32_MAX:
                 raise ValueError(
                     f"{name}: one (batch, head) slice of {shape} spans {ext + 1} elements (strides "

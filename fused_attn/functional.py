@@ -6,7 +6,7 @@ from typing import Optional, Union
 import torch
 
 from . import backends, masks, ops, reference
-from ._checks import check_causal, check_head_mask, check_qkv, check_scalars, check_sizes, check_varlen
+from ._checks import Geometry, check_causal, check_head_mask, check_qkv, check_scalars, check_sizes, check_varlen
 from ._rng import philox_seed_offset
 from .masks import ReducedMask
 
@@ -109,17 +109,16 @@ def varlen_attention(
     q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))
     name = backends.select(backend, q4)
     b, mq, mk = seqs.batch, seqs.max_seqlen_q, seqs.max_seqlen_k
+    red = masks.ReducedMask("none", b, q.shape[1], mq, mk)
     # the kernels' limits, on the padded shape the packed batch stands for (one sequence per batch entry)
-    padded = (torch.empty_strided((b, t.shape[1], m, t.shape[3]), (0, *t.stride()[1:]), dtype=t.dtype, device="meta")
-              for t, m in ((q4, mq), (k4, mk), (v4, mk)))      # shapes and strides only, no memory
-    check_sizes(*padded, masks.ReducedMask("none", b, q.shape[1], mq, mk), dropout_p, name)
+    check_sizes(*(Geometry((b, t.shape[1], m, t.shape[3]), (0, *t.stride()[1:]))
+                  for t, m in ((q4, mq), (k4, mk), (v4, mk))), red, dropout_p, name)
     if name == "reference":
         return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                           float(dropout_p), scale, causal)
     if q.shape[0] == 0:
         return q.new_zeros(q.shape)
     heads = q.shape[1]
-    red = masks.ReducedMask("none", seqs.batch, heads, seqs.max_seqlen_q, seqs.max_seqlen_k)
     seed, offset = 0, 0
     if dropout_p > 0.0:
         seed, offset = philox_seed_offset(q.device, seqs.batch * heads * seqs.max_seqlen_q * seqs.max_seqlen_k)

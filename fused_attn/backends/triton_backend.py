@@ -131,31 +131,72 @@ def _constexprs(red: ReducedMask, causal: bool, dropout_p: float, head_mask, var
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+# Launch plans: what a call's shapes, strides, dtype and flags decide (tiles, grid, strides, sizes,
+# constexprs), computed once per such signature, so a repeated call only allocates its outputs and
+# binds its tensors.  Bounded: cleared when it grows past _PLANS_MAX signatures.
+_PLANS: dict = {}
+_PLANS_MAX = 1024
+
+
+def _plan(key, make):
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        plan = _PLANS[key] = make()
+    return plan
+
+
+def _varlen_key(varlen):
+    return None if varlen is None else (varlen.batch, varlen.max_seqlen_q, varlen.max_seqlen_k)
+
+
+def _seq_tensors(varlen, dummy):
+    return (dummy, dummy) if varlen is None else (varlen.cu_seqlens_q, varlen.cu_seqlens_k)
+
+
+@dataclass(frozen=True)
+class _FwdPlan:
+    cfg: TileConfig
+    grid: Tuple[int, int]
+    visited_shape: Tuple[int, int, int]
+    lead: tuple           # q / k / v / out strides, H, Sq, Sk, D, scale · log2(e)
+    seq: tuple            # Tq, Tk, stride_lb, stride_lh
+    constexprs: dict
+
+
+def _fwd_plan(q, k, v, red, causal, scale, dropout_p, head_mask, config, stats, varlen) -> _FwdPlan:
+    D, H = q.shape[3], q.shape[1]
+    cfg = config or fwd_config(D, q.dtype, q.device)
+    B, Sq, Sk, bf, seq = _seq_args(q, k, varlen, None)
+    out_stride = torch.empty_like(q, device="meta").stride()     # what torch.empty_like(q) will give
+    n_qb = max(1, _cdiv(Sq, cfg.block_m))
+    block_d = max(16, _pow2(D))
+    lead = (*_strides(q, bf), *_strides(k, bf), *_strides(v, bf),
+            out_stride[0] * bf, *out_stride[1:], H, Sq, Sk, D, scale * triton_common.LOG2E)
+    kw = _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, cfg)
+    return _FwdPlan(cfg, (n_qb, B * H), (B, H, n_qb), lead, seq[2:], dict(WRITE_STATS=stats, **kw))
+
+
 def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: float,
             head_mask: Optional[torch.Tensor], seed: int = 0, rng_offset: int = 0,
             config: Optional[TileConfig] = None, stats: bool = False, varlen=None):
     """Returns (out [B, H, Sq, D] in q.dtype, lse [B, H, Sq] fp32 in log2 units[, stats]).
     With ``varlen``, q / k / v are [1, H, T, D] views of packed tensors (see _seq_args)."""
-    D = q.shape[3]
-    H = q.shape[1]
-    cfg = config or fwd_config(D, q.dtype, q.device)
+    key = ("fwd", q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device, red.kind, causal,
+           scale, dropout_p, head_mask is None, config, stats, _varlen_key(varlen))
+    plan = _plan(key, lambda: _fwd_plan(q, k, v, red, causal, scale, dropout_p, head_mask, config, stats, varlen))
     out = torch.empty_like(q)   # keeps q's layout when dense, e.g. HF's [B, S, H, D] storage
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     dummy = lse
-    B, Sq, Sk, bf, seq = _seq_args(q, k, varlen, dummy)
-    n_qb = max(1, _cdiv(Sq, cfg.block_m))
-    visited = torch.zeros((B * H * n_qb,), device=q.device, dtype=torch.int32) if stats else dummy
-    block_d = max(16, _pow2(D))
-    triton_fwd.attn_fwd_kernel[(n_qb, B * H)](
-        q, k, v, out, lse, visited,
-        *_strides(q, bf), *_strides(k, bf), *_strides(v, bf), *_strides(out, bf),
-        H, Sq, Sk, D, scale * triton_common.LOG2E, *seq,
-        *_mask_args(red, cfg, causal, dummy),
+    visited = torch.zeros(plan.visited_shape, device=q.device, dtype=torch.int32) if stats else dummy
+    triton_fwd.attn_fwd_kernel[plan.grid](
+        q, k, v, out, lse, visited, *plan.lead, *_seq_tensors(varlen, dummy), *plan.seq,
+        *_mask_args(red, plan.cfg, causal, dummy),
         *_head_mask_args(head_mask, dummy),
-        seed, rng_offset, float(dropout_p),
-        WRITE_STATS=stats, **_constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, cfg))
+        seed, rng_offset, float(dropout_p), **plan.constexprs)
     if stats:
-        return out, lse, visited.view(B, H, n_qb)
+        return out, lse, visited
     return out, lse
 
 
@@ -175,40 +216,69 @@ def bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> Tuple
 DELTA_BLOCK_M = 64
 
 
+@dataclass(frozen=True)
+class _BwdPlan:
+    cfg: TileConfig              # dK/dV tiles
+    dq_cfg: TileConfig           # dQ tiles
+    delta_grid: Tuple[int, int]
+    delta_args: tuple            # out / grad_out strides, H, rows, D
+    dkdv_grid: Tuple[int, int]
+    dkdv_strides: tuple          # q, k, v, grad_out, dk, dv
+    dq_grid: Tuple[int, int]
+    dq_strides: tuple            # q, k, v, grad_out, dq
+    sizes: tuple                 # H, Sq, Sk, D, scale · log2(e), scale
+    seq: tuple                   # Tq, Tk, stride_lb, stride_lh
+    block_d: int
+    dkdv_constexprs: dict
+    dq_constexprs: dict
+
+
+def _bwd_plan(grad_out, q, k, v, out, red, causal, scale, dropout_p, head_mask, config, dq_config,
+              varlen) -> _BwdPlan:
+    H, D = q.shape[1], q.shape[3]
+    B, Sq, Sk, bf, seq = _seq_args(q, k, varlen, None)
+    if config is None:
+        config, dq_config = bwd_config(D, q.dtype, q.device)
+    dq_config = dq_config or config
+    block_d = max(16, _pow2(D))
+    meta = {n: torch.empty_like(t, device="meta") for n, t in (("dq", q), ("dk", k), ("dv", v))}
+    st = {n: _strides(t, bf) for n, t in (("q", q), ("k", k), ("v", v), ("do", grad_out), *meta.items())}
+    return _BwdPlan(
+        config, dq_config,
+        (_cdiv(q.shape[2], DELTA_BLOCK_M), q.shape[0] * H), (*out.stride(), *grad_out.stride(), H, q.shape[2], D),
+        (max(1, _cdiv(Sk, config.block_n)), B * H), st["q"] + st["k"] + st["v"] + st["do"] + st["dk"] + st["dv"],
+        (max(1, _cdiv(Sq, dq_config.block_m)), B * H), st["q"] + st["k"] + st["v"] + st["do"] + st["dq"],
+        (H, Sq, Sk, D, scale * triton_common.LOG2E, scale), seq[2:], block_d,
+        _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, config),
+        _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, dq_config))
+
+
 def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale: float,
              dropout_p: float, head_mask: Optional[torch.Tensor], seed: int = 0, rng_offset: int = 0,
              config: Optional[TileConfig] = None, dq_config: Optional[TileConfig] = None, varlen=None):
     """Returns (dq, dk, dv) in the dtypes and layouts of q, k, v.  config / dq_config override
     the tiles of the dK/dV and dQ kernels (dq_config defaults to config)."""
-    H, D = q.shape[1], q.shape[3]
-    B, Sq, Sk, bf, seq = _seq_args(q, k, varlen, lse)
-    if config is None:
-        config, dq_config = bwd_config(D, q.dtype, q.device)
-    dq_config = dq_config or config
     if grad_out.dtype != q.dtype:
         grad_out = grad_out.to(q.dtype)
-    block_d = max(16, _pow2(D))
+    key = ("bwd", q.shape, q.stride(), k.shape, k.stride(), v.stride(), out.stride(), grad_out.stride(), q.dtype,
+           q.device, red.kind, causal, scale, dropout_p, head_mask is None, config, dq_config, _varlen_key(varlen))
+    plan = _plan(key, lambda: _bwd_plan(grad_out, q, k, v, out, red, causal, scale, dropout_p, head_mask, config,
+                                        dq_config, varlen))
     # rowsum(dO ∘ O), laid out like lse: a row-wise op, so packed rows need no sequence bounds
     delta = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
-    triton_bwd.bwd_delta_kernel[(_cdiv(q.shape[2], DELTA_BLOCK_M), q.shape[0] * H)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), H, q.shape[2], D,
-        BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d)
+    triton_bwd.bwd_delta_kernel[plan.delta_grid](out, grad_out, delta, *plan.delta_args,
+                                                 BLOCK_M=DELTA_BLOCK_M, BLOCK_D=plan.block_d)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dummy = lse
-    scalars = (H, Sq, Sk, D, scale * triton_common.LOG2E, scale, *seq)
+    tail = (*plan.sizes, *_seq_tensors(varlen, dummy), *plan.seq)
     head = _head_mask_args(head_mask, dummy)
     rng = (seed, rng_offset, float(dropout_p))
-    triton_bwd.attn_bwd_dkdv_kernel[(max(1, _cdiv(Sk, config.block_n)), B * H)](
-        q, k, v, grad_out, lse, delta, dk, dv,
-        *_strides(q, bf), *_strides(k, bf), *_strides(v, bf), *_strides(grad_out, bf), *_strides(dk, bf),
-        *_strides(dv, bf),
-        *scalars, *_mask_args(red, config, causal, dummy, transposed=True), *head, *rng,
-        **_constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, config))
-    triton_bwd.attn_bwd_dq_kernel[(max(1, _cdiv(Sq, dq_config.block_m)), B * H)](
-        q, k, v, grad_out, lse, delta, dq,
-        *_strides(q, bf), *_strides(k, bf), *_strides(v, bf), *_strides(grad_out, bf), *_strides(dq, bf),
-        *scalars, *_mask_args(red, dq_config, causal, dummy), *head, *rng,
-        **_constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, dq_config))
+    triton_bwd.attn_bwd_dkdv_kernel[plan.dkdv_grid](
+        q, k, v, grad_out, lse, delta, dk, dv, *plan.dkdv_strides, *tail,
+        *_mask_args(red, plan.cfg, causal, dummy, transposed=True), *head, *rng, **plan.dkdv_constexprs)
+    triton_bwd.attn_bwd_dq_kernel[plan.dq_grid](
+        q, k, v, grad_out, lse, delta, dq, *plan.dq_strides, *tail,
+        *_mask_args(red, plan.dq_cfg, causal, dummy), *head, *rng, **plan.dq_constexprs)
     return dq, dk, dv
 
 
