@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Everything we measure on a GPU machine, in one command (torch/triton/transformers preinstalled):
 #   bash benchmarks/run_gpu.sh OUT_DIR [STEPS]
-# STEPS: space-separated subset of "tests bench train hf hf-large cuda" (default: all).  Each step has its
+# STEPS: space-separated subset of "tests bench train varlen host hf hf-large cuda" (default: all).  Each step has its
 # own time limit so one slow step cannot starve the others; logs and CSVs land in OUT_DIR.
-# All steps take longer than one device call (10 min): run them as "tests bench train",
+# All steps take longer than one device call (10 min): run them as "tests bench train varlen host",
 # "hf hf-large" and "cuda".
 set -u
 out=${1:?usage: run_gpu.sh OUT_DIR [STEPS]}
-steps=${2:-"tests bench train hf hf-large cuda"}
+steps=${2:-"tests bench train varlen host hf hf-large cuda"}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 log="$out/gpu.log"
@@ -24,6 +24,8 @@ for step in $steps; do
              --methods fused_triton,eager,sdpa_mask,sdpa_nomask,flex >>"$log" 2>&1 ;;
     train) timeout 160 python -m benchmarks --preset train-target --out "$out" --no-plot --quiet \
              --methods fused_triton,eager,sdpa_mask,sdpa_nomask,flex >>"$log" 2>&1 ;;
+    varlen) timeout 120 python -m benchmarks --preset varlen --out "$out" --no-plot --quiet >>"$log" 2>&1 ;;
+    host)  timeout 60 python -m benchmarks.host_cost --device cuda >>"$log" 2>&1 ;;
     hf)    timeout 130 python benchmarks/bench_hf.py --out "$out/bench_hf.csv" --iters 20 >>"$log" 2>&1 ;;
     hf-large) timeout 200 python benchmarks/bench_hf.py --models bert-large --out "$out/bench_hf_large.csv" \
              --iters 10 >>"$log" 2>&1 ;;
