@@ -160,7 +160,9 @@ class _FwdPlan:
     cfg: TileConfig
     grid: Tuple[int, int]
     visited_shape: Tuple[int, int, int]
-    lead: tuple           # q / k / v / out strides, H, Sq, Sk, D, scale · log2(e)
+    bf: int               # batch-stride factor (0: packed)
+    qkv: tuple            # q / k / v strides
+    sizes: tuple          # H, Sq, Sk, D, scale · log2(e)
     seq: tuple            # Tq, Tk, stride_lb, stride_lh
     constexprs: dict
 
@@ -169,13 +171,11 @@ def _fwd_plan(q, k, v, red, causal, scale, dropout_p, head_mask, config, stats, 
     D, H = q.shape[3], q.shape[1]
     cfg = config or fwd_config(D, q.dtype, q.device)
     B, Sq, Sk, bf, seq = _seq_args(q, k, varlen, None)
-    out_stride = torch.empty_like(q, device="meta").stride()     # what torch.empty_like(q) will give
     n_qb = max(1, _cdiv(Sq, cfg.block_m))
     block_d = max(16, _pow2(D))
-    lead = (*_strides(q, bf), *_strides(k, bf), *_strides(v, bf),
-            out_stride[0] * bf, *out_stride[1:], H, Sq, Sk, D, scale * triton_common.LOG2E)
     kw = _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, cfg)
-    return _FwdPlan(cfg, (n_qb, B * H), (B, H, n_qb), lead, seq[2:], dict(WRITE_STATS=stats, **kw))
+    return _FwdPlan(cfg, (n_qb, B * H), (B, H, n_qb), bf, (*_strides(q, bf), *_strides(k, bf), *_strides(v, bf)),
+                    (H, Sq, Sk, D, scale * triton_common.LOG2E), seq[2:], dict(WRITE_STATS=stats, **kw))
 
 
 def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: float,
@@ -191,7 +191,8 @@ def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: fl
     dummy = lse
     visited = torch.zeros(plan.visited_shape, device=q.device, dtype=torch.int32) if stats else dummy
     triton_fwd.attn_fwd_kernel[plan.grid](
-        q, k, v, out, lse, visited, *plan.lead, *_seq_tensors(varlen, dummy), *plan.seq,
+        q, k, v, out, lse, visited, *plan.qkv, *_strides(out, plan.bf), *plan.sizes,
+        *_seq_tensors(varlen, dummy), *plan.seq,
         *_mask_args(red, plan.cfg, causal, dummy),
         *_head_mask_args(head_mask, dummy),
         seed, rng_offset, float(dropout_p), **plan.constexprs)
@@ -222,10 +223,10 @@ class _BwdPlan:
     dq_cfg: TileConfig           # dQ tiles
     delta_grid: Tuple[int, int]
     delta_args: tuple            # out / grad_out strides, H, rows, D
+    bf: int                      # batch-stride factor (0: packed)
+    inputs: tuple                # q, k, v, grad_out strides
     dkdv_grid: Tuple[int, int]
-    dkdv_strides: tuple          # q, k, v, grad_out, dk, dv
     dq_grid: Tuple[int, int]
-    dq_strides: tuple            # q, k, v, grad_out, dq
     sizes: tuple                 # H, Sq, Sk, D, scale · log2(e), scale
     seq: tuple                   # Tq, Tk, stride_lb, stride_lh
     block_d: int
@@ -241,13 +242,11 @@ def _bwd_plan(grad_out, q, k, v, out, red, causal, scale, dropout_p, head_mask, 
         config, dq_config = bwd_config(D, q.dtype, q.device)
     dq_config = dq_config or config
     block_d = max(16, _pow2(D))
-    meta = {n: torch.empty_like(t, device="meta") for n, t in (("dq", q), ("dk", k), ("dv", v))}
-    st = {n: _strides(t, bf) for n, t in (("q", q), ("k", k), ("v", v), ("do", grad_out), *meta.items())}
     return _BwdPlan(
         config, dq_config,
         (_cdiv(q.shape[2], DELTA_BLOCK_M), q.shape[0] * H), (*out.stride(), *grad_out.stride(), H, q.shape[2], D),
-        (max(1, _cdiv(Sk, config.block_n)), B * H), st["q"] + st["k"] + st["v"] + st["do"] + st["dk"] + st["dv"],
-        (max(1, _cdiv(Sq, dq_config.block_m)), B * H), st["q"] + st["k"] + st["v"] + st["do"] + st["dq"],
+        bf, (*_strides(q, bf), *_strides(k, bf), *_strides(v, bf), *_strides(grad_out, bf)),
+        (max(1, _cdiv(Sk, config.block_n)), B * H), (max(1, _cdiv(Sq, dq_config.block_m)), B * H),
         (H, Sq, Sk, D, scale * triton_common.LOG2E, scale), seq[2:], block_d,
         _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, config),
         _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, dq_config))
@@ -274,10 +273,10 @@ def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale:
     head = _head_mask_args(head_mask, dummy)
     rng = (seed, rng_offset, float(dropout_p))
     triton_bwd.attn_bwd_dkdv_kernel[plan.dkdv_grid](
-        q, k, v, grad_out, lse, delta, dk, dv, *plan.dkdv_strides, *tail,
+        q, k, v, grad_out, lse, delta, dk, dv, *plan.inputs, *_strides(dk, plan.bf), *_strides(dv, plan.bf), *tail,
         *_mask_args(red, plan.cfg, causal, dummy, transposed=True), *head, *rng, **plan.dkdv_constexprs)
     triton_bwd.attn_bwd_dq_kernel[plan.dq_grid](
-        q, k, v, grad_out, lse, delta, dq, *plan.dq_strides, *tail,
+        q, k, v, grad_out, lse, delta, dq, *plan.inputs, *_strides(dq, plan.bf), *tail,
         *_mask_args(red, plan.dq_cfg, causal, dummy), *head, *rng, **plan.dq_constexprs)
     return dq, dk, dv
 
