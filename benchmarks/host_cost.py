@@ -5,7 +5,8 @@
 
 CPU: the Triton engine under TRITON_INTERPRET=1 with every kernel launch replaced by a no-op, so
 the time is the Python path alone (checks, mask reduction, engine choice, RNG draw, autograd,
-argument binding).  GPU: real launches on a shape small enough that the GPU finishes first;
+argument binding).  bwd_engine is the engine's backward called directly; bwd / bwd_dropout go
+through torch.autograd.grad, whose own cost on the cheapest node is autograd_floor.  GPU: real launches on a shape small enough that the GPU finishes first;
 calls are issued back to back without a sync, so the wall time per call is the host's.
 On CPU the clock is the thread's CPU time (a loaded machine does not inflate it).
 Issue 13's target: ≤ 25 µs for a forward and for a backward.  Median of repeated rounds, µs.
@@ -20,7 +21,20 @@ import time
 
 import torch
 
-CASES = ("fwd", "fwd_mask", "fwd_grad", "fwd_grad_dropout", "bwd", "bwd_dropout", "varlen_fwd")
+CASES = ("fwd", "fwd_mask", "fwd_grad", "fwd_grad_dropout", "bwd_engine", "bwd", "bwd_dropout", "autograd_floor",
+         "varlen_fwd")
+
+
+class _Identity(torch.autograd.Function):
+    """The cheapest autograd node: what torch.autograd.backward costs before any of our code."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
 
 
 class _NoLaunch:
@@ -86,17 +100,27 @@ def measure(device: torch.device, n: int = 200, rounds: int = 7, B: int = 2, H: 
     out = fwd_grad(0.0)()
     out_d = fwd_grad(0.1)()
 
-    def bwd(o):
-        # the autograd node's backward alone (graph retained, so it can run again)
-        return lambda: torch.autograd.backward(o, grad, retain_graph=True)
+    def bwd(o, inputs=(qg, kg, vg)):
+        # the autograd node's backward (graph retained, so it can run again); autograd.grad returns
+        # the gradients instead of adding them into .grad, which would be arithmetic, not host cost
+        return lambda: torch.autograd.grad(o, inputs, grad, retain_graph=True)
+
+    from fused_attn import backends, masks
+    engine = backends.get(backend)
+    red = masks.reduce_mask(pad, B, H, S, S, device=device)
+    o, lse = engine.forward(q, k, v, red, causal=False, dropout_p=0.0, scale=D ** -0.5)
+    floor = _Identity.apply(qg)
 
     fns = {
         "fwd": lambda: fused_attn.attention(q, k, v, backend=backend),
         "fwd_mask": lambda: fused_attn.attention(q, k, v, pad, backend=backend),
         "fwd_grad": fwd_grad(0.0),
         "fwd_grad_dropout": fwd_grad(0.1),
+        "bwd_engine": lambda: engine.backward(grad, q, k, v, o, lse, red, causal=False, dropout_p=0.0,
+                                              scale=D ** -0.5),
         "bwd": bwd(out),
         "bwd_dropout": bwd(out_d),
+        "autograd_floor": bwd(floor, (qg,)),
         "varlen_fwd": lambda: fused_attn.varlen_attention(qp, kp, vp, cu, cu, S, S, backend=backend),
     }
     return {name: _per_call_us(fns[name], device, n, rounds) for name in CASES}
