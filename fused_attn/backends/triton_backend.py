@@ -10,6 +10,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .._rng import check_rng
 from ..masks import ReducedMask
 from . import Engine
 
@@ -122,6 +123,16 @@ def _head_mask_args(head_mask: Optional[torch.Tensor], dummy: torch.Tensor):
     return head_mask, (0 if head_mask.shape[0] == 1 else head_mask.stride(0)), head_mask.stride(1)
 
 
+def _dropout_args(dropout_p: float, rng: Optional[torch.Tensor], q: torch.Tensor, dummy: torch.Tensor):
+    """The kernels' (Rng, dropout_p): the (seed, offset) tensor they load, and p."""
+    if dropout_p <= 0.0:
+        return dummy, 0.0
+    if rng is None:
+        raise ValueError("dropout_p > 0 needs the rng tensor (seed, offset)")
+    check_rng(rng, q.device)
+    return rng, float(dropout_p)
+
+
 def _constexprs(red: ReducedMask, causal: bool, dropout_p: float, head_mask, varlen, D: int, block_d: int,
                 cfg: TileConfig) -> dict:
     """The constexprs the forward and backward kernels share, and the launch options."""
@@ -132,7 +143,7 @@ def _constexprs(red: ReducedMask, causal: bool, dropout_p: float, head_mask, var
 
 
 def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: float,
-            head_mask: Optional[torch.Tensor], seed: int = 0, rng_offset: int = 0,
+            head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor] = None,
             config: Optional[TileConfig] = None, stats: bool = False, varlen=None):
     """Returns (out [B, H, Sq, D] in q.dtype, lse [B, H, Sq] fp32 in log2 units[, stats]).
     With ``varlen``, q / k / v are [1, H, T, D] views of packed tensors (see _seq_args)."""
@@ -152,7 +163,7 @@ def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: fl
         H, Sq, Sk, D, scale * triton_common.LOG2E, *seq,
         *_mask_args(red, cfg, causal, dummy),
         *_head_mask_args(head_mask, dummy),
-        seed, rng_offset, float(dropout_p),
+        *_dropout_args(dropout_p, rng, q, dummy),
         WRITE_STATS=stats, **_constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, cfg))
     if stats:
         return out, lse, visited.view(B, H, n_qb)
@@ -176,7 +187,7 @@ DELTA_BLOCK_M = 64
 
 
 def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale: float,
-             dropout_p: float, head_mask: Optional[torch.Tensor], seed: int = 0, rng_offset: int = 0,
+             dropout_p: float, head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor] = None,
              config: Optional[TileConfig] = None, dq_config: Optional[TileConfig] = None, varlen=None):
     """Returns (dq, dk, dv) in the dtypes and layouts of q, k, v.  config / dq_config override
     the tiles of the dK/dV and dQ kernels (dq_config defaults to config)."""
@@ -197,28 +208,29 @@ def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale:
     dummy = lse
     scalars = (H, Sq, Sk, D, scale * triton_common.LOG2E, scale, *seq)
     head = _head_mask_args(head_mask, dummy)
-    rng = (seed, rng_offset, float(dropout_p))
+    drop = _dropout_args(dropout_p, rng, q, dummy)
     triton_bwd.attn_bwd_dkdv_kernel[(max(1, _cdiv(Sk, config.block_n)), B * H)](
         q, k, v, grad_out, lse, delta, dk, dv,
         *_strides(q, bf), *_strides(k, bf), *_strides(v, bf), *_strides(grad_out, bf), *_strides(dk, bf),
         *_strides(dv, bf),
-        *scalars, *_mask_args(red, config, causal, dummy, transposed=True), *head, *rng,
+        *scalars, *_mask_args(red, config, causal, dummy, transposed=True), *head, *drop,
         **_constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, config))
     triton_bwd.attn_bwd_dq_kernel[(max(1, _cdiv(Sq, dq_config.block_m)), B * H)](
         q, k, v, grad_out, lse, delta, dq,
         *_strides(q, bf), *_strides(k, bf), *_strides(v, bf), *_strides(grad_out, bf), *_strides(dq, bf),
-        *scalars, *_mask_args(red, dq_config, causal, dummy), *head, *rng,
+        *scalars, *_mask_args(red, dq_config, causal, dummy), *head, *drop,
         **_constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, dq_config))
     return dq, dk, dv
 
 
 def dropout_keep_mask(batch: int, heads: int, q_len: int, k_len: int, dropout_p: float,
-                      seed: int, rng_offset: int, device) -> torch.Tensor:
-    """The bool keep-mask [B, H, Sq, Sk] the kernels apply for this (seed, offset): a testing
-    hook, so the reference can apply exactly the same dropout."""
-    keep = torch.empty((batch, heads, q_len, k_len), dtype=torch.int8, device=device)
+                      rng: torch.Tensor) -> torch.Tensor:
+    """The bool keep-mask [B, H, Sq, Sk] the kernels apply for the (seed, offset) in rng, on rng's
+    device: a testing hook, so the reference can apply exactly the same dropout."""
+    check_rng(rng, rng.device)
+    keep = torch.empty((batch, heads, q_len, k_len), dtype=torch.int8, device=rng.device)
     grid = (_cdiv(q_len, 32), _cdiv(k_len, 32), batch * heads)
-    triton_keep.dropout_keep_kernel[grid](keep, heads, q_len, k_len, seed, rng_offset, float(dropout_p),
+    triton_keep.dropout_keep_kernel[grid](keep, heads, q_len, k_len, rng, float(dropout_p),
                                           BLOCK_M=32, BLOCK_N=32)
     return keep.bool()
 
@@ -245,17 +257,16 @@ class TritonEngine(Engine):
             out.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}")
         return out
 
-    def forward(self, q, k, v, red, *, causal, dropout_p, scale, head_mask=None, seed=0, offset=0, varlen=None,
+    def forward(self, q, k, v, red, *, causal, dropout_p, scale, head_mask=None, rng=None, varlen=None,
                 stats=False):
-        return forward(q, k, v, red, causal, scale, dropout_p, head_mask, seed, offset, stats=stats, varlen=varlen)
+        return forward(q, k, v, red, causal, scale, dropout_p, head_mask, rng, stats=stats, varlen=varlen)
 
-    def backward(self, grad_out, q, k, v, out, lse, red, *, causal, dropout_p, scale, head_mask=None, seed=0,
-                 offset=0, varlen=None):
-        return backward(grad_out, q, k, v, out, lse, red, causal, scale, dropout_p, head_mask, seed, offset,
-                        varlen=varlen)
+    def backward(self, grad_out, q, k, v, out, lse, red, *, causal, dropout_p, scale, head_mask=None, rng=None,
+                 varlen=None):
+        return backward(grad_out, q, k, v, out, lse, red, causal, scale, dropout_p, head_mask, rng, varlen=varlen)
 
-    def keep_mask(self, batch, heads, q_len, k_len, dropout_p, seed, offset, device):
-        return dropout_keep_mask(batch, heads, q_len, k_len, dropout_p, seed, offset, device)
+    def keep_mask(self, batch, heads, q_len, k_len, dropout_p, rng):
+        return dropout_keep_mask(batch, heads, q_len, k_len, dropout_p, rng)
 
 
 ENGINE = TritonEngine()
