@@ -192,7 +192,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
       // -- epilogue: rows that saw nothing give exactly 0 and lse = +inf
       float keep_scale = head_scale(hm, b, h);
-      if (dropout) keep_scale /= (1.f - drop.p);
+      if (dropout) keep_scale *= drop.scale;
       T* Ob = O + seq.b * os[0] + h * os[1] + seq.q0 * os[2];
       float* Lb = L + lay.lse_row(seq, h, H);
       for (int64_t r = 0; r < rows; ++r) {
@@ -255,7 +255,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
       std::fill(dKa, dKa + (Sk + BLOCK_N) * Dp, 0.f);
       std::fill(dVa, dVa + (Sk + BLOCK_N) * Dp, 0.f);
       float keep_scale = head_scale(hm, b, h);
-      if (dropout) keep_scale /= (1.f - drop.p);
+      if (dropout) keep_scale *= drop.scale;
       const T* Kh = K + seq.b * ks[0] + h * ks[1] + seq.k0 * ks[2];
       const T* Vh = V + seq.b * vs[0] + h * vs[1] + seq.k0 * vs[2];
       const float* Lh = L + lay.lse_row(seq, h, H);

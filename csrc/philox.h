@@ -23,6 +23,7 @@ namespace fused_attn_kernels {
 // values a graph-captured torch.randint wrote, never with values frozen at capture time.
 struct DropoutParams {
   float p = 0.f;            // drop probability; 0 disables dropout
+  float scale = 1.f;        // factor on kept probabilities: 1 / (1 - p) in double, rounded once
   const int64_t* state = nullptr;  // (seed, offset); read by load_state()
   uint32_t k0 = 0, k1 = 0;  // Philox key
   uint32_t c2 = 0, c3 = 0;  // counter words 2 and 3 (the offset)
@@ -30,6 +31,7 @@ struct DropoutParams {
   static DropoutParams make(double p, const int64_t* state) {
     DropoutParams d;
     d.p = static_cast<float>(p);
+    d.scale = p > 0.0 ? static_cast<float>(1.0 / (1.0 - p)) : 1.f;
     d.state = state;
     return d;
   }

@@ -81,10 +81,10 @@ __device__ __noinline__ bool keep_element(DropoutParams d, int64_t i, int64_t j,
   return dropout_keep(d, i, j, Sk, bh);
 }
 
-// The factor on kept probabilities: head_mask[b, h] / (1 - p).
+// The factor on kept probabilities: head_mask[b, h] / (1 - p), 1 / (1 - p) rounded once on the host.
 __device__ __forceinline__ float prob_scale(const HeadMask& hm, const DropoutParams& drop, int64_t b, int64_t h) {
   const float s = hm.ptr ? hm.ptr[b * hm.s_b + h * hm.s_h] : 1.f;
-  return drop.p > 0.f ? s / (1.f - drop.p) : s;
+  return drop.p > 0.f ? s * drop.scale : s;
 }
 
 // What one tile needs: visible keys [lo, hi), whether mask values must be read.

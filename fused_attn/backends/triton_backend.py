@@ -124,13 +124,15 @@ def _head_mask_args(head_mask: Optional[torch.Tensor], dummy: torch.Tensor):
 
 
 def _dropout_args(dropout_p: float, rng: Optional[torch.Tensor], q: torch.Tensor, dummy: torch.Tensor):
-    """The kernels' (Rng, dropout_p): the (seed, offset) tensor they load, and p."""
+    """The kernels' (Rng, dropout_p, dropout_scale): the (seed, offset) tensor they load, and the
+    factor on kept probabilities, 1 / (1 - p) rounded once from double (as the reference's value:
+    an fp32 1 / (1 - p) would be off by an ulp for p = 0.6)."""
     if dropout_p <= 0.0:
-        return dummy, 0.0
+        return dummy, 0.0, 1.0
     if rng is None:
         raise ValueError("dropout_p > 0 needs the rng tensor (seed, offset)")
     check_rng(rng, q.device)
-    return rng, float(dropout_p)
+    return rng, float(dropout_p), 1.0 / (1.0 - float(dropout_p))
 
 
 def _constexprs(red: ReducedMask, causal: bool, dropout_p: float, head_mask, varlen, D: int, block_d: int,

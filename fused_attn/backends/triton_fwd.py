@@ -115,7 +115,7 @@ def attn_fwd_kernel(
     PartCount, PartIndex, FullCount, FullIndex,
     stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
     HeadMask, stride_hb, stride_hh,
-    Rng, dropout_p,
+    Rng, dropout_p, dropout_scale,
     MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_HEAD_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     WRITE_STATS: tl.constexpr, VARLEN: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -193,7 +193,7 @@ def attn_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out_scale = 1.0 / l_safe
     if DROPOUT:
-        out_scale = out_scale / (1.0 - dropout_p)
+        out_scale = out_scale * dropout_scale
     if HAS_HEAD_MASK:
         out_scale = out_scale * tl.load(HeadMask + b * stride_hb + h * stride_hh).to(tl.float32)
     acc = acc * out_scale[:, None]
