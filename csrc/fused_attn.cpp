@@ -192,7 +192,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
       // -- epilogue: rows that saw nothing give exactly 0 and lse = +inf
       float keep_scale = head_scale(hm, b, h);
-      if (dropout) keep_scale /= (1.f - drop.p);
+      if (dropout) keep_scale *= drop.scale;
       T* Ob = O + seq.b * os[0] + h * os[1] + seq.q0 * os[2];
       float* Lb = L + lay.lse_row(seq, h, H);
       for (int64_t r = 0; r < rows; ++r) {
@@ -255,7 +255,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
       std::fill(dKa, dKa + (Sk + BLOCK_N) * Dp, 0.f);
       std::fill(dVa, dVa + (Sk + BLOCK_N) * Dp, 0.f);
       float keep_scale = head_scale(hm, b, h);
-      if (dropout) keep_scale /= (1.f - drop.p);
+      if (dropout) keep_scale *= drop.scale;
       const T* Kh = K + seq.b * ks[0] + h * ks[1] + seq.k0 * ks[2];
       const T* Vh = V + seq.b * vs[0] + h * vs[1] + seq.k0 * vs[2];
       const float* Lh = L + lay.lse_row(seq, h, H);
@@ -351,7 +351,7 @@ void check_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
 std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const OptT& mask,
                                            const OptT& key_start, const OptT& key_end, const OptT& key_needs_mask,
                                            const OptT& block_state, const OptT& head_mask, bool additive, bool causal, double scale,
-                                           double dropout_p, int64_t seed, int64_t rng_offset, int64_t block_m,
+                                           double dropout_p, const OptT& rng, int64_t block_m,
                                            int64_t block_n, const OptT& cu_seqlens_q, const OptT& cu_seqlens_k,
                                            int64_t max_seqlen_q, int64_t max_seqlen_k) {
   check_qkv(q, k, v);
@@ -362,7 +362,8 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, con
   const MaskDesc md = make_mask_desc(q, k.size(2), mask, additive, key_start, key_end, key_needs_mask,
                                      block_state, block_m, block_n);
   const HeadMask hm = make_head_mask(head_mask, q);
-  const DropoutParams drop = DropoutParams::make(dropout_p, seed, rng_offset);
+  DropoutParams drop = make_dropout(dropout_p, rng, q.device());
+  drop.load_state();   // a CPU tensor: read on the host
   const int64_t B = seq_count(q, cu_seqlens_q);
   Tensor out, lse, visited;
   allocate_forward(q, lay, B, block_m, out, lse, visited);
@@ -378,8 +379,8 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cpu(const Tensor& grad_out, const Tensor&
                                            const OptT& mask, const OptT& key_start, const OptT& key_end,
                                            const OptT& key_needs_mask, const OptT& block_state,
                                            const OptT& head_mask, bool additive,
-                                           bool causal, double scale, double dropout_p, int64_t seed,
-                                           int64_t rng_offset, int64_t block_m, int64_t block_n,
+                                           bool causal, double scale, double dropout_p, const OptT& rng,
+                                           int64_t block_m, int64_t block_n,
                                            const OptT& cu_seqlens_q, const OptT& cu_seqlens_k, int64_t max_seqlen_q,
                                            int64_t max_seqlen_k) {
   check_qkv(q, k, v);
@@ -396,7 +397,8 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cpu(const Tensor& grad_out, const Tensor&
   const MaskDesc md = make_mask_desc(q, k.size(2), mask, additive, key_start, key_end, key_needs_mask,
                                      block_state, block_m, block_n);
   const HeadMask hm = make_head_mask(head_mask, q);
-  const DropoutParams drop = DropoutParams::make(dropout_p, seed, rng_offset);
+  DropoutParams drop = make_dropout(dropout_p, rng, q.device());
+  drop.load_state();
   Tensor dq, dk, dv;
   allocate_backward(q, k, v, lay, dq, dk, dv);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fused_attn_bwd_cpu", [&] {
@@ -406,10 +408,11 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cpu(const Tensor& grad_out, const Tensor&
   return {dq, dk, dv};
 }
 
-Tensor dropout_keep_cpu(const Tensor& like, int64_t batch, int64_t heads, int64_t q_len, int64_t k_len,
-                        double dropout_p, int64_t seed, int64_t rng_offset) {
-  const DropoutParams drop = DropoutParams::make(dropout_p, seed, rng_offset);
-  Tensor keep = at::empty({batch, heads, q_len, k_len}, like.options().dtype(at::kBool));
+Tensor dropout_keep_cpu(const Tensor& rng, int64_t batch, int64_t heads, int64_t q_len, int64_t k_len,
+                        double dropout_p) {
+  DropoutParams drop = make_dropout(dropout_p, rng, rng.device());
+  drop.load_state();
+  Tensor keep = at::empty({batch, heads, q_len, k_len}, rng.options().dtype(at::kBool));
   bool* p = keep.data_ptr<bool>();
   at::parallel_for(0, batch * heads * q_len, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {

@@ -181,6 +181,19 @@ inline HeadMask make_head_mask(const std::optional<at::Tensor>& hm, const at::Te
   return h;
 }
 
+// Dropout parameters of a call: p, the scale, and the (seed, offset) tensor rng (contiguous int64 [2]
+// on `device`), whose values the kernels read -- DropoutParams::load_state() -- never this function.
+inline DropoutParams make_dropout(double p, const std::optional<at::Tensor>& rng, const at::Device& device) {
+  if (!(p > 0.0)) return DropoutParams::make(0.0, nullptr);
+  TORCH_CHECK(rng.has_value(), "fused_attn: dropout_p > 0 needs rng, the (seed, offset) int64 tensor [2]");
+  const auto& t = *rng;
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == 2 && t.is_contiguous() &&
+                  t.device() == device,
+              "fused_attn: rng must be a contiguous int64 tensor [2] (seed, offset) on ", device, ", got ",
+              t.sizes(), " ", t.scalar_type(), " on ", t.device());
+  return DropoutParams::make(p, t.data_ptr<int64_t>());
+}
+
 // The SeqLayout of a call: padded when cu_seqlens_q / _k are absent, packed when both are given
 // (then q [1, H, Tq, D], k [1, H, Tk, D], cu_seqlens int32 [B + 1] on q's device, and no mask
 // values, key ranges, block map or head mask: the op's TORCH_CHECKs say so).

@@ -5,6 +5,10 @@
 // cu_seqlens_q / _k (int32 [B + 1], both or neither) switch to packed ("varlen") batches:
 // q [1, H, Tq, D], k / v [1, H, Tk, D], lse [1, H, Tq], sequence b at rows cu[b] .. cu[b + 1] (at
 // most max_seqlen_q / _k of them); see SeqLayout in mask_desc.h.
+//
+// rng: the dropout Philox (seed, offset), a contiguous int64 tensor [2] on q's device that the kernels
+// read (the CUDA kernels on the device: graph-safe); required when dropout_p > 0.  dropout_keep draws
+// the keep-mask on rng's device.
 #pragma once
 
 namespace fused_attn_kernels {
@@ -12,19 +16,18 @@ namespace fused_attn_kernels {
 constexpr const char* kFwdSchema =
     "fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? key_start, Tensor? key_end, Tensor? key_needs_mask, "
     "Tensor? block_state, Tensor? head_mask, bool additive, bool causal, "
-    "float scale, float dropout_p, int seed, int rng_offset, int block_m, int block_n, "
+    "float scale, float dropout_p, Tensor? rng, int block_m, int block_n, "
     "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0) "
     "-> (Tensor out, Tensor lse, Tensor visited)";
 
 constexpr const char* kBwdSchema =
     "bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
     "Tensor? key_start, Tensor? key_end, Tensor? key_needs_mask, Tensor? block_state, Tensor? head_mask, "
-    "bool additive, bool causal, float scale, float dropout_p, int seed, int rng_offset, int block_m, int block_n, "
+    "bool additive, bool causal, float scale, float dropout_p, Tensor? rng, int block_m, int block_n, "
     "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0) "
     "-> (Tensor dq, Tensor dk, Tensor dv)";
 
 constexpr const char* kDropoutKeepSchema =
-    "dropout_keep(Tensor like, int batch, int heads, int q_len, int k_len, float dropout_p, int seed, "
-    "int rng_offset) -> Tensor";
+    "dropout_keep(Tensor rng, int batch, int heads, int q_len, int k_len, float dropout_p) -> Tensor";
 
 }  // namespace fused_attn_kernels

@@ -1,7 +1,7 @@
 // Counter-based dropout RNG shared by the CPU and CUDA kernels.
 //
 // Philox-4x32 with 10 rounds, laid out exactly like the Triton kernels
-// (fused_attn/backends/triton_fwd.py, _dropout_keep): key = the 63-bit seed as two 31-bit
+// (fused_attn/backends/triton_common.py, dropout_keep): key = the (62-bit) seed as two 31-bit
 // halves, counter = ((row / 4) * Sk + col, batch * H + head, rng_offset as two 31-bit halves).
 // Output word row % 4 becomes a uniform float the way triton.language.uint_to_uniform_float
 // does, and an element is kept iff uniform >= p.  The keep-mask is a function of the element's
@@ -18,19 +18,33 @@
 
 namespace fused_attn_kernels {
 
+// The (seed, offset) pair lives in memory the kernels read (an int64 tensor [2], fused_attn/_rng.py):
+// on a GPU a device pointer, read by each kernel with load_state(), so a CUDA graph replays with the
+// values a graph-captured torch.randint wrote, never with values frozen at capture time.
 struct DropoutParams {
-  float p = 0.f;          // drop probability; 0 disables dropout
+  float p = 0.f;            // drop probability; 0 disables dropout
+  float scale = 1.f;        // factor on kept probabilities: 1 / (1 - p) in double, rounded once
+  const int64_t* state = nullptr;  // (seed, offset); read by load_state()
   uint32_t k0 = 0, k1 = 0;  // Philox key
   uint32_t c2 = 0, c3 = 0;  // counter words 2 and 3 (the offset)
 
-  static DropoutParams make(double p, int64_t seed, int64_t offset) {
+  static DropoutParams make(double p, const int64_t* state) {
     DropoutParams d;
     d.p = static_cast<float>(p);
-    d.k0 = static_cast<uint32_t>(seed & 0x7FFFFFFF);
-    d.k1 = static_cast<uint32_t>((seed >> 31) & 0x7FFFFFFF);
-    d.c2 = static_cast<uint32_t>(offset & 0x7FFFFFFF);
-    d.c3 = static_cast<uint32_t>((offset >> 31) & 0x7FFFFFFF);
+    d.scale = p > 0.0 ? static_cast<float>(1.0 / (1.0 - p)) : 1.f;
+    d.state = state;
     return d;
+  }
+
+  // Key and counter words from *state (memory of the caller's side: host for the CPU kernel, device
+  // for the CUDA kernels, which call it first thing).  No-op without dropout.
+  FA_HOST_DEVICE void load_state() {
+    if (p <= 0.f || state == nullptr) return;
+    const int64_t seed = state[0], offset = state[1];
+    k0 = static_cast<uint32_t>(seed & 0x7FFFFFFF);
+    k1 = static_cast<uint32_t>((seed >> 31) & 0x7FFFFFFF);
+    c2 = static_cast<uint32_t>(offset & 0x7FFFFFFF);
+    c3 = static_cast<uint32_t>((offset >> 31) & 0x7FFFFFFF);
   }
 };
 

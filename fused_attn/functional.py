@@ -7,7 +7,7 @@ import torch
 
 from . import backends, masks, ops, reference
 from ._checks import Geometry, check_causal, check_head_mask, check_qkv, check_scalars, check_sizes, check_varlen
-from ._rng import philox_seed_offset
+from ._rng import philox_rng
 from .masks import ReducedMask
 
 
@@ -56,10 +56,8 @@ def attention(
         return reference.attention(q, k, v, red, causal, float(dropout_p), scale, head_mask)
     if hm is not None:
         hm = hm.detach().to(torch.float32)
-    seed, offset = 0, 0
-    if dropout_p > 0.0:
-        seed, offset = philox_seed_offset(q.device, s.batch * s.heads * s.q_len * s.k_len)
-    return ops.fused_attention(q, k, v, red, hm, causal, scale, float(dropout_p), name, seed, offset)
+    rng = philox_rng(q.device) if dropout_p > 0.0 else None
+    return ops.fused_attention(q, k, v, red, hm, causal, scale, float(dropout_p), name, rng)
 
 
 def varlen_attention(
@@ -118,10 +116,6 @@ def varlen_attention(
                                           float(dropout_p), scale, causal)
     if q.shape[0] == 0:
         return q.new_zeros(q.shape)
-    heads = q.shape[1]
-    seed, offset = 0, 0
-    if dropout_p > 0.0:
-        seed, offset = philox_seed_offset(q.device, seqs.batch * heads * seqs.max_seqlen_q * seqs.max_seqlen_k)
-    out = ops.fused_attention(q4, k4, v4, red, None, causal, scale, float(dropout_p), name, seed, offset,
-                              varlen=seqs)
+    rng = philox_rng(q.device) if dropout_p > 0.0 else None
+    out = ops.fused_attention(q4, k4, v4, red, None, causal, scale, float(dropout_p), name, rng, varlen=seqs)
     return out[0].transpose(0, 1)

@@ -1,6 +1,7 @@
 """The fused attention as torch.library custom ops (``fused_attn_op::forward`` / ``backward``),
 with fake implementations and a registered autograd formula, so torch.compile traces a call
-without graph breaks and CUDA graphs can capture it (dropout off).
+without graph breaks and CUDA graphs can capture it, dropout included: the dropout RNG state is
+the device tensor ``rng`` (fused_attn._rng), which the kernels read.
 
 The reduced mask travels as its tensors plus a kind string; the op looks the ReducedMask object
 up again by identity of its tensors (so block maps cached on it are reused), or rebuilds it.
@@ -23,13 +24,6 @@ def _seqlens(cu_q: Optional[Tensor], cu_k: Optional[Tensor], max_q: int, max_k: 
     return None if cu_q is None else SeqLens(cu_q, cu_k, max_q, max_k)
 
 
-def _seed_offset(rng: Optional[Tensor]) -> Tuple[int, int]:
-    if rng is None:
-        return 0, 0
-    seed, offset = rng.tolist()
-    return int(seed), int(offset)
-
-
 @torch.library.custom_op(f"{NAMESPACE}::forward", mutates_args=())
 def attn_forward(q: Tensor, k: Tensor, v: Tensor, mask_values: Optional[Tensor],
                  key_start: Optional[Tensor], key_end: Optional[Tensor], key_needs_mask: Optional[Tensor],
@@ -39,10 +33,9 @@ def attn_forward(q: Tensor, k: Tensor, v: Tensor, mask_values: Optional[Tensor],
                  max_seqlen_k: int) -> Tuple[Tensor, Tensor]:
     red = masks.rebuild(kind, q.shape[0], q.shape[1], q.shape[2], k.shape[2], mask_values, additive,
                         key_start, key_end, key_needs_mask)
-    seed, offset = _seed_offset(rng)
     varlen = _seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return backends.get(engine).forward(q, k, v, red, causal=causal, dropout_p=dropout_p, scale=scale,
-                                        head_mask=head_mask, seed=seed, offset=offset, varlen=varlen)
+                                        head_mask=head_mask, rng=rng, varlen=varlen)
 
 
 @attn_forward.register_fake
@@ -61,11 +54,9 @@ def attn_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
                   max_seqlen_q: int, max_seqlen_k: int) -> Tuple[Tensor, Tensor, Tensor]:
     red = masks.rebuild(kind, q.shape[0], q.shape[1], q.shape[2], k.shape[2], mask_values, additive,
                         key_start, key_end, key_needs_mask)
-    seed, offset = _seed_offset(rng)
     varlen = _seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return backends.get(engine).backward(grad_out, q, k, v, out, lse, red, causal=causal, dropout_p=dropout_p,
-                                         scale=scale, head_mask=head_mask, seed=seed, offset=offset,
-                                         varlen=varlen)
+                                         scale=scale, head_mask=head_mask, rng=rng, varlen=varlen)
 
 
 @attn_backward.register_fake
@@ -111,21 +102,20 @@ class _EagerAttention(torch.autograd.Function):
 
 
 def fused_attention(q, k, v, red: masks.ReducedMask, head_mask: Optional[Tensor], causal: bool,
-                    scale: float, dropout_p: float, engine: str, seed: int, offset: int,
+                    scale: float, dropout_p: float, engine: str, rng: Optional[Tensor],
                     varlen: Optional[SeqLens] = None) -> Tensor:
     """Run the fused kernel of `engine`: through the custom op under torch.compile, directly
-    otherwise (inference needs no autograd node at all).  varlen: q / k / v are the [1, H, T, D]
-    views of a packed batch with these sequences."""
+    otherwise (inference needs no autograd node at all).  rng: the dropout (seed, offset), int64 [2]
+    on q's device (None without dropout).  varlen: q / k / v are the [1, H, T, D] views of a packed
+    batch with these sequences."""
     if torch.compiler.is_compiling():
-        rng = torch.tensor([seed, offset], dtype=torch.int64) if dropout_p > 0.0 else None
         seq = (None, None, 0, 0) if varlen is None else (varlen.cu_seqlens_q, varlen.cu_seqlens_k,
                                                           varlen.max_seqlen_q, varlen.max_seqlen_k)
         out, _ = attn_forward(q, k, v, red.values, red.key_start, red.key_end, red.key_needs_mask, head_mask,
                               rng, red.kind, red.additive, causal, scale, dropout_p, engine, *seq)
         return out
     eng = backends.get(engine)
-    kw = dict(causal=causal, dropout_p=dropout_p, scale=scale, head_mask=head_mask, seed=seed, offset=offset,
-              varlen=varlen)
+    kw = dict(causal=causal, dropout_p=dropout_p, scale=scale, head_mask=head_mask, rng=rng, varlen=varlen)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _EagerAttention.apply(q, k, v, eng, red, kw)
     return eng.forward(q, k, v, red, **kw)[0]

@@ -24,7 +24,7 @@ from fused_attn.backends.triton_common import MASK_BLOCKS, MASK_KEYS, MASK_NONE 
 TYPES = {"*fp32": {"Lse", "Delta", "HeadMask"},
          "*i32": {"Stats", "KeyStart", "KeyEnd", "KeyNeedsMask", "PartCount", "PartIndex", "FullCount", "FullIndex",
                   "CuSeqQ", "CuSeqK"},
-         "*i8": {"Keep"}, "fp32": {"qk_scale", "sm_scale", "dropout_p"}, "i64": {"seed", "rng_offset"}}
+         "*i8": {"Keep"}, "*i64": {"Rng"}, "fp32": {"qk_scale", "sm_scale", "dropout_p", "dropout_scale"}}
 TENSORS = {"Q", "K", "V", "Out", "O", "DO", "DK", "DV", "DQ"}
 
 

@@ -35,7 +35,7 @@ if not torch.cuda.is_available():          # before triton is imported (see conf
 
 import fused_attn  # noqa: E402
 from fused_attn import reference  # noqa: E402
-from fused_attn._rng import philox_seed_offset  # noqa: E402
+from fused_attn._rng import philox_rng, rng_tensor  # noqa: E402
 from fused_attn.masks import dense_mask  # noqa: E402
 from _utils import FLOOR, assert_tolerance, eager_attention, eager_varlen  # noqa: E402
 from cases import make_mask, make_qkv, random_case  # noqa: E402
@@ -105,7 +105,7 @@ def describe(case: dict) -> str:
 def keep_mask(backend: str, B, H, Sq, Sk, p, seed, offset, device) -> torch.Tensor:
     """The keep-mask the engine's kernels draw for (seed, offset) (each engine's testing hook)."""
     from fused_attn import backends
-    return backends.get(backend).keep_mask(B, H, Sq, Sk, p, seed, offset, device)
+    return backends.get(backend).keep_mask(B, H, Sq, Sk, p, rng_tensor(seed, offset, device))
 
 
 def _ratio(got, oracle, eager, dtype) -> float:
@@ -224,8 +224,6 @@ def check_dense(backend: str, device: str, case: dict, seed: int) -> Dict[str, f
         hm = hm.masked_fill(hm < 0.2, 0.0).to(device)
     grad_out = torch.randn(B, H, Sq, D, generator=g).to(device=device, dtype=dtype)
     torch.manual_seed(seed & 0xFFFFFFFF)           # the dropout seed / offset draw
-
-    rng = torch.get_rng_state()
     if grad:
         out = fused_attn.attention(q, k, v, m, causal=causal, dropout_p=p, scale=scale, head_mask=hm,
                                    backend=backend)
@@ -236,8 +234,8 @@ def check_dense(backend: str, device: str, case: dict, seed: int) -> Dict[str, f
                                         backend=backend),)
     keep = None
     if p > 0.0:
-        torch.set_rng_state(rng)
-        s, off = philox_seed_offset(torch.device(device), B * H * Sq * Sk)
+        torch.manual_seed(seed & 0xFFFFFFFF)       # the same draw again (every device's generator)
+        s, off = philox_rng(torch.device(device)).tolist()
         keep = keep_mask(backend, B, H, Sq, Sk, p, s, off, device)
 
     def run(fn, a, b, c, go):
@@ -316,7 +314,6 @@ def check_varlen(backend: str, device: str, case: dict, seed: int) -> Dict[str, 
     mq, mk, B = max(lens_q), max(lens_k), len(lens_q)
     grad_out = torch.randn(q.shape, generator=g).to(device=device, dtype=dtype)
     torch.manual_seed(seed & 0xFFFFFFFF)           # the dropout seed / offset draw
-    rng = torch.get_rng_state()
 
     # (keys of sequences without queries take no part in any output: their gradients are zeros)
     def run(fn, a, b, c, go):
@@ -330,8 +327,8 @@ def check_varlen(backend: str, device: str, case: dict, seed: int) -> Dict[str, 
                                                               causal=causal, backend=backend), q, k, v, grad_out)
     keep = None
     if p > 0.0:
-        torch.set_rng_state(rng)
-        s, off = philox_seed_offset(torch.device(device), B * H * mq * mk)
+        torch.manual_seed(seed & 0xFFFFFFFF)
+        s, off = philox_rng(torch.device(device)).tolist()
         keep = keep_mask(backend, B, H, mq, mk, p, s, off, device)
     odt = torch.float64 if dtype == torch.float32 else torch.float32
     qo, ko, vo = (t.detach().to(odt).requires_grad_(grad) for t in (q, k, v))

@@ -5,7 +5,7 @@ import torch
 
 import fused_attn
 from fused_attn import reference
-from fused_attn._rng import philox_seed_offset
+from fused_attn._rng import philox_rng, rng_tensor
 from _utils import assert_tolerance, eager_attention
 from cases import MASK_KINDS, make_mask, make_qkv, random_case
 from conftest import is_interpreted
@@ -111,7 +111,7 @@ def test_gradcheck_reference_fp64():
 
 def _keep_mask(engine, B, H, Sq, Sk, p, seed, offset, device):
     from fused_attn import backends
-    return backends.get(engine[0]).keep_mask(B, H, Sq, Sk, p, seed, offset, device)
+    return backends.get(engine[0]).keep_mask(B, H, Sq, Sk, p, rng_tensor(seed, offset, device))
 
 
 def _rng_state(device):
@@ -136,7 +136,7 @@ def test_dropout_matches_reference_exactly(engine, mask, causal):
     state = _rng_state(device)
     got = grads(lambda a, b, c: fused_attn.attention(a, b, c, m, causal=causal, dropout_p=p, backend=name), q, k, v, go)
     _set_rng_state(state, device)
-    seed, offset = philox_seed_offset(torch.device(device), B * H * Sq * Sk)
+    seed, offset = philox_rng(torch.device(device)).tolist()
     keep = _keep_mask(engine, B, H, Sq, Sk, p, seed, offset, device)
     oracle = grads(lambda a, b, c: reference.attention(a, b, c, m, causal=causal, dropout_p=p, dropout_mask=keep),
                    q, k, v, go)
@@ -202,3 +202,42 @@ def test_dropout_statistics_and_seeding(engine):
     b2 = fused_attn.attention(q, k, v, dropout_p=p, backend=name)
     assert torch.equal(a, a2) and torch.equal(b, b2)
     assert not torch.equal(b, fused_attn.attention(q, k, v, dropout_p=p, backend=name))
+
+
+def test_dropout_reads_the_rng_tensor(engine):
+    """The kernels take (seed, offset) from the rng tensor when they run (graph-safe RNG state):
+    rewriting its values in place changes the dropout of forward and backward, writing the old
+    values back repeats it bitwise, and a run is the reference with the keep-mask of its values."""
+    from fused_attn import backends
+    from fused_attn.masks import ReducedMask
+
+    name, device = engine
+    eng = backends.get(name)
+    B, H, Sq, Sk, D, p = 1, 2, 21, 30, 16, 0.3
+    q, k, v = make_qkv(B, H, Sq, Sk, D, torch.float32, device, requires_grad=True)
+    go = torch.randn(B, H, Sq, D, device=device)
+    red = ReducedMask("none", B, H, Sq, Sk)
+    rng = rng_tensor(0, 0, device)
+    kw = dict(causal=False, dropout_p=p, scale=D ** -0.5, rng=rng)
+
+    def run(seed, offset):
+        rng.copy_(torch.tensor([seed, offset]))
+        with torch.no_grad():
+            out, lse = eng.forward(q, k, v, red, **kw)
+            return (out, *eng.backward(go, q, k, v, out, lse, red, **kw))
+
+    seed, offset = 2**40 + 5, 2**33 + 4
+    first = run(seed, offset)
+    other_offset, other_seed = run(seed, offset + 4), run(7, offset)
+    again = run(seed, offset)
+    for label, x, x2, y, z in zip(("out", "dq", "dk", "dv"), first, again, other_offset, other_seed):
+        assert torch.equal(x, x2), f"{label}: the same (seed, offset) values gave another result"
+        assert not torch.equal(x, y) and not torch.equal(x, z), f"{label}: new rng values, same dropout"
+    keep = _keep_mask(engine, B, H, Sq, Sk, p, seed, offset, device)
+    oracle = grads(lambda a, b, c: reference.attention(a, b, c, dropout_p=p, dropout_mask=keep), q, k, v, go)
+    eager = grads(lambda a, b, c: eager_attention(a, b, c, dropout_mask=keep, dropout_p=p), q, k, v, go)
+    for label, x, o, e in zip(("out", "dq", "dk", "dv"), first, oracle, eager):
+        assert_tolerance(f"rng-tensor dropout {label}", x, o, e)
+    # dropout without the tensor is an error that says so, not a silently fixed seed
+    with pytest.raises((ValueError, RuntimeError), match="rng"):
+        eng.forward(q.detach(), k.detach(), v.detach(), red, **dict(kw, rng=None))

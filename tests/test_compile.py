@@ -36,6 +36,10 @@ def test_opcheck_forward_op(engine):
         args = (q, k, v, red.values, red.key_start, red.key_end, red.key_needs_mask, None, None,
                 red.kind, red.additive, False, 0.25, 0.0, name, None, None, 0, 0)
         torch.library.opcheck(ops.attn_forward, args)
+    # dropout: the rng tensor (seed, offset) on q's device is an input like any other
+    rng = torch.tensor([2**40 + 3, 2**33 + 8], dtype=torch.int64, device=device)
+    args = (q, k, v, None, None, None, None, None, rng, "none", False, False, 0.25, 0.2, name, None, None, 0, 0)
+    torch.library.opcheck(ops.attn_forward, args)
 
 
 @pytest.mark.cuda
@@ -77,6 +81,133 @@ def test_cuda_graph_capture_forward_backward(name, mask_kind):
     expected = step()
     for a, b in zip(captured, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_compile_dropout_draws_like_eager(engine):
+    """Under torch.compile the rng tensor is drawn inside the graph (torch.randint on q's device, no
+    host read) and carried by the custom ops: a compiled training step draws what eager draws from
+    the same generator state, forward and backward, and consecutive calls differ."""
+    name, device = engine
+    q, k, v = make_qkv(1, 2, 24, 40, 16, torch.float32, device, requires_grad=True)
+    go = torch.randn(1, 2, 24, 16, device=device)
+
+    def f(q, k, v):
+        return fused_attn.attention(q, k, v, causal=True, dropout_p=0.3, backend=name)
+
+    def step(fn):
+        out = fn(q, k, v)
+        return (out, *torch.autograd.grad(out, (q, k, v), go))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(5)
+    got, nxt = step(compiled), step(compiled)
+    torch.manual_seed(5)
+    want = step(f)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(got[0], nxt[0])
+
+
+def _gpu_backend(name):
+    from fused_attn import backends
+
+    why = backends.reasons(name, torch.empty(1, 1, 1, 16, device="cuda"))
+    if why:
+        pytest.skip(f"backend {name!r} unavailable: {'; '.join(why)}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["triton", "cuda"], ids=["triton-gpu", "cuda-ext"])
+def test_cuda_graph_dropout_draws_anew_on_every_replay(name):
+    """A training step with dropout captured in a CUDA graph: every replay draws a new (seed, offset)
+    (the graph-captured torch.randint advances the generator's offset), so two replays drop
+    different elements, and each replay gives bitwise what an eager step gives from the generator
+    state the replay started from -- the dropout of the reference with that draw's keep-mask."""
+    from fused_attn import backends, reference
+    from fused_attn._rng import philox_rng, rng_tensor
+    from _utils import assert_tolerance, eager_attention
+
+    _gpu_backend(name)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    B, H, S, D, p = 2, 3, 100, 64, 0.25
+    q, k, v = (torch.randn(B, H, S, D, device=dev, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(B, H, S, D, device=dev, dtype=torch.float16)
+
+    def step():
+        out = fused_attn.attention(q, k, v, dropout_p=p, backend=name)
+        return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):          # warm up (kernel compilation) off the graph
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    replays = []
+    for _ in range(2):
+        before = torch.cuda.get_rng_state(dev)
+        graph.replay()
+        torch.cuda.synchronize()
+        got = [t.clone() for t in captured]
+        after = torch.cuda.get_rng_state(dev)
+        torch.cuda.set_rng_state(before, dev)
+        expected = step()                  # eager, from the state the replay started from
+        torch.cuda.set_rng_state(before, dev)
+        seed, offset = philox_rng(dev).tolist()
+        torch.cuda.set_rng_state(after, dev)
+        for label, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+            assert torch.equal(a, b), f"replay {len(replays)} {label} differs from the eager step"
+        keep = backends.get(name).keep_mask(B, H, S, S, p, rng_tensor(seed, offset, dev))
+        oracle = reference.attention(q.float(), k.float(), v.float(), dropout_p=p, dropout_mask=keep)
+        eager = eager_attention(q.detach(), k.detach(), v.detach(), dropout_mask=keep, dropout_p=p)
+        assert_tolerance(f"replay {len(replays)} out", got[0], oracle, eager)
+        replays.append(got)
+    for label, a, b in zip(("out", "dq", "dk", "dv"), *replays):
+        assert not torch.equal(a, b), f"two replays gave the same {label}: the graph froze the dropout seed"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["triton", "cuda"], ids=["triton-gpu", "cuda-ext"])
+def test_compile_reduce_overhead_dropout(name):
+    """torch.compile(mode="reduce-overhead") (CUDA graph trees) of attention with dropout, forward and
+    backward: the graphs are used (no cudagraph skip), consecutive calls drop different elements,
+    and each call matches the eager call from the same generator state bitwise."""
+    from torch._dynamo.utils import counters
+
+    _gpu_backend(name)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    B, H, S, D, p = 2, 3, 100, 64, 0.25
+    q, k, v = (torch.randn(B, H, S, D, device=dev, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(B, H, S, D, device=dev, dtype=torch.float16)
+
+    def f(q, k, v):
+        return fused_attn.attention(q, k, v, dropout_p=p, backend=name)
+
+    def step(fn):
+        torch.compiler.cudagraph_mark_step_begin()
+        out = fn(q, k, v)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        return [t.clone() for t in (out, *grads)]     # graph outputs are overwritten by the next replay
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(f, mode="reduce-overhead", fullgraph=True)
+    for i in range(4):                      # warm-up, recording, then replays
+        torch.manual_seed(100 + i)
+        got = step(compiled)
+        torch.manual_seed(100 + i)
+        want = step(f)
+        for label, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+            assert torch.equal(a, b), f"call {i}: compiled {label} differs from eager with the same seed"
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    torch.manual_seed(7)
+    a = step(compiled)
+    b = step(compiled)
+    assert not torch.equal(a[0], b[0]), "consecutive replays gave the same dropout"
 
 
 FIRST_CALL_COMPILED = """

@@ -5,7 +5,7 @@ import torch
 
 import fused_attn
 from fused_attn import ops, reference
-from fused_attn._rng import philox_seed_offset
+from fused_attn._rng import philox_rng
 from fused_attn.packing import SeqLens
 from _utils import assert_tolerance, eager_varlen, padding_mask
 from cases import cu_seqlens, make_packed, random_varlen_case
@@ -124,7 +124,7 @@ def test_varlen_dropout_follows_the_padded_keep_mask(engine, causal):
     got = _grads(lambda a, b, c: fused_attn.varlen_attention(a, b, c, cu_q, cu_k, mq, mk, dropout_p=p,
                                                              causal=causal, backend=name), q, k, v, go)
     _set_rng_state(state, device)
-    seed, offset = philox_seed_offset(torch.device(device), len(lens_q) * H * mq * mk)
+    seed, offset = philox_rng(torch.device(device)).tolist()
     keep = _keep_mask(engine, len(lens_q), H, mq, mk, p, seed, offset, device)
     oracle = _grads(lambda a, b, c: reference.varlen_attention(a, b, c, cu_q, cu_k, mq, mk, dropout_p=p, causal=causal,
                                                                dropout_mask=keep), q, k, v, go)

@@ -81,10 +81,10 @@ __device__ __noinline__ bool keep_element(DropoutParams d, int64_t i, int64_t j,
   return dropout_keep(d, i, j, Sk, bh);
 }
 
-// The factor on kept probabilities: head_mask[b, h] / (1 - p).
+// The factor on kept probabilities: head_mask[b, h] / (1 - p), 1 / (1 - p) rounded once on the host.
 __device__ __forceinline__ float prob_scale(const HeadMask& hm, const DropoutParams& drop, int64_t b, int64_t h) {
   const float s = hm.ptr ? hm.ptr[b * hm.s_b + h * hm.s_h] : 1.f;
-  return drop.p > 0.f ? s / (1.f - drop.p) : s;
+  return drop.p > 0.f ? s * drop.scale : s;
 }
 
 // What one tile needs: visible keys [lo, hi), whether mask values must be read.
@@ -184,6 +184,7 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(
     const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, T* __restrict__ O,
     float* __restrict__ Lse, int32_t* __restrict__ Visited, Strides qs, Strides ks, Strides vs, Strides os,
     int H, SeqLayout lay, int D, float qk_scale, MaskDesc m, HeadMask hm, bool causal, DropoutParams drop) {
+  drop.load_state();   // (seed, offset) from device memory
   constexpr int DMAX = 32 * DPL;
   constexpr int LD = DMAX + 1;
   extern __shared__ float smem[];
@@ -304,6 +305,7 @@ __global__ void __launch_bounds__(THREADS) bwd_dkdv_kernel(
     const float* __restrict__ Lse, const float* __restrict__ Delta, T* __restrict__ dK, T* __restrict__ dV,
     Strides qs, Strides ks, Strides vs, Strides gs, Strides dks, Strides dvs, int H, SeqLayout lay, int D,
     float qk_scale, float scale, MaskDesc m, HeadMask hm, bool causal, DropoutParams drop) {
+  drop.load_state();
   constexpr int DMAX = 32 * DPL;
   constexpr int LD = DMAX + 1;
   extern __shared__ float smem[];
@@ -390,6 +392,7 @@ __global__ void __launch_bounds__(THREADS) bwd_dq_kernel(
     const float* __restrict__ Lse, const float* __restrict__ Delta, T* __restrict__ dQ, Strides qs,
     Strides ks, Strides vs, Strides gs, Strides dqs, int H, SeqLayout lay, int D, float qk_scale, float scale,
     MaskDesc m, HeadMask hm, bool causal, DropoutParams drop) {
+  drop.load_state();
   constexpr int DMAX = 32 * DPL;
   constexpr int LD = DMAX + 1;
   extern __shared__ float smem[];
@@ -457,6 +460,7 @@ __global__ void __launch_bounds__(THREADS) bwd_dq_kernel(
 }
 
 __global__ void dropout_keep_kernel(bool* keep, int64_t rows, int64_t q_len, int64_t k_len, DropoutParams drop) {
+  drop.load_state();
   const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (e >= rows * k_len) return;
   const int64_t row = e / k_len, j = e % k_len;
@@ -514,8 +518,8 @@ int64_t grid_batch(const Tensor& q, const OptT& cu_seqlens_q) {
 std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const OptT& mask,
                                             const OptT& key_start, const OptT& key_end, const OptT& key_needs_mask,
                                             const OptT& block_state, const OptT& head_mask, bool additive,
-                                            bool causal, double scale, double dropout_p, int64_t seed,
-                                            int64_t rng_offset, int64_t block_m, int64_t block_n,
+                                            bool causal, double scale, double dropout_p, const OptT& rng,
+                                            int64_t block_m, int64_t block_n,
                                             const OptT& cu_seqlens_q, const OptT& cu_seqlens_k, int64_t max_seqlen_q,
                                             int64_t max_seqlen_k) {
   check_inputs(q, k, v, block_m, block_n);
@@ -525,7 +529,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, const Tensor& k, co
   const MaskDesc md = make_mask_desc(q, k.size(2), mask, additive, key_start, key_end, key_needs_mask, block_state,
                                      block_m, block_n);
   const HeadMask hm = make_head_mask(head_mask, q);
-  const DropoutParams drop = DropoutParams::make(dropout_p, seed, rng_offset);
+  const DropoutParams drop = make_dropout(dropout_p, rng, q.device());   // the kernels read rng
   const int64_t B = grid_batch(q, cu_seqlens_q), H = q.size(1), D = q.size(3);
   const int64_t nqb = (lay.max_q + TILE - 1) / TILE;
   TORCH_CHECK(nqb <= 65535, "fused_attn (cuda): Sq too large");
@@ -555,7 +559,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& grad_out, const Tensor
                                             const OptT& mask, const OptT& key_start, const OptT& key_end,
                                             const OptT& key_needs_mask, const OptT& block_state, const OptT& head_mask,
                                             bool additive, bool causal, double scale, double dropout_p,
-                                            int64_t seed, int64_t rng_offset, int64_t block_m, int64_t block_n,
+                                            const OptT& rng, int64_t block_m, int64_t block_n,
                                             const OptT& cu_seqlens_q, const OptT& cu_seqlens_k, int64_t max_seqlen_q,
                                             int64_t max_seqlen_k) {
   check_inputs(q, k, v, block_m, block_n);
@@ -571,7 +575,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& grad_out, const Tensor
   const MaskDesc md = make_mask_desc(q, k.size(2), mask, additive, key_start, key_end, key_needs_mask, block_state,
                                      block_m, block_n);
   const HeadMask hm = make_head_mask(head_mask, q);
-  const DropoutParams drop = DropoutParams::make(dropout_p, seed, rng_offset);
+  const DropoutParams drop = make_dropout(dropout_p, rng, q.device());   // the kernels read rng
   const int64_t B = grid_batch(q, cu_seqlens_q), H = q.size(1), D = q.size(3);
   const int64_t nqb = (lay.max_q + TILE - 1) / TILE, nkb = (lay.max_k + TILE - 1) / TILE;
   TORCH_CHECK(nqb <= 65535 && nkb <= 65535, "fused_attn (cuda): sequence too long");
@@ -610,16 +614,17 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& grad_out, const Tensor
   return {dq, dk, dv};
 }
 
-Tensor dropout_keep_cuda(const Tensor& like, int64_t batch, int64_t heads, int64_t q_len, int64_t k_len,
-                         double dropout_p, int64_t seed, int64_t rng_offset) {
-  const c10::cuda::CUDAGuard guard(like.device());
-  Tensor keep = at::empty({batch, heads, q_len, k_len}, like.options().dtype(at::kBool));
+Tensor dropout_keep_cuda(const Tensor& rng, int64_t batch, int64_t heads, int64_t q_len, int64_t k_len,
+                         double dropout_p) {
+  const c10::cuda::CUDAGuard guard(rng.device());
+  const DropoutParams drop = make_dropout(dropout_p, rng, rng.device());
+  Tensor keep = at::empty({batch, heads, q_len, k_len}, rng.options().dtype(at::kBool));
   const int64_t n = keep.numel();
   if (n == 0) return keep;
   const int threads = 256;
   FA_LAUNCH(dropout_keep_kernel, static_cast<unsigned>((n + threads - 1) / threads), threads, 0,
             c10::cuda::getCurrentCUDAStream())(keep.data_ptr<bool>(), batch * heads * q_len, q_len, k_len,
-                                               DropoutParams::make(dropout_p, seed, rng_offset));
+                                               drop);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return keep;
 }

@@ -51,21 +51,25 @@ class Engine:
         return out
 
     def forward(self, q, k, v, red, *, causal: bool, dropout_p: float, scale: float, head_mask=None,
-                seed: int = 0, offset: int = 0, varlen=None, stats: bool = False):
+                rng: Optional[torch.Tensor] = None, varlen=None, stats: bool = False):
         """(out like q, lse [B, H, Sq] fp32 in log2 units, +inf where a row sees nothing[, visited
         key blocks per (b, h, query block) when stats]).  q [B, H, Sq, D], k / v [B, H, Sk, D],
-        red a masks.ReducedMask; varlen a packing.SeqLens: then q / k / v are the [1, H, T, D]
-        views of packed tensors and lse is [1, H, Tq]."""
+        red a masks.ReducedMask; rng the dropout (seed, offset), an int64 tensor [2] on q's device
+        that the kernels read (needed when dropout_p > 0; fused_attn._rng); varlen a
+        packing.SeqLens: then q / k / v are the [1, H, T, D] views of packed tensors and lse is
+        [1, H, Tq]."""
         raise NotImplementedError
 
     def backward(self, grad_out, q, k, v, out, lse, red, *, causal: bool, dropout_p: float, scale: float,
-                 head_mask=None, seed: int = 0, offset: int = 0, varlen=None):
-        """(dq, dk, dv) like q, k, v."""
+                 head_mask=None, rng: Optional[torch.Tensor] = None, varlen=None):
+        """(dq, dk, dv) like q, k, v; rng: the forward's."""
         raise NotImplementedError
 
-    def keep_mask(self, batch: int, heads: int, q_len: int, k_len: int, dropout_p: float, seed: int, offset: int,
-                  device) -> torch.Tensor:
-        """The bool dropout keep-mask [B, H, Sq, Sk] the kernels apply for (seed, offset)."""
+    def keep_mask(self, batch: int, heads: int, q_len: int, k_len: int, dropout_p: float,
+                  rng: torch.Tensor) -> torch.Tensor:
+        """The bool dropout keep-mask [B, H, Sq, Sk] the kernels apply for the (seed, offset) in
+        rng (an int64 tensor [2]; fused_attn._rng.rng_tensor builds one for given values), on
+        rng's device."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

@@ -59,20 +59,19 @@ class CppEngine(Engine):
             return str(e)
         return None
 
-    def forward(self, q, k, v, red, *, causal, dropout_p, scale, head_mask=None, seed=0, offset=0, varlen=None,
+    def forward(self, q, k, v, red, *, causal, dropout_p, scale, head_mask=None, rng=None, varlen=None,
                 stats=False):
         out, lse, visited = _forward(self.ops(), self.blocks, q, k, v, red, causal, scale, dropout_p, head_mask,
-                                     seed, offset, varlen)
+                                     rng, varlen)
         return (out, lse, visited) if stats else (out, lse)
 
-    def backward(self, grad_out, q, k, v, out, lse, red, *, causal, dropout_p, scale, head_mask=None, seed=0,
-                 offset=0, varlen=None):
+    def backward(self, grad_out, q, k, v, out, lse, red, *, causal, dropout_p, scale, head_mask=None, rng=None,
+                 varlen=None):
         return _backward(self.ops(), self.blocks, grad_out, q, k, v, out, lse, red, causal, scale, dropout_p,
-                         head_mask, seed, offset, varlen)
+                         head_mask, rng, varlen)
 
-    def keep_mask(self, batch, heads, q_len, k_len, dropout_p, seed, offset, device):
-        like = torch.empty(0, device=device)
-        return self.ops().dropout_keep(like, batch, heads, q_len, k_len, float(dropout_p), int(seed), int(offset))
+    def keep_mask(self, batch, heads, q_len, k_len, dropout_p, rng):
+        return self.ops().dropout_keep(rng, batch, heads, q_len, k_len, float(dropout_p))
 
 
 def _no_cuda_torch() -> Optional[str]:
@@ -116,9 +115,10 @@ def _varlen_args(varlen, red: Optional[ReducedMask], head_mask: Optional[torch.T
 
 
 def _forward(ops, blocks, q, k, v, red: Optional[ReducedMask], causal: bool, scale: float, dropout_p: float,
-             head_mask: Optional[torch.Tensor], seed: int, offset: int, varlen):
+             head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor], varlen):
     """(out [B, H, Sq, D] in q.dtype, lse [B, H, Sq] fp32 in log2 units, +inf for rows that see
-    nothing, visited key blocks per (b, h, query block)).
+    nothing, visited key blocks per (b, h, query block)).  rng: the dropout (seed, offset), int64 [2]
+    on q's device, read by the kernels (None without dropout).
 
     varlen: None, or packed sequences (fused_attn.packing.SeqLens).  Then q is [1, H, Tq, D], k and
     v [1, H, Tk, D], red None or a "none" mask, head_mask None; out is [1, H, Tq, D] (a view of a
@@ -128,11 +128,11 @@ def _forward(ops, blocks, q, k, v, red: Optional[ReducedMask], causal: bool, sca
     packed = _varlen_args(varlen, red, head_mask)
     *mask, additive = _mask_args(red, blocks, causal)
     return ops.fwd(q, k, v, *mask, _head_mask(head_mask), additive, bool(causal), float(scale), float(dropout_p),
-                   int(seed), int(offset), blocks[0], blocks[1], *packed)
+                   rng, blocks[0], blocks[1], *packed)
 
 
 def _backward(ops, blocks, grad_out, q, k, v, out, lse, red: Optional[ReducedMask], causal: bool, scale: float,
-              dropout_p: float, head_mask: Optional[torch.Tensor], seed: int, offset: int, varlen):
+              dropout_p: float, head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor], varlen):
     """(dq, dk, dv) in the dtypes of q, k, v.  varlen: as in :func:`_forward` (then grad_out and out
     are [1, H, Tq, D], lse [1, H, Tq]; rows in no sequence get zero gradients)."""
     if grad_out.dtype != q.dtype:
@@ -140,7 +140,7 @@ def _backward(ops, blocks, grad_out, q, k, v, out, lse, red: Optional[ReducedMas
     packed = _varlen_args(varlen, red, head_mask)
     *mask, additive = _mask_args(red, blocks, causal)
     return ops.bwd(grad_out, q, k, v, out, lse, *mask, _head_mask(head_mask), additive, bool(causal),
-                   float(scale), float(dropout_p), int(seed), int(offset), blocks[0], blocks[1], *packed)
+                   float(scale), float(dropout_p), rng, blocks[0], blocks[1], *packed)
 
 
 def _token_major(t: torch.Tensor) -> torch.Tensor:
@@ -159,7 +159,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("fused_attn::fwd")
     def _fwd_fake(q, k, v, mask, key_start, key_end, key_needs_mask, block_state, head_mask, additive, causal,
-                  scale, dropout_p, seed, rng_offset, block_m, block_n, cu_seqlens_q=None, cu_seqlens_k=None,
+                  scale, dropout_p, rng, block_m, block_n, cu_seqlens_q=None, cu_seqlens_k=None,
                   max_seqlen_q=0, max_seqlen_k=0):
         B, H, Sq, _ = q.shape
         lse = q.new_empty((B, H, Sq), dtype=torch.float32)
@@ -170,12 +170,12 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("fused_attn::bwd")
     def _bwd_fake(grad_out, q, k, v, out, lse, mask, key_start, key_end, key_needs_mask, block_state, head_mask,
-                  additive, causal, scale, dropout_p, seed, rng_offset, block_m, block_n, cu_seqlens_q=None,
+                  additive, causal, scale, dropout_p, rng, block_m, block_n, cu_seqlens_q=None,
                   cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
         if cu_seqlens_q is None:
             return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         return _token_major(q), _token_major(k), _token_major(v)
 
     @torch.library.register_fake("fused_attn::dropout_keep")
-    def _keep_fake(like, batch, heads, q_len, k_len, dropout_p, seed, rng_offset):
-        return like.new_empty((batch, heads, q_len, k_len), dtype=torch.bool)
+    def _keep_fake(rng, batch, heads, q_len, k_len, dropout_p):
+        return rng.new_empty((batch, heads, q_len, k_len), dtype=torch.bool)

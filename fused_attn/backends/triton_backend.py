@@ -10,6 +10,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .._rng import check_rng
 from ..masks import ReducedMask
 from . import Engine
 
@@ -122,6 +123,18 @@ def _head_mask_args(head_mask: Optional[torch.Tensor], dummy: torch.Tensor):
     return head_mask, (0 if head_mask.shape[0] == 1 else head_mask.stride(0)), head_mask.stride(1)
 
 
+def _dropout_args(dropout_p: float, rng: Optional[torch.Tensor], q: torch.Tensor, dummy: torch.Tensor):
+    """The kernels' (Rng, dropout_p, dropout_scale): the (seed, offset) tensor they load, and the
+    factor on kept probabilities, 1 / (1 - p) rounded once from double (as the reference's value:
+    an fp32 1 / (1 - p) would be off by an ulp for p = 0.6)."""
+    if dropout_p <= 0.0:
+        return dummy, 0.0, 1.0
+    if rng is None:
+        raise ValueError("dropout_p > 0 needs the rng tensor (seed, offset)")
+    check_rng(rng, q.device)
+    return rng, float(dropout_p), 1.0 / (1.0 - float(dropout_p))
+
+
 def _constexprs(red: ReducedMask, causal: bool, dropout_p: float, head_mask, varlen, D: int, block_d: int,
                 cfg: TileConfig) -> dict:
     """The constexprs the forward and backward kernels share, and the launch options."""
@@ -179,7 +192,7 @@ def _fwd_plan(q, k, v, red, causal, scale, dropout_p, head_mask, config, stats, 
 
 
 def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: float,
-            head_mask: Optional[torch.Tensor], seed: int = 0, rng_offset: int = 0,
+            head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor] = None,
             config: Optional[TileConfig] = None, stats: bool = False, varlen=None):
     """Returns (out [B, H, Sq, D] in q.dtype, lse [B, H, Sq] fp32 in log2 units[, stats]).
     With ``varlen``, q / k / v are [1, H, T, D] views of packed tensors (see _seq_args)."""
@@ -195,7 +208,7 @@ def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: fl
         *_seq_tensors(varlen, dummy), *plan.seq,
         *_mask_args(red, plan.cfg, causal, dummy),
         *_head_mask_args(head_mask, dummy),
-        seed, rng_offset, float(dropout_p), **plan.constexprs)
+        *_dropout_args(dropout_p, rng, q, dummy), **plan.constexprs)
     if stats:
         return out, lse, visited
     return out, lse
@@ -253,7 +266,7 @@ def _bwd_plan(grad_out, q, k, v, out, red, causal, scale, dropout_p, head_mask, 
 
 
 def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale: float,
-             dropout_p: float, head_mask: Optional[torch.Tensor], seed: int = 0, rng_offset: int = 0,
+             dropout_p: float, head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor] = None,
              config: Optional[TileConfig] = None, dq_config: Optional[TileConfig] = None, varlen=None):
     """Returns (dq, dk, dv) in the dtypes and layouts of q, k, v.  config / dq_config override
     the tiles of the dK/dV and dQ kernels (dq_config defaults to config)."""
@@ -271,23 +284,24 @@ def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale:
     dummy = lse
     tail = (*plan.sizes, *_seq_tensors(varlen, dummy), *plan.seq)
     head = _head_mask_args(head_mask, dummy)
-    rng = (seed, rng_offset, float(dropout_p))
+    drop = _dropout_args(dropout_p, rng, q, dummy)
     triton_bwd.attn_bwd_dkdv_kernel[plan.dkdv_grid](
         q, k, v, grad_out, lse, delta, dk, dv, *plan.inputs, *_strides(dk, plan.bf), *_strides(dv, plan.bf), *tail,
-        *_mask_args(red, plan.cfg, causal, dummy, transposed=True), *head, *rng, **plan.dkdv_constexprs)
+        *_mask_args(red, plan.cfg, causal, dummy, transposed=True), *head, *drop, **plan.dkdv_constexprs)
     triton_bwd.attn_bwd_dq_kernel[plan.dq_grid](
         q, k, v, grad_out, lse, delta, dq, *plan.inputs, *_strides(dq, plan.bf), *tail,
-        *_mask_args(red, plan.dq_cfg, causal, dummy), *head, *rng, **plan.dq_constexprs)
+        *_mask_args(red, plan.dq_cfg, causal, dummy), *head, *drop, **plan.dq_constexprs)
     return dq, dk, dv
 
 
 def dropout_keep_mask(batch: int, heads: int, q_len: int, k_len: int, dropout_p: float,
-                      seed: int, rng_offset: int, device) -> torch.Tensor:
-    """The bool keep-mask [B, H, Sq, Sk] the kernels apply for this (seed, offset): a testing
-    hook, so the reference can apply exactly the same dropout."""
-    keep = torch.empty((batch, heads, q_len, k_len), dtype=torch.int8, device=device)
+                      rng: torch.Tensor) -> torch.Tensor:
+    """The bool keep-mask [B, H, Sq, Sk] the kernels apply for the (seed, offset) in rng, on rng's
+    device: a testing hook, so the reference can apply exactly the same dropout."""
+    check_rng(rng, rng.device)
+    keep = torch.empty((batch, heads, q_len, k_len), dtype=torch.int8, device=rng.device)
     grid = (_cdiv(q_len, 32), _cdiv(k_len, 32), batch * heads)
-    triton_keep.dropout_keep_kernel[grid](keep, heads, q_len, k_len, seed, rng_offset, float(dropout_p),
+    triton_keep.dropout_keep_kernel[grid](keep, heads, q_len, k_len, rng, float(dropout_p),
                                           BLOCK_M=32, BLOCK_N=32)
     return keep.bool()
 
@@ -314,17 +328,16 @@ class TritonEngine(Engine):
             out.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}")
         return out
 
-    def forward(self, q, k, v, red, *, causal, dropout_p, scale, head_mask=None, seed=0, offset=0, varlen=None,
+    def forward(self, q, k, v, red, *, causal, dropout_p, scale, head_mask=None, rng=None, varlen=None,
                 stats=False):
-        return forward(q, k, v, red, causal, scale, dropout_p, head_mask, seed, offset, stats=stats, varlen=varlen)
+        return forward(q, k, v, red, causal, scale, dropout_p, head_mask, rng, stats=stats, varlen=varlen)
 
-    def backward(self, grad_out, q, k, v, out, lse, red, *, causal, dropout_p, scale, head_mask=None, seed=0,
-                 offset=0, varlen=None):
-        return backward(grad_out, q, k, v, out, lse, red, causal, scale, dropout_p, head_mask, seed, offset,
-                        varlen=varlen)
+    def backward(self, grad_out, q, k, v, out, lse, red, *, causal, dropout_p, scale, head_mask=None, rng=None,
+                 varlen=None):
+        return backward(grad_out, q, k, v, out, lse, red, causal, scale, dropout_p, head_mask, rng, varlen=varlen)
 
-    def keep_mask(self, batch, heads, q_len, k_len, dropout_p, seed, offset, device):
-        return dropout_keep_mask(batch, heads, q_len, k_len, dropout_p, seed, offset, device)
+    def keep_mask(self, batch, heads, q_len, k_len, dropout_p, rng):
+        return dropout_keep_mask(batch, heads, q_len, k_len, dropout_p, rng)
 
 
 ENGINE = TritonEngine()

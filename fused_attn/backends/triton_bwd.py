@@ -128,7 +128,7 @@ def attn_bwd_dkdv_kernel(
     PartCount, PartIndex, FullCount, FullIndex,
     stride_cb, stride_ch, stride_cn, stride_ib, stride_ih, stride_in,
     HeadMask, stride_hb, stride_hh,
-    seed, rng_offset, dropout_p,
+    Rng, dropout_p, dropout_scale,
     MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_HEAD_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -137,6 +137,10 @@ def attn_bwd_dkdv_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    seed, rng_offset = 0, 0
+    if DROPOUT:   # the Philox (seed, offset) lives on the device: graph-safe (fused_attn/_rng.py)
+        seed = tl.load(Rng)
+        rng_offset = tl.load(Rng + 1)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -155,7 +159,7 @@ def attn_bwd_dkdv_kernel(
                   + offs_d[None, :] * stride_vd, offs_n, seq_k, offs_d, D, CHECK_ROWS=True, EVEN_D=EVEN_D)
     grad_scale = 1.0
     if DROPOUT:
-        grad_scale = grad_scale / (1.0 - dropout_p)
+        grad_scale = grad_scale * dropout_scale
     if HAS_HEAD_MASK:
         grad_scale = grad_scale * tl.load(HeadMask + b * stride_hb + h * stride_hh).to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -310,7 +314,7 @@ def attn_bwd_dq_kernel(
     PartCount, PartIndex, FullCount, FullIndex,
     stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
     HeadMask, stride_hb, stride_hh,
-    seed, rng_offset, dropout_p,
+    Rng, dropout_p, dropout_scale,
     MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_HEAD_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -319,6 +323,10 @@ def attn_bwd_dq_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    seed, rng_offset = 0, 0
+    if DROPOUT:   # the Philox (seed, offset) lives on the device: graph-safe (fused_attn/_rng.py)
+        seed = tl.load(Rng)
+        rng_offset = tl.load(Rng + 1)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -339,7 +347,7 @@ def attn_bwd_dq_kernel(
     delta = tl.load(Delta + lse_off, mask=offs_m < seq_q, other=0.0)
     grad_scale = 1.0
     if DROPOUT:
-        grad_scale = grad_scale / (1.0 - dropout_p)
+        grad_scale = grad_scale * dropout_scale
     if HAS_HEAD_MASK:
         grad_scale = grad_scale * tl.load(HeadMask + b * stride_hb + h * stride_hh).to(tl.float32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)

@@ -115,7 +115,7 @@ def attn_fwd_kernel(
     PartCount, PartIndex, FullCount, FullIndex,
     stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
     HeadMask, stride_hb, stride_hh,
-    seed, rng_offset, dropout_p,
+    Rng, dropout_p, dropout_scale,
     MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_HEAD_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     WRITE_STATS: tl.constexpr, VARLEN: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -124,6 +124,10 @@ def attn_fwd_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    seed, rng_offset = 0, 0
+    if DROPOUT:   # the Philox (seed, offset) lives on the device: graph-safe (fused_attn/_rng.py)
+        seed = tl.load(Rng)
+        rng_offset = tl.load(Rng + 1)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -189,7 +193,7 @@ def attn_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out_scale = 1.0 / l_safe
     if DROPOUT:
-        out_scale = out_scale / (1.0 - dropout_p)
+        out_scale = out_scale * dropout_scale
     if HAS_HEAD_MASK:
         out_scale = out_scale * tl.load(HeadMask + b * stride_hb + h * stride_hh).to(tl.float32)
     acc = acc * out_scale[:, None]

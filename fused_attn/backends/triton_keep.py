@@ -10,12 +10,15 @@ from .triton_common import dropout_keep
 
 
 @triton.jit
-def dropout_keep_kernel(Keep, H, Sq, Sk, seed, rng_offset, dropout_p,
+def dropout_keep_kernel(Keep, H, Sq, Sk, Rng, dropout_p,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Writes the keep-mask [B, H, Sq, Sk] (int8, 1 = kept) the kernels use for (seed, rng_offset)."""
+    """Writes the keep-mask [B, H, Sq, Sk] (int8, 1 = kept) the kernels use for the (seed, offset)
+    in the int64 tensor [2] Rng."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     bh = tl.program_id(2)
+    seed = tl.load(Rng)
+    rng_offset = tl.load(Rng + 1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p, TRANSPOSED=False)
