@@ -1,5 +1,5 @@
 """Triton launcher: tile sizes, grid, kernel arguments.  Kernels live in triton_fwd.py (forward),
-triton_bwd.py (dK/dV, dQ, delta) and triton_keep.py (the keep-mask testing hook); their shared
+triton_bwd.py (dK/dV, delta), triton_bwd_dq.py (dQ) and triton_keep.py (the keep-mask testing hook); their shared
 @triton.jit helpers in triton_common.py."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from . import Engine
 try:  # imports never fail: keep the reason, report it in reasons()
     import triton
 
-    from . import triton_bwd, triton_common, triton_fwd, triton_keep
+    from . import triton_bwd, triton_bwd_dq, triton_common, triton_fwd, triton_keep
     _IMPORT_ERROR: Optional[str] = None
     # MASK_MODE of each ReducedMask.kind
     _MASK_MODE = {"none": triton_common.MASK_NONE.value, "keys": triton_common.MASK_KEYS.value,
@@ -123,19 +123,63 @@ def _head_mask_args(head_mask: Optional[torch.Tensor], dummy: torch.Tensor):
 
 
 def _constexprs(red: ReducedMask, causal: bool, dropout_p: float, head_mask, varlen, D: int, block_d: int,
-                cfg: TileConfig) -> dict:
+                cfg: TileConfig, keep_bits=None) -> dict:
     """The constexprs the forward and backward kernels share, and the launch options."""
     return dict(MASK_MODE=_MASK_MODE[red.kind], CAUSAL=bool(causal), HAS_HEAD_MASK=head_mask is not None,
-                DROPOUT=dropout_p > 0.0, VARLEN=varlen is not None, EVEN_D=block_d == D,
+                DROPOUT=dropout_p > 0.0, KEEP_BITS=dropout_p > 0.0 and keep_bits is not None,
+                VARLEN=varlen is not None, EVEN_D=block_d == D,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+# -- the stored keep-mask (triton_common.KEEP_PAD has the layout)
+KEEP_ENV = "FUSED_ATTN_DROPOUT_MASK"     # "auto" (size policy) | "store" | "regenerate"
+KEEP_MAX_BYTES = 1 << 30
+
+
+def keep_bits_shape(q, k, dropout_p: float, varlen=None) -> Optional[Tuple[int, int, int, int]]:
+    """The shape of the int32 keep-mask words the forward stores for the backward, or None: the
+    backward regenerates the mask.  Reading 1 bit per score costs far less than two Philox
+    passes, so the mask is stored whenever its memory is acceptable: at most the size of q, k
+    and v together (bits / (q + k + v) = S / (48 D) for S = Sq = Sk in fp16: S <= 3072 at D = 64)
+    and at most KEEP_MAX_BYTES.  $FUSED_ATTN_DROPOUT_MASK=store / regenerate overrides (tests)."""
+    if dropout_p <= 0.0:
+        return None
+    mode = os.environ.get(KEEP_ENV, "auto")
+    if mode not in ("auto", "store", "regenerate"):
+        raise ValueError(f"{KEEP_ENV}={mode!r}: expected 'auto', 'store' or 'regenerate'")
+    D = q.shape[3]
+    cfgs = (fwd_config(D, q.dtype, q.device), *bwd_config(D, q.dtype, q.device))
+    # the forward writes whole words (BLOCK_M % 32), dQ reads them from a word boundary, and no
+    # tile may reach past the padding
+    if mode == "regenerate" or cfgs[0].block_m % 32 or cfgs[2].block_m % 32 or \
+            max(max(c.block_m, c.block_n) for c in cfgs) > triton_common.KEEP_PAD:
+        return None
+    B, Sq, Sk, _, _ = _seq_args(q, k, varlen, None)
+    pad = triton_common.KEEP_PAD
+    shape = (B, q.shape[1], _cdiv(Sq, pad) * pad // 32, _cdiv(Sk, pad) * pad)
+    if mode == "store":
+        return shape
+    nbytes = 4 * shape[0] * shape[1] * shape[2] * shape[3]
+    return shape if nbytes <= min(KEEP_MAX_BYTES, (q.numel() + 2 * k.numel()) * q.element_size()) else None
+
+
+def _keep_args(keep_bits, cfg: TileConfig, dummy, whole_words: bool = True):
+    """KeepBits, stride_kbh (one (batch, head)), stride_kw (one row of words).  Only dK/dV reads
+    tiles that start inside a word (not whole_words)."""
+    if keep_bits is None:
+        return dummy, 0, 0
+    if (whole_words and cfg.block_m % 32) or max(cfg.block_m, cfg.block_n) > triton_common.KEEP_PAD:
+        raise ValueError(f"stored keep-mask: tiles {cfg.block_m}x{cfg.block_n} do not fit its words")
+    return keep_bits, keep_bits.stride(1), keep_bits.stride(2)
+
+
 def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: float,
             head_mask: Optional[torch.Tensor], seed: int = 0, rng_offset: int = 0,
-            config: Optional[TileConfig] = None, stats: bool = False, varlen=None):
+            config: Optional[TileConfig] = None, stats: bool = False, varlen=None, keep_bits=None):
     """Returns (out [B, H, Sq, D] in q.dtype, lse [B, H, Sq] fp32 in log2 units[, stats]).
-    With ``varlen``, q / k / v are [1, H, T, D] views of packed tensors (see _seq_args)."""
+    With ``varlen``, q / k / v are [1, H, T, D] views of packed tensors (see _seq_args).  With
+    ``keep_bits`` (int32, keep_bits_shape()), the dropout keep-mask is also written there."""
     D = q.shape[3]
     H = q.shape[1]
     cfg = config or fwd_config(D, q.dtype, q.device)
@@ -151,9 +195,9 @@ def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: fl
         *_strides(q, bf), *_strides(k, bf), *_strides(v, bf), *_strides(out, bf),
         H, Sq, Sk, D, scale * triton_common.LOG2E, *seq,
         *_mask_args(red, cfg, causal, dummy),
-        *_head_mask_args(head_mask, dummy),
+        *_head_mask_args(head_mask, dummy), *_keep_args(keep_bits, cfg, dummy),
         seed, rng_offset, float(dropout_p),
-        WRITE_STATS=stats, **_constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, cfg))
+        WRITE_STATS=stats, **_constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, cfg, keep_bits))
     if stats:
         return out, lse, visited.view(B, H, n_qb)
     return out, lse
@@ -175,16 +219,30 @@ def bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> Tuple
 DELTA_BLOCK_M = 64
 
 
+DETERMINISTIC_ENV = "FUSED_ATTN_DETERMINISTIC"
+
+
+def single_pass_backward() -> bool:
+    """Whether the backward takes FlashAttention-2's single pass (dQ added by fp32 atomics, not
+    bitwise repeatable): only with $FUSED_ATTN_DETERMINISTIC=0, and never while torch demands
+    deterministic algorithms."""
+    return os.environ.get(DETERMINISTIC_ENV, "1") == "0" and not torch.are_deterministic_algorithms_enabled()
+
+
 def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale: float,
              dropout_p: float, head_mask: Optional[torch.Tensor], seed: int = 0, rng_offset: int = 0,
-             config: Optional[TileConfig] = None, dq_config: Optional[TileConfig] = None, varlen=None):
+             config: Optional[TileConfig] = None, dq_config: Optional[TileConfig] = None, varlen=None,
+             keep_bits=None, atomic_dq: Optional[bool] = None):
     """Returns (dq, dk, dv) in the dtypes and layouts of q, k, v.  config / dq_config override
-    the tiles of the dK/dV and dQ kernels (dq_config defaults to config)."""
+    the tiles of the dK/dV and dQ kernels (dq_config defaults to config).  keep_bits: the words
+    the forward stored (else the keep-mask is regenerated).  atomic_dq: the single pass (default
+    single_pass_backward())."""
     H, D = q.shape[1], q.shape[3]
     B, Sq, Sk, bf, seq = _seq_args(q, k, varlen, lse)
     if config is None:
         config, dq_config = bwd_config(D, q.dtype, q.device)
     dq_config = dq_config or config
+    atomic = single_pass_backward() if atomic_dq is None else atomic_dq
     if grad_out.dtype != q.dtype:
         grad_out = grad_out.to(q.dtype)
     block_d = max(16, _pow2(D))
@@ -193,7 +251,9 @@ def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale:
     triton_bwd.bwd_delta_kernel[(_cdiv(q.shape[2], DELTA_BLOCK_M), q.shape[0] * H)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), H, q.shape[2], D,
         BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # the single pass adds into fp32 zeros (rows no key block reaches stay 0)
+    dq = torch.zeros_like(q, dtype=torch.float32) if atomic else torch.empty_like(q)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     dummy = lse
     scalars = (H, Sq, Sk, D, scale * triton_common.LOG2E, scale, *seq)
     head = _head_mask_args(head_mask, dummy)
@@ -202,13 +262,17 @@ def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale:
         q, k, v, grad_out, lse, delta, dk, dv,
         *_strides(q, bf), *_strides(k, bf), *_strides(v, bf), *_strides(grad_out, bf), *_strides(dk, bf),
         *_strides(dv, bf),
-        *scalars, *_mask_args(red, config, causal, dummy, transposed=True), *head, *rng,
-        **_constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, config))
-    triton_bwd.attn_bwd_dq_kernel[(max(1, _cdiv(Sq, dq_config.block_m)), B * H)](
+        *scalars, *_mask_args(red, config, causal, dummy, transposed=True), *head,
+        *_keep_args(keep_bits, config, dummy, whole_words=False),
+        *((dq, *_strides(dq, bf)) if atomic else (dummy, 0, 0, 0, 0)), *rng, ATOMIC_DQ=atomic,
+        **_constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, config, keep_bits))
+    if atomic:
+        return dq.to(q.dtype), dk, dv
+    triton_bwd_dq.attn_bwd_dq_kernel[(max(1, _cdiv(Sq, dq_config.block_m)), B * H)](
         q, k, v, grad_out, lse, delta, dq,
         *_strides(q, bf), *_strides(k, bf), *_strides(v, bf), *_strides(grad_out, bf), *_strides(dq, bf),
-        *scalars, *_mask_args(red, dq_config, causal, dummy), *head, *rng,
-        **_constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, dq_config))
+        *scalars, *_mask_args(red, dq_config, causal, dummy), *head, *_keep_args(keep_bits, dq_config, dummy), *rng,
+        **_constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, dq_config, keep_bits))
     return dq, dk, dv
 
 
@@ -246,13 +310,17 @@ class TritonEngine(Engine):
         return out
 
     def forward(self, q, k, v, red, *, causal, dropout_p, scale, head_mask=None, seed=0, offset=0, varlen=None,
-                stats=False):
-        return forward(q, k, v, red, causal, scale, dropout_p, head_mask, seed, offset, stats=stats, varlen=varlen)
+                stats=False, keep_bits=None):
+        return forward(q, k, v, red, causal, scale, dropout_p, head_mask, seed, offset, stats=stats, varlen=varlen,
+                       keep_bits=keep_bits)
 
     def backward(self, grad_out, q, k, v, out, lse, red, *, causal, dropout_p, scale, head_mask=None, seed=0,
-                 offset=0, varlen=None):
+                 offset=0, varlen=None, keep_bits=None):
         return backward(grad_out, q, k, v, out, lse, red, causal, scale, dropout_p, head_mask, seed, offset,
-                        varlen=varlen)
+                        varlen=varlen, keep_bits=keep_bits)
+
+    def keep_bits_shape(self, q, k, dropout_p, varlen=None):
+        return keep_bits_shape(q, k, dropout_p, varlen)
 
     def keep_mask(self, batch, heads, q_len, k_len, dropout_p, seed, offset, device):
         return dropout_keep_mask(batch, heads, q_len, k_len, dropout_p, seed, offset, device)

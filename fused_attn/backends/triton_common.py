@@ -63,6 +63,57 @@ def dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p, TRANSPOSED
     return tl.uint_to_uniform_float(r) >= dropout_p
 
 
+# The stored keep-mask (KEEP_BITS): int32 words [B, H, KEEP_ROWS(Sq) / 32, KEEP_COLS(Sk)], element
+# (b, h, i, j) is bit i % 32 of word [b, h, i // 32, j].  Packed along the query axis so that
+# every kernel touches whole words of consecutive keys: the forward's [BLOCK_M, BLOCK_N] tile
+# writes [BLOCK_M / 32, BLOCK_N] words (BLOCK_M a multiple of 32), dQ reads the same shape and
+# dK/dV its transpose, rows of BLOCK_N contiguous words either way.  Both dims are padded to
+# KEEP_PAD (>= every tile), so aligned tiles never need bounds checks; only the tiles that start
+# at an unaligned key (MASK_KEYS ranges) check columns.  Words of tiles the forward skips are
+# never written: the backward reads them only where P is exactly 0 (hidden keys, rows that see
+# nothing), where the bit cannot change a gradient.
+KEEP_PAD = 128
+
+
+@triton.jit
+def keep_bits_store(ptr, stride_kw, keep, offs_n, Sk, CHECK_COLS: tl.constexpr):
+    """Store the [M, N] keep tile (M a multiple of 32) as [M / 32, N] words from word row ptr."""
+    G: tl.constexpr = keep.shape[0] // 32
+    N: tl.constexpr = keep.shape[1]
+    shifts = tl.arange(0, 32)
+    bits = tl.reshape(keep.to(tl.int32), [G, 32, N]) << shifts[None, :, None]
+    words = tl.sum(bits, axis=1)            # disjoint bits: the sum is the OR
+    ptrs = ptr + tl.arange(0, G)[:, None] * stride_kw + offs_n[None, :]
+    if CHECK_COLS:
+        tl.store(ptrs, words, mask=offs_n[None, :] < Sk)
+    else:
+        tl.store(ptrs, words)
+
+
+@triton.jit
+def keep_bits_load(ptr, stride_kw, bit0, offs_m, offs_n, Sk, TRANSPOSED: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """The keep tile of the BLOCK_M query rows offs_m from word row ptr, the first row at bit bit0
+    (0 unless BLOCK_M < 32): [BLOCK_M, N], or [N, BLOCK_M] when TRANSPOSED."""
+    BLOCK_M: tl.constexpr = offs_m.shape[0]
+    G: tl.constexpr = (BLOCK_M + 31) // 32
+    R: tl.constexpr = BLOCK_M // G
+    N: tl.constexpr = offs_n.shape[0]
+    shifts = bit0 + tl.arange(0, R)
+    if TRANSPOSED:
+        ptrs = ptr + offs_n[:, None] + tl.arange(0, G)[None, :] * stride_kw                  # [N, G]
+        if CHECK_COLS:
+            w = tl.load(ptrs, mask=offs_n[:, None] < Sk, other=0)
+        else:
+            w = tl.load(ptrs)
+        return tl.reshape((w[:, :, None] >> shifts[None, None, :]) & 1, [N, BLOCK_M]) != 0
+    ptrs = ptr + tl.arange(0, G)[:, None] * stride_kw + offs_n[None, :]                      # [G, N]
+    if CHECK_COLS:
+        w = tl.load(ptrs, mask=offs_n[None, :] < Sk, other=0)
+    else:
+        w = tl.load(ptrs)
+    return tl.reshape((w[:, None, :] >> shifts[None, :, None]) & 1, [BLOCK_M, N]) != 0
+
+
 @triton.jit
 def mma(a, b, acc):
     """acc + a @ b with fp32 accumulation.  fp32 operands multiply exactly (IEEE, no tf32).  Under
@@ -158,3 +209,30 @@ def seq_bounds(b, CuSeqQ, CuSeqK, Sq, Sk, Tq, Tk, VARLEN: tl.constexpr):
         seq_q = Sq
         seq_k = Sk
     return q0, k0, seq_q, seq_k
+
+
+@triton.jit
+def dropout_grads(p, dp, delta, grad_scale, keep, DROPOUT: tl.constexpr):
+    """(Ph, dS) of one tile from P and dO·Vᵀ: Ph = grad_scale * dropout(P), dS = P ∘ (dP - delta)
+    with dP = grad_scale * dropout(dO·Vᵀ); grad_scale = head_mask / (1 - dropout_p); delta
+    broadcastable to the tile; keep the tile's keep-mask (unused without DROPOUT)."""
+    if DROPOUT:
+        ph = tl.where(keep, p * grad_scale, 0.0)
+        dp = tl.where(keep, dp * grad_scale, 0.0)
+    else:
+        ph = p * grad_scale
+        dp = dp * grad_scale
+    return ph, p * (dp - delta)
+
+
+@triton.jit
+def tile_keep(seed, rng_offset, bh, dropout_p, keep_ptr, stride_kw, bit0, offs_m, offs_n, Sk,
+              DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr, TRANSPOSED: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """A backward tile's keep-mask: read from the forward's words (KEEP_BITS, see keep_bits_load)
+    or regenerated with Philox.  A dummy when there is no dropout."""
+    if DROPOUT:
+        if KEEP_BITS:
+            return keep_bits_load(keep_ptr, stride_kw, bit0, offs_m, offs_n, Sk, TRANSPOSED=TRANSPOSED,
+                                  CHECK_COLS=CHECK_COLS)
+        return dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p, TRANSPOSED=TRANSPOSED)
+    return 0
