@@ -53,9 +53,10 @@ def _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base,
     pT = tl.math.exp2(sT - lse[None, :])            # lse = +inf on rows that see nothing -> 0
     dpT = mma(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32))
     # (BLOCK_M may be < 32 here: the tile then starts inside a word, at bit start_m % 32)
-    keep = tile_keep(seed, rng_offset, bh, dropout_p, keep_base + (start_m // 32) * stride_kw, stride_kw,
-                     start_m % 32, offs_m, offs_n, Sk, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS, TRANSPOSED=True,
-                     CHECK_COLS=False)
+    keep = 0
+    if DROPOUT:
+        keep = tile_keep(seed, rng_offset, bh, dropout_p, keep_base + (start_m // 32) * stride_kw, stride_kw,
+                         start_m % 32, offs_m, offs_n, Sk, KEEP_BITS=KEEP_BITS, TRANSPOSED=True, CHECK_COLS=False)
     phT, dsT = dropout_grads(pT, dpT, delta[None, :], grad_scale, keep, DROPOUT=DROPOUT)
     dv = mma(phT.to(do.dtype), do, dv)
     dsT = dsT.to(qT.dtype)

@@ -31,8 +31,10 @@ def _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, str
                     CHECK_BOUNDS=CHECK_BOUNDS, CAUSAL=CAUSAL, LOAD_MASK=LOAD_MASK)
     p = tl.math.exp2(s - lse[:, None])
     dp = mma(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32))
-    keep = tile_keep(seed, rng_offset, bh, dropout_p, keep_ptr, stride_kw, 0, offs_m, offs_n, Sk,
-                     DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS, TRANSPOSED=False, CHECK_COLS=CHECK_BOUNDS)
+    keep = 0
+    if DROPOUT:
+        keep = tile_keep(seed, rng_offset, bh, dropout_p, keep_ptr, stride_kw, 0, offs_m, offs_n, Sk,
+                         KEEP_BITS=KEEP_BITS, TRANSPOSED=False, CHECK_COLS=CHECK_BOUNDS)
     _, ds = dropout_grads(p, dp, delta[:, None], grad_scale, keep, DROPOUT=DROPOUT)
     return mma(ds.to(k.dtype), k, dq)
 

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (LOAD_NONE, LOAD_ROW, LOAD_TILE, MASK_BLOCKS, MASK_KEYS, dropout_keep,
-                            keep_bits_store, kv_loop_bounds, load_rows, mask_scores, mma, seq_bounds)
+                            dropout_keep_store, kv_loop_bounds, load_rows, mask_scores, mma, seq_bounds)
 
 
 @triton.jit
@@ -39,9 +39,11 @@ def _fwd_tile(acc, l_i, m_i, q, start_n, offs_m, offs_d,
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if DROPOUT:
-        keep = dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p, TRANSPOSED=False)
-        if KEEP_BITS:   # for the backward, which then reads bits instead of running Philox twice
-            keep_bits_store(keep_ptr, stride_kw, keep, offs_n, Sk, CHECK_COLS=CHECK_BOUNDS)
+        if KEEP_BITS:   # also stored for the backward, which then reads bits instead of running Philox twice
+            keep = dropout_keep_store(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p, keep_ptr, stride_kw,
+                                      CHECK_COLS=CHECK_BOUNDS)
+        else:
+            keep = dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p, TRANSPOSED=False)
         p = tl.where(keep, p, 0.0)
     v = load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                   offs_n, kv_hi, offs_d, D, CHECK_ROWS=CHECK_BOUNDS, EVEN_D=EVEN_D)
