@@ -51,9 +51,10 @@ def attn_forward(q: Tensor, k: Tensor, v: Tensor, mask_values: Optional[Tensor],
 
 def _keep_bits(eng, q: Tensor, k: Tensor, dropout_p: float, varlen) -> Tensor:
     """The buffer the engine's forward stores the dropout keep-mask in for the backward; empty
-    when the backward regenerates it (a custom op cannot return None)."""
+    when the backward regenerates it (a custom op cannot return None).  Zeroed: the forward
+    writes only the tiles it visits, and an op's output must be a function of its inputs."""
     shape = eng.keep_bits_shape(q, k, dropout_p, varlen)
-    return q.new_empty(shape if shape is not None else (0,), dtype=torch.int32)
+    return q.new_zeros(shape, dtype=torch.int32) if shape is not None else q.new_empty((0,), dtype=torch.int32)
 
 
 @attn_forward.register_fake
@@ -114,6 +115,7 @@ class _EagerAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, engine, red, kw):
         shape = engine.keep_bits_shape(q, k, kw["dropout_p"], kw["varlen"]) if kw["dropout_p"] > 0.0 else None
         if shape is not None:   # the forward stores the dropout keep-mask for the backward
+            # (not zeroed: words of skipped tiles are read only where P = 0, test_dropout_bits.py)
             kw = dict(kw, keep_bits=q.new_empty(shape, dtype=torch.int32))
         out, lse = engine.forward(q, k, v, red, **kw)
         ctx.save_for_backward(q, k, v, out, lse)

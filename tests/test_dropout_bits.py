@@ -192,3 +192,23 @@ def test_single_pass_respects_torch_determinism(monkeypatch):
         assert not tb.single_pass_backward()
     finally:
         torch.use_deterministic_algorithms(prev)
+
+
+@pytest.mark.parametrize("mode", ["store", "regenerate"])
+def test_opcheck_forward_op_with_dropout(engine, monkeypatch, mode):
+    """The custom op returns the keep-mask words (fake shape = real shape) and its autograd
+    formula hands them to the backward op."""
+    from fused_attn import ops
+    from _utils import padding_mask
+
+    name, device = engine
+    monkeypatch.setenv("FUSED_ATTN_DROPOUT_MASK", mode)
+    q, k, v = make_qkv(2, 2, 20, 33, 16, torch.float32, device, requires_grad=True)
+    red = reduce_mask(padding_mask([5, 33], 33, device=device), 2, 2, 20, 33)
+    rng = torch.tensor([SEED, OFFSET], dtype=torch.int64)
+    args = (q, k, v, red.values, red.key_start, red.key_end, red.key_needs_mask, None, rng,
+            red.kind, red.additive, False, 0.25, P, name, None, None, 0, 0)
+    torch.library.opcheck(ops.attn_forward, args)
+    words = ops.attn_forward(*args)[2]
+    stores = backends.get(name).keep_bits_shape(q, k, P) is not None
+    assert (words.numel() > 0) == stores and (mode == "store" or not stores)

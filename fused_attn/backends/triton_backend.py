@@ -1,6 +1,6 @@
 """Triton launcher: tile sizes, grid, kernel arguments.  Kernels live in triton_fwd.py (forward),
-triton_bwd.py (dK/dV, delta), triton_bwd_dq.py (dQ) and triton_keep.py (the keep-mask testing hook); their shared
-@triton.jit helpers in triton_common.py."""
+triton_bwd.py (dK/dV, delta), triton_bwd_dq.py (dQ) and triton_keep.py (the keep-mask testing
+hook); their shared @triton.jit helpers in triton_common.py."""
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,4 @@
-"""@triton.jit helpers shared by the forward (triton_fwd.py) and backward (triton_bwd.py) kernels:
+"""@triton.jit helpers shared by the forward (triton_fwd.py) and backward (triton_bwd*.py) kernels:
 tile loads, dots, masking of a score tile, key-loop bounds, packed-sequence bounds, Philox dropout.
 
 Conventions that keep a change to the kernels cheap and safe:
