@@ -30,38 +30,53 @@ def attn_forward(q: Tensor, k: Tensor, v: Tensor, mask_values: Optional[Tensor],
                  head_mask: Optional[Tensor], rng: Optional[Tensor], kind: str, additive: bool,
                  causal: bool, scale: float, dropout_p: float, engine: str,
                  cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
-                 max_seqlen_k: int) -> Tuple[Tensor, Tensor]:
+                 max_seqlen_k: int) -> Tuple[Tensor, Tensor, Tensor]:
     red = masks.rebuild(kind, q.shape[0], q.shape[1], q.shape[2], k.shape[2], mask_values, additive,
                         key_start, key_end, key_needs_mask)
     varlen = _seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return backends.get(engine).forward(q, k, v, red, causal=causal, dropout_p=dropout_p, scale=scale,
-                                        head_mask=head_mask, rng=rng, varlen=varlen)
+    eng = backends.get(engine)
+    keep = _keep_bits(eng, q, k, dropout_p, varlen)
+    kw = {} if keep.numel() == 0 else {"keep_bits": keep}
+    out, lse = eng.forward(q, k, v, red, causal=causal, dropout_p=dropout_p, scale=scale, head_mask=head_mask,
+                           rng=rng, varlen=varlen, **kw)
+    return out, lse, keep
+
+
+def _keep_bits(eng, q: Tensor, k: Tensor, dropout_p: float, varlen) -> Tensor:
+    """The buffer the engine's forward stores the dropout keep-mask in for the backward; empty
+    when the backward regenerates it (a custom op cannot return None).  Zeroed: the forward
+    writes only the tiles it visits, and an op's output must be a function of its inputs."""
+    shape = eng.keep_bits_shape(q, k, dropout_p, varlen)
+    return q.new_zeros(shape, dtype=torch.int32) if shape is not None else q.new_empty((0,), dtype=torch.int32)
 
 
 @attn_forward.register_fake
 def _(q, k, v, mask_values, key_start, key_end, key_needs_mask, head_mask, rng, kind, additive, causal,
       scale, dropout_p, engine, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     # lse is [B, H, Sq], or [1, H, Tq] for the [1, H, Tq, D] view of a packed batch
-    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
+    varlen = _seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    keep = _keep_bits(backends.get(engine), q, k, dropout_p, varlen)
+    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32), keep
 
 
 @torch.library.custom_op(f"{NAMESPACE}::backward", mutates_args=())
 def attn_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   mask_values: Optional[Tensor], key_start: Optional[Tensor], key_end: Optional[Tensor],
                   key_needs_mask: Optional[Tensor], head_mask: Optional[Tensor], rng: Optional[Tensor],
-                  kind: str, additive: bool, causal: bool, scale: float, dropout_p: float,
+                  keep_bits: Tensor, kind: str, additive: bool, causal: bool, scale: float, dropout_p: float,
                   engine: str, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                   max_seqlen_q: int, max_seqlen_k: int) -> Tuple[Tensor, Tensor, Tensor]:
     red = masks.rebuild(kind, q.shape[0], q.shape[1], q.shape[2], k.shape[2], mask_values, additive,
                         key_start, key_end, key_needs_mask)
     varlen = _seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    kw = {} if keep_bits.numel() == 0 else {"keep_bits": keep_bits}
     return backends.get(engine).backward(grad_out, q, k, v, out, lse, red, causal=causal, dropout_p=dropout_p,
-                                         scale=scale, head_mask=head_mask, rng=rng, varlen=varlen)
+                                         scale=scale, head_mask=head_mask, rng=rng, varlen=varlen, **kw)
 
 
 @attn_backward.register_fake
-def _(grad_out, q, k, v, out, lse, mask_values, key_start, key_end, key_needs_mask, head_mask, rng, kind,
-      additive, causal, scale, dropout_p, engine, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+def _(grad_out, q, k, v, out, lse, mask_values, key_start, key_end, key_needs_mask, head_mask, rng, keep_bits,
+      kind, additive, causal, scale, dropout_p, engine, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -69,13 +84,13 @@ def _setup_context(ctx, inputs, output):
     q, k, v, mask_values, key_start, key_end, key_needs_mask, head_mask, rng = inputs[:9]
     ctx.meta = inputs[9:]
     ctx.save_for_backward(q, k, v, output[0], output[1], mask_values, key_start, key_end, key_needs_mask,
-                          head_mask, rng)
+                          head_mask, rng, output[2])
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, mask_values, key_start, key_end, key_needs_mask, head_mask, rng = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_lse, _grad_keep):
+    q, k, v, out, lse, mask_values, key_start, key_end, key_needs_mask, head_mask, rng, keep = ctx.saved_tensors
     dq, dk, dv = attn_backward(grad_out, q, k, v, out, lse, mask_values, key_start, key_end, key_needs_mask,
-                               head_mask, rng, *ctx.meta)
+                               head_mask, rng, keep, *ctx.meta)
     return (dq, dk, dv) + (None,) * 16
 
 
@@ -89,6 +104,10 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, engine, red, kw):
+        shape = engine.keep_bits_shape(q, k, kw["dropout_p"], kw["varlen"]) if kw["dropout_p"] > 0.0 else None
+        if shape is not None:   # the forward stores the dropout keep-mask for the backward
+            # (not zeroed: words of skipped tiles are read only where P = 0, test_dropout_bits.py)
+            kw = dict(kw, keep_bits=q.new_empty(shape, dtype=torch.int32))
         out, lse = engine.forward(q, k, v, red, **kw)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.engine, ctx.red, ctx.kw = engine, red, kw
@@ -111,8 +130,8 @@ def fused_attention(q, k, v, red: masks.ReducedMask, head_mask: Optional[Tensor]
     if torch.compiler.is_compiling():
         seq = (None, None, 0, 0) if varlen is None else (varlen.cu_seqlens_q, varlen.cu_seqlens_k,
                                                           varlen.max_seqlen_q, varlen.max_seqlen_k)
-        out, _ = attn_forward(q, k, v, red.values, red.key_start, red.key_end, red.key_needs_mask, head_mask,
-                              rng, red.kind, red.additive, causal, scale, dropout_p, engine, *seq)
+        out, _, _ = attn_forward(q, k, v, red.values, red.key_start, red.key_end, red.key_needs_mask, head_mask,
+                                 rng, red.kind, red.additive, causal, scale, dropout_p, engine, *seq)
         return out
     eng = backends.get(engine)
     kw = dict(causal=causal, dropout_p=dropout_p, scale=scale, head_mask=head_mask, rng=rng, varlen=varlen)

@@ -18,12 +18,13 @@ from triton.compiler import ASTSource
 
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "unset TRITON_INTERPRET"
 
-from fused_attn.backends import triton_bwd, triton_fwd, triton_keep  # noqa: E402  (after the check above)
+from fused_attn.backends import (triton_bwd, triton_bwd_dq, triton_fwd,  # noqa: E402  (after the check above)
+                                 triton_keep)
 from fused_attn.backends.triton_common import MASK_BLOCKS, MASK_KEYS, MASK_NONE  # noqa: E402
 
-TYPES = {"*fp32": {"Lse", "Delta", "HeadMask"},
+TYPES = {"*fp32": {"Lse", "Delta", "HeadMask", "DQacc"},
          "*i32": {"Stats", "KeyStart", "KeyEnd", "KeyNeedsMask", "PartCount", "PartIndex", "FullCount", "FullIndex",
-                  "CuSeqQ", "CuSeqK"},
+                  "CuSeqQ", "CuSeqK", "KeepBits"},
          "*i8": {"Keep"}, "*i64": {"Rng"}, "fp32": {"qk_scale", "sm_scale", "dropout_p", "dropout_scale"}}
 TENSORS = {"Q", "K", "V", "Out", "O", "DO", "DK", "DV", "DQ"}
 
@@ -62,25 +63,31 @@ def resources(compiled) -> str:
 def main():
     # additive masks are the float ones: the kernels tell them from the Mask pointer's dtype
     for mode, mask in ((MASK_KEYS, "*u8"), (MASK_BLOCKS, "*fp16")):
-        flags = dict(MASK_MODE=mode.value, CAUSAL=True, HAS_HEAD_MASK=True, DROPOUT=True, VARLEN=False,
-                     EVEN_D=True, BLOCK_D=64)
-        compile_one(triton_fwd.attn_fwd_kernel, dict(flags, WRITE_STATS=False, BLOCK_M=128, BLOCK_N=64),
-                    mask=mask, stages=3)
-        compile_one(triton_bwd.attn_bwd_dkdv_kernel, dict(flags, BLOCK_M=64, BLOCK_N=64), mask=mask)
-        compile_one(triton_bwd.attn_bwd_dq_kernel, dict(flags, BLOCK_M=64, BLOCK_N=64), mask=mask)
-    # packed variable-length batches (no mask, causal, dropout)
-    flags = dict(MASK_MODE=MASK_NONE.value, CAUSAL=True, HAS_HEAD_MASK=False, DROPOUT=True, VARLEN=True,
-                 EVEN_D=True, BLOCK_D=64)
+        for keep_bits in (False, True):     # dropout keep-mask regenerated / stored
+            flags = dict(MASK_MODE=mode.value, CAUSAL=True, HAS_HEAD_MASK=True, DROPOUT=True, KEEP_BITS=keep_bits,
+                         VARLEN=False, EVEN_D=True, BLOCK_D=64)
+            compile_one(triton_fwd.attn_fwd_kernel, dict(flags, WRITE_STATS=False, BLOCK_M=128, BLOCK_N=64),
+                        mask=mask, stages=3)
+            compile_one(triton_bwd.attn_bwd_dkdv_kernel, dict(flags, ATOMIC_DQ=False, BLOCK_M=64, BLOCK_N=64),
+                        mask=mask)
+            compile_one(triton_bwd_dq.attn_bwd_dq_kernel, dict(flags, BLOCK_M=64, BLOCK_N=64), mask=mask)
+    # the single-pass backward (dQ by atomics), with and without dropout
+    for dropout in (False, True):
+        flags = dict(MASK_MODE=MASK_KEYS.value, CAUSAL=False, HAS_HEAD_MASK=False, DROPOUT=dropout,
+                     KEEP_BITS=dropout, VARLEN=False, EVEN_D=True, BLOCK_D=64)
+        compile_one(triton_bwd.attn_bwd_dkdv_kernel, dict(flags, ATOMIC_DQ=True, BLOCK_M=64, BLOCK_N=64))
+    # packed variable-length batches (no mask, causal, dropout stored)
+    flags = dict(MASK_MODE=MASK_NONE.value, CAUSAL=True, HAS_HEAD_MASK=False, DROPOUT=True, KEEP_BITS=True,
+                 VARLEN=True, EVEN_D=True, BLOCK_D=64)
     compile_one(triton_fwd.attn_fwd_kernel, dict(flags, WRITE_STATS=False, BLOCK_M=128, BLOCK_N=64), stages=3)
-    compile_one(triton_bwd.attn_bwd_dkdv_kernel, dict(flags, BLOCK_M=64, BLOCK_N=64))
-    compile_one(triton_bwd.attn_bwd_dq_kernel, dict(flags, BLOCK_M=64, BLOCK_N=64))
+    compile_one(triton_bwd.attn_bwd_dkdv_kernel, dict(flags, ATOMIC_DQ=False, BLOCK_M=64, BLOCK_N=64))
+    compile_one(triton_bwd_dq.attn_bwd_dq_kernel, dict(flags, BLOCK_M=64, BLOCK_N=64))
     # head dim 80 (not a power of two), bf16
-    flags = dict(MASK_MODE=MASK_NONE.value, CAUSAL=False, HAS_HEAD_MASK=False, DROPOUT=False, VARLEN=False,
-                 EVEN_D=False, BLOCK_D=128)
+    flags = dict(MASK_MODE=MASK_NONE.value, CAUSAL=False, HAS_HEAD_MASK=False, DROPOUT=False, KEEP_BITS=False,
+                 VARLEN=False, EVEN_D=False, BLOCK_D=128)
     compile_one(triton_fwd.attn_fwd_kernel, dict(flags, WRITE_STATS=True, BLOCK_M=64, BLOCK_N=128), dtype="*bf16")
     compile_one(triton_bwd.bwd_delta_kernel, dict(BLOCK_M=64, BLOCK_D=64))
     compile_one(triton_keep.dropout_keep_kernel, dict(BLOCK_M=32, BLOCK_N=32))
-
 
 if __name__ == "__main__":
     main()

@@ -65,6 +65,12 @@ class Engine:
         """(dq, dk, dv) like q, k, v; rng: the forward's."""
         raise NotImplementedError
 
+    def keep_bits_shape(self, q, k, dropout_p: float, varlen=None) -> Optional[Tuple[int, ...]]:
+        """The shape of the int32 buffer in which forward (``keep_bits=``) stores the dropout
+        keep-mask for backward (``keep_bits=``), or None: this engine's backward regenerates it
+        (the default; engines that store accept the ``keep_bits`` keyword in both)."""
+        return None
+
     def keep_mask(self, batch: int, heads: int, q_len: int, k_len: int, dropout_p: float,
                   rng: torch.Tensor) -> torch.Tensor:
         """The bool dropout keep-mask [B, H, Sq, Sk] the kernels apply for the (seed, offset) in

@@ -1,6 +1,6 @@
 """Triton launcher: tile sizes, grid, kernel arguments.  Kernels live in triton_fwd.py (forward),
-triton_bwd.py (dK/dV, dQ, delta) and triton_keep.py (the keep-mask testing hook); their shared
-@triton.jit helpers in triton_common.py."""
+triton_bwd.py (dK/dV, delta), triton_bwd_dq.py (dQ) and triton_keep.py (the keep-mask testing
+hook); their shared @triton.jit helpers in triton_common.py."""
 from __future__ import annotations
 
 import functools
@@ -17,7 +17,7 @@ from . import Engine
 try:  # imports never fail: keep the reason, report it in reasons()
     import triton
 
-    from . import triton_bwd, triton_common, triton_fwd, triton_keep
+    from . import triton_bwd, triton_bwd_dq, triton_common, triton_fwd, triton_keep
     _IMPORT_ERROR: Optional[str] = None
     # MASK_MODE of each ReducedMask.kind
     _MASK_MODE = {"none": triton_common.MASK_NONE.value, "keys": triton_common.MASK_KEYS.value,
@@ -136,12 +136,55 @@ def _dropout_args(dropout_p: float, rng: Optional[torch.Tensor], q: torch.Tensor
 
 
 def _constexprs(red: ReducedMask, causal: bool, dropout_p: float, head_mask, varlen, D: int, block_d: int,
-                cfg: TileConfig) -> dict:
+                cfg: TileConfig, keep_bits: bool = False) -> dict:
     """The constexprs the forward and backward kernels share, and the launch options."""
     return dict(MASK_MODE=_MASK_MODE[red.kind], CAUSAL=bool(causal), HAS_HEAD_MASK=head_mask is not None,
-                DROPOUT=dropout_p > 0.0, VARLEN=varlen is not None, EVEN_D=block_d == D,
+                DROPOUT=dropout_p > 0.0, KEEP_BITS=dropout_p > 0.0 and keep_bits,
+                VARLEN=varlen is not None, EVEN_D=block_d == D,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+# -- the stored keep-mask (triton_common.KEEP_PAD has the layout)
+KEEP_ENV = "FUSED_ATTN_DROPOUT_MASK"     # "auto" (size policy) | "store" | "regenerate"
+KEEP_MAX_BYTES = 1 << 30
+
+
+def keep_bits_shape(q, k, dropout_p: float, varlen=None) -> Optional[Tuple[int, int, int, int]]:
+    """The shape of the int32 keep-mask words the forward stores for the backward, or None: the
+    backward regenerates the mask.  Reading 1 bit per score costs far less than two Philox
+    passes, so the mask is stored whenever its memory is acceptable: at most the size of q, k
+    and v together (bits / (q + k + v) = S / (48 D) for S = Sq = Sk in fp16: S <= 3072 at D = 64)
+    and at most KEEP_MAX_BYTES.  $FUSED_ATTN_DROPOUT_MASK=store / regenerate overrides (tests)."""
+    if dropout_p <= 0.0:
+        return None
+    mode = os.environ.get(KEEP_ENV, "auto")
+    if mode not in ("auto", "store", "regenerate"):
+        raise ValueError(f"{KEEP_ENV}={mode!r}: expected 'auto', 'store' or 'regenerate'")
+    D = q.shape[3]
+    cfgs = (fwd_config(D, q.dtype, q.device), *bwd_config(D, q.dtype, q.device))
+    # the forward writes whole words (BLOCK_M % 32), dQ reads them from a word boundary, and no
+    # tile may reach past the padding
+    if mode == "regenerate" or cfgs[0].block_m % 32 or cfgs[2].block_m % 32 or \
+            max(max(c.block_m, c.block_n) for c in cfgs) > triton_common.KEEP_PAD:
+        return None
+    B, Sq, Sk, _, _ = _seq_args(q, k, varlen, None)
+    pad = triton_common.KEEP_PAD
+    shape = (B, q.shape[1], _cdiv(Sq, pad) * pad // 32, _cdiv(Sk, pad) * pad)
+    if mode == "store":
+        return shape
+    nbytes = 4 * shape[0] * shape[1] * shape[2] * shape[3]
+    return shape if nbytes <= min(KEEP_MAX_BYTES, (q.numel() + 2 * k.numel()) * q.element_size()) else None
+
+
+def _keep_args(keep_bits, cfg: TileConfig, dummy, whole_words: bool = True):
+    """KeepBits, stride_kbh (one (batch, head)), stride_kw (one row of words).  Only dK/dV reads
+    tiles that start inside a word (not whole_words)."""
+    if keep_bits is None:
+        return dummy, 0, 0
+    if (whole_words and cfg.block_m % 32) or max(cfg.block_m, cfg.block_n) > triton_common.KEEP_PAD:
+        raise ValueError(f"stored keep-mask: tiles {cfg.block_m}x{cfg.block_n} do not fit its words")
+    return keep_bits, keep_bits.stride(1), keep_bits.stride(2)
 
 
 # Launch plans: what a call's shapes, strides, dtype and flags decide (tiles, grid, strides, sizes,
@@ -180,25 +223,28 @@ class _FwdPlan:
     constexprs: dict
 
 
-def _fwd_plan(q, k, v, red, causal, scale, dropout_p, head_mask, config, stats, varlen) -> _FwdPlan:
+def _fwd_plan(q, k, v, red, causal, scale, dropout_p, head_mask, config, stats, varlen, keep_bits) -> _FwdPlan:
     D, H = q.shape[3], q.shape[1]
     cfg = config or fwd_config(D, q.dtype, q.device)
     B, Sq, Sk, bf, seq = _seq_args(q, k, varlen, None)
     n_qb = max(1, _cdiv(Sq, cfg.block_m))
     block_d = max(16, _pow2(D))
-    kw = _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, cfg)
+    kw = _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, cfg, keep_bits)
     return _FwdPlan(cfg, (n_qb, B * H), (B, H, n_qb), bf, (*_strides(q, bf), *_strides(k, bf), *_strides(v, bf)),
                     (H, Sq, Sk, D, scale * triton_common.LOG2E), seq[2:], dict(WRITE_STATS=stats, **kw))
 
 
 def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: float,
             head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor] = None,
-            config: Optional[TileConfig] = None, stats: bool = False, varlen=None):
+            config: Optional[TileConfig] = None, stats: bool = False, varlen=None, keep_bits=None):
     """Returns (out [B, H, Sq, D] in q.dtype, lse [B, H, Sq] fp32 in log2 units[, stats]).
-    With ``varlen``, q / k / v are [1, H, T, D] views of packed tensors (see _seq_args)."""
+    With ``varlen``, q / k / v are [1, H, T, D] views of packed tensors (see _seq_args).  With
+    ``keep_bits`` (int32, keep_bits_shape()), the dropout keep-mask is also written there."""
+    has_bits = keep_bits is not None
     key = ("fwd", q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device, red.kind, causal,
-           scale, dropout_p, head_mask is None, config, stats, _varlen_key(varlen))
-    plan = _plan(key, lambda: _fwd_plan(q, k, v, red, causal, scale, dropout_p, head_mask, config, stats, varlen))
+           scale, dropout_p, head_mask is None, config, stats, _varlen_key(varlen), has_bits)
+    plan = _plan(key, lambda: _fwd_plan(q, k, v, red, causal, scale, dropout_p, head_mask, config, stats, varlen,
+                                        has_bits))
     out = torch.empty_like(q)   # keeps q's layout when dense, e.g. HF's [B, S, H, D] storage
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     dummy = lse
@@ -207,7 +253,7 @@ def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: fl
         q, k, v, out, lse, visited, *plan.qkv, *_strides(out, plan.bf), *plan.sizes,
         *_seq_tensors(varlen, dummy), *plan.seq,
         *_mask_args(red, plan.cfg, causal, dummy),
-        *_head_mask_args(head_mask, dummy),
+        *_head_mask_args(head_mask, dummy), *_keep_args(keep_bits, plan.cfg, dummy),
         *_dropout_args(dropout_p, rng, q, dummy), **plan.constexprs)
     if stats:
         return out, lse, visited
@@ -230,6 +276,16 @@ def bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> Tuple
 DELTA_BLOCK_M = 64
 
 
+DETERMINISTIC_ENV = "FUSED_ATTN_DETERMINISTIC"
+
+
+def single_pass_backward() -> bool:
+    """Whether the backward takes FlashAttention-2's single pass (dQ added by fp32 atomics, not
+    bitwise repeatable): only with $FUSED_ATTN_DETERMINISTIC=0, and never while torch demands
+    deterministic algorithms."""
+    return os.environ.get(DETERMINISTIC_ENV, "1") == "0" and not torch.are_deterministic_algorithms_enabled()
+
+
 @dataclass(frozen=True)
 class _BwdPlan:
     cfg: TileConfig              # dK/dV tiles
@@ -248,7 +304,7 @@ class _BwdPlan:
 
 
 def _bwd_plan(grad_out, q, k, v, out, red, causal, scale, dropout_p, head_mask, config, dq_config,
-              varlen) -> _BwdPlan:
+              varlen, keep_bits) -> _BwdPlan:
     H, D = q.shape[1], q.shape[3]
     B, Sq, Sk, bf, seq = _seq_args(q, k, varlen, None)
     if config is None:
@@ -261,36 +317,50 @@ def _bwd_plan(grad_out, q, k, v, out, red, causal, scale, dropout_p, head_mask, 
         bf, (*_strides(q, bf), *_strides(k, bf), *_strides(v, bf), *_strides(grad_out, bf)),
         (max(1, _cdiv(Sk, config.block_n)), B * H), (max(1, _cdiv(Sq, dq_config.block_m)), B * H),
         (H, Sq, Sk, D, scale * triton_common.LOG2E, scale), seq[2:], block_d,
-        _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, config),
-        _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, dq_config))
+        _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, config, keep_bits),
+        _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, dq_config, keep_bits))
 
 
 def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale: float,
              dropout_p: float, head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor] = None,
-             config: Optional[TileConfig] = None, dq_config: Optional[TileConfig] = None, varlen=None):
+             config: Optional[TileConfig] = None, dq_config: Optional[TileConfig] = None, varlen=None,
+             keep_bits=None, atomic_dq: Optional[bool] = None):
     """Returns (dq, dk, dv) in the dtypes and layouts of q, k, v.  config / dq_config override
-    the tiles of the dK/dV and dQ kernels (dq_config defaults to config)."""
+    the tiles of the dK/dV and dQ kernels (dq_config defaults to config).  keep_bits: the words
+    the forward stored (else the keep-mask is regenerated).  atomic_dq: the single pass (default
+    single_pass_backward())."""
+    atomic = single_pass_backward() if atomic_dq is None else atomic_dq
     if grad_out.dtype != q.dtype:
         grad_out = grad_out.to(q.dtype)
+    has_bits = keep_bits is not None
     key = ("bwd", q.shape, q.stride(), k.shape, k.stride(), v.stride(), out.stride(), grad_out.stride(), q.dtype,
-           q.device, red.kind, causal, scale, dropout_p, head_mask is None, config, dq_config, _varlen_key(varlen))
+           q.device, red.kind, causal, scale, dropout_p, head_mask is None, config, dq_config, _varlen_key(varlen),
+           has_bits)
     plan = _plan(key, lambda: _bwd_plan(grad_out, q, k, v, out, red, causal, scale, dropout_p, head_mask, config,
-                                        dq_config, varlen))
+                                        dq_config, varlen, has_bits))
     # rowsum(dO ∘ O), laid out like lse: a row-wise op, so packed rows need no sequence bounds
     delta = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     triton_bwd.bwd_delta_kernel[plan.delta_grid](out, grad_out, delta, *plan.delta_args,
                                                  BLOCK_M=DELTA_BLOCK_M, BLOCK_D=plan.block_d)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # the single pass adds into fp32 zeros (rows no key block reaches stay 0)
+    dq = torch.zeros_like(q, dtype=torch.float32) if atomic else torch.empty_like(q)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     dummy = lse
     tail = (*plan.sizes, *_seq_tensors(varlen, dummy), *plan.seq)
     head = _head_mask_args(head_mask, dummy)
     drop = _dropout_args(dropout_p, rng, q, dummy)
     triton_bwd.attn_bwd_dkdv_kernel[plan.dkdv_grid](
         q, k, v, grad_out, lse, delta, dk, dv, *plan.inputs, *_strides(dk, plan.bf), *_strides(dv, plan.bf), *tail,
-        *_mask_args(red, plan.cfg, causal, dummy, transposed=True), *head, *drop, **plan.dkdv_constexprs)
-    triton_bwd.attn_bwd_dq_kernel[plan.dq_grid](
+        *_mask_args(red, plan.cfg, causal, dummy, transposed=True), *head,
+        *_keep_args(keep_bits, plan.cfg, dummy, whole_words=False),
+        *((dq, *_strides(dq, plan.bf)) if atomic else (dummy, 0, 0, 0, 0)), *drop, ATOMIC_DQ=atomic,
+        **plan.dkdv_constexprs)
+    if atomic:
+        return dq.to(q.dtype), dk, dv
+    triton_bwd_dq.attn_bwd_dq_kernel[plan.dq_grid](
         q, k, v, grad_out, lse, delta, dq, *plan.inputs, *_strides(dq, plan.bf), *tail,
-        *_mask_args(red, plan.dq_cfg, causal, dummy), *head, *drop, **plan.dq_constexprs)
+        *_mask_args(red, plan.dq_cfg, causal, dummy), *head, *_keep_args(keep_bits, plan.dq_cfg, dummy), *drop,
+        **plan.dq_constexprs)
     return dq, dk, dv
 
 
@@ -329,12 +399,17 @@ class TritonEngine(Engine):
         return out
 
     def forward(self, q, k, v, red, *, causal, dropout_p, scale, head_mask=None, rng=None, varlen=None,
-                stats=False):
-        return forward(q, k, v, red, causal, scale, dropout_p, head_mask, rng, stats=stats, varlen=varlen)
+                stats=False, keep_bits=None):
+        return forward(q, k, v, red, causal, scale, dropout_p, head_mask, rng, stats=stats, varlen=varlen,
+                       keep_bits=keep_bits)
 
     def backward(self, grad_out, q, k, v, out, lse, red, *, causal, dropout_p, scale, head_mask=None, rng=None,
-                 varlen=None):
-        return backward(grad_out, q, k, v, out, lse, red, causal, scale, dropout_p, head_mask, rng, varlen=varlen)
+                 varlen=None, keep_bits=None):
+        return backward(grad_out, q, k, v, out, lse, red, causal, scale, dropout_p, head_mask, rng, varlen=varlen,
+                        keep_bits=keep_bits)
+
+    def keep_bits_shape(self, q, k, dropout_p, varlen=None):
+        return keep_bits_shape(q, k, dropout_p, varlen)
 
     def keep_mask(self, batch, heads, q_len, k_len, dropout_p, rng):
         return dropout_keep_mask(batch, heads, q_len, k_len, dropout_p, rng)

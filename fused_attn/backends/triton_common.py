@@ -1,4 +1,4 @@
-"""@triton.jit helpers shared by the forward (triton_fwd.py) and backward (triton_bwd.py) kernels:
+"""@triton.jit helpers shared by the forward (triton_fwd.py) and backward (triton_bwd*.py) kernels:
 tile loads, dots, masking of a score tile, key-loop bounds, packed-sequence bounds, Philox dropout.
 
 Conventions that keep a change to the kernels cheap and safe:
@@ -32,13 +32,9 @@ LOAD_TILE: tl.constexpr = tl.constexpr(2)     # the whole tile (PARTIAL blocks o
 
 
 @triton.jit
-def dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p, TRANSPOSED: tl.constexpr):
-    """Keep-mask of the tile of query rows offs_m (consecutive, from a multiple of 4) and keys
-    offs_n: [M, N], or [N, M] when TRANSPOSED.  Philox-4x32-10 with key = seed (two 31-bit
-    halves) and counter = ((row // 4) * Sk + col, batch * H + head, torch's offset as two 31-bit
-    halves); element (row, col) takes output word row % 4, so one Philox call serves four rows.
-    A function of the element's position only: the backward regenerates it, and the C++ kernels
-    (csrc/philox.h) draw the same mask.  Keep iff uniform >= dropout_p."""
+def philox_rows(seed, rng_offset, bh, offs_m, offs_n, Sk, TRANSPOSED: tl.constexpr):
+    """The four Philox-4x32-10 output words of dropout_keep's tile, [M / 4, N] each (or [N, M / 4]):
+    word e of group g belongs to query row 4 g + e."""
     G: tl.constexpr = offs_m.shape[0] // 4
     group = tl.min(offs_m, axis=0) // 4 + tl.arange(0, G)
     if TRANSPOSED:
@@ -52,7 +48,19 @@ def dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p, TRANSPOSED
     c3 = (zero + ((rng_offset >> 31) & 0x7FFFFFFF)).to(tl.uint32)
     k0 = (zero + (seed & 0x7FFFFFFF)).to(tl.uint32)
     k1 = (zero + ((seed >> 31) & 0x7FFFFFFF)).to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox_impl(c0, c1, c2, c3, k0, k1)
+    return tl.philox_impl(c0, c1, c2, c3, k0, k1)
+
+
+@triton.jit
+def dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p, TRANSPOSED: tl.constexpr):
+    """Keep-mask of the tile of query rows offs_m (consecutive, from a multiple of 4) and keys
+    offs_n: [M, N], or [N, M] when TRANSPOSED.  Philox-4x32-10 with key = seed (two 31-bit
+    halves) and counter = ((row // 4) * Sk + col, batch * H + head, torch's offset as two 31-bit
+    halves); element (row, col) takes output word row % 4, so one Philox call serves four rows.
+    A function of the element's position only: the backward regenerates it, and the C++ kernels
+    (csrc/philox.h) draw the same mask.  Keep iff uniform >= dropout_p."""
+    G: tl.constexpr = offs_m.shape[0] // 4
+    r0, r1, r2, r3 = philox_rows(seed, rng_offset, bh, offs_m, offs_n, Sk, TRANSPOSED=TRANSPOSED)
     # tl.join stacks on a new last axis: r[..., f, e] = word 2 f + e, so after the reshape the
     # element 4 * group + 2 f + e takes word 2 f + e, i.e. word (its index) % 4
     r = tl.join(tl.join(r0, r2), tl.join(r1, r3))
@@ -61,6 +69,67 @@ def dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p, TRANSPOSED
     else:
         r = tl.reshape(tl.permute(r, (0, 2, 3, 1)), [4 * G, offs_n.shape[0]])     # row 4 * group + word
     return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+# The stored keep-mask (KEEP_BITS): int32 words [B, H, Sq / 32, Sk] (both padded to KEEP_PAD), element
+# (b, h, i, j) is bit i % 32 of word [b, h, i // 32, j].  Packed along the query axis so that
+# every kernel touches whole words of consecutive keys: the forward's [BLOCK_M, BLOCK_N] tile
+# writes [BLOCK_M / 32, BLOCK_N] words (BLOCK_M a multiple of 32), dQ reads the same shape and
+# dK/dV its transpose, rows of BLOCK_N contiguous words either way.  Both dims are padded to
+# KEEP_PAD (>= every tile), so aligned tiles never need bounds checks; only the tiles that start
+# at an unaligned key (MASK_KEYS ranges) check columns.  Words of tiles the forward skips are
+# never written: the backward reads them only where P is exactly 0 (hidden keys, rows that see
+# nothing), where the bit cannot change a gradient.
+KEEP_PAD = 128
+
+
+@triton.jit
+def dropout_keep_store(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p, ptr, stride_kw, CHECK_COLS: tl.constexpr):
+    """dropout_keep(TRANSPOSED=False) of a tile of M (a multiple of 32) rows, also stored as
+    [M / 32, N] words from word row ptr.  Packed straight from Philox's [M / 4, N] outputs (4 bits
+    per element of those, then 8 of them per word): re-laying out the whole [M, N] keep tile
+    for the store made the forward spill three times as much."""
+    W: tl.constexpr = offs_m.shape[0] // 32
+    N: tl.constexpr = offs_n.shape[0]
+    r0, r1, r2, r3 = philox_rows(seed, rng_offset, bh, offs_m, offs_n, Sk, TRANSPOSED=False)
+    nib = ((tl.uint_to_uniform_float(r0) >= dropout_p).to(tl.int32)
+           | ((tl.uint_to_uniform_float(r1) >= dropout_p).to(tl.int32) << 1)
+           | ((tl.uint_to_uniform_float(r2) >= dropout_p).to(tl.int32) << 2)
+           | ((tl.uint_to_uniform_float(r3) >= dropout_p).to(tl.int32) << 3))        # [M / 4, N]
+    shifts = 4 * tl.arange(0, 8)
+    words = tl.sum(tl.reshape(nib, [W, 8, N]) << shifts[None, :, None], axis=1)      # disjoint bits: sum = OR
+    ptrs = ptr + tl.arange(0, W)[:, None] * stride_kw + offs_n[None, :]
+    if CHECK_COLS:
+        tl.store(ptrs, words, mask=offs_n[None, :] < Sk)
+    else:
+        tl.store(ptrs, words)
+    r = tl.join(tl.join(r0, r2), tl.join(r1, r3))       # as in dropout_keep
+    r = tl.reshape(tl.permute(r, (0, 2, 3, 1)), [offs_m.shape[0], N])
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def keep_bits_load(ptr, stride_kw, bit0, offs_m, offs_n, Sk, TRANSPOSED: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """The keep tile of the BLOCK_M query rows offs_m from word row ptr, the first row at bit bit0
+    (0 unless BLOCK_M < 32): [BLOCK_M, N], or [N, BLOCK_M] when TRANSPOSED."""
+    BLOCK_M: tl.constexpr = offs_m.shape[0]
+    G: tl.constexpr = (BLOCK_M + 31) // 32
+    R: tl.constexpr = BLOCK_M // G
+    N: tl.constexpr = offs_n.shape[0]
+    shifts = bit0 + tl.arange(0, R)
+    if TRANSPOSED:
+        ptrs = ptr + offs_n[:, None] + tl.arange(0, G)[None, :] * stride_kw                  # [N, G]
+        if CHECK_COLS:
+            w = tl.load(ptrs, mask=offs_n[:, None] < Sk, other=0)
+        else:
+            w = tl.load(ptrs)
+        return tl.reshape((w[:, :, None] >> shifts[None, None, :]) & 1, [N, BLOCK_M]) != 0
+    ptrs = ptr + tl.arange(0, G)[:, None] * stride_kw + offs_n[None, :]                      # [G, N]
+    if CHECK_COLS:
+        w = tl.load(ptrs, mask=offs_n[None, :] < Sk, other=0)
+    else:
+        w = tl.load(ptrs)
+    return tl.reshape((w[:, None, :] >> shifts[None, :, None]) & 1, [BLOCK_M, N]) != 0
 
 
 @triton.jit
@@ -158,3 +227,30 @@ def seq_bounds(b, CuSeqQ, CuSeqK, Sq, Sk, Tq, Tk, VARLEN: tl.constexpr):
         seq_q = Sq
         seq_k = Sk
     return q0, k0, seq_q, seq_k
+
+
+@triton.jit
+def dropout_grads(p, dp, delta, grad_scale, keep, DROPOUT: tl.constexpr):
+    """(Ph, dS) of one tile from P and dO·Vᵀ: Ph = grad_scale * dropout(P), dS = P ∘ (dP - delta)
+    with dP = grad_scale * dropout(dO·Vᵀ); grad_scale = head_mask / (1 - dropout_p); delta
+    broadcastable to the tile; keep the tile's keep-mask (unused without DROPOUT)."""
+    if DROPOUT:
+        ph = tl.where(keep, p * grad_scale, 0.0)
+        dp = tl.where(keep, dp * grad_scale, 0.0)
+    else:
+        ph = p * grad_scale
+        dp = dp * grad_scale
+    return ph, p * (dp - delta)
+
+
+@triton.jit
+def tile_keep(seed, rng_offset, bh, dropout_p, keep_ptr, stride_kw, bit0, offs_m, offs_n, Sk,
+              KEEP_BITS: tl.constexpr, TRANSPOSED: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """A backward tile's keep-mask: read from the forward's words (KEEP_BITS, see keep_bits_load)
+    or regenerated with Philox."""
+    if KEEP_BITS:
+        keep = keep_bits_load(keep_ptr, stride_kw, bit0, offs_m, offs_n, Sk, TRANSPOSED=TRANSPOSED,
+                              CHECK_COLS=CHECK_COLS)
+    else:
+        keep = dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p, TRANSPOSED=TRANSPOSED)
+    return keep

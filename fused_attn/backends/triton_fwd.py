@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (LOAD_NONE, LOAD_ROW, LOAD_TILE, MASK_BLOCKS, MASK_KEYS, dropout_keep,
-                            kv_loop_bounds, load_rows, mask_scores, mma, seq_bounds)
+                            dropout_keep_store, kv_loop_bounds, load_rows, mask_scores, mma, seq_bounds)
 
 
 @triton.jit
@@ -20,8 +20,9 @@ def _fwd_tile(acc, l_i, m_i, q, start_n, offs_m, offs_d,
               k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
               mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi, Sq, Sk, D, causal_offset, qk_scale,
               seed, rng_offset, bh, dropout_p,
+              keep_ptr, stride_kw,
               BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
-              CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr, DROPOUT: tl.constexpr):
+              CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr, DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr):
     """One key tile: scores, masking, online-softmax update, P @ V."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
@@ -38,7 +39,11 @@ def _fwd_tile(acc, l_i, m_i, q, start_n, offs_m, offs_d,
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if DROPOUT:
-        keep = dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p, TRANSPOSED=False)
+        if KEEP_BITS:   # also stored for the backward, which then reads bits instead of running Philox twice
+            keep = dropout_keep_store(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p, keep_ptr, stride_kw,
+                                      CHECK_COLS=CHECK_BOUNDS)
+        else:
+            keep = dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p, TRANSPOSED=False)
         p = tl.where(keep, p, 0.0)
     v = load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                   offs_n, kv_hi, offs_d, D, CHECK_ROWS=CHECK_BOUNDS, EVEN_D=EVEN_D)
@@ -51,24 +56,27 @@ def _fwd_range(acc, l_i, m_i, visited, q, lo, safe_hi, hi, offs_m, offs_d,
                k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                mask_ptr, stride_mm, stride_mn, Sq, Sk, D, causal_offset, qk_scale,
                seed, rng_offset, bh, dropout_p,
+               keep_ptr, stride_kw,
                BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-               LOAD_MASK: tl.constexpr, DROPOUT: tl.constexpr):
+               LOAD_MASK: tl.constexpr, DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr):
     """Keys [lo, hi): interior tiles [lo, safe_hi) unchecked, then the edge / diagonal tiles."""
     for start_n in range(lo, safe_hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, offs_m, offs_d,
                                   k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                   mask_ptr, stride_mm, stride_mn, lo, hi, Sq, Sk, D, causal_offset, qk_scale,
                                   seed, rng_offset, bh, dropout_p,
+                                  keep_ptr, stride_kw,
                                   BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CHECK_BOUNDS=False, CAUSAL=False,
-                                  LOAD_MASK=LOAD_MASK, DROPOUT=DROPOUT)
+                                  LOAD_MASK=LOAD_MASK, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS)
         visited += 1
     for start_n in range(safe_hi, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, offs_m, offs_d,
                                   k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                   mask_ptr, stride_mm, stride_mn, lo, hi, Sq, Sk, D, causal_offset, qk_scale,
                                   seed, rng_offset, bh, dropout_p,
+                                  keep_ptr, stride_kw,
                                   BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CHECK_BOUNDS=True, CAUSAL=CAUSAL,
-                                  LOAD_MASK=LOAD_MASK, DROPOUT=DROPOUT)
+                                  LOAD_MASK=LOAD_MASK, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS)
         visited += 1
     return acc, l_i, m_i, visited
 
@@ -78,8 +86,9 @@ def _fwd_list(acc, l_i, m_i, visited, q, Count, Index, offs_m, offs_d,
               k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
               mask_ptr, stride_mm, stride_mn, Sq, Sk, D, causal_offset, qk_scale,
               seed, rng_offset, bh, dropout_p,
+              keep_ptr, stride_kw,
               BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-              PARTIAL: tl.constexpr, DROPOUT: tl.constexpr):
+              PARTIAL: tl.constexpr, DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr):
     """The key blocks listed at Index[0:Count]: PARTIAL ones load the mask tile and check bounds
     and causal; FULL ones do no masking at all."""
     n_blocks = tl.load(Count)
@@ -89,8 +98,10 @@ def _fwd_list(acc, l_i, m_i, visited, q, Count, Index, offs_m, offs_d,
                                   k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                   mask_ptr, stride_mm, stride_mn, 0, Sk, Sq, Sk, D, causal_offset, qk_scale,
                                   seed, rng_offset, bh, dropout_p,
+                                  keep_ptr, stride_kw,
                                   BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CHECK_BOUNDS=PARTIAL, CAUSAL=PARTIAL and CAUSAL,
-                                  LOAD_MASK=LOAD_TILE if PARTIAL else LOAD_NONE, DROPOUT=DROPOUT)
+                                  LOAD_MASK=LOAD_TILE if PARTIAL else LOAD_NONE, DROPOUT=DROPOUT,
+                                  KEEP_BITS=KEEP_BITS)
         visited += 1
     return acc, l_i, m_i, visited
 
@@ -115,9 +126,11 @@ def attn_fwd_kernel(
     PartCount, PartIndex, FullCount, FullIndex,
     stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
     HeadMask, stride_hb, stride_hh,
+    # KEEP_BITS: the keep-mask words [B, H, rows, cols] to write (triton_common.KEEP_PAD)
+    KeepBits, stride_kbh, stride_kw,
     Rng, dropout_p, dropout_scale,
     MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_HEAD_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-    WRITE_STATS: tl.constexpr, VARLEN: tl.constexpr, EVEN_D: tl.constexpr,
+    KEEP_BITS: tl.constexpr, WRITE_STATS: tl.constexpr, VARLEN: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -140,6 +153,7 @@ def attn_fwd_kernel(
     k_base = K + b64 * stride_kb + h64 * stride_kh + k0 * stride_kn
     v_base = V + b64 * stride_vb + h64 * stride_vh + k0 * stride_vn
     mask_ptr = Mask + b64 * stride_mb + h64 * stride_mh
+    keep_ptr = KeepBits + bh.to(tl.int64) * stride_kbh + (start_m // 32) * stride_kw
 
     q = load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, seq_q, offs_d, D,
                   CHECK_ROWS=True, EVEN_D=EVEN_D)
@@ -157,12 +171,14 @@ def attn_fwd_kernel(
             acc, l_i, m_i, visited, q, PartCount + cnt, PartIndex + idx, offs_m, offs_d,
             k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
             Sq, Sk, D, causal_offset, qk_scale, seed, rng_offset, bh, dropout_p,
-            BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, PARTIAL=True, DROPOUT=DROPOUT)
+            keep_ptr, stride_kw,
+            BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, PARTIAL=True, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS)
         acc, l_i, m_i, visited = _fwd_list(
             acc, l_i, m_i, visited, q, FullCount + cnt, FullIndex + idx, offs_m, offs_d,
             k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
             Sq, Sk, D, causal_offset, qk_scale, seed, rng_offset, bh, dropout_p,
-            BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, PARTIAL=False, DROPOUT=DROPOUT)
+            keep_ptr, stride_kw,
+            BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, PARTIAL=False, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS)
     else:
         # -- no mask / key padding: loop bounds from the key range and causal
         lo = 0
@@ -180,13 +196,17 @@ def attn_fwd_kernel(
                 acc, l_i, m_i, visited, q, lo, safe_hi, hi, offs_m, offs_d,
                 k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
                 Sq, Sk, D, causal_offset, qk_scale, seed, rng_offset, bh, dropout_p,
-                BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, LOAD_MASK=LOAD_ROW, DROPOUT=DROPOUT)
+                keep_ptr, stride_kw,
+                BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, LOAD_MASK=LOAD_ROW, DROPOUT=DROPOUT,
+                KEEP_BITS=KEEP_BITS)
         else:
             acc, l_i, m_i, visited = _fwd_range(
                 acc, l_i, m_i, visited, q, lo, safe_hi, hi, offs_m, offs_d,
                 k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
                 Sq, Sk, D, causal_offset, qk_scale, seed, rng_offset, bh, dropout_p,
-                BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, LOAD_MASK=LOAD_NONE, DROPOUT=DROPOUT)
+                keep_ptr, stride_kw,
+                BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, LOAD_MASK=LOAD_NONE, DROPOUT=DROPOUT,
+                KEEP_BITS=KEEP_BITS)
 
     # -- epilogue: normalise; rows that saw nothing give exactly 0 and lse = +inf
     empty = l_i == 0.0
