@@ -1,5 +1,6 @@
 """Distributed training with a patched BERT (random-init tiny config), 2 processes on CPU (gloo):
-DistributedDataParallel and FSDP2 (torch.distributed.fsdp.fully_shard) give the loss and the
+DistributedDataParallel and FSDP2 (torch.distributed.fsdp.fully_shard, per layer and the root; and
+for a padding-free model, the whole model as one unit too) give the loss and the
 gradients of one process on the whole batch, and with dropout on, runs with the same seeds are
 identical.  (README, "Distributed training": the same under torchrun / accelerate.)"""
 import os
@@ -94,13 +95,18 @@ def _rank_main(rank, port, out_dir):
             fully_shard(layer)
         fully_shard(model)
         results["fsdp2"] = train(model, ids, mask, w, rank, WORLD)
-        # padding_free: DDP, and FSDP2 sharding the whole model as one unit.  (Sharding each layer
-        # on its own does not work yet: the packed encoder calls a layer's submodules, not the
-        # layer, so FSDP2's per-layer unshard hooks never run and the linears see DTensors.)
+        # padding_free: DDP, FSDP2 sharding the whole model as one unit, and FSDP2 sharding each
+        # encoder layer (the packed encoder calls each layer as a module, so FSDP2's per-layer
+        # hooks gather its parameters before the layer runs on packed tokens)
         results["ddp-padding-free"] = train(DDP(make_model(0.0, padding_free=True)), ids, mask, w, rank, WORLD)
         model = make_model(0.0, padding_free=True)
         fully_shard(model)
         results["fsdp2-padding-free"] = train(model, ids, mask, w, rank, WORLD)
+        model = make_model(0.0, padding_free=True)
+        for layer in model.encoder.layer:
+            fully_shard(layer)
+        fully_shard(model)
+        results["fsdp2-layers-padding-free"] = train(model, ids, mask, w, rank, WORLD)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -133,7 +139,8 @@ def single_padding_free():
     return train(make_model(0.0, padding_free=True), ids, mask, w)
 
 
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2", "ddp-padding-free", "fsdp2-padding-free"])
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2", "ddp-padding-free", "fsdp2-padding-free",
+                                     "fsdp2-layers-padding-free"])
 def test_two_processes_match_one_process_on_the_whole_batch(ranks, single, single_padding_free, wrapper):
     """The padding-free model too (zeros at padding: compared with its own one-process run)."""
     losses, grads = single_padding_free if wrapper.endswith("padding-free") else single

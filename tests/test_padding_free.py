@@ -2,9 +2,10 @@
 
 Against HF's eager model (the fp64 eager copy as the oracle, DESIGN.md's rule) on every real token,
 exact zeros at padding; eval, train without dropout, gradients of every parameter; hidden states;
-unpatch; fallbacks; gradient checkpointing; threads; torch.compile; HF Trainer; flattened batches
+unpatch; fallbacks; threads; torch.compile; HF Trainer; flattened batches
 (DataCollatorWithFlattening without a mask); sentence-transformers.  HF's flattened batches under
-attn_implementation="fused_attn" are in test_hf_flattened.py.  Runs with the installed
+attn_implementation="fused_attn" are in test_hf_flattened.py, layer hooks and gradient
+checkpointing in test_padding_free_layers.py.  Runs with the installed
 transformers (5.x in .venv, 4.x in .venv-hf4: `make test-hf4`).
 """
 import copy
@@ -18,6 +19,7 @@ import fused_attn
 from _hf import (SENTENCES, TINY, TRANSFORMERS_5, assert_close_to_oracle, batch, load_minilm, minilm_path,
                  oracle_of)
 from fused_attn import packing
+from fused_attn.integrations import packed_layers
 from fused_attn.integrations import padding_free as pf
 
 import transformers as tf  # noqa: E402  (_hf skipped the module if transformers is missing)
@@ -246,6 +248,8 @@ def test_unpatch_restores_exactly(family):
     fused_attn.patch(model, padding_free=True)           # idempotent: one set of hooks
     assert isinstance(encoder, enc_cls) and type(encoder) is not enc_cls
     assert len(base._forward_pre_hooks) == 1 and len(base._forward_hooks) == 1
+    assert all(type(layer.__dict__.get("forward")) is packed_layers.LayerForward and layer.forward.previous is None
+               for layer in encoder.layer)
     assert list(model.state_dict()) == keys
     assert fused_attn.integrations.hf.is_patched(model)
     patched = model(**x).logits
@@ -253,6 +257,7 @@ def test_unpatch_restores_exactly(family):
     fused_attn.unpatch(model)
     assert type(encoder) is enc_cls and encoder.forward.__func__ is enc_cls.forward
     assert not any(k.startswith("_fused_pf") for k in encoder.__dict__)
+    assert not any("forward" in m.__dict__ for m in model.modules())          # the layers' instance forwards
     assert ([dict(m._forward_pre_hooks) for m in model.modules()],
             [dict(m._forward_hooks) for m in model.modules()]) == hooks
     assert list(model.state_dict()) == keys
@@ -370,27 +375,6 @@ def test_relative_positions_fall_back():
     with pytest.warns(UserWarning, match="cannot run position_embedding_type='relative_key'"):
         got = model(**x).last_hidden_state
     assert_close_to_oracle("relative positions", got, ref64, ref)
-
-
-def test_gradient_checkpointing_in_the_packed_loop(monkeypatch):
-    model = tiny("roberta").train()
-    x = inputs()
-    fused_attn.patch(model, padding_free=True)
-    plain_loss, plain = grads_of(model, x)
-    model.gradient_checkpointing_enable()
-    used = []
-    real = torch.utils.checkpoint.checkpoint
-
-    def spy(fn, *args, **kwargs):
-        used.append(kwargs.get("use_reentrant"))
-        return real(fn, *args, **kwargs)
-
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy)
-    ckpt_loss, ckpt = grads_of(model, x)
-    assert used == [False] * TINY["num_hidden_layers"], used
-    assert torch.equal(plain_loss, ckpt_loss)
-    for name in plain:
-        torch.testing.assert_close(ckpt[name], plain[name], rtol=0, atol=1e-6, msg=name)
 
 
 def test_concurrent_calls_from_threads_do_not_mix_batches(monkeypatch):

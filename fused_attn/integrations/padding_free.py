@@ -15,7 +15,11 @@ How it is wired (all of it undone by ``unpatch``):
 * the base model (the module owning ``.embeddings`` and the encoder) gets a forward pre-hook that
   binds the call's arguments and pushes the 2D attention_mask (and the flags above) onto a
   ``contextvars`` stack, and a forward hook (always called) that pops it: each thread / async
-  context sees only its own calls, nested models their own entries.
+  context sees only its own calls, nested models their own entries;
+* every layer is called as a module on the packed tokens, so its hooks run (FSDP2's per-layer
+  sharding, checkpoint wrappers, HF's gradient checkpointing): see packed_layers.py.  HF 5's
+  output-capturing hooks on the layers are muted during the packed loop; the encoder records the
+  hidden states itself, padded.
 
 Layers qualify by structure and code, not by class name: a BertLayer-like layer has exactly the
 submodules attention (self + output), intermediate and output, and runs BertLayer's and
@@ -37,6 +41,7 @@ from torch import nn
 
 from ..functional import varlen_attention
 from ..packing import Unpadded, gather_tokens, scatter_tokens, unpad_info
+from . import packed_layers
 
 STATE = "_fused_attn_padding_free"
 _CALLS: contextvars.ContextVar = contextvars.ContextVar("fused_attn_padding_free_calls", default=())
@@ -299,7 +304,7 @@ class _PaddingFreeEncoder:
             return "past key values / use_cache"
         if getattr(cfg, "position_embedding_type", "absolute") not in (None, "absolute"):
             return f"position_embedding_type={cfg.position_embedding_type!r}"
-        bad = [i for i, layer in enumerate(self.layer) if not self._fused_pf_layout.layer_ok(layer)]
+        bad = [i for i, layer in enumerate(self.layer) if not self._fused_pf_layout.layer_ok(packed_layers.inner(layer))]
         if bad:
             return f"layers {bad} whose structure is not {self._fused_pf_layout.name}'s"
         return None
@@ -347,15 +352,16 @@ class _PaddingFreeEncoder:
         if record and wanted is None:
             states.append(scatter_tokens(x[0], un))
 
-        for i, layer in enumerate(self.layer):
-            if (getattr(layer, "gradient_checkpointing", False) or getattr(self, "gradient_checkpointing", False)) \
-                    and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layout.run, layer, x, un, backend, use_reentrant=False)
-            else:
-                x = layout.run(layer, x, un, backend)
-            if record:
-                keep = wanted is None or len(states) in wanted
-                states.append(scatter_tokens(x[0], un) if keep else None)
+        packed = packed_layers.Packed(layout, un, backend)
+        muted = packed_layers.mute_capture(collector)
+        try:
+            for layer in self.layer:
+                x = packed_layers.call(self, layer, x, packed)
+                if record:
+                    keep = wanted is None or len(states) in wanted
+                    states.append(scatter_tokens(x[0], un) if keep else None)
+        finally:
+            packed_layers.unmute_capture(muted)
 
         out = states[-1] if record and states[-1] is not None else scatter_tokens(x[0], un)
         if record and not legacy:
@@ -454,6 +460,8 @@ def enable(model: nn.Module, backend: str = "auto") -> int:
         enc.__class__ = _padding_free_class(type(enc))
         enc.__dict__["_fused_pf_layout"] = layout
         enc.__dict__["_fused_pf_backend"] = backend
+        for layer in enc.layer:
+            packed_layers.install(layer)
         base.register_forward_pre_hook(_EnterCall(layout.encoder_attr), with_kwargs=True)
         base.register_forward_hook(_ExitCall(), always_call=True)
         n += 1
@@ -464,8 +472,9 @@ def enable(model: nn.Module, backend: str = "auto") -> int:
 
 
 def disable(model: nn.Module) -> None:
-    """Undo :func:`enable`: original encoder classes, hooks removed."""
+    """Undo :func:`enable`: original encoder classes and layer forwards, hooks removed."""
     for m in model.modules():
+        packed_layers.remove(m)
         if isinstance(m, _PaddingFreeEncoder):
             m.__class__ = m._fused_pf_original_class
             for attr in ("_fused_pf_layout", "_fused_pf_backend", "_fused_pf_warned"):

@@ -1,0 +1,115 @@
+"""Calling an encoder layer as a module on packed tokens (the padding-free encoder's layer loop).
+
+The padding-free encoder (padding_free.py) runs each layer on the real tokens only, [1, T, hidden].
+It calls the layer as a module, ``layer(x, _fused_attn_packed=Packed(...))``, never the layer's
+submodules behind its back, so what ``nn.Module.__call__`` runs around a forward runs here too:
+forward (pre-)hooks, FSDP2's per-layer all-gather and reshard, torch's ``checkpoint_wrapper``,
+HF's gradient checkpointing (``GradientCheckpointingLayer.__call__``).
+
+For that, each layer gets an instance ``forward`` (:class:`LayerForward`, put there by
+:func:`install` and taken away by :func:`remove`): with the packed keyword it runs the layout's
+packed body, without it what ``forward`` was before.  The batch travels as a keyword argument,
+not in a context variable: a checkpointed layer is recomputed in the backward pass, after the
+encoder's forward has returned, with the arguments it was first called with.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from ..packing import Unpadded
+
+PACKED_KW = "_fused_attn_packed"
+_WRAPPED = "_checkpoint_wrapped_module"     # torch's checkpoint_wrapper / offload_wrapper (ActivationWrapper)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """What a layer needs to run on packed tokens: the layout's ``run``, where the tokens are, the engine."""
+    layout: Any
+    un: Unpadded
+    backend: str
+
+
+def inner(layer: nn.Module) -> nn.Module:
+    """The layer inside torch's activation checkpoint / offload wrappers (the layer itself if none)."""
+    while set(layer._modules) == {_WRAPPED}:
+        layer = layer._modules[_WRAPPED]
+    return layer
+
+
+class LayerForward:
+    """A layer's ``forward`` while padding-free.  Without the packed keyword: what ``forward`` was
+    before (an instance forward someone else put there, else the class's)."""
+
+    __slots__ = ("layer", "previous")
+
+    def __init__(self, layer: nn.Module, previous: Optional[Callable]):
+        self.layer, self.previous = layer, previous
+
+    def __call__(self, *args, **kwargs):
+        packed = kwargs.pop(PACKED_KW, None)
+        if packed is None:
+            if self.previous is not None:
+                return self.previous(*args, **kwargs)
+            return type(self.layer).forward(self.layer, *args, **kwargs)
+        (x,) = args
+        return packed.layout.run(self.layer, x, packed.un, packed.backend)
+
+
+def install(layer: nn.Module) -> None:
+    """Give ``layer`` (inside its wrappers) a :class:`LayerForward`, once."""
+    layer = inner(layer)
+    prev = layer.__dict__.get("forward")
+    if not isinstance(prev, LayerForward):
+        layer.__dict__["forward"] = LayerForward(layer, prev)
+
+
+def remove(module: nn.Module) -> None:
+    """Undo :func:`install` on ``module`` (nothing if it has no LayerForward)."""
+    fwd = module.__dict__.get("forward")
+    if isinstance(fwd, LayerForward):
+        if fwd.previous is None:
+            del module.__dict__["forward"]
+        else:
+            module.__dict__["forward"] = fwd.previous
+
+
+def checkpoints_itself(layer: nn.Module) -> bool:
+    """HF's GradientCheckpointingLayer (transformers >= 4.52) checkpoints in its own ``__call__``."""
+    gcl = getattr(sys.modules.get("transformers.modeling_layers"), "GradientCheckpointingLayer", None)
+    return gcl is not None and isinstance(inner(layer), gcl)
+
+
+def call(encoder: nn.Module, layer: nn.Module, x: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """``layer`` of ``encoder`` on the packed tokens x [1, T, hidden], called as a module."""
+    install(layer)                               # a layer put in after patch() gets it here
+    kwargs = {PACKED_KW: packed}
+    if (getattr(encoder, "gradient_checkpointing", False) and encoder.training and torch.is_grad_enabled()
+            and not checkpoints_itself(layer)):
+        # transformers < 4.52: the encoder, not the layer, checkpoints (as its own loop does)
+        fn = getattr(encoder, "_gradient_checkpointing_func", None) or \
+            functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        return fn(functools.partial(layer.__call__, **kwargs), x)
+    return layer(x, **kwargs)
+
+
+def mute_capture(collector: Optional[Dict[str, Any]]) -> Any:
+    """transformers 5.x: switch the output collector off for the packed loop (its hooks on the
+    layers would record packed tokens; the encoder records them itself, padded).  Returns what
+    :func:`unmute_capture` needs."""
+    if collector is None:
+        return None
+    var = sys.modules["transformers.utils.output_capturing"]._active_collector
+    return var, var.set(None)
+
+
+def unmute_capture(muted: Any) -> None:
+    if muted is not None:
+        var, token = muted
+        var.reset(token)
