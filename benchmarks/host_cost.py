@@ -46,9 +46,11 @@ class _NoLaunch:
 
 @contextlib.contextmanager
 def stubbed_launches():
-    from fused_attn.backends import triton_bwd, triton_fwd
+    import fused_attn.backends.triton_backend as launcher
     saved = {}
-    for mod in (triton_fwd, triton_bwd):
+    kernel_modules = [m for m in vars(launcher).values()
+                      if getattr(m, "__name__", "").startswith("fused_attn.backends.triton_") and m is not launcher]
+    for mod in kernel_modules:
         for name in dir(mod):
             if name.endswith("_kernel"):
                 saved[(mod, name)] = getattr(mod, name)

@@ -4,6 +4,7 @@ hook); their shared @triton.jit helpers in triton_common.py."""
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -158,23 +159,30 @@ def keep_bits_shape(q, k, dropout_p: float, varlen=None) -> Optional[Tuple[int, 
     and at most KEEP_MAX_BYTES.  $FUSED_ATTN_DROPOUT_MASK=store / regenerate overrides (tests)."""
     if dropout_p <= 0.0:
         return None
-    mode = os.environ.get(KEEP_ENV, "auto")
+    return _keep_bits_shape(os.environ.get(KEEP_ENV, "auto"), q.shape, k.shape, q.dtype, q.device,
+                            _varlen_key(varlen))
+
+
+@functools.lru_cache(maxsize=1024)
+def _keep_bits_shape(mode, q_shape, k_shape, dtype, device, varlen_key):
+    """keep_bits_shape() for the call's geometry (a function of these alone, computed once)."""
     if mode not in ("auto", "store", "regenerate"):
         raise ValueError(f"{KEEP_ENV}={mode!r}: expected 'auto', 'store' or 'regenerate'")
-    D = q.shape[3]
-    cfgs = (fwd_config(D, q.dtype, q.device), *bwd_config(D, q.dtype, q.device))
+    D = q_shape[3]
+    cfgs = (fwd_config(D, dtype, device), *bwd_config(D, dtype, device))
     # the forward writes whole words (BLOCK_M % 32), dQ reads them from a word boundary, and no
     # tile may reach past the padding
     if mode == "regenerate" or cfgs[0].block_m % 32 or cfgs[2].block_m % 32 or \
             max(max(c.block_m, c.block_n) for c in cfgs) > triton_common.KEEP_PAD:
         return None
-    B, Sq, Sk, _, _ = _seq_args(q, k, varlen, None)
+    B, Sq, Sk = (q_shape[0], q_shape[2], k_shape[2]) if varlen_key is None else varlen_key
     pad = triton_common.KEEP_PAD
-    shape = (B, q.shape[1], _cdiv(Sq, pad) * pad // 32, _cdiv(Sk, pad) * pad)
+    shape = (B, q_shape[1], _cdiv(Sq, pad) * pad // 32, _cdiv(Sk, pad) * pad)
     if mode == "store":
         return shape
     nbytes = 4 * shape[0] * shape[1] * shape[2] * shape[3]
-    return shape if nbytes <= min(KEEP_MAX_BYTES, (q.numel() + 2 * k.numel()) * q.element_size()) else None
+    qkv_bytes = (math.prod(q_shape) + 2 * math.prod(k_shape)) * dtype.itemsize
+    return shape if nbytes <= min(KEEP_MAX_BYTES, qkv_bytes) else None
 
 
 def _keep_args(keep_bits, cfg: TileConfig, dummy, whole_words: bool = True):
