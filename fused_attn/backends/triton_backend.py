@@ -159,8 +159,11 @@ def keep_bits_shape(q, k, dropout_p: float, varlen=None) -> Optional[Tuple[int, 
     and at most KEEP_MAX_BYTES.  $FUSED_ATTN_DROPOUT_MASK=store / regenerate overrides (tests)."""
     if dropout_p <= 0.0:
         return None
-    return _keep_bits_shape(os.environ.get(KEEP_ENV, "auto"), q.shape, k.shape, q.dtype, q.device,
-                            _varlen_key(varlen))
+    args = (os.environ.get(KEEP_ENV, "auto"), q.shape, k.shape, q.dtype, q.device, _varlen_key(varlen))
+    try:
+        return _keep_bits_shape(*args)
+    except TypeError:   # symbolic sizes (the custom op's fake impl under dynamic shapes) don't hash
+        return _keep_bits_shape.__wrapped__(*args)
 
 
 @functools.lru_cache(maxsize=1024)
