@@ -175,7 +175,7 @@ def test_varlen_garbage_cu_seqlens_stay_in_bounds(engine):
         seqs = SeqLens(torch.tensor(cq, dtype=torch.int32, device=device),
                        torch.tensor(ck, dtype=torch.int32, device=device), mq, mk)
         red = fused_attn.masks.ReducedMask("none", seqs.batch, 2, mq, mk)
-        out = ops.fused_attention(q4, k4, v4, red, None, True, 0.25, 0.0, name, 0, 0, varlen=seqs)
+        out = ops.fused_attention(q4, k4, v4, red, None, True, 0.25, 0.0, name, None, varlen=seqs)
         assert out.shape == q4.shape
 
 
