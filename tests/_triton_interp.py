@@ -53,3 +53,98 @@ def round_bf16_to_nearest() -> bool:
     cls.cast_impl = cast_impl
     # create_fp_trunc and friends are lambdas that look cast_impl up at call time
     return not truncates()
+
+
+# -- speed: patch triton.language once per launch, not once per helper call --------------------
+#
+# Triton 3.8's interpreter swaps triton.language's builtins for interpreted ones when a launch
+# starts (GridExecutor.__call__ -> _patch_lang, undone when the launch ends), and again at every
+# call of a @triton.jit helper (InterpretedFunction.__call__ -> _patch_lang, never undone).  Inside
+# a launch that second patch finds every builtin of a module it saw before already replaced and
+# sets the same attributes to equivalent lambdas; its cost is five inspect.getmembers scans of
+# triton.language, about a quarter of an interpreted kernel's run time with helpers called per
+# tile.  The wrapper below skips it when the helper sees no language module that was not patched
+# already in the running launch (by the launch, or by an earlier helper call: Triton's own helpers
+# such as tl.max see triton.language.core, the kernels see triton.language).
+
+_PATCHED: list = []          # a stack: the language modules each running launch patched
+_LANGS: dict = {}            # function -> the language modules its globals hold (as _patch_lang finds them)
+
+
+def _lang_modules(fn):
+    langs = _LANGS.get(fn)
+    if langs is None:
+        import inspect
+
+        import triton.language as tl
+
+        langs = frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+        _LANGS[fn] = langs
+    return langs
+
+
+def patch_language_once() -> bool:
+    """Install the skip described above (once).  Returns whether it is installed."""
+    try:
+        from triton.runtime import interpreter
+    except Exception:  # noqa: BLE001 - no Triton: nothing to patch
+        return False
+    real = interpreter._patch_lang
+    if getattr(real, "_fused_attn_once", False):
+        return True
+
+    class _Nothing:
+        def restore(self):
+            pass
+
+    def patch_lang(fn):
+        langs = _lang_modules(fn)
+        if _PATCHED and langs <= _PATCHED[-1]:
+            return _Nothing()                     # a helper inside a launch: already patched
+        scope = real(fn)
+        if _PATCHED:              # a helper seeing another module (Triton's own tl.core helpers):
+            _PATCHED[-1] |= langs  # patched as before, and so until the launch ends
+            return scope
+        _PATCHED.append(langs)                    # a launch: patched until its restore()
+        restore = scope.restore
+
+        def restore_and_pop():
+            _PATCHED.pop()
+            restore()
+
+        scope.restore = restore_and_pop
+        return scope
+
+    patch_lang._fused_attn_once = True
+    interpreter._patch_lang = patch_lang
+    return True
+
+
+# -- speed: no overflow check whose result nobody reads ----------------------------------------
+#
+# Every integer add / sub / mul of the interpreted kernels runs TritonSemantic's overflow
+# sanitizer: both operands cast to int64, the operation again, two comparisons, an and, then
+# device_assert -- which returns at once because the interpreter's options have debug=False
+# (InterpreterOptions() is never given debug=True).  The check is computed and thrown away, about
+# a third of an interpreted kernel's run time.  Skipping it while debug is off changes nothing
+# the kernels compute or report; with debug on it runs as before.
+
+def skip_unread_overflow_checks() -> bool:
+    """Install the skip described above on the interpreter's semantic object (once)."""
+    try:
+        from triton.runtime import interpreter
+    except Exception:  # noqa: BLE001 - no Triton: nothing to patch
+        return False
+    sem = interpreter.interpreter_semantic
+    real = sem.binary_op_sanitize_overflow_impl
+    if getattr(real, "_fused_attn_skip", False):
+        return True
+
+    def sanitize(lhs, rhs, binary_op):
+        if not sem.builder.options.debug:     # device_assert would discard the result
+            return None
+        return real(lhs, rhs, binary_op)
+
+    sanitize._fused_attn_skip = True
+    sem.binary_op_sanitize_overflow_impl = sanitize
+    return True
