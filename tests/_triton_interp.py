@@ -148,3 +148,54 @@ def skip_unread_overflow_checks() -> bool:
     sanitize._fused_attn_skip = True
     sem.binary_op_sanitize_overflow_impl = sanitize
     return True
+
+
+# -- speed: two per-operation costs of the interpreter, same results -----------------------------
+#
+# interpreter._get_np_dtype builds a 19-entry dict on every call (once per operation that makes
+# a tensor); TritonSemantic.broadcast_impl_value turns both block shapes into triton.language
+# tuples (a tuple_type built per element) even when they are equal and nothing is broadcast.
+# The replacements keep the dict across calls and return equal-shape blocks at once -- what the
+# originals return in that case -- and call the originals for everything else.
+
+def cheaper_operations() -> bool:
+    """Install both replacements (once)."""
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except Exception:  # noqa: BLE001 - no Triton: nothing to patch
+        return False
+    if getattr(interpreter._get_np_dtype, "_fused_attn_fast", False):
+        return True
+    real_np_dtype = interpreter._get_np_dtype
+    table = {}
+
+    def get_np_dtype(tt_dtype):
+        if isinstance(tt_dtype, tl.pointer_type):
+            return np.dtype(np.uint64)
+        elem = tt_dtype.element_ty if isinstance(tt_dtype, tl.block_type) else tt_dtype
+        if isinstance(elem, tl.pointer_type):
+            return np.dtype(np.uint64)
+        found = table.get(elem)
+        if found is None:
+            found = table[elem] = real_np_dtype(elem)
+        return found
+
+    sem = interpreter.interpreter_semantic
+    real_broadcast = sem.broadcast_impl_value
+
+    def broadcast_impl_value(lhs, rhs):
+        lt, rt = lhs.type, rhs.type
+        if lt.is_block() and rt.is_block() and lt.shape == rt.shape:
+            return lhs, rhs
+        return real_broadcast(lhs, rhs)
+
+    get_np_dtype._fused_attn_fast = True
+    interpreter._get_np_dtype = get_np_dtype
+    sem.broadcast_impl_value = broadcast_impl_value
+    return True
+
+
+def speed_up() -> bool:
+    """All of the above: the interpreter computes the same values, about 3x faster on the kernels."""
+    return patch_language_once() & skip_unread_overflow_checks() & cheaper_operations()
