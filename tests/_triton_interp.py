@@ -196,6 +196,65 @@ def cheaper_operations() -> bool:
     return True
 
 
+# -- speed: the shape tuples of block types and tensors ------------------------------------------
+#
+# Every tensor the interpreter makes builds a block_type and two triton.language tuples of its
+# shape, and each tuple builds a tuple_type with one constexpr_type per dimension (a quarter of
+# the kernels' run time).  The replacements remember, per shape of plain ints, the tuple_type,
+# numel and name that the originals compute, and build the same objects from them; any other
+# shape (constexprs, an invalid one that raises) goes through the originals.
+
+def cached_shape_types() -> bool:
+    """Install both replacements (once)."""
+    try:
+        import triton.language as tl
+    except Exception:  # noqa: BLE001 - no Triton: nothing to patch
+        return False
+    core = tl.core
+    if getattr(core.block_type.__init__, "_fused_attn_fast", False):
+        return True
+    real_block_init = core.block_type.__init__
+    blocks = {}          # (element type name, dims) -> (shape tuple_type, numel, name)
+
+    def block_init(self, element_ty, shape):
+        dims = shape.values if type(shape) is core.tuple else shape
+        if type(dims) in (list, builtins_tuple) and all(type(d) is int for d in dims):
+            key = (element_ty.name, *dims)      # the name is what the cached fields depend on
+            hit = blocks.get(key)
+            if hit is not None:
+                self.element_ty = element_ty
+                self.shape = core.tuple(list(dims), hit[0])
+                self.numel, self.name = hit[1], hit[2]
+                return
+            real_block_init(self, element_ty, shape)
+            blocks[key] = (self.shape.type, self.numel, self.name)
+            return
+        real_block_init(self, element_ty, shape)
+
+    tuple_types = {}     # dims -> tuple_type of their constexprs
+
+    def tensor_init(self, handle, type):
+        self.handle = handle
+        dims = type.shape.values if type.is_block() else []
+        key = builtins_tuple(dims)
+        tt = tuple_types.get(key)
+        if tt is None:
+            tt = tuple_types[key] = core.tuple([core.constexpr(d) for d in dims]).type
+        self.numel = core.constexpr(math.prod(dims))
+        self.type = type
+        self.dtype = type.scalar
+        self.shape = core.tuple([core.constexpr(d) for d in dims], tt)
+
+    import builtins
+    import math
+    builtins_tuple = builtins.tuple
+    block_init._fused_attn_fast = True
+    core.block_type.__init__ = block_init
+    core.tensor.__init__ = tensor_init
+    return True
+
+
 def speed_up() -> bool:
     """All of the above: the interpreter computes the same values, about 3x faster on the kernels."""
-    return patch_language_once() & skip_unread_overflow_checks() & cheaper_operations()
+    return (patch_language_once() & skip_unread_overflow_checks() & cheaper_operations()
+            & cached_shape_types())
