@@ -231,19 +231,19 @@ def cached_shape_types() -> bool:
             return
         real_block_init(self, element_ty, shape)
 
-    tuple_types = {}     # dims -> tuple_type of their constexprs
+    shapes = {}          # dims -> (their constexprs, the tuple_type of those, numel as a constexpr)
 
     def tensor_init(self, handle, type):
         self.handle = handle
-        dims = type.shape.values if type.is_block() else []
-        key = builtins_tuple(dims)
-        tt = tuple_types.get(key)
-        if tt is None:
-            tt = tuple_types[key] = core.tuple([core.constexpr(d) for d in dims]).type
-        self.numel = core.constexpr(math.prod(dims))
+        dims = builtins_tuple(type.shape.values) if type.is_block() else ()
+        hit = shapes.get(dims)
+        if hit is None:          # constexprs are immutable values: one set per shape serves all tensors
+            consts = [core.constexpr(d) for d in dims]
+            hit = shapes[dims] = (consts, core.tuple(consts).type, core.constexpr(math.prod(dims)))
+        self.numel = hit[2]
         self.type = type
         self.dtype = type.scalar
-        self.shape = core.tuple([core.constexpr(d) for d in dims], tt)
+        self.shape = core.tuple(list(hit[0]), hit[1])
 
     import builtins
     import math
