@@ -199,6 +199,24 @@ def random_case(seed, small=True, max_head_dim=128, family="dense", extended=Fal
     )
 
 
+# Tile sizes (BLOCK_M, BLOCK_N) of the forward, dK/dV and dQ kernels, drawn per case for the
+# interpreted Triton engine (tests/fuzz.py).  The interpreter's cost is per operation, not per
+# element, so a case costs about its number of programs x tiles: large tiles are cheap, small
+# ones walk many block boundaries.  A quarter of the cases run the launcher's interpreter defaults (small tiles,
+# every case several blocks); the others draw each kernel's tiles from the GPU's sizes (64, 128)
+# and mixed ones, which also puts configurations the GPU runs under the interpreter.
+INTERP_DEFAULT_TILES = ((32, 16), (16, 32), (32, 16))     # triton_backend.fwd_config / bwd_config
+LARGE_TILES = [(64, 64), (128, 64), (64, 128), (128, 128), (64, 32), (32, 64)]
+
+
+def random_tiles(seed):
+    """((BLOCK_M, BLOCK_N) of the forward, of dK/dV, of dQ) for case seed `seed`."""
+    r = random.Random(f"tiles {seed}")          # its own stream: the case's other fields do not move
+    if r.random() < 0.25:
+        return INTERP_DEFAULT_TILES
+    return tuple(r.choice(LARGE_TILES) for _ in range(3))
+
+
 def packed_lengths(B, max_len, g=None, allow_empty=True):
     """B sequence lengths in [0 or 1, max_len], with max_len itself drawn at least once."""
     lo = 0 if allow_empty else 1

@@ -17,6 +17,7 @@ Case families: ``FAMILIES`` maps a family name (cases.random_case's ``family``) 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -38,7 +39,7 @@ from fused_attn import reference  # noqa: E402
 from fused_attn._rng import philox_rng, rng_tensor  # noqa: E402
 from fused_attn.masks import dense_mask  # noqa: E402
 from _utils import FLOOR, assert_tolerance, eager_attention, eager_varlen  # noqa: E402
-from cases import make_mask, make_qkv, random_case  # noqa: E402
+from cases import make_mask, make_qkv, random_case, random_tiles  # noqa: E402
 
 # engine id -> (backend, device, max head dim, small shapes); ids as in conftest.ENGINES
 ENGINES = {
@@ -85,12 +86,37 @@ def setup_engine(engine_id: str) -> Tuple[str, str]:
         import _triton_interp
 
         _triton_interp.round_bf16_to_nearest()    # fp32 -> bf16 as on the GPU (see the module)
+        _triton_interp.speed_up()                 # same values, faster (see the module)
     return name, device
+
+
+TILED_ENGINES = {"triton-interp"}     # engines whose cases draw tile sizes (cases.random_tiles)
 
 
 def draw(engine_id: str, seed: int, family: str = "dense") -> dict:
     _, _, max_d, small = ENGINES[engine_id]
-    return random_case(seed, small=small, max_head_dim=max_d, family=family, extended=True)
+    case = random_case(seed, small=small, max_head_dim=max_d, family=family, extended=True)
+    if engine_id in TILED_ENGINES:
+        case["tiles"] = random_tiles(seed)
+    return case
+
+
+@contextlib.contextmanager
+def tiles(case: dict):
+    """Run the Triton launcher with the case's tiles (no-op for cases without "tiles")."""
+    if case.get("tiles") is None:
+        yield
+        return
+    from fused_attn.backends import triton_backend as tb
+
+    fwd, dkdv, dq = (tb.TileConfig(m, n, 4, 1) for m, n in case["tiles"])
+    saved = tb.fwd_config, tb.bwd_config
+    tb.fwd_config = lambda *args: fwd
+    tb.bwd_config = lambda *args: (dkdv, dq)
+    try:
+        yield
+    finally:
+        tb.fwd_config, tb.bwd_config = saved
 
 
 def describe(case: dict) -> str:
@@ -213,6 +239,11 @@ def compare(got, oracle, eager, dtype, fa, ratios) -> List[Tuple[str, str]]:
 
 def check_dense(backend: str, device: str, case: dict, seed: int) -> Dict[str, float]:
     """Run one case; raise AssertionError on a violation; return {tensor: error / bound}."""
+    with tiles(case):
+        return _check_dense(backend, device, case, seed)
+
+
+def _check_dense(backend, device, case, seed):
     B, H, Sq, Sk, D, dtype = (case[k] for k in ("B", "H", "Sq", "Sk", "D", "dtype"))
     causal, p, scale, grad = case["causal"], case["dropout_p"], case["scale"], case["grad"]
     g = torch.Generator().manual_seed(seed & (2**63 - 1))
@@ -305,6 +336,11 @@ def _eager_fa_varlen(q, k, v, cu_q, cu_k, causal, scale, keep, p, grad_out, out)
 def check_varlen(backend: str, device: str, case: dict, seed: int) -> Dict[str, float]:
     """A packed batch through fused_attn.varlen_attention against reference.varlen_attention
     (fp64 oracle for fp32 inputs), forward and gradients; sequences without keys give exactly 0."""
+    with tiles(case):
+        return _check_varlen(backend, device, case, seed)
+
+
+def _check_varlen(backend, device, case, seed):
     from cases import make_packed
 
     lens_q, lens_k, H, D, dtype = (case[k] for k in ("lens_q", "lens_k", "H", "D", "dtype"))

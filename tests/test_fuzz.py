@@ -92,6 +92,24 @@ def test_fuzz_cli_reports_failures_crashes_and_reproducers(tmp_path):
     assert f"torch {torch.__version__}" in out and "seed 3" in out, out
 
 
+
+def test_interp_cases_draw_tiles_that_reach_the_launcher():
+    """triton-interp cases carry tile sizes (cases.random_tiles): the interpreter defaults on about
+    a quarter, larger tiles on the others; fuzz.tiles() makes the launcher use them, then restores it."""
+    from cases import INTERP_DEFAULT_TILES
+    from fused_attn.backends import triton_backend as tb
+
+    drawn = [fuzz.draw("triton-interp", fuzz.case_seed(0, i))["tiles"] for i in range(400)]
+    assert 60 <= sum(t == INTERP_DEFAULT_TILES for t in drawn) <= 140, drawn
+    assert len(set(drawn)) > 50
+    assert "tiles" not in fuzz.draw("cpu", fuzz.case_seed(0, 0))
+    cpu = torch.device("cpu")
+    before = tb.fwd_config(64, torch.float16, cpu), tb.bwd_config(64, torch.float16, cpu)
+    with fuzz.tiles(dict(tiles=((64, 32), (32, 64), (128, 64)))):
+        assert tb.fwd_config(64, torch.float16, cpu) == tb.TileConfig(64, 32, 4, 1)
+        assert tb.bwd_config(64, torch.float16, cpu) == (tb.TileConfig(32, 64, 4, 1), tb.TileConfig(128, 64, 4, 1))
+    assert (tb.fwd_config(64, torch.float16, cpu), tb.bwd_config(64, torch.float16, cpu)) == before
+
 # -- known limitations the fuzzer classifies (fuzz.KNOWN_ISSUES), pinned as strict xfails ------
 
 
