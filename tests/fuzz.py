@@ -109,14 +109,8 @@ def tiles(case: dict):
         return
     from fused_attn.backends import triton_backend as tb
 
-    fwd, dkdv, dq = (tb.TileConfig(m, n, 4, 1) for m, n in case["tiles"])
-    saved = tb.fwd_config, tb.bwd_config
-    tb.fwd_config = lambda *args: fwd
-    tb.bwd_config = lambda *args: (dkdv, dq)
-    try:
+    with tb.override_tiles(*(tb.TileConfig(m, n, 4, 1) for m, n in case["tiles"])):
         yield
-    finally:
-        tb.fwd_config, tb.bwd_config = saved
 
 
 def describe(case: dict) -> str:

@@ -105,10 +105,19 @@ def test_interp_cases_draw_tiles_that_reach_the_launcher():
     assert "tiles" not in fuzz.draw("cpu", fuzz.case_seed(0, 0))
     cpu = torch.device("cpu")
     before = tb.fwd_config(64, torch.float16, cpu), tb.bwd_config(64, torch.float16, cpu)
+    q = torch.randn(1, 1, 200, 16)
+    red = fused_attn.reduce_mask(None, 1, 1, 200, 200)
+
+    def query_blocks():   # the forward's grid, seen through its per-block statistics
+        return tb.forward(q, q, q, red, False, 0.25, 0.0, None, stats=True)[2].shape[-1]
+
+    default_blocks = query_blocks()
     with fuzz.tiles(dict(tiles=((64, 32), (32, 64), (128, 64)))):
         assert tb.fwd_config(64, torch.float16, cpu) == tb.TileConfig(64, 32, 4, 1)
         assert tb.bwd_config(64, torch.float16, cpu) == (tb.TileConfig(32, 64, 4, 1), tb.TileConfig(128, 64, 4, 1))
+        assert query_blocks() == 4                       # ceil(200 / 64): the cached launch plan follows
     assert (tb.fwd_config(64, torch.float16, cpu), tb.bwd_config(64, torch.float16, cpu)) == before
+    assert query_blocks() == default_blocks == -(-200 // before[0].block_m)
 
 # -- known limitations the fuzzer classifies (fuzz.KNOWN_ISSUES), pinned as strict xfails ------
 

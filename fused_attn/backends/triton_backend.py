@@ -3,6 +3,7 @@ triton_bwd.py (dK/dV, delta), triton_bwd_dq.py (dQ) and triton_keep.py (the keep
 hook); their shared @triton.jit helpers in triton_common.py."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -57,8 +58,29 @@ def _capability(index: int):
     return torch.cuda.get_device_capability(index)
 
 
+# (forward, dK/dV, dQ) tiles that replace the table below: see override_tiles
+_TILE_OVERRIDE: Optional[Tuple[TileConfig, TileConfig, TileConfig]] = None
+
+
+@contextlib.contextmanager
+def override_tiles(fwd: TileConfig, dkdv: TileConfig, dq: TileConfig):
+    """Testing hook (tests/fuzz.py draws tiles per case): every launch inside the block uses these
+    tiles.  Launch plans and the keep-mask policy depend on the tiles, so their caches are emptied
+    on the way in and out.  Not for concurrent use."""
+    global _TILE_OVERRIDE
+    saved, _TILE_OVERRIDE = _TILE_OVERRIDE, (fwd, dkdv, dq)
+    _clear_caches()
+    try:
+        yield
+    finally:
+        _TILE_OVERRIDE = saved
+        _clear_caches()
+
+
 def fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
     """Forward tile sizes by head dim, dtype and GPU generation (measured with benchmarks/tune.py)."""
+    if _TILE_OVERRIDE is not None:
+        return _TILE_OVERRIDE[0]
     if device.type != "cuda":                      # Triton interpreter: small tiles, many blocks
         return TileConfig(32, 16, 4, 1)
     major, _ = _capability(device.index if device.index is not None else torch.cuda.current_device())
@@ -205,6 +227,11 @@ _PLANS: dict = {}
 _PLANS_MAX = 1024
 
 
+def _clear_caches() -> None:
+    _PLANS.clear()
+    _keep_bits_shape.cache_clear()
+
+
 def _plan(key, make):
     plan = _PLANS.get(key)
     if plan is None:
@@ -274,6 +301,8 @@ def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: fl
 def bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> Tuple[TileConfig, TileConfig]:
     """(dK/dV tiles, dQ tiles).  dK/dV keeps a key tile resident and streams query tiles, dQ the
     reverse; each kernel gets its own (BLOCK_M, BLOCK_N) and so its own block map."""
+    if _TILE_OVERRIDE is not None:
+        return _TILE_OVERRIDE[1], _TILE_OVERRIDE[2]
     if device.type != "cuda":
         return TileConfig(16, 32, 4, 1), TileConfig(32, 16, 4, 1)
     bd = _pow2(head_dim)
