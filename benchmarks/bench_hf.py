@@ -156,7 +156,7 @@ def time_it(fn, warmup: int, iters: int, device):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
     mem = round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else ""
     return statistics.median(times), q[0], q[-1], mem
 
@@ -176,7 +176,7 @@ def time_interleaved(fns: dict, warmup: int, iters: int, device):
             times[name].append((time.perf_counter() - t0) * 1e3)
     out = {}
     for name, ts in times.items():
-        q = statistics.quantiles(ts, n=10) if len(ts) > 1 else ts * 9
+        q = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else ts * 9
         out[name] = (statistics.median(ts), q[0], q[-1], "")
     return out
 
