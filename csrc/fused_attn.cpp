@@ -13,7 +13,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -332,6 +334,60 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   }
 }
 
+// Packed batches: the row ranges [r0, r1) of [0, t) that lie in no sequence (cu, max_len as in
+// SeqLayout::seq).  None when cu_seqlens is valid; only garbage leaves rows uncovered.
+inline std::vector<std::pair<int64_t, int64_t>> rows_in_no_sequence(const int32_t* cu, int64_t B, int64_t t,
+                                                                   int64_t max_len) {
+  std::vector<char> covered(t, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t r0, n;
+    packed_rows(cu, b, t, max_len, r0, n);
+    std::fill(covered.begin() + r0, covered.begin() + r0 + n, 1);
+  }
+  std::vector<std::pair<int64_t, int64_t>> gaps;
+  for (int64_t r = 0; r < t;) {
+    if (covered[r]) { ++r; continue; }
+    const int64_t r0 = r;
+    while (r < t && !covered[r]) ++r;
+    gaps.emplace_back(r0, r);
+  }
+  return gaps;
+}
+
+// Rows [r0, r1) of every head of a [1, H, t, D] or [1, H, t] tensor (any strides) set to value.
+inline void fill_rows(at::Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& gaps, double value) {
+  for (const auto& g : gaps) x.narrow(2, g.first, g.second - g.first).fill_(value);
+}
+
+// The results of a packed call, allocated without a fill pass (the kernels write every row that
+// lies in a sequence, one pass over memory saved per call): rows in no sequence get their defined
+// values (out / dq / dk / dv 0, lse +inf) here.  Padded calls: mask_desc.h's allocators.
+inline void allocate_forward_packed(const at::Tensor& q, const SeqLayout& lay, int64_t B, int64_t block_m,
+                                    at::Tensor& out, at::Tensor& lse, at::Tensor& visited) {
+  const int64_t H = q.size(1), nqb = (lay.max_q + block_m - 1) / block_m;
+  out = at::empty({q.size(0), q.size(2), H, q.size(3)}, q.options()).transpose(1, 2);   // token-major
+  lse = at::empty({1, H, q.size(2)}, q.options().dtype(at::kFloat));
+  visited = at::zeros({B, H, nqb}, q.options().dtype(at::kInt));
+  const auto gaps = rows_in_no_sequence(lay.cu_q, B, lay.tq, lay.max_q);
+  fill_rows(out, gaps, 0.0);
+  fill_rows(lse, gaps, std::numeric_limits<double>::infinity());
+}
+
+inline void allocate_backward_packed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const SeqLayout& lay, int64_t B, at::Tensor& dq, at::Tensor& dk,
+                                     at::Tensor& dv) {
+  auto token_major = [](const at::Tensor& t) {
+    return at::empty({t.size(0), t.size(2), t.size(1), t.size(3)}, t.options()).transpose(1, 2);
+  };
+  dq = token_major(q);
+  dk = token_major(k);
+  dv = token_major(v);
+  fill_rows(dq, rows_in_no_sequence(lay.cu_q, B, lay.tq, lay.max_q), 0.0);
+  const auto gaps_k = rows_in_no_sequence(lay.cu_k, B, lay.tk, lay.max_k);
+  fill_rows(dk, gaps_k, 0.0);
+  fill_rows(dv, gaps_k, 0.0);
+}
+
 }  // namespace cpu
 
 namespace {
@@ -366,7 +422,10 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, con
   drop.load_state();   // a CPU tensor: read on the host
   const int64_t B = seq_count(q, cu_seqlens_q);
   Tensor out, lse, visited;
-  allocate_forward(q, lay, B, block_m, out, lse, visited);
+  if (lay.packed())
+    cpu::allocate_forward_packed(q, lay, B, block_m, out, lse, visited);
+  else
+    allocate_forward(q, lay, B, block_m, out, lse, visited);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fused_attn_fwd_cpu", [&] {
     cpu::forward_kernel<scalar_t>(q, k, v, out, lse, visited, lay, B, md, hm, causal, static_cast<float>(scale),
                                   drop);
@@ -400,9 +459,13 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cpu(const Tensor& grad_out, const Tensor&
   DropoutParams drop = make_dropout(dropout_p, rng, q.device());
   drop.load_state();
   Tensor dq, dk, dv;
-  allocate_backward(q, k, v, lay, dq, dk, dv);
+  const int64_t B = seq_count(q, cu_seqlens_q);
+  if (lay.packed())
+    cpu::allocate_backward_packed(q, k, v, lay, B, dq, dk, dv);
+  else
+    allocate_backward(q, k, v, lay, dq, dk, dv);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fused_attn_bwd_cpu", [&] {
-    cpu::backward_kernel<scalar_t>(grad_out, q, k, v, out, lse, dq, dk, dv, lay, seq_count(q, cu_seqlens_q), md,
+    cpu::backward_kernel<scalar_t>(grad_out, q, k, v, out, lse, dq, dk, dv, lay, B, md,
                                    hm, causal, static_cast<float>(scale), drop);
   });
   return {dq, dk, dv};

@@ -128,3 +128,19 @@ def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
     p = _Progress(2, "tiny", quiet=False)
     assert p.bar is not None
     p.close()
+
+
+@pytest.mark.parametrize("B,S", [(8, 128), (8, 512), (5, 7), (16, 3)])
+def test_bench_hf_stratified_lengths(B, S):
+    """bench_hf's default length draw: the B quantile midpoints of U[1, S] (about half the tokens
+    real), shuffled; "random" stays a seeded draw from U[1, S]."""
+    from benchmarks.bench_hf import draw_lengths
+
+    got = draw_lengths(B, S, "stratified", torch.Generator().manual_seed(S))
+    want = [math.ceil((i + 0.5) * S / B) for i in range(B)]
+    assert sorted(got.tolist()) == want
+    assert abs(got.sum().item() / (B * S) - (S + 1) / (2 * S)) <= 0.5 / S + 1 / B     # U[1, S]'s mean share
+    rnd = draw_lengths(B, S, "random", torch.Generator().manual_seed(S))
+    assert rnd.tolist() == torch.randint(1, S + 1, (B,), generator=torch.Generator().manual_seed(S)).tolist()
+    with pytest.raises(ValueError, match="stratified"):
+        draw_lengths(B, S, "uniform", torch.Generator())

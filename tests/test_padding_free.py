@@ -157,6 +157,32 @@ def test_forward_and_hidden_states_match_eager_on_real_tokens(family, monkeypatc
 
 
 @pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_hooks_on_the_projections_are_honoured(family):
+    """The q, k, v linears run as one GEMM only when they are plain nn.Linear calls: a forward hook
+    on one of them (PEFT, quantizers, probes) is called and its output used."""
+    model = tiny(family)
+    x = inputs()
+    sa = lambda layer: layer.attention.self if family == "bert" else layer.attention    # noqa: E731
+    proj = lambda att: att.key if family == "bert" else att.k_lin                       # noqa: E731
+    calls = []
+
+    def hook(module, args, out):
+        calls.append(out.shape)
+        return out * 0.5
+    layers = model.encoder.layer if family == "bert" else model.transformer.layer
+    for layer in layers:
+        proj(sa(layer)).register_forward_hook(hook)
+    ref64 = oracle_of(model)(**x)
+    ref = model(**x)
+    calls.clear()
+    fused_attn.patch(model, padding_free=True)
+    got = model(**x)
+    assert calls == [torch.Size([1, int(MASK.sum()), TINY["hidden_size"]])] * len(layers), calls
+    check_real_tokens(f"{family} with a hook", got.last_hidden_state, ref64.last_hidden_state,
+                      ref.last_hidden_state, MASK)
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
 def test_return_dict_false_and_hidden_state_selection(family):
     model = tiny(family)
     x = inputs()

@@ -179,6 +179,33 @@ def test_varlen_garbage_cu_seqlens_stay_in_bounds(engine):
         assert out.shape == q4.shape
 
 
+def test_varlen_rows_in_no_sequence_are_zero(engine):
+    """C++ engines (design.md): rows of a packed batch that lie in no sequence (only with invalid
+    cu_seqlens) come out 0 (lse +inf), gradients 0, even where the results are allocated without
+    a fill pass: the memory freed just before is full of NaN."""
+    name, device = engine
+    if name not in ("cpu", "cuda", "cuda-emu"):
+        pytest.skip("rows in no sequence are unspecified on Triton")
+    T, H, D = 40, 2, 16
+    q, k, v, _, _ = make_packed([T], [T], H, D, torch.float32, device, requires_grad=True)
+    q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))
+    # rows 0-2: before the first sequence; 17-19: past max_seqlen (8) in the last one; 20-39: after it
+    cu = torch.tensor([3, 9, 9, 20], dtype=torch.int32, device=device)
+    seqs = SeqLens(cu, cu, 8, 8)
+    none = torch.tensor([True] * 3 + [False] * 14 + [True] * 23, device=device)
+    red = fused_attn.masks.ReducedMask("none", seqs.batch, H, 8, 8)
+    for _ in range(3):
+        junk = torch.full((4 * T * H * D,), float("nan"), device=device)
+        del junk
+        out = ops.fused_attention(q4, k4, v4, red, None, False, 0.25, 0.0, name, 0, 0, varlen=seqs)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        assert out[0].transpose(0, 1)[~none].isfinite().all()
+        for t, what in ((out[0].transpose(0, 1), "out"), (dq, "dq"), (dk, "dk"), (dv, "dv")):
+            bad = t[none]
+            assert (bad == 0).all(), f"{what}: rows in no sequence hold {bad[bad != 0][:4].tolist()} (rows " \
+                                     f"{none.nonzero().flatten().tolist()})"
+
+
 # -- validation -------------------------------------------------------------------------------
 
 

@@ -62,13 +62,33 @@ def _linears(module: nn.Module, names) -> bool:
     return all(isinstance(module._modules.get(n), nn.Linear) for n in names)
 
 
+def _plain_linear(m: nn.Module) -> bool:
+    """An nn.Linear whose call is its forward and nothing else (no hooks, parametrizations, PEFT
+    or FSDP wrappers: those change the class or add hooks)."""
+    return (type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
+            and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks))
+
+
+def _project_qkv(q_lin, k_lin, v_lin, x: torch.Tensor):
+    """The q, k, v projections of x.  Three plain linears of the same input run as one GEMM on their
+    concatenated weights (one pass over x, one bias copy, one parallel region instead of three;
+    autograd splits the gradients back); the values are those of the three calls."""
+    lins = (q_lin, k_lin, v_lin)
+    if all(_plain_linear(m) for m in lins):
+        ws = [m.weight for m in lins]
+        bs = [m.bias for m in lins]
+        if len({(w.dtype, w.device, w.shape[1]) for w in ws}) == 1 and (all(b is None for b in bs) or
+                                                                          all(b is not None for b in bs)):
+            qkv = nn.functional.linear(x, torch.cat(ws), None if bs[0] is None else torch.cat(bs))
+            return qkv.split([w.shape[0] for w in ws], dim=-1)
+    return q_lin(x), k_lin(x), v_lin(x)
+
+
 def _attend(att: nn.Module, q_lin, k_lin, v_lin, x: torch.Tensor, heads: int, head_dim: int,
             un: Unpadded, backend: str) -> torch.Tensor:
     """Self-attention of the packed tokens x [1, T, hidden] -> context [1, T, heads * head_dim]."""
     T = x.shape[1]
-    q = q_lin(x).view(T, heads, head_dim)
-    k = k_lin(x).view(T, heads, head_dim)
-    v = v_lin(x).view(T, heads, head_dim)
+    q, k, v = (t.view(T, heads, head_dim) for t in _project_qkv(q_lin, k_lin, v_lin, x))
     s = un.seqs
     ctx = varlen_attention(q, k, v, s.cu_seqlens_q, s.cu_seqlens_k, s.max_seqlen_q, s.max_seqlen_k,
                            dropout_p=float(att.dropout.p) if att.training else 0.0,
