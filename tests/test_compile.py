@@ -42,6 +42,21 @@ def test_opcheck_forward_op(engine):
     torch.library.opcheck(ops.attn_forward, args)
 
 
+def _capture(step):
+    """(graph, outputs) of `step` captured in a CUDA graph, after two warm-up runs on a side
+    stream (kernel compilation, block maps) as torch.cuda.graphs requires."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    return graph, captured
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ["triton", "cuda"], ids=["triton-gpu", "cuda-ext"])
 @pytest.mark.parametrize("mask_kind", ["pad-right", "pair"])
@@ -64,15 +79,7 @@ def test_cuda_graph_capture_forward_backward(name, mask_kind):
         out = fused_attn.attention(q, k, v, red, backend=name)
         return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):          # warm up (kernel compilation, block maps) off the graph
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = _capture(step)
     with torch.no_grad():                  # new inputs in the captured buffers
         for t in (q, k, v, grad_out):
             t.copy_(torch.randn_like(t))
@@ -138,15 +145,7 @@ def test_cuda_graph_dropout_draws_anew_on_every_replay(name):
         out = fused_attn.attention(q, k, v, dropout_p=p, backend=name)
         return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):          # warm up (kernel compilation) off the graph
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = _capture(step)
     replays = []
     for _ in range(2):
         before = torch.cuda.get_rng_state(dev)

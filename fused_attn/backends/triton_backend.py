@@ -120,18 +120,22 @@ def _list_args(lists):
     return (lists.part_count, lists.part_index, lists.full_count, lists.full_index, *cs, *is_)
 
 
-def _seq_args(q, k, varlen, dummy):
-    """(B, Sq, Sk, batch-stride factor, kernel arguments CuSeqQ, CuSeqK, Tq, Tk, stride_lb,
-    stride_lh).  Padded: q [B, H, Sq, D].  Packed (varlen, a fused_attn.packing.SeqLens): q is
-    the [1, H, Tq, D] view of [Tq, H, D], B sequences of at most max_seqlen rows, lse [H, Tq]."""
+def _seq_args(q, k, varlen):
+    """(B, Sq, Sk, batch-stride factor, kernel arguments Tq, Tk, stride_lb, stride_lh); the
+    arguments CuSeqQ, CuSeqK before them come from _seq_tensors.  Padded: q [B, H, Sq, D].  Packed
+    (varlen, a fused_attn.packing.SeqLens): q is the [1, H, Tq, D] view of [Tq, H, D], B sequences
+    of at most max_seqlen rows, lse [H, Tq]."""
     H = q.shape[1]
     if varlen is None:
         B, _, Sq, _ = q.shape
         Sk = k.shape[2]
-        return B, Sq, Sk, 1, (dummy, dummy, Sq, Sk, H * Sq, Sq)
+        return B, Sq, Sk, 1, (Sq, Sk, H * Sq, Sq)
     Tq, Tk = q.shape[2], k.shape[2]
-    return (varlen.batch, varlen.max_seqlen_q, varlen.max_seqlen_k, 0,
-            (varlen.cu_seqlens_q, varlen.cu_seqlens_k, Tq, Tk, 0, Tq))
+    return varlen.batch, varlen.max_seqlen_q, varlen.max_seqlen_k, 0, (Tq, Tk, 0, Tq)
+
+
+def _seq_tensors(varlen, dummy):
+    return (dummy, dummy) if varlen is None else (varlen.cu_seqlens_q, varlen.cu_seqlens_k)
 
 
 def _strides(t, batch_factor):
@@ -245,10 +249,6 @@ def _varlen_key(varlen):
     return None if varlen is None else (varlen.batch, varlen.max_seqlen_q, varlen.max_seqlen_k)
 
 
-def _seq_tensors(varlen, dummy):
-    return (dummy, dummy) if varlen is None else (varlen.cu_seqlens_q, varlen.cu_seqlens_k)
-
-
 @dataclass(frozen=True)
 class _FwdPlan:
     cfg: TileConfig
@@ -264,12 +264,12 @@ class _FwdPlan:
 def _fwd_plan(q, k, v, red, causal, scale, dropout_p, head_mask, config, stats, varlen, keep_bits) -> _FwdPlan:
     D, H = q.shape[3], q.shape[1]
     cfg = config or fwd_config(D, q.dtype, q.device)
-    B, Sq, Sk, bf, seq = _seq_args(q, k, varlen, None)
+    B, Sq, Sk, bf, seq = _seq_args(q, k, varlen)
     n_qb = max(1, _cdiv(Sq, cfg.block_m))
     block_d = max(16, _pow2(D))
     kw = _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, cfg, keep_bits)
     return _FwdPlan(cfg, (n_qb, B * H), (B, H, n_qb), bf, (*_strides(q, bf), *_strides(k, bf), *_strides(v, bf)),
-                    (H, Sq, Sk, D, scale * triton_common.LOG2E), seq[2:], dict(WRITE_STATS=stats, **kw))
+                    (H, Sq, Sk, D, scale * triton_common.LOG2E), seq, dict(WRITE_STATS=stats, **kw))
 
 
 def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: float,
@@ -346,7 +346,7 @@ class _BwdPlan:
 def _bwd_plan(grad_out, q, k, v, out, red, causal, scale, dropout_p, head_mask, config, dq_config,
               varlen, keep_bits) -> _BwdPlan:
     H, D = q.shape[1], q.shape[3]
-    B, Sq, Sk, bf, seq = _seq_args(q, k, varlen, None)
+    B, Sq, Sk, bf, seq = _seq_args(q, k, varlen)
     if config is None:
         config, dq_config = bwd_config(D, q.dtype, q.device)
     dq_config = dq_config or config
@@ -356,7 +356,7 @@ def _bwd_plan(grad_out, q, k, v, out, red, causal, scale, dropout_p, head_mask, 
         (_cdiv(q.shape[2], DELTA_BLOCK_M), q.shape[0] * H), (*out.stride(), *grad_out.stride(), H, q.shape[2], D),
         bf, (*_strides(q, bf), *_strides(k, bf), *_strides(v, bf), *_strides(grad_out, bf)),
         (max(1, _cdiv(Sk, config.block_n)), B * H), (max(1, _cdiv(Sq, dq_config.block_m)), B * H),
-        (H, Sq, Sk, D, scale * triton_common.LOG2E, scale), seq[2:], block_d,
+        (H, Sq, Sk, D, scale * triton_common.LOG2E, scale), seq, block_d,
         _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, config, keep_bits),
         _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, dq_config, keep_bits))
 

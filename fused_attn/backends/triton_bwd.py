@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import (LOAD_NONE, LOAD_ROW, LOAD_TILE, MASK_BLOCKS, MASK_KEYS, dropout_grads, load_rows,
+from .triton_common import (LOAD_NONE, LOAD_ROW, LOAD_TILE, MASK_BLOCKS, MASK_KEYS, dropout_grads, load_rng, load_rows,
                             mask_scores, mma, seq_bounds, tile_keep)
 
 
@@ -147,10 +147,7 @@ def attn_bwd_dkdv_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    seed, rng_offset = 0, 0
-    if DROPOUT:   # the Philox (seed, offset) lives on the device: graph-safe (fused_attn/_rng.py)
-        seed = tl.load(Rng)
-        rng_offset = tl.load(Rng + 1)
+    seed, rng_offset = load_rng(Rng, DROPOUT=DROPOUT)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)

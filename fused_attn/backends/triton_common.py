@@ -52,6 +52,18 @@ def philox_rows(seed, rng_offset, bh, offs_m, offs_n, Sk, TRANSPOSED: tl.constex
 
 
 @triton.jit
+def load_rng(Rng, DROPOUT: tl.constexpr):
+    """(seed, offset) of the dropout Philox, read from the int64 [2] tensor on the device (graph-safe:
+    fused_attn/_rng.py); (0, 0) without dropout."""
+    seed = 0
+    rng_offset = 0
+    if DROPOUT:
+        seed = tl.load(Rng)
+        rng_offset = tl.load(Rng + 1)
+    return seed, rng_offset
+
+
+@triton.jit
 def dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p, TRANSPOSED: tl.constexpr):
     """Keep-mask of the tile of query rows offs_m (consecutive, from a multiple of 4) and keys
     offs_n: [M, N], or [N, M] when TRANSPOSED.  Philox-4x32-10 with key = seed (two 31-bit

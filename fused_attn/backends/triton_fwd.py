@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (LOAD_NONE, LOAD_ROW, LOAD_TILE, MASK_BLOCKS, MASK_KEYS, dropout_keep,
-                            dropout_keep_store, kv_loop_bounds, load_rows, mask_scores, mma, seq_bounds)
+                            dropout_keep_store, kv_loop_bounds, load_rng, load_rows, mask_scores, mma, seq_bounds)
 
 
 @triton.jit
@@ -137,10 +137,7 @@ def attn_fwd_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    seed, rng_offset = 0, 0
-    if DROPOUT:   # the Philox (seed, offset) lives on the device: graph-safe (fused_attn/_rng.py)
-        seed = tl.load(Rng)
-        rng_offset = tl.load(Rng + 1)
+    seed, rng_offset = load_rng(Rng, DROPOUT=DROPOUT)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
