@@ -1,11 +1,15 @@
 """Host time of one fused_attn call: everything the Python path does around the kernels.
 
-    python -m benchmarks.host_cost                  # CPU: Triton launches stubbed out
-    python -m benchmarks.host_cost --device cuda    # GPU: real launches, tiny shapes
+    python -m benchmarks.host_cost                     # CPU: Triton launches stubbed out
+    python -m benchmarks.host_cost --launch offline    # CPU: Triton's launch path, C launch stubbed
+    python -m benchmarks.host_cost --device cuda       # GPU: real launches, tiny shapes
 
-CPU: the Triton engine under TRITON_INTERPRET=1 with every kernel launch replaced by a no-op, so
-the time is the Python path alone (checks, mask reduction, engine choice, RNG draw, autograd,
-argument binding).  bwd_engine is the engine's backward called directly; bwd / bwd_dropout go
+CPU, stubbed: the Triton engine under TRITON_INTERPRET=1 with every kernel launch replaced by a
+no-op, so the time is fused_attn's Python path alone (checks, mask reduction, engine choice, RNG
+draw, autograd, argument binding).  CPU, offline: Triton's real launch path with a stand-in sm_90
+driver (benchmarks/triton_offline.py; kernels compiled for sm_90 on first use, only the final C
+launch is a no-op), once through fused_attn's direct launches and once through Triton's own
+launcher ($FUSED_ATTN_DIRECT_LAUNCH=0).  bwd_engine is the engine's backward called directly; bwd / bwd_dropout go
 through torch.autograd.grad, whose own cost on the cheapest node is autograd_floor.  GPU: real launches on a shape small enough that the GPU finishes first;
 calls are issued back to back without a sync, so the wall time per call is the host's.
 On CPU the clock is the thread's CPU time (a loaded machine does not inflate it).
@@ -133,21 +137,31 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--n", type=int, default=200, help="calls per round")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--launch", choices=("stub", "offline"), default="stub",
+                    help="CPU only: stub every launch, or take Triton's launch path offline (see above)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
         torch.set_num_threads(1)
+    if device.type == "cpu" and args.launch == "stub":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
         with stubbed_launches():
-            res = measure(device, args.n, args.rounds)
-        how = "launches stubbed"
+            columns = {"stubbed": measure(device, args.n, args.rounds)}
     else:
-        res = measure(device, args.n, args.rounds)
-        how = "real launches"
+        if device.type == "cpu":
+            from benchmarks import triton_offline
+            triton_offline.install()
+        columns = {}
+        for direct in ("1", "0"):
+            os.environ["FUSED_ATTN_DIRECT_LAUNCH"] = direct
+            columns["direct" if direct == "1" else "triton_launcher"] = measure(device, args.n, args.rounds)
+        del os.environ["FUSED_ATTN_DIRECT_LAUNCH"]
+    how = "real launches" if device.type == "cuda" else f"launch: {args.launch}"
     print(f"host time per call, µs ({device.type}, {how}, torch {torch.__version__}):")
-    for name, us in res.items():
-        print(f"  {name:18s} {us:7.1f}")
-    return res
+    print(f"  {'':18s} " + " ".join(f"{c:>16s}" for c in columns))
+    for name in CASES:
+        print(f"  {name:18s} " + " ".join(f"{col[name]:16.1f}" for col in columns.values()))
+    return columns
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import contextlib
 import functools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import torch
@@ -15,6 +15,7 @@ import torch
 from .._rng import check_rng
 from ..masks import ReducedMask
 from . import Engine
+from .triton_launch import Variants, launch
 
 try:  # imports never fail: keep the reason, report it in reasons()
     import triton
@@ -259,6 +260,7 @@ class _FwdPlan:
     sizes: tuple          # H, Sq, Sk, D, scale · log2(e)
     seq: tuple            # Tq, Tk, stride_lb, stride_lh
     constexprs: dict
+    variants: Variants = field(default_factory=Variants)    # triton_launch's compiled variants
 
 
 def _fwd_plan(q, k, v, red, causal, scale, dropout_p, head_mask, config, stats, varlen, keep_bits) -> _FwdPlan:
@@ -287,12 +289,12 @@ def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: fl
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     dummy = lse
     visited = torch.zeros(plan.visited_shape, device=q.device, dtype=torch.int32) if stats else dummy
-    triton_fwd.attn_fwd_kernel[plan.grid](
+    launch(triton_fwd.attn_fwd_kernel, plan.grid, (
         q, k, v, out, lse, visited, *plan.qkv, *_strides(out, plan.bf), *plan.sizes,
         *_seq_tensors(varlen, dummy), *plan.seq,
         *_mask_args(red, plan.cfg, causal, dummy),
         *_head_mask_args(head_mask, dummy), *_keep_args(keep_bits, plan.cfg, dummy),
-        *_dropout_args(dropout_p, rng, q, dummy), **plan.constexprs)
+        *_dropout_args(dropout_p, rng, q, dummy)), plan.constexprs, plan.variants)
     if stats:
         return out, lse, visited
     return out, lse
@@ -338,9 +340,13 @@ class _BwdPlan:
     dq_grid: Tuple[int, int]
     sizes: tuple                 # H, Sq, Sk, D, scale · log2(e), scale
     seq: tuple                   # Tq, Tk, stride_lb, stride_lh
-    block_d: int
-    dkdv_constexprs: dict
+    delta_constexprs: dict
+    dkdv_constexprs: Tuple[dict, dict]    # [ATOMIC_DQ]
     dq_constexprs: dict
+    # triton_launch's compiled variants of each kernel
+    delta_variants: Variants = field(default_factory=Variants)
+    dkdv_variants: Tuple[Variants, Variants] = field(default_factory=lambda: (Variants(), Variants()))  # [ATOMIC_DQ]
+    dq_variants: Variants = field(default_factory=Variants)
 
 
 def _bwd_plan(grad_out, q, k, v, out, red, causal, scale, dropout_p, head_mask, config, dq_config,
@@ -351,13 +357,14 @@ def _bwd_plan(grad_out, q, k, v, out, red, causal, scale, dropout_p, head_mask, 
         config, dq_config = bwd_config(D, q.dtype, q.device)
     dq_config = dq_config or config
     block_d = max(16, _pow2(D))
+    dkdv = _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, config, keep_bits)
     return _BwdPlan(
         config, dq_config,
         (_cdiv(q.shape[2], DELTA_BLOCK_M), q.shape[0] * H), (*out.stride(), *grad_out.stride(), H, q.shape[2], D),
         bf, (*_strides(q, bf), *_strides(k, bf), *_strides(v, bf), *_strides(grad_out, bf)),
         (max(1, _cdiv(Sk, config.block_n)), B * H), (max(1, _cdiv(Sq, dq_config.block_m)), B * H),
-        (H, Sq, Sk, D, scale * triton_common.LOG2E, scale), seq, block_d,
-        _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, config, keep_bits),
+        (H, Sq, Sk, D, scale * triton_common.LOG2E, scale), seq, dict(BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d),
+        tuple(dict(dkdv, ATOMIC_DQ=atomic) for atomic in (False, True)),
         _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, dq_config, keep_bits))
 
 
@@ -380,8 +387,8 @@ def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale:
                                         dq_config, varlen, has_bits))
     # rowsum(dO ∘ O), laid out like lse: a row-wise op, so packed rows need no sequence bounds
     delta = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
-    triton_bwd.bwd_delta_kernel[plan.delta_grid](out, grad_out, delta, *plan.delta_args,
-                                                 BLOCK_M=DELTA_BLOCK_M, BLOCK_D=plan.block_d)
+    launch(triton_bwd.bwd_delta_kernel, plan.delta_grid, (out, grad_out, delta, *plan.delta_args),
+           plan.delta_constexprs, plan.delta_variants)
     # the single pass adds into fp32 zeros (rows no key block reaches stay 0)
     dq = torch.zeros_like(q, dtype=torch.float32) if atomic else torch.empty_like(q)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
@@ -389,18 +396,18 @@ def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale:
     tail = (*plan.sizes, *_seq_tensors(varlen, dummy), *plan.seq)
     head = _head_mask_args(head_mask, dummy)
     drop = _dropout_args(dropout_p, rng, q, dummy)
-    triton_bwd.attn_bwd_dkdv_kernel[plan.dkdv_grid](
+    launch(triton_bwd.attn_bwd_dkdv_kernel, plan.dkdv_grid, (
         q, k, v, grad_out, lse, delta, dk, dv, *plan.inputs, *_strides(dk, plan.bf), *_strides(dv, plan.bf), *tail,
         *_mask_args(red, plan.cfg, causal, dummy, transposed=True), *head,
         *_keep_args(keep_bits, plan.cfg, dummy, whole_words=False),
-        *((dq, *_strides(dq, plan.bf)) if atomic else (dummy, 0, 0, 0, 0)), *drop, ATOMIC_DQ=atomic,
-        **plan.dkdv_constexprs)
+        *((dq, *_strides(dq, plan.bf)) if atomic else (dummy, 0, 0, 0, 0)), *drop),
+        plan.dkdv_constexprs[atomic], plan.dkdv_variants[atomic])
     if atomic:
         return dq.to(q.dtype), dk, dv
-    triton_bwd_dq.attn_bwd_dq_kernel[plan.dq_grid](
+    launch(triton_bwd_dq.attn_bwd_dq_kernel, plan.dq_grid, (
         q, k, v, grad_out, lse, delta, dq, *plan.inputs, *_strides(dq, plan.bf), *tail,
-        *_mask_args(red, plan.dq_cfg, causal, dummy), *head, *_keep_args(keep_bits, plan.dq_cfg, dummy), *drop,
-        **plan.dq_constexprs)
+        *_mask_args(red, plan.dq_cfg, causal, dummy), *head, *_keep_args(keep_bits, plan.dq_cfg, dummy), *drop),
+        plan.dq_constexprs, plan.dq_variants)
     return dq, dk, dv
 
 

@@ -135,13 +135,15 @@ def keep_bits_load(ptr, stride_kw, bit0, offs_m, offs_n, Sk, TRANSPOSED: tl.cons
             w = tl.load(ptrs, mask=offs_n[:, None] < Sk, other=0)
         else:
             w = tl.load(ptrs)
-        return tl.reshape((w[:, :, None] >> shifts[None, None, :]) & 1, [N, BLOCK_M]) != 0
-    ptrs = ptr + tl.arange(0, G)[:, None] * stride_kw + offs_n[None, :]                      # [G, N]
-    if CHECK_COLS:
-        w = tl.load(ptrs, mask=offs_n[None, :] < Sk, other=0)
-    else:
-        w = tl.load(ptrs)
-    return tl.reshape((w[:, None, :] >> shifts[None, :, None]) & 1, [BLOCK_M, N]) != 0
+        keep = tl.reshape((w[:, :, None] >> shifts[None, None, :]) & 1, [N, BLOCK_M]) != 0
+    else:   # (an else, not an early return: Triton requires every return of the function to type alike)
+        ptrs = ptr + tl.arange(0, G)[:, None] * stride_kw + offs_n[None, :]                  # [G, N]
+        if CHECK_COLS:
+            w = tl.load(ptrs, mask=offs_n[None, :] < Sk, other=0)
+        else:
+            w = tl.load(ptrs)
+        keep = tl.reshape((w[:, None, :] >> shifts[None, :, None]) & 1, [BLOCK_M, N]) != 0
+    return keep
 
 
 @triton.jit
