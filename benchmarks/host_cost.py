@@ -9,7 +9,7 @@ no-op, so the time is fused_attn's Python path alone (checks, mask reduction, en
 draw, autograd, argument binding).  CPU, offline: Triton's real launch path with a stand-in sm_90
 driver (benchmarks/triton_offline.py; kernels compiled for sm_90 on first use, only the final C
 launch is a no-op), once through fused_attn's direct launches and once through Triton's own
-launcher ($FUSED_ATTN_DIRECT_LAUNCH=0).  bwd_engine is the engine's backward called directly; bwd / bwd_dropout go
+launcher (as with $FUSED_ATTN_DIRECT_LAUNCH=0).  bwd_engine is the engine's backward called directly; bwd / bwd_dropout go
 through torch.autograd.grad, whose own cost on the cheapest node is autograd_floor.  GPU: real launches on a shape small enough that the GPU finishes first;
 calls are issued back to back without a sync, so the wall time per call is the host's.
 On CPU the clock is the thread's CPU time (a loaded machine does not inflate it).
@@ -151,11 +151,11 @@ def main(argv=None):
         if device.type == "cpu":
             from benchmarks import triton_offline
             triton_offline.install()
+        from fused_attn.backends import triton_launch
         columns = {}
-        for direct in ("1", "0"):
-            os.environ["FUSED_ATTN_DIRECT_LAUNCH"] = direct
-            columns["direct" if direct == "1" else "triton_launcher"] = measure(device, args.n, args.rounds)
-        del os.environ["FUSED_ATTN_DIRECT_LAUNCH"]
+        for direct in (True, False):
+            triton_launch.DIRECT = direct
+            columns["direct" if direct else "triton_launcher"] = measure(device, args.n, args.rounds)
     how = "real launches" if device.type == "cuda" else f"launch: {args.launch}"
     print(f"host time per call, µs ({device.type}, {how}, torch {torch.__version__}):")
     print(f"  {'':18s} " + " ".join(f"{c:>16s}" for c in columns))

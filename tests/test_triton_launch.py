@@ -48,8 +48,8 @@ def test_direct_launch_gpu(monkeypatch, dtype):
         q, k, v = (b[offset:].view(B, H, S, D).requires_grad_() for b in bufs)
         g = torch.randn(B, H, S, D, device="cuda", dtype=dtype)
         results = []
-        for direct in ("1", "0", "1"):
-            monkeypatch.setenv("FUSED_ATTN_DIRECT_LAUNCH", direct)
+        for direct in (True, False, True):
+            monkeypatch.setattr(triton_launch, "DIRECT", direct)
             o = fused_attn.attention(q, k, v, pad, backend="triton")
             results.append((o, *torch.autograd.grad(o, (q, k, v), g)))
         for a, b in zip(results[0], results[1]):

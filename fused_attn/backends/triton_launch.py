@@ -13,11 +13,12 @@ arguments to that variant's launcher exactly as Triton's JITFunction.run does.  
 covers two of Triton's variants: anything Triton specialises on is in it.
 
 With no launch hook set, the launcher gets None for the hooks and their metadata; calls made
-while a hook is set (a profiler), under the interpreter or with $FUSED_ATTN_DIRECT_LAUNCH=0 take
-Triton's path.
+while a hook is set (a profiler), under the interpreter or with $FUSED_ATTN_DIRECT_LAUNCH=0 (read
+at import) take Triton's path.
 """
 from __future__ import annotations
 
+import functools
 import operator
 import os
 
@@ -27,8 +28,8 @@ DIRECT_ENV = "FUSED_ATTN_DIRECT_LAUNCH"
 _MAX_VARIANTS = 64      # per plan and kernel: alignments and devices are few
 
 
-def direct_enabled() -> bool:
-    return os.environ.get(DIRECT_ENV, "1") != "0"
+# read once, when fused_attn is imported (an environment lookup per launch costs about a µs)
+DIRECT = os.environ.get(DIRECT_ENV, "1") != "0"
 
 
 try:   # the surface this uses is the same in Triton 3.6 and 3.8
@@ -63,7 +64,18 @@ class Variants:
             values = [i for i, a in enumerate(args) if a is None or type(a) in (int, bool)]
             self.tensors = _getter(tensors)
             self.values = _getter(values)
-        return (tuple([(t.dtype, not t.data_ptr() & 15) for t in self.tensors(args)]), self.values(args))
+        tensors = self.tensors(args)
+        # all 16-byte aligned (the usual case: one OR over the distinct tensors' pointers; the
+        # placeholder of unused pointer arguments repeats), else which ones are
+        if functools.reduce(operator.or_, map(_DATA_PTR, dict.fromkeys(tensors)), 0) & 15:
+            aligned = tuple([not t.data_ptr() & 15 for t in tensors])
+        else:
+            aligned = True
+        return tuple(map(_DTYPE, tensors)), aligned, self.values(args)
+
+
+_DATA_PTR = operator.methodcaller("data_ptr")
+_DTYPE = operator.attrgetter("dtype")
 
 
 def _getter(positions):
@@ -90,7 +102,7 @@ def _tail(kernel, n_args: int, constexprs: dict) -> tuple:
 def launch(kernel, grid, args: tuple, constexprs: dict, variants: Variants) -> None:
     """kernel[grid](*args, **constexprs).  ``variants``: kept for this kernel and these exact
     constexprs (the launch plan's)."""
-    if not isinstance(kernel, JITFunction) or _hooked() or not direct_enabled():
+    if not isinstance(kernel, JITFunction) or not DIRECT or _hooked():
         kernel[grid](*args, **constexprs)
         return
     device = _driver.active.get_current_device()
