@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import List, Optional
 
 NAME = "fused_attn_ext"
+# The C++ translation units of csrc/ (the ops and the CPU kernel); the CUDA ones: csrc/cuda/*.cu.
+CPP_SOURCES = ("fused_attn.cpp", "cpu_forward.cpp", "cpu_backward.cpp")
 _HERE = Path(__file__).resolve().parent
 _lock = threading.Lock()
 _state = {"loaded": None, "error": None}   # loaded: "cpu" | "cuda" (which kernels are in it)
@@ -54,7 +56,7 @@ def sources(with_cuda: bool) -> List[str]:
     src = source_dir()
     if src is None:
         raise FileNotFoundError(f"fused_attn: C++ sources (csrc/fused_attn.cpp) not found next to {_HERE}")
-    out = [str(src / "fused_attn.cpp")]
+    out = [str(src / name) for name in CPP_SOURCES]
     if with_cuda:
         out += sorted(str(p) for p in (src / "cuda").glob("*.cu"))
     return out

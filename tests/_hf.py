@@ -1,5 +1,6 @@
 """Helpers for the Hugging Face integration tests: tiny configs, the fp64 eager oracle, training
-steps, the bundled all-MiniLM-L6-v2 checkpoint.
+steps, tiny models of each encoder family with a padded batch (the padding-free tests), the
+bundled all-MiniLM-L6-v2 checkpoint.
 
 Tolerance (docs/design.md): a patched fp32 model's error against the same model run eagerly in fp64
 must be at most 2x the error of the eager fp32 model against that oracle, plus a small floor.
@@ -70,6 +71,75 @@ def train_steps(model, inputs, steps=2, lr=0.05):
 
 def as_dtype(inputs, dtype):
     return {k: (v.to(dtype) if torch.is_floating_point(v) else v) for k, v in inputs.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# tiny models of each encoder family and a padded batch (the padding-free tests)
+
+
+# right padding, a full row, left padding, holes (any 0/1 mask works)
+MASK = torch.tensor([[1] * 7 + [0] * 6,
+                     [1] * 13,
+                     [0] * 4 + [1] * 9,
+                     [1, 1, 0, 1, 1, 1, 0, 0, 1, 1, 0, 0, 0]])
+
+
+def tiny(family="bert", head=None, **over):
+    """A tiny random-init model of ``family`` (base model, or with ``head``: "mlm", "seq")."""
+    tf = transformers
+    kw = dict(TINY, **over)
+    if family == "distilbert":
+        cfg = tf.DistilBertConfig(vocab_size=kw["vocab_size"], dim=kw["hidden_size"], hidden_dim=kw["intermediate_size"],
+                                  n_heads=kw["num_attention_heads"], n_layers=kw["num_hidden_layers"],
+                                  max_position_embeddings=kw["max_position_embeddings"], dropout=kw["hidden_dropout_prob"],
+                                  attention_dropout=kw["attention_probs_dropout_prob"], attn_implementation="eager")
+        classes = {None: tf.DistilBertModel, "mlm": tf.DistilBertForMaskedLM, "seq": tf.DistilBertForSequenceClassification}
+    else:
+        prefix = {"bert": "Bert", "roberta": "Roberta", "electra": "Electra"}[family]
+        if family == "electra":
+            kw["embedding_size"] = 32                   # ELECTRA's projection between embeddings and encoder
+        if family == "roberta":
+            kw.update(pad_token_id=1, max_position_embeddings=kw["max_position_embeddings"] + 2)
+        cfg = getattr(tf, prefix + "Config")(attn_implementation="eager", **kw)
+        classes = {None: getattr(tf, prefix + "Model"), "mlm": getattr(tf, prefix + "ForMaskedLM"),
+                   "seq": getattr(tf, prefix + "ForSequenceClassification")}
+    torch.manual_seed(0)
+    return classes[head](cfg).eval()
+
+
+def inputs(mask=MASK, seed=0):
+    ids, _ = batch(mask.shape[0], mask.shape[1], [mask.shape[1]] * mask.shape[0], seed=seed)
+    return dict(input_ids=ids * mask + (1 - mask), attention_mask=mask)      # padding id where masked
+
+
+def check_real_tokens(name, got, oracle, eager, mask):
+    """DESIGN's rule on the real tokens; exact zeros at padding."""
+    real = mask.bool()
+    assert_close_to_oracle(name, got[real], oracle[real], eager[real])
+    pad = got[~real]
+    assert torch.equal(pad, torch.zeros_like(pad)), f"{name}: padding rows are not zero (max {pad.abs().max()})"
+
+
+def masked_loss(out, mask, seed=1):
+    """A loss over the real tokens only (distinct weights per position) and the pooler, if any (for
+    rows whose first token, the one it pools, is real)."""
+    hidden = out.last_hidden_state
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(hidden.shape[1:], generator=g).to(hidden.dtype)
+    loss = (hidden * w * mask[..., None].to(hidden.dtype)).sum() / mask.sum()
+    pooled = getattr(out, "pooler_output", None)
+    if pooled is not None:
+        first_real = mask[:, :1].to(pooled.dtype)
+        loss = loss + (pooled * first_real * torch.randn(pooled.shape[1:], generator=g).to(pooled.dtype)).mean()
+    return loss
+
+
+def grads_of(model, batch_inputs):
+    model.train()
+    model.zero_grad()
+    loss = masked_loss(model(**batch_inputs), batch_inputs["attention_mask"])
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 # --------------------------------------------------------------------------------------------

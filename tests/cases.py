@@ -151,7 +151,7 @@ def random_case(seed, small=True, max_head_dim=128, family="dense", extended=Fal
     """A seeded random case: shape, layout, mask kind, causal, dtype.
 
     The default draws the suite's classic cases.  ``extended=True`` (the differential fuzzer,
-    tests/fuzz.py) draws from everything: Sq != Sk, head dims 8..max_head_dim (odd ones too),
+    tests/fuzz_checks.py) draws from everything: Sq != Sk, head dims 8..max_head_dim (odd ones too),
     every mask form (ALL_MASK_KINDS), every layout (LAYOUTS), and adds ``dropout_p``,
     ``head_mask`` ("H" / "BH" / None), ``scale`` (None or a float) and ``grad`` (False: run the
     inference path only).  ``small`` bounds the work per case (interpreted / emulated engines).
@@ -200,7 +200,7 @@ def random_case(seed, small=True, max_head_dim=128, family="dense", extended=Fal
 
 
 # Tile sizes (BLOCK_M, BLOCK_N) of the forward, dK/dV and dQ kernels, drawn per case for the
-# interpreted Triton engine (tests/fuzz.py).  The interpreter's cost is per operation, not per
+# interpreted Triton engine (tests/fuzz_checks.py).  The interpreter's cost is per operation, not per
 # element, so a case costs about its number of programs x tiles: large tiles are cheap, small
 # ones walk many block boundaries.  A quarter of the cases run the launcher's interpreter defaults (small tiles,
 # every case several blocks); the others draw each kernel's tiles from the GPU's sizes (64, 128)

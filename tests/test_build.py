@@ -25,7 +25,7 @@ def sources(tmp_path, monkeypatch):
 def test_name_follows_every_source_byte(sources, with_cuda, portable):
     name = _build.ext_name(with_cuda, portable)
     assert name.startswith(_build.NAME + ("_cuda" if with_cuda else "_cpu") + ("_portable" if portable else ""))
-    for rel in ("fused_attn.cpp", "mask_desc.h", "cuda/attn_cuda.cu"):
+    for rel in ("fused_attn.cpp", "cpu_forward.cpp", "cpu_backward.cpp", "cpu_attn.h", "mask_desc.h", "cuda/attn_cuda.cu"):
         path = sources / rel
         data = path.read_bytes()
         path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))        # one bit of one byte
@@ -34,6 +34,15 @@ def test_name_follows_every_source_byte(sources, with_cuda, portable):
         assert _build.ext_name(with_cuda, portable) == name, rel
     (sources / "new_header.h").write_text("// a file the build could include\n")
     assert _build.ext_name(with_cuda, portable) != name
+
+
+def test_every_translation_unit_is_compiled():
+    """A .cpp added to csrc/ (or a .cu to csrc/cuda/) is in the source list of both build paths."""
+    src = _build.source_dir()
+    listed = {Path(p).relative_to(src).as_posix() for p in _build.sources(with_cuda=True)}
+    on_disk = {p.relative_to(src).as_posix() for p in [*src.glob("*.cpp"), *src.glob("cuda/*.cu")]}
+    assert listed == on_disk
+    assert set(_build.sources(with_cuda=False)) == {str(src / name) for name in _build.CPP_SOURCES}
 
 
 def test_identical_sources_anywhere_share_one_name(sources, monkeypatch):

@@ -1,6 +1,7 @@
-"""The randomised differential tests (tests/fuzz.py) in `make test`: a short, fixed slice of the
-fuzzer's cases on every engine, the fuzzer's own machinery (worker processes, crash reports,
-reproducers, sensitivity), and the known limitations it classifies, pinned as strict xfails.
+"""The randomised differential tests (tests/fuzz.py, the runner; tests/fuzz_checks.py, the cases
+and checks) in `make test`: a short, fixed slice of the fuzzer's cases on every engine, the
+fuzzer's own machinery (worker processes, crash reports, reproducers, sensitivity), and the known
+limitations it classifies, pinned as strict xfails.
 
 The long form is `make fuzz N=10000 SEED=...` (README, "Reliability")."""
 import os
@@ -11,8 +12,10 @@ import pytest
 import torch
 
 import fuzz
+import fuzz_checks
 from _utils import assert_tolerance, eager_attention
 from fused_attn import masks, reference
+from fused_attn._rng import philox_rng
 import fused_attn
 
 # cases per engine in `make test`: the interpreted / emulated engines are slower per case
@@ -32,13 +35,13 @@ def run_slice(engine, engine_id, n, seed=SLICE_SEED, first=0, family="dense"):
     failures, known = [], []
     for i in range(first, first + n):
         cs = fuzz.case_seed(seed, i)
-        case = fuzz.draw(engine_id, cs, family)
+        case = fuzz_checks.draw(engine_id, cs, family)
         try:
-            fuzz.FAMILIES[case["family"]](name, device, case, cs)
-        except fuzz.KnownIssue as e:
+            fuzz_checks.FAMILIES[case["family"]](name, device, case, cs)
+        except fuzz_checks.KnownIssue as e:
             known.append((i, e.name))
         except Exception as e:  # noqa: BLE001 - any exception is a failure, reported with its case
-            failures.append(f"case {i} ({fuzz.describe(case)}): {type(e).__name__}: {str(e)[:300]}\n"
+            failures.append(f"case {i} ({fuzz_checks.describe(case)}): {type(e).__name__}: {str(e)[:300]}\n"
                             f"  reproduce: {fuzz.reproducer(engine_id, cs, case['family'])}")
     return failures, known
 
@@ -95,14 +98,15 @@ def test_fuzz_cli_reports_failures_crashes_and_reproducers(tmp_path):
 
 def test_interp_cases_draw_tiles_that_reach_the_launcher():
     """triton-interp cases carry tile sizes (cases.random_tiles): the interpreter defaults on about
-    a quarter, larger tiles on the others; fuzz.tiles() makes the launcher use them, then restores it."""
+    a quarter, larger tiles on the others; fuzz_checks.tiles() makes the launcher use them, then
+    restores it."""
     from cases import INTERP_DEFAULT_TILES
     from fused_attn.backends import triton_backend as tb
 
-    drawn = [fuzz.draw("triton-interp", fuzz.case_seed(0, i))["tiles"] for i in range(400)]
+    drawn = [fuzz_checks.draw("triton-interp", fuzz.case_seed(0, i))["tiles"] for i in range(400)]
     assert 60 <= sum(t == INTERP_DEFAULT_TILES for t in drawn) <= 140, drawn
     assert len(set(drawn)) > 50
-    assert "tiles" not in fuzz.draw("cpu", fuzz.case_seed(0, 0))
+    assert "tiles" not in fuzz_checks.draw("cpu", fuzz.case_seed(0, 0))
     cpu = torch.device("cpu")
     before = tb.fwd_config(64, torch.float16, cpu), tb.bwd_config(64, torch.float16, cpu)
     q = torch.randn(1, 1, 200, 16)
@@ -112,14 +116,14 @@ def test_interp_cases_draw_tiles_that_reach_the_launcher():
         return tb.forward(q, q, q, red, False, 0.25, 0.0, None, stats=True)[2].shape[-1]
 
     default_blocks = query_blocks()
-    with fuzz.tiles(dict(tiles=((64, 32), (32, 64), (128, 64)))):
+    with fuzz_checks.tiles(dict(tiles=((64, 32), (32, 64), (128, 64)))):
         assert tb.fwd_config(64, torch.float16, cpu) == tb.TileConfig(64, 32, 4, 1)
         assert tb.bwd_config(64, torch.float16, cpu) == (tb.TileConfig(32, 64, 4, 1), tb.TileConfig(128, 64, 4, 1))
         assert query_blocks() == 4                       # ceil(200 / 64): the cached launch plan follows
     assert (tb.fwd_config(64, torch.float16, cpu), tb.bwd_config(64, torch.float16, cpu)) == before
     assert query_blocks() == default_blocks == -(-200 // before[0].block_m)
 
-# -- known limitations the fuzzer classifies (fuzz.KNOWN_ISSUES), pinned as strict xfails ------
+# -- known limitations the fuzzer classifies (fuzz_checks.KNOWN_ISSUES), pinned as strict xfails
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -146,7 +150,7 @@ def test_single_key_rows_get_exact_zero_dq(engine):
 
 def test_fp32_large_scores(engine, request):
     """fp32 with scores of large magnitude (scale 2 at D = 128): gradients within the rule
-    against an fp64 oracle (fuzz.check_dense's rule for fp32)."""
+    against an fp64 oracle (fuzz_checks.check_dense's rule for fp32)."""
     name, device = engine
     if (name, device) == ("triton", "cpu"):
         request.applymarker(pytest.mark.xfail(strict=True, reason=(
@@ -159,8 +163,8 @@ def test_fp32_large_scores(engine, request):
                 mask="none", causal=False, dropout_p=0.0, head_mask=None, scale=2.0, grad=True)
     for seed in range(3):
         try:
-            fuzz.check_dense(name, device, case, seed)
-        except fuzz.KnownIssue as e:
+            fuzz_checks.check_dense(name, device, case, seed)
+        except fuzz_checks.KnownIssue as e:
             raise AssertionError(str(e)) from None
 
 
@@ -177,8 +181,8 @@ def test_dropout_scale_rounds_like_the_reference(engine):
     state = torch.get_rng_state()
     out = fused_attn.attention(q, k, v, dropout_p=p, backend=name)
     torch.set_rng_state(state)
-    seed, offset = fuzz.philox_rng(torch.device(device)).tolist()
-    keep = fuzz.keep_mask(name, B, H, Sq, Sk, p, seed, offset, device)
+    seed, offset = philox_rng(torch.device(device)).tolist()
+    keep = fuzz_checks.keep_mask(name, B, H, Sq, Sk, p, seed, offset, device)
     ref = reference.attention(q.float(), k.float(), v.float(), dropout_p=p, dropout_mask=keep)
     assert keep.any() and not keep.all()
     differ = out != ref.half()

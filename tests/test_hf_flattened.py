@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import fused_attn
-from _hf import TRANSFORMERS_5, assert_close_to_oracle, oracle_of
-from test_padding_free import tiny
+from _hf import TRANSFORMERS_5, assert_close_to_oracle, oracle_of, tiny
 
 import transformers as tf  # noqa: E402
 

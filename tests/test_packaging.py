@@ -36,7 +36,8 @@ def test_ahead_of_time_wheel_ships_sources_and_extension(tmp_path):
     assert res.returncode == 0, res.stderr[-4000:]
     wheel = next((tmp_path / "dist").glob("fused_attn-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for f in ("fused_attn/csrc/fused_attn.cpp", "fused_attn/csrc/mask_desc.h", "fused_attn/csrc/philox.h",
+    for f in ("fused_attn/csrc/fused_attn.cpp", "fused_attn/csrc/cpu_forward.cpp", "fused_attn/csrc/cpu_backward.cpp",
+              "fused_attn/csrc/cpu_attn.h", "fused_attn/csrc/mask_desc.h", "fused_attn/csrc/philox.h",
               "fused_attn/csrc/cpu_kernels.h", "fused_attn/csrc/cuda/attn_cuda.cu"):
         assert f in names, f"{f} missing from {wheel.name}"
     assert any(n.startswith("fused_attn/_C") and n.endswith(".so") for n in names), sorted(names)

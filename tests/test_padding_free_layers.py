@@ -10,10 +10,9 @@ import pytest
 import torch
 
 import fused_attn
-from _hf import TINY
+from _hf import MASK, TINY, grads_of, inputs, tiny
 from fused_attn.integrations import packed_layers
 from fused_attn.integrations import padding_free as pf
-from test_padding_free import MASK, grads_of, inputs, tiny
 
 
 @pytest.mark.parametrize("how", ["hf", "checkpoint_wrapper", "encoder"])

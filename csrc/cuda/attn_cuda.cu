@@ -3,8 +3,8 @@
 //
 // fp32 arithmetic on CUDA cores (fp16 / bf16 inputs are converted when loaded to shared memory),
 // 32 x 32 tiles, 4 warps per block, head dims up to 128 (any D; registers sized for 32, 64, 96 or
-// 128).  Same semantics and same reduced mask as the CPU kernel (../fused_attn.cpp): key ranges
-// shrink the loops, the tile-state map skips empty tiles, and only partial tiles (or rows with
+// 128).  Same semantics and same reduced mask as the CPU kernel (../cpu_forward.cpp,
+// ../cpu_backward.cpp): key ranges shrink the loops, the tile-state map skips empty tiles, and only partial tiles (or rows with
 // holes / additive values) read the mask.  Dropout uses the same Philox stream (../philox.h).
 // Padded and packed (varlen) batches are the same kernels: block (b * h, tile) works on sequence b
 // with the row offsets and lengths of SeqLayout::seq (../mask_desc.h); tiles past a shorter

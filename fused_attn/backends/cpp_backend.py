@@ -78,7 +78,7 @@ def _no_cuda_torch() -> Optional[str]:
     return None if torch.version.cuda is not None else f"torch {torch.__version__} has no CUDA support"
 
 
-# Tile sizes: csrc/fused_attn.cpp (CPU), csrc/cuda/attn_cuda.cu (CUDA).
+# Tile sizes: csrc/cpu_attn.h (CPU), csrc/cuda/attn_cuda.cu (CUDA).
 CPU = CppEngine("cpu", "cpu", (64, 64), 256, lambda: extension_ops("cpu"))
 CUDA = CppEngine("cuda", "cuda", (32, 32), 128, lambda: extension_ops("cuda"), _no_cuda_torch)
 

@@ -65,7 +65,7 @@ _TILE_OVERRIDE: Optional[Tuple[TileConfig, TileConfig, TileConfig]] = None
 
 @contextlib.contextmanager
 def override_tiles(fwd: TileConfig, dkdv: TileConfig, dq: TileConfig):
-    """Testing hook (tests/fuzz.py draws tiles per case): every launch inside the block uses these
+    """Testing hook (tests/fuzz_checks.py draws tiles per case): every launch inside the block uses these
     tiles.  Launch plans and the keep-mask policy depend on the tiles, so their caches are emptied
     on the way in and out.  Not for concurrent use."""
     global _TILE_OVERRIDE

@@ -1,0 +1,156 @@
+// The CPU kernel's backward pass.
+//
+// OpenMP over (batch, head); each item recomputes the probabilities from the saved log-sum-exp
+// tile by tile and accumulates dQ, dK, dV in fp32 (no atomics, no [Sq, Sk] buffer).  Dropout: the
+// forward pass's Philox keep-mask, regenerated from (seed, offset) (philox.h).
+// A work item's sequence b has its row offsets and lengths from SeqLayout::seq (mask_desc.h).
+#include <omp.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "cpu_attn.h"
+
+namespace fused_attn_kernels {
+namespace cpu {
+
+template <typename T>
+void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
+                     at::Tensor& dv, const SeqLayout& lay, int64_t B, const MaskDesc& m, const HeadMask& hm,
+                     bool causal, float scale, const DropoutParams& drop) {
+  const int64_t H = q.size(1), D = q.size(3);
+  const int64_t Dp = round_up(D, 16);
+  // key tiles start anywhere in [0, Sk), Sk <= min(max_k, tk) (SeqLayout::seq)
+  const int64_t Skp = std::min(lay.max_k, lay.tk) + BLOCK_N;
+  const int64_t drop_k_len = lay.dropout_k_len();
+  const T *Q = q.data_ptr<T>(), *K = k.data_ptr<T>(), *V = v.data_ptr<T>();
+  const T *dO = dout.data_ptr<T>(), *O = out.data_ptr<T>();
+  T *dQ = dq.data_ptr<T>(), *dK = dk.data_ptr<T>(), *dV = dv.data_ptr<T>();
+  const float* L = lse.data_ptr<float>();
+  const auto qs = q.strides(), ks = k.strides(), vs = v.strides(), gs = dout.strides(), os = out.strides();
+  const auto dqs = dq.strides(), dks = dk.strides(), dvs = dv.strides();
+  const float qk_scale = scale * kLog2e;
+  const bool dropout = drop.p > 0.f;
+
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<float> ws(2 * Dp * BLOCK_M + 3 * BLOCK_M * Dp + 2 * BLOCK_N * Dp + 2 * BLOCK_N * BLOCK_M +
+                          3 * BLOCK_M + BLOCK_N + 2 * Skp * Dp);
+    float* QT = ws.data();                  // [D, BLOCK_M]  q tile, transposed
+    float* dOT = QT + Dp * BLOCK_M;         // [D, BLOCK_M]  dO tile, transposed
+    float* Qn = dOT + Dp * BLOCK_M;         // [BLOCK_M, Dp] q tile
+    float* dOn = Qn + BLOCK_M * Dp;         // [BLOCK_M, Dp] dO tile (O first, for delta)
+    float* dQa = dOn + BLOCK_M * Dp;        // [BLOCK_M, Dp] dQ accumulator
+    float* Kb = dQa + BLOCK_M * Dp;         // [BLOCK_N, Dp]
+    float* Vb = Kb + BLOCK_N * Dp;          // [BLOCK_N, Dp]
+    float* PT = Vb + BLOCK_N * Dp;          // [BLOCK_N, BLOCK_M] P^T -> dropped, head-masked P^T
+    float* dST = PT + BLOCK_N * BLOCK_M;    // [BLOCK_N, BLOCK_M] dP^T -> dS^T
+    float* lse2 = dST + BLOCK_N * BLOCK_M;
+    float* delta = lse2 + BLOCK_M;
+    float* fac = delta + BLOCK_M;           // keep * head_mask / (1 - p) of one key row
+    float* mrow = fac + BLOCK_M;
+    float* dKa = mrow + BLOCK_N;            // [Skp, Dp]
+    float* dVa = dKa + Skp * Dp;            // [Skp, Dp]
+
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const Seq seq = lay.seq(b);
+      const int64_t Sq = seq.sq, Sk = seq.sk, k_rows = lay.tk - seq.k0;   // k_rows: readable from Kh
+      const int64_t nqb = (Sq + BLOCK_M - 1) / BLOCK_M;
+      std::fill(dKa, dKa + (Sk + BLOCK_N) * Dp, 0.f);
+      std::fill(dVa, dVa + (Sk + BLOCK_N) * Dp, 0.f);
+      float keep_scale = head_scale(hm, b, h);
+      if (dropout) keep_scale *= drop.scale;
+      const T* Kh = K + seq.b * ks[0] + h * ks[1] + seq.k0 * ks[2];
+      const T* Vh = V + seq.b * vs[0] + h * vs[1] + seq.k0 * vs[2];
+      const float* Lh = L + lay.lse_row(seq, h, H);
+      for (int64_t qb = 0; qb < nqb; ++qb) {
+        const int64_t i0 = qb * BLOCK_M, rows = std::min<int64_t>(BLOCK_M, Sq - i0);
+        const T* Qt = Q + seq.b * qs[0] + h * qs[1] + (seq.q0 + i0) * qs[2];
+        const T* Gt = dO + seq.b * gs[0] + h * gs[1] + (seq.q0 + i0) * gs[2];
+        load_tile_t(QT, BLOCK_M, Qt, qs[2], qs[3], rows, D);
+        load_tile_t(dOT, BLOCK_M, Gt, gs[2], gs[3], rows, D);
+        load_tile(Qn, Dp, Qt, qs[2], qs[3], rows, BLOCK_M, D);
+        // delta = rowsum(dO * O), O as stored (rounded to the input dtype, like the eager graph)
+        load_tile(dOn, Dp, O + seq.b * os[0] + h * os[1] + (seq.q0 + i0) * os[2], os[2], os[3], rows, BLOCK_M, D);
+        for (int64_t i = 0; i < BLOCK_M; ++i) {
+          float acc = 0.f;
+          for (int64_t d = 0; d < D; ++d) acc += dOT[d * BLOCK_M + i] * dOn[i * Dp + d];
+          delta[i] = acc;
+          lse2[i] = i < rows ? Lh[i0 + i] : std::numeric_limits<float>::infinity();
+        }
+        load_tile(dOn, Dp, Gt, gs[2], gs[3], rows, BLOCK_M, D);
+        std::fill(dQa, dQa + BLOCK_M * Dp, 0.f);
+        for_each_key_tile(m, b, h, qb, Sq, Sk, causal, [&](int64_t n0, int64_t nk, const TileChecks& tc) {
+          const int64_t nk4 = round_up(nk, 4);
+          const Rows kr = tile_rows(Kb, Kh, ks[2], ks[3], n0, nk, k_rows, D, Dp);
+          const Rows vr = tile_rows(Vb, Vh, vs[2], vs[3], n0, nk, k_rows, D, Dp);
+          // -- P^T from the saved log-sum-exp (rows that saw nothing: lse = +inf -> P = 0)
+          std::fill(PT, PT + nk4 * BLOCK_M, 0.f);
+          gemm_acc(PT, BLOCK_M, kr.p, kr.ld, 1, QT, BLOCK_M, nk4, BLOCK_M, D);
+          finish_scores_t<BLOCK_M>(PT, nk, rows, i0, n0, qk_scale, tc, Sk - Sq, m, b, h, mrow);
+          // -- dP^T = V dO^T
+          std::fill(dST, dST + nk4 * BLOCK_M, 0.f);
+          gemm_acc(dST, BLOCK_M, vr.p, vr.ld, 1, dOT, BLOCK_M, nk4, BLOCK_M, D);
+          for (int64_t j = 0; j < nk4; ++j) {
+            float* p = PT + j * BLOCK_M;
+            float* g = dST + j * BLOCK_M;
+            if (j >= nk) {
+              std::fill(p, p + BLOCK_M, 0.f);
+              std::fill(g, g + BLOCK_M, 0.f);
+              continue;
+            }
+            if (dropout) {
+              for (int64_t i = 0; i < BLOCK_M; i += 4) {
+                const unsigned keep = i < rows ? dropout_keep4(drop, i0 + i, n0 + j, drop_k_len, static_cast<uint32_t>(bh)) : 0u;
+                for (int r = 0; r < 4; ++r) fac[i + r] = i + r < rows && ((keep >> r) & 1u) ? keep_scale : 0.f;
+              }
+            } else {
+              std::fill(fac, fac + BLOCK_M, keep_scale);
+            }
+            // dS = P * (fac * dP - delta); the P that multiplied V is fac * P
+            exp2_sub(p, lse2, BLOCK_M);
+#pragma omp simd
+            for (int i = 0; i < BLOCK_M; ++i) {
+              const float pr = p[i];
+              g[i] = pr * (fac[i] * g[i] - delta[i]);
+              p[i] = pr * fac[i];
+            }
+          }
+          // -- dV += P^T dO, dK += dS^T Q, dQ += dS K
+          gemm_acc(dVa + n0 * Dp, Dp, PT, BLOCK_M, 1, dOn, Dp, nk4, Dp, rows);
+          gemm_acc(dKa + n0 * Dp, Dp, dST, BLOCK_M, 1, Qn, Dp, nk4, Dp, rows);
+          gemm_acc(dQa, Dp, dST, 1, BLOCK_M, kr.p, kr.ld, BLOCK_M, Dp, nk);
+        });
+        T* g = dQ + seq.b * dqs[0] + h * dqs[1] + seq.q0 * dqs[2];
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t d = 0; d < D; ++d) g[(i0 + r) * dqs[2] + d * dqs[3]] = static_cast<T>(dQa[r * Dp + d] * scale);
+      }
+      T* gk = dK + seq.b * dks[0] + h * dks[1] + seq.k0 * dks[2];
+      T* gv = dV + seq.b * dvs[0] + h * dvs[1] + seq.k0 * dvs[2];
+      for (int64_t j = 0; j < Sk; ++j)
+        for (int64_t d = 0; d < D; ++d) {
+          gk[j * dks[2] + d * dks[3]] = static_cast<T>(dKa[j * Dp + d] * scale);
+          gv[j * dvs[2] + d * dvs[3]] = static_cast<T>(dVa[j * Dp + d]);
+        }
+    }
+  }
+}
+
+void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+              const SeqLayout& lay, int64_t B, const MaskDesc& m, const HeadMask& hm, bool causal, float scale,
+              const DropoutParams& drop) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fused_attn_bwd_cpu", [&] {
+    backward_kernel<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, lay, B, m, hm, causal, scale, drop);
+  });
+}
+
+}  // namespace cpu
+}  // namespace fused_attn_kernels

@@ -1,0 +1,150 @@
+// The CPU kernel's forward pass.
+//
+// OpenMP over (batch, head, query block); per work item a BLOCK_M x D query tile walks the key
+// tiles the reduced mask can show (key ranges, causal bounds or the block map's list of non-empty
+// key blocks) with an online softmax in fp32, exp2 with log2(e) folded into the scale.  Dropout:
+// the Philox keep-mask regenerated from (seed, offset) (philox.h), as the backward pass does.
+// A work item's sequence b has its row offsets and lengths from SeqLayout::seq (mask_desc.h).
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "cpu_attn.h"
+
+namespace fused_attn_kernels {
+namespace cpu {
+
+template <typename T>
+void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                    at::Tensor& lse, at::Tensor& visited, const SeqLayout& lay, int64_t B, const MaskDesc& m,
+                    const HeadMask& hm, bool causal, float scale, const DropoutParams& drop) {
+  const int64_t H = q.size(1), D = q.size(3);
+  const int64_t Dp = round_up(D, 16);
+  const int64_t nqb = (lay.max_q + BLOCK_M - 1) / BLOCK_M;
+  const int64_t drop_k_len = lay.dropout_k_len();
+  const T* Q = q.data_ptr<T>();
+  const T* K = k.data_ptr<T>();
+  const T* V = v.data_ptr<T>();
+  T* O = out.data_ptr<T>();
+  float* L = lse.data_ptr<float>();
+  int32_t* vis = visited.data_ptr<int32_t>();
+  const auto qs = q.strides(), ks = k.strides(), vs = v.strides(), os = out.strides();
+  const float qk_scale = scale * kLog2e;
+  const bool dropout = drop.p > 0.f;
+  const int64_t items = B * H * nqb;
+
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<float> ws(Dp * BLOCK_M + BLOCK_M * Dp + 2 * BLOCK_N * Dp + BLOCK_N * BLOCK_M + 5 * BLOCK_M + BLOCK_N);
+    float* QT = ws.data();                  // [D, BLOCK_M]  q tile, transposed
+    float* Acc = QT + Dp * BLOCK_M;         // [BLOCK_M, Dp] output accumulator
+    float* Kb = Acc + BLOCK_M * Dp;         // [BLOCK_N, Dp] k tile (when it must be copied)
+    float* Vb = Kb + BLOCK_N * Dp;          // [BLOCK_N, Dp] v tile (when it must be copied)
+    float* ST = Vb + BLOCK_N * Dp;          // [BLOCK_N, BLOCK_M] scores -> probabilities, transposed
+    float* mi = ST + BLOCK_N * BLOCK_M;     // running max per query (log2 units)
+    float* li = mi + BLOCK_M;               // running sum
+    float* mx = li + BLOCK_M;
+    float* mu = mx + BLOCK_M;
+    float* alpha = mu + BLOCK_M;
+    float* mrow = alpha + BLOCK_M;          // one row of mask values
+
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t qb = item % nqb, bh = item / nqb, b = bh / H, h = bh % H;
+      const Seq seq = lay.seq(b);
+      const int64_t Sq = seq.sq, Sk = seq.sk, k_rows = lay.tk - seq.k0;   // k_rows: readable from Kh
+      const int64_t i0 = qb * BLOCK_M;
+      if (i0 >= Sq) {   // a query block past a shorter sequence's end
+        vis[item] = 0;
+        continue;
+      }
+      const int64_t rows = std::min<int64_t>(BLOCK_M, Sq - i0);
+      load_tile_t(QT, BLOCK_M, Q + seq.b * qs[0] + h * qs[1] + (seq.q0 + i0) * qs[2], qs[2], qs[3], rows, D);
+      std::fill(Acc, Acc + BLOCK_M * Dp, 0.f);
+      std::fill(mi, mi + BLOCK_M, kNegInf);
+      std::fill(li, li + BLOCK_M, 0.f);
+      const T* Kh = K + seq.b * ks[0] + h * ks[1] + seq.k0 * ks[2];
+      const T* Vh = V + seq.b * vs[0] + h * vs[1] + seq.k0 * vs[2];
+
+      const int64_t n_vis = for_each_key_tile(m, b, h, qb, Sq, Sk, causal, [&](int64_t n0, int64_t nk,
+                                                                              const TileChecks& tc) {
+        const int64_t nk4 = round_up(nk, 4);
+        const Rows kr = tile_rows(Kb, Kh, ks[2], ks[3], n0, nk, k_rows, D, Dp);
+        const Rows vr = tile_rows(Vb, Vh, vs[2], vs[3], n0, nk, k_rows, D, Dp);
+        // -- scores S^T = K Q^T, in log2 units, masked
+        std::fill(ST, ST + nk4 * BLOCK_M, 0.f);
+        gemm_acc(ST, BLOCK_M, kr.p, kr.ld, 1, QT, BLOCK_M, nk4, BLOCK_M, D);
+        finish_scores_t<BLOCK_M>(ST, nk, rows, i0, n0, qk_scale, tc, Sk - Sq, m, b, h, mrow);
+        // -- online softmax over the key rows (a query that has seen nothing keeps m = -inf, l = 0)
+        std::copy(mi, mi + BLOCK_M, mx);
+        for (int64_t j = 0; j < nk; ++j) {
+          const float* s = ST + j * BLOCK_M;
+#pragma omp simd
+          for (int i = 0; i < BLOCK_M; ++i) mx[i] = std::max(mx[i], s[i]);
+        }
+#pragma omp simd
+        for (int i = 0; i < BLOCK_M; ++i) {
+          mu[i] = mx[i] == kNegInf ? 0.f : mx[i];
+          alpha[i] = mi[i];
+          mi[i] = mx[i];
+        }
+        exp2_sub(alpha, mu, BLOCK_M);
+#pragma omp simd
+        for (int i = 0; i < BLOCK_M; ++i) li[i] *= alpha[i];
+        for (int64_t j = 0; j < nk; ++j) {
+          float* s = ST + j * BLOCK_M;
+          exp2_sub(s, mu, BLOCK_M);
+#pragma omp simd
+          for (int i = 0; i < BLOCK_M; ++i) li[i] += s[i];
+          if (dropout) {
+            for (int64_t i = 0; i < rows; i += 4) {   // i0 is a multiple of 4: one Philox call per 4 rows
+              const unsigned keep = dropout_keep4(drop, i0 + i, n0 + j, drop_k_len, static_cast<uint32_t>(bh));
+              for (int r = 0; r < 4 && i + r < rows; ++r)
+                if (!((keep >> r) & 1u)) s[i + r] = 0.f;
+            }
+          }
+        }
+        for (int64_t i = 0; i < rows; ++i) {
+          float* a = Acc + i * Dp;
+          const float al = alpha[i];
+#pragma omp simd
+          for (int64_t d = 0; d < Dp; ++d) a[d] *= al;
+        }
+        // -- acc += P V  (P read transposed from S^T)
+        gemm_acc(Acc, Dp, ST, 1, BLOCK_M, vr.p, vr.ld, BLOCK_M, Dp, nk);
+      });
+      vis[item] = static_cast<int32_t>(n_vis);
+
+      // -- epilogue: rows that saw nothing give exactly 0 and lse = +inf
+      float keep_scale = head_scale(hm, b, h);
+      if (dropout) keep_scale *= drop.scale;
+      T* Ob = O + seq.b * os[0] + h * os[1] + seq.q0 * os[2];
+      float* Lb = L + lay.lse_row(seq, h, H);
+      for (int64_t r = 0; r < rows; ++r) {
+        const bool empty = li[r] == 0.f;
+        const float f = empty ? 0.f : keep_scale / li[r];
+        T* o = Ob + (i0 + r) * os[2];
+        const float* a = Acc + r * Dp;
+        for (int64_t d = 0; d < D; ++d) o[d * os[3]] = static_cast<T>(a[d] * f);
+        Lb[i0 + r] = empty ? std::numeric_limits<float>::infinity() : mi[r] + std::log2(li[r]);
+      }
+    }
+  }
+}
+
+void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+             at::Tensor& visited, const SeqLayout& lay, int64_t B, const MaskDesc& m, const HeadMask& hm,
+             bool causal, float scale, const DropoutParams& drop) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fused_attn_fwd_cpu", [&] {
+    forward_kernel<scalar_t>(q, k, v, out, lse, visited, lay, B, m, hm, causal, scale, drop);
+  });
+}
+
+}  // namespace cpu
+}  // namespace fused_attn_kernels
