@@ -1,6 +1,7 @@
 """Distributed training with a patched BERT (random-init tiny config), 2 processes on CPU (gloo):
 DistributedDataParallel and FSDP2 (torch.distributed.fsdp.fully_shard, per layer and the root; and
-for a padding-free model, the whole model as one unit too) give the loss and the
+for a padding-free model, the whole model as one unit too, and per layer with torch's
+checkpoint_wrapper outside or inside fully_shard) give the loss and the
 gradients of one process on the whole batch, and with dropout on, runs with the same seeds are
 identical.  (README, "Distributed training": the same under torchrun / accelerate.)"""
 import os
@@ -74,7 +75,7 @@ def train(model, ids, mask, w, rank=0, world=1, seed=0):
         g = p.grad
         if hasattr(g, "full_tensor"):             # FSDP2: a sharded DTensor
             g = g.full_tensor()
-        grads[name.replace("module.", "")] = g.detach().clone()
+        grads[name.replace("_checkpoint_wrapped_module.", "").replace("module.", "")] = g.detach().clone()
     return torch.stack(losses), grads
 
 
@@ -83,6 +84,7 @@ def _rank_main(rank, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
         from torch.distributed.fsdp import fully_shard
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -107,6 +109,26 @@ def _rank_main(rank, port, out_dir):
             fully_shard(layer)
         fully_shard(model)
         results["fsdp2-layers-padding-free"] = train(model, ids, mask, w, rank, WORLD)
+        # with activation checkpointing: checkpoint_wrapper around each layer, then fully_shard on the
+        # wrapped layers (torchtitan's order), and fully_shard inside checkpoint_wrapper; each layer
+        # runs again on packed tokens in the backward pass (counted), its parameters gathered for it
+        from fused_attn.integrations import padding_free as pf
+        real, runs = pf.varlen_attention, []
+        pf.varlen_attention = lambda *a, **k: runs.append(1) or real(*a, **k)
+        for order in ("fsdp2-checkpoint-padding-free", "checkpoint-fsdp2-padding-free"):
+            model = make_model(0.0, padding_free=True)
+            layers = model.encoder.layer
+            for i, layer in enumerate(layers):
+                if order.startswith("fsdp2"):
+                    layers[i] = checkpoint_wrapper(layer)
+                    fully_shard(layers[i])
+                else:
+                    layers[i] = checkpoint_wrapper(fully_shard(layer))
+            fully_shard(model)
+            runs.clear()
+            results[order] = train(model, ids, mask, w, rank, WORLD)
+            results[order + "-attention-runs"] = len(runs)
+        pf.varlen_attention = real
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -140,7 +162,8 @@ def single_padding_free():
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2", "ddp-padding-free", "fsdp2-padding-free",
-                                     "fsdp2-layers-padding-free"])
+                                     "fsdp2-layers-padding-free", "fsdp2-checkpoint-padding-free",
+                                     "checkpoint-fsdp2-padding-free"])
 def test_two_processes_match_one_process_on_the_whole_batch(ranks, single, single_padding_free, wrapper):
     """The padding-free model too (zeros at padding: compared with its own one-process run)."""
     losses, grads = single_padding_free if wrapper.endswith("padding-free") else single
@@ -150,6 +173,8 @@ def test_two_processes_match_one_process_on_the_whole_batch(ranks, single, singl
         assert got_grads.keys() == grads.keys()
         for name, g in grads.items():
             torch.testing.assert_close(got_grads[name], g, msg=lambda m: f"{wrapper} rank {rank} grad {name}: {m}")
+        if "checkpoint" in wrapper:            # forward, and again in the backward pass: it did checkpoint
+            assert res[wrapper + "-attention-runs"] == STEPS * 2 * CFG["num_hidden_layers"]
 
 
 def test_dropout_runs_with_the_same_seeds_are_identical(ranks, single):

@@ -22,6 +22,7 @@ import torch
 from transformers.models.bert import modeling_bert
 
 from .hf_attention import fused_attention_forward
+from .instance_forward import follow
 
 _BASE = modeling_bert.BertSelfAttention
 TRANSFORMERS_5 = hasattr(modeling_bert, "BertCrossAttention")
@@ -178,12 +179,14 @@ class FusedBertSelfAttention(_BASE):
 
 def _rebuild(src: torch.nn.Module, cls: type) -> torch.nn.Module:
     """An instance of ``cls`` holding ``src``'s state: the same submodules, parameters and
-    buffers (shared objects), attributes, and copies of its hook dictionaries."""
+    buffers (shared objects), attributes, and copies of its hook dictionaries.  An instance
+    ``forward`` wrapping the module (accelerate's hooks) wraps the new one, running ``cls``'s code."""
     new = cls.__new__(cls)
     state = dict(src.__dict__)
     for name, value in list(state.items()):
         if name.startswith("_") and isinstance(value, dict) and name != "__dict__":
             state[name] = type(value)(value)            # own hook/module dicts, same entries
+    follow(state, src, new, type(src), cls)
     new.__dict__.update(state)
     return new
 

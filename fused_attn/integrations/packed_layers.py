@@ -4,11 +4,13 @@ The padding-free encoder (padding_free.py) runs each layer on the real tokens on
 It calls the layer as a module, ``layer(x, _fused_attn_packed=Packed(...))``, never the layer's
 submodules behind its back, so what ``nn.Module.__call__`` runs around a forward runs here too:
 forward (pre-)hooks, FSDP2's per-layer all-gather and reshard, torch's ``checkpoint_wrapper``,
-HF's gradient checkpointing (``GradientCheckpointingLayer.__call__``).
+HF's gradient checkpointing (``GradientCheckpointingLayer.__call__``), accelerate's hooks
+(``cpu_offload``, ``dispatch_model``: see instance_forward.py).
 
 For that, each layer gets an instance ``forward`` (:class:`LayerForward`, put there by
-:func:`install` and taken away by :func:`remove`): with the packed keyword it runs the layout's
-packed body, without it what ``forward`` was before.  The batch travels as a keyword argument,
+:func:`install` and taken away by :func:`remove`; under an accelerate hook, the ``_old_forward``
+that the hook calls): with the packed keyword it runs the layout's packed body, without it what
+``forward`` was before.  The batch travels as a keyword argument,
 not in a context variable: a checkpointed layer is recomputed in the backward pass, after the
 encoder's forward has returned, with the arguments it was first called with.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import types
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 
 from ..packing import Unpadded
+from . import instance_forward
 
 PACKED_KW = "_fused_attn_packed"
 _WRAPPED = "_checkpoint_wrapped_module"     # torch's checkpoint_wrapper / offload_wrapper (ActivationWrapper)
@@ -63,21 +67,31 @@ class LayerForward:
 
 
 def install(layer: nn.Module) -> None:
-    """Give ``layer`` (inside its wrappers) a :class:`LayerForward`, once."""
+    """Give ``layer`` (inside its wrappers) a :class:`LayerForward`, once: as its ``forward``, or
+    under an accelerate hook as the ``_old_forward`` the hook calls (so its pre_forward and
+    post_forward run around the packed body too)."""
     layer = inner(layer)
-    prev = layer.__dict__.get("forward")
-    if not isinstance(prev, LayerForward):
-        layer.__dict__["forward"] = LayerForward(layer, prev)
+    for slot in ("forward", instance_forward.OLD_FORWARD):
+        if isinstance(layer.__dict__.get(slot), LayerForward):
+            return
+    slot = instance_forward.call_slot(layer)
+    layer.__dict__[slot] = LayerForward(layer, layer.__dict__.get(slot))
 
 
 def remove(module: nn.Module) -> None:
-    """Undo :func:`install` on ``module`` (nothing if it has no LayerForward)."""
-    fwd = module.__dict__.get("forward")
-    if isinstance(fwd, LayerForward):
-        if fwd.previous is None:
+    """Undo :func:`install` on ``module`` (nothing if it has no LayerForward).  An accelerate hook
+    added after :func:`install` wraps the LayerForward: its ``_old_forward`` becomes the forward
+    the hook would have wrapped without it."""
+    for slot in ("forward", instance_forward.OLD_FORWARD):
+        fwd = module.__dict__.get(slot)
+        if not isinstance(fwd, LayerForward):
+            continue
+        if fwd.previous is not None:
+            module.__dict__[slot] = fwd.previous
+        elif slot == "forward":
             del module.__dict__["forward"]
         else:
-            module.__dict__["forward"] = fwd.previous
+            module.__dict__[slot] = types.MethodType(type(module).forward, module)
 
 
 def checkpoints_itself(layer: nn.Module) -> bool:

@@ -11,15 +11,17 @@ How it is wired (all of it undone by ``unpatch``):
 * the encoder (``.encoder`` of BertModel-like models, ``.transformer`` of DistilBertModel) gets a
   subclass of its own class whose ``forward`` runs the packed path, or the original forward when it
   cannot serve the call (see ``_fallback_reason``: output_attentions, head_mask, decoders,
-  cross-attention, caches, relative positions, a 3D/4D mask) -- with a one-time warning;
+  cross-attention, caches, relative positions, a 3D/4D mask, accelerate hooks that matter on the
+  attention blocks the packed layer does not call) -- with a one-time warning; a class swap keeps
+  an accelerate hook on the encoder wrapping the right forward (instance_forward.py);
 * the base model (the module owning ``.embeddings`` and the encoder) gets a forward pre-hook that
   binds the call's arguments and pushes the 2D attention_mask (and the flags above) onto a
   ``contextvars`` stack, and a forward hook (always called) that pops it: each thread / async
   context sees only its own calls, nested models their own entries;
 * every layer is called as a module on the packed tokens, so its hooks run (FSDP2's per-layer
-  sharding, checkpoint wrappers, HF's gradient checkpointing): see packed_layers.py.  HF 5's
-  output-capturing hooks on the layers are muted during the packed loop; the encoder records the
-  hidden states itself, padded.
+  sharding, checkpoint wrappers, HF's gradient checkpointing, accelerate's hooks): see
+  packed_layers.py.  HF 5's output-capturing hooks on the layers are muted during the packed loop;
+  the encoder records the hidden states itself, padded.
 
 Layers qualify by structure and code, not by class name: a BertLayer-like layer has exactly the
 submodules attention (self + output), intermediate and output, and runs BertLayer's and
@@ -41,7 +43,7 @@ from torch import nn
 
 from ..functional import varlen_attention
 from ..packing import Unpadded, gather_tokens, scatter_tokens, unpad_info
-from . import packed_layers
+from . import instance_forward, packed_layers
 
 STATE = "_fused_attn_padding_free"
 _CALLS: contextvars.ContextVar = contextvars.ContextVar("fused_attn_padding_free_calls", default=())
@@ -64,8 +66,9 @@ def _linears(module: nn.Module, names) -> bool:
 
 def _plain_linear(m: nn.Module) -> bool:
     """An nn.Linear whose call is its forward and nothing else (no hooks, parametrizations, PEFT
-    or FSDP wrappers: those change the class or add hooks)."""
-    return (type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
+    or FSDP wrappers: those change the class or add hooks; no instance forward: accelerate's
+    hooks, which may load offloaded weights in their pre_forward)."""
+    return (type(m) is nn.Linear and "forward" not in m.__dict__ and not (m._forward_hooks or m._forward_pre_hooks)
             and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks))
 
 
@@ -137,6 +140,11 @@ class _BertLayout(_Layout):
         return isinstance(sa, FusedBertSelfAttention) or is_bert_self_attention_like(sa)
 
     @staticmethod
+    def bypassed(layer: nn.Module):
+        """(name, module) of the submodules ``run`` does not call (it calls their children)."""
+        return (("attention", layer.attention), ("attention.self", layer.attention.self))
+
+    @staticmethod
     def run(layer: nn.Module, x: torch.Tensor, un: Unpadded, backend: str) -> torch.Tensor:
         from transformers.pytorch_utils import apply_chunking_to_forward
 
@@ -174,6 +182,10 @@ class _DistilBertLayout(_Layout):
         heads, dim = getattr(att, "n_heads", None), getattr(att, "dim", None)
         return (isinstance(heads, int) and isinstance(dim, int) and dim % heads == 0
                 and att.q_lin.out_features == dim and isinstance(att._modules.get("dropout"), nn.Dropout))
+
+    @staticmethod
+    def bypassed(layer: nn.Module):
+        return (("attention", layer.attention),)
 
     @staticmethod
     def run(layer: nn.Module, x: torch.Tensor, un: Unpadded, backend: str) -> torch.Tensor:
@@ -324,9 +336,15 @@ class _PaddingFreeEncoder:
             return "past key values / use_cache"
         if getattr(cfg, "position_embedding_type", "absolute") not in (None, "absolute"):
             return f"position_embedding_type={cfg.position_embedding_type!r}"
-        bad = [i for i, layer in enumerate(self.layer) if not self._fused_pf_layout.layer_ok(packed_layers.inner(layer))]
+        layout = self._fused_pf_layout
+        layers = [packed_layers.inner(layer) for layer in self.layer]
+        bad = [i for i, layer in enumerate(layers) if not layout.layer_ok(layer)]
         if bad:
-            return f"layers {bad} whose structure is not {self._fused_pf_layout.name}'s"
+            return f"layers {bad} whose structure is not {layout.name}'s"
+        hooked = [f"layer.{i}.{name}" for i, layer in enumerate(layers)
+                  for name, m in layout.bypassed(layer) if instance_forward.hook_matters(m)]
+        if hooked:          # e.g. cpu_offload(preload_module_classes=[an attention class])
+            return f"accelerate hooks on {', '.join(hooked)} (modules the packed layer does not call)"
         return None
 
     def forward(self, *args, **kwargs):
@@ -477,7 +495,9 @@ def enable(model: nn.Module, backend: str = "auto") -> int:
     n = 0
     for base, layout in base_models(model):
         enc = base._modules[layout.encoder_attr]
-        enc.__class__ = _padding_free_class(type(enc))
+        cls = type(enc)
+        enc.__class__ = _padding_free_class(cls)
+        instance_forward.follow(enc.__dict__, enc, enc, cls, enc.__class__)   # a hooked encoder's _old_forward
         enc.__dict__["_fused_pf_layout"] = layout
         enc.__dict__["_fused_pf_backend"] = backend
         for layer in enc.layer:
@@ -496,7 +516,9 @@ def disable(model: nn.Module) -> None:
     for m in model.modules():
         packed_layers.remove(m)
         if isinstance(m, _PaddingFreeEncoder):
+            cls = type(m)
             m.__class__ = m._fused_pf_original_class
+            instance_forward.follow(m.__dict__, m, m, cls, m.__class__)
             for attr in ("_fused_pf_layout", "_fused_pf_backend", "_fused_pf_warned"):
                 m.__dict__.pop(attr, None)
         for hooks in (m._forward_pre_hooks, m._forward_hooks):
