@@ -14,7 +14,7 @@ HF_TESTS  = tests/test_hf_models.py tests/test_hf_minilm.py tests/test_hf_regist
             tests/test_hf_flattened.py tests/test_concurrency.py tests/test_hf_accelerate.py tests/test_distributed.py
 JOBS     ?= 2
 
-.PHONY: demo test test-main test-hf4 test-asan test-gpu fuzz bench clean
+.PHONY: demo test test-main test-hf4 test-asan test-gpu fuzz compile-sweep bench clean
 
 $(STAMP): requirements-dev.txt requirements-hf.txt pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,12 @@ FUZZ_ENGINES ?= cpu,cuda-emu,triton-interp
 FUZZ_TIME ?= 1800
 fuzz: $(STAMP)
 	$(PY) tests/fuzz.py --engine $(FUZZ_ENGINES) --n $(N) --seed $(SEED) --jobs $(JOBS) --time-limit $(FUZZ_TIME)
+
+# The kernel variants the fuzzer's cases reach, compiled for sm_90 with the tiles an H100 gets, through the
+# public API and Triton's real launch path (a stand-in driver; nothing runs).  Opt-in: ~15 s a case.
+SWEEP_N ?= 100
+compile-sweep: $(STAMP)
+	env -u TRITON_INTERPRET PYTHONPATH=$(CURDIR) $(PY) -u tests/_triton_offline_sweep.py $(SWEEP_N)
 
 # On a GPU machine with torch/triton already installed (no venv): the CUDA-marked tests.
 test-gpu:
