@@ -66,9 +66,12 @@ FUZZ_TIME ?= 1800
 fuzz: $(STAMP)
 	$(PY) tests/fuzz.py --engine $(FUZZ_ENGINES) --n $(N) --seed $(SEED) --jobs $(JOBS) --time-limit $(FUZZ_TIME)
 
-# On a GPU machine with torch/triton already installed (no venv): the CUDA-marked tests.
+# On a GPU machine with torch/triton already installed (no venv): the CUDA-marked tests, in GPU_JOBS
+# processes where pytest-xdist is installed (the first launch of each Triton kernel variant compiles it:
+# one process spends most of the run compiling).
+GPU_JOBS ?= 8
 test-gpu:
-	python -m pytest -q -m cuda tests
+	python -m pytest -q -m cuda $$(python -c "import xdist" 2>/dev/null && echo "-n $(GPU_JOBS)") tests
 
 bench: $(STAMP)
 	$(PY) -m benchmarks --preset cpu-small --out out/bench
