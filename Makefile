@@ -72,9 +72,12 @@ SWEEP_N ?= 100
 compile-sweep: $(STAMP)
 	env -u TRITON_INTERPRET PYTHONPATH=$(CURDIR) $(PY) -u tests/_triton_offline_sweep.py $(SWEEP_N)
 
-# On a GPU machine with torch/triton already installed (no venv): the CUDA-marked tests.
+# On a GPU machine with torch/triton already installed (no venv): the CUDA-marked tests, in GPU_JOBS
+# processes where pytest-xdist is installed (the first launch of each Triton kernel variant compiles it:
+# one process spends most of the run compiling).
+GPU_JOBS ?= 8
 test-gpu:
-	python -m pytest -q -m cuda tests
+	python -m pytest -q -m cuda $$(python -c "import xdist" 2>/dev/null && echo "-n $(GPU_JOBS)") tests
 
 bench: $(STAMP)
 	$(PY) -m benchmarks --preset cpu-small --out out/bench

@@ -37,7 +37,7 @@
 namespace fused_attn_kernels {
 namespace cuda {
 
-constexpr int TILE = 32;       // BLOCK_M = BLOCK_N; cpp_backend.BLOCKS["cuda"]
+constexpr int TILE = 32;       // BLOCK_M = BLOCK_N; cpp_backend.CUDA.blocks
 constexpr int WARPS = 4;
 constexpr int THREADS = WARPS * 32;
 constexpr int ROWS_PER_WARP = TILE / WARPS;
