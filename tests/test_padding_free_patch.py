@@ -144,26 +144,19 @@ def test_head_mask_falls_back():
     assert_close_to_oracle("head_mask", got, ref64, ref)
 
 
-def test_decoder_falls_back():
-    model = tiny("bert", is_decoder=True)
+@pytest.mark.parametrize("config, warning", [
+    (dict(is_decoder=True), "cannot run a decoder"),
+    (dict(position_embedding_type="relative_key"), "cannot run position_embedding_type='relative_key'"),
+], ids=["decoder", "relative-positions"])
+def test_unservable_models_fall_back(config, warning):
+    model = tiny("bert", **config)
     x = inputs(MASK[:2])         # right padding: every causal query row sees a key
     ref = model(**x).last_hidden_state
     ref64 = oracle_of(model)(**x).last_hidden_state
     fused_attn.patch(model, padding_free=True)
-    with pytest.warns(UserWarning, match="cannot run a decoder"):
+    with pytest.warns(UserWarning, match=warning):
         got = model(**x).last_hidden_state
-    assert_close_to_oracle("decoder", got, ref64, ref)
-
-
-def test_relative_positions_fall_back():
-    model = tiny("bert", position_embedding_type="relative_key")
-    x = inputs(MASK[:2])
-    ref = model(**x).last_hidden_state
-    ref64 = oracle_of(model)(**x).last_hidden_state
-    fused_attn.patch(model, padding_free=True)
-    with pytest.warns(UserWarning, match="cannot run position_embedding_type='relative_key'"):
-        got = model(**x).last_hidden_state
-    assert_close_to_oracle("relative positions", got, ref64, ref)
+    assert_close_to_oracle(str(config), got, ref64, ref)
 
 
 def test_concurrent_calls_from_threads_do_not_mix_batches(monkeypatch):
