@@ -58,3 +58,21 @@ def test_direct_launch_gpu(monkeypatch, dtype):
             assert torch.equal(a, b)
     assert chosen, "no launch took the direct path"
     assert all(ours is theirs for ours, theirs in chosen)
+
+
+def test_variant_key_covers_what_triton_specialises_on():
+    """The key tells apart tensor dtypes, 16-byte alignment and integer values (not float values),
+    and a call whose argument types differ from the first call's gets no key (Triton's path)."""
+    from fused_attn.backends.triton_launch import Variants
+
+    v = Variants()
+    t = torch.zeros(64)
+    first = v.key((t, 3, 0.5, None))
+    assert v.key((torch.zeros(8), 3, 0.25, None)) == first
+    assert v.key((t, 4, 0.5, None)) != first
+    assert v.key((t, 16, 0.5, None)) != first
+    assert v.key((t[1:], 3, 0.5, None)) != first             # 4 bytes in: not 16-byte aligned
+    assert v.key((t[4:], 3, 0.5, None)) == first             # 16 bytes in: aligned
+    assert v.key((t.half(), 3, 0.5, None)) != first
+    assert v.key((t, 3, 0.5, t)) is None
+    assert v.key((3, t, 0.5, None)) is None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import operator
 import os
+from typing import Optional
 
 import torch
 
@@ -51,19 +52,24 @@ class Variants:
     """The compiled variants of one kernel under one launch plan (so with fixed constexprs), by
     key.  Which arguments are tensors is the plan's too: learned on the first call."""
 
-    __slots__ = ("tensors", "values", "table")
+    __slots__ = ("types", "tensors", "values", "table")
 
     def __init__(self):
-        self.tensors = self.values = None
+        self.types = self.tensors = self.values = None
         self.table: dict = {}
 
-    def key(self, args) -> tuple:
-        if self.tensors is None:
+    def key(self, args) -> Optional[tuple]:
+        """None when the arguments' types differ from the first call's (then Triton's path)."""
+        types = tuple(map(type, args))
+        if self.types is None:
+            self.types = types
             tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
             # integers, bools and None count by value; floats are fp32 whatever their value
             values = [i for i, a in enumerate(args) if a is None or type(a) in (int, bool)]
             self.tensors = _getter(tensors)
             self.values = _getter(values)
+        elif types != self.types:
+            return None
         tensors = self.tensors(args)
         # all 16-byte aligned (the usual case: one OR over the distinct tensors' pointers; the
         # placeholder of unused pointer arguments repeats), else which ones are
@@ -107,10 +113,10 @@ def launch(kernel, grid, args: tuple, constexprs: dict, variants: Variants) -> N
         return
     device = _driver.active.get_current_device()
     key = (device, variants.key(args))
-    hit = variants.table.get(key)
+    hit = variants.table.get(key) if key[1] is not None else None
     if hit is None:
         compiled = kernel.run(*args, grid=grid, warmup=False, **constexprs)
-        if compiled is not None and len(variants.table) < _MAX_VARIANTS:
+        if compiled is not None and key[1] is not None and len(variants.table) < _MAX_VARIANTS:
             variants.table[key] = (compiled, _tail(kernel, len(args), constexprs))
         return
     compiled, tail = hit
