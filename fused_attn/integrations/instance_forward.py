@@ -20,8 +20,8 @@ through the bound method, at one class.  fused_attn changes modules underneath s
 from __future__ import annotations
 
 import functools
-import types
 import sys
+import types
 from typing import Any, Dict
 
 from torch import nn
