@@ -2,11 +2,11 @@
 
 ``kernel[grid](*args, **constexprs)`` binds every argument, specialises each one (dtype and
 16-byte alignment of a pointer, ==1 / %16 / width of an integer), turns that into a cache key,
-re-checks the kernel's globals and only then calls the compiled variant's C launcher.  With ~45
+re-checks the kernel's globals and only then calls the compiled variant's C launcher.  With ~60
 arguments that is most of a call's host time (benchmarks/host_cost.py).
 
 ``launch`` keeps, per launch plan (triton_backend), the compiled variants Triton chose, keyed by
-a coarser-grained version of the same specialisation: each tensor's dtype and data_ptr() % 16,
+a finer version of the same specialisation: each tensor's dtype and data_ptr() % 16,
 each integer's value, the current device.  The first call with a new key goes through Triton's
 own launcher, which compiles or finds the variant and launches it; later calls hand the same
 arguments to that variant's launcher exactly as Triton's JITFunction.run does.  A key never
