@@ -13,9 +13,14 @@ Two paths, one set of sources and flags:
 Nothing here runs at import time.  This module imports nothing from fused_attn, so setup.py can
 load it by path before the package is installed.
 
-The JIT build's cache name (:func:`ext_name`) carries a hash of the sources, the build flags and
-the torch version, so two checkouts (or versions) never overwrite each other's build, and a build
-announces itself on stderr with the time it took (it takes ~20 s on two cores).
+The JIT build's cache name (:func:`ext_name`) carries a hash of everything ninja's build file holds:
+the sources, the build flags, torch's version, and the absolute paths it names (the checkout's csrc/,
+torch's and Python's include and library directories, the compilers, the CUDA architectures).  Two
+checkouts, two Python environments or two torch versions sharing one TORCH_EXTENSIONS_DIR therefore
+each own a build directory: each builds once, then starts without compiling (before, they rewrote
+one build file in turn, and each process rebuilt the other's library).  A build announces itself on
+stderr with the time it took (it takes ~20 s on two cores), also when ninja rebuilds a library that
+exists (sources touched since).
 
 Environment:
   FUSED_ATTN_CUDA_EXT=0    build the CPU kernel only, even with nvcc and CUDA torch present
@@ -31,6 +36,7 @@ import hashlib
 import os
 import shutil
 import sys
+import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -114,9 +120,40 @@ def nvcc_flags() -> List[str]:
             "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"]
 
 
+def build_environment(with_cuda: bool) -> tuple:
+    """The absolute paths and settings that cpp_extension writes into ninja's build file besides our
+    flags: the source directory, torch's and Python's include directories, torch's library directories,
+    the compilers and (CUDA) the architectures.  Part of the cache name, so that two environments (or
+    checkouts) never share -- and rewrite in turn -- one build file."""
+    from torch.utils import cpp_extension
+
+    def call(fn, cuda):
+        try:
+            return fn("cuda" if cuda else "cpu")
+        except TypeError:       # older torch: fn(cuda=...)
+            return fn(cuda=cuda)
+
+    paths = []
+    for fn in (cpp_extension.include_paths, cpp_extension.library_paths):
+        try:
+            paths.append(call(fn, with_cuda))
+        except OSError:         # no CUDA_HOME: such a build fails anyway; name it all the same
+            paths.append(call(fn, False) + ["no CUDA_HOME"])
+    py_include = sysconfig.get_path("include", scheme="nt" if os.name == "nt" else "posix_prefix")
+    cuda = None
+    if with_cuda:
+        try:
+            arch = cpp_extension._get_cuda_arch_flags(nvcc_flags())   # private; stable since torch 1.x
+        except Exception:  # noqa: BLE001 - fall back to what decides it
+            arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        cuda = (cpp_extension.CUDA_HOME, arch)
+    return (str(source_dir()), paths, py_include, os.environ.get("CXX", "c++"), os.environ.get("CC"), cuda)
+
+
 def ext_name(with_cuda: bool, portable: bool) -> str:
     """The JIT build's name (its directory under TORCH_EXTENSIONS_DIR): kind, portability and a hash
-    of everything that goes into the library -- every file of csrc/, the flags, torch's version."""
+    of everything that goes into the library and its build file -- every file of csrc/, the flags,
+    torch's version, :func:`build_environment` (where the sources, torch and Python live)."""
     import torch
 
     h = hashlib.sha256()
@@ -125,7 +162,7 @@ def ext_name(with_cuda: bool, portable: bool) -> str:
         for path in sorted(p for p in src.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
             h.update(path.relative_to(src).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     h.update(repr((with_cuda, cflags(portable), nvcc_flags() if with_cuda else None, ldflags(),
-                   os.environ.get("CXX", "c++"), torch.__version__, torch.version.cuda)).encode())
+                   torch.__version__, torch.version.cuda, build_environment(with_cuda))).encode())
     kind = ("cuda" if with_cuda else "cpu") + ("_portable" if portable else "") + ("_asan" if asan() else "")
     return f"{NAME}_{kind}_{h.hexdigest()[:12]}"
 
@@ -140,6 +177,22 @@ def _built_library(name: str) -> Optional[str]:
         return "unknown"
     lib = os.path.join(build_dir, name + ".so")
     return lib if os.path.exists(lib) else None
+
+
+def _mtime(path: Optional[str]) -> Optional[int]:
+    try:
+        return os.stat(path).st_mtime_ns if path else None
+    except OSError:
+        return None
+
+
+def _stale_sources(lib: str) -> bool:
+    """A file of csrc/ is newer than the built library: ninja will recompile (e.g. after a checkout
+    rewrote files with the same content; the cache name follows the content, ninja the times)."""
+    built, src = _mtime(lib), source_dir()
+    if built is None or src is None:
+        return False
+    return any((_mtime(str(p)) or 0) > built for p in src.rglob("*") if p.is_file())
 
 
 def _prebuilt() -> Optional[str]:
@@ -185,10 +238,13 @@ def _load() -> str:
     portable = os.environ.get("FUSED_ATTN_PORTABLE", "0") not in ("", "0")
     verbose = os.environ.get("FUSED_ATTN_EXT_VERBOSE", "0") not in ("", "0")
     name = ext_name(with_cuda, portable)
-    building = _built_library(name) is None
-    if building:
+    lib = _built_library(name)
+    before = _mtime(lib) if lib != "unknown" else None
+    why = None if lib == "unknown" else "once per version of it and environment" if lib is None else \
+        "its sources are newer than the cached build" if _stale_sources(lib) else None
+    if why:
         print(f"fused_attn: compiling the C++ extension ({'CPU + CUDA kernels, minutes' if with_cuda else 'CPU kernel, ~20 s'}"
-              f"), once per version of it: cached as {name} under TORCH_EXTENSIONS_DIR", file=sys.stderr, flush=True)
+              f"), {why}: cached as {name} under TORCH_EXTENSIONS_DIR", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
         cpp_extension.load(
@@ -206,7 +262,7 @@ def _load() -> str:
         msg = str(e).strip().splitlines()
         raise RuntimeError(f"building the C++ extension failed ({msg[0] if msg else type(e).__name__}); "
                            f"rerun with FUSED_ATTN_EXT_VERBOSE=1 to see the compiler output") from e
-    if building:
+    if lib != "unknown" and (why or _mtime(_built_library(name)) != before):   # also a rebuild ninja chose
         print(f"fused_attn: built {name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     return "cuda" if with_cuda else "cpu"
 

@@ -1,7 +1,10 @@
-"""The C++ extension's build: a cache name that changes with the sources, flags and torch version
-(so two checkouts never rebuild each other's copy), a build that says it is building, and an
-ahead-of-time build that is portable."""
+"""The C++ extension's build: a cache name that changes with the sources, flags, torch version and
+the paths ninja's build file names (so two checkouts or two Python environments sharing one cache
+never rebuild each other's copy), a build that says it is building, and an ahead-of-time build that
+is portable."""
+import os
 import shutil
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -45,11 +48,102 @@ def test_every_translation_unit_is_compiled():
     assert set(_build.sources(with_cuda=False)) == {str(src / name) for name in _build.CPP_SOURCES}
 
 
-def test_identical_sources_anywhere_share_one_name(sources, monkeypatch):
-    """Two checkouts of the same version use one build; the path of the checkout does not count."""
+def test_each_checkout_and_environment_owns_its_build(sources, monkeypatch):
+    """ninja's build file holds the absolute paths of the sources and of torch's and Python's headers:
+    two checkouts (or environments) that shared a name would rewrite it in turn and rebuild."""
+    from torch.utils import cpp_extension
+
     here = _build.ext_name(False, False)
+    assert _build.ext_name(False, False) == here                          # stable
     monkeypatch.undo()
-    assert _build.ext_name(False, False) == here
+    assert _build.ext_name(False, False) != here                          # another checkout
+    base = _build.ext_name(False, False)
+    for fn in ("include_paths", "library_paths"):
+        real = getattr(cpp_extension, fn)
+        monkeypatch.setattr(cpp_extension, fn, lambda *a, real=real, **kw: ["/other/venv" + p for p in real(*a, **kw)])
+        assert _build.ext_name(False, False) != base, fn                  # another environment
+        monkeypatch.undo()
+    real = sysconfig.get_path
+    monkeypatch.setattr(sysconfig, "get_path", lambda *a, **kw: "/other/python" + real(*a, **kw))
+    assert _build.ext_name(False, False) != base                          # another interpreter
+    monkeypatch.undo()
+    monkeypatch.setenv("CXX", "clang++")
+    assert _build.ext_name(False, False) != base
+    monkeypatch.undo()
+    assert _build.ext_name(False, False) == base
+
+
+@pytest.fixture
+def tiny_extension(tmp_path, monkeypatch):
+    """The real JIT build path (_build._load -> cpp_extension.load -> ninja) on a one-line source that
+    compiles in a fraction of a second, in a private TORCH_EXTENSIONS_DIR.  Returns build(env): load it
+    as environment / checkout `env` would (its csrc/ and its torch include directory at their own
+    absolute paths, the latter a symlink to the real one), and return the library's path."""
+    from torch.utils import cpp_extension
+
+    if _build.compiler_problem() is not None:
+        pytest.skip(_build.compiler_problem())
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("FUSED_ATTN_ASAN", raising=False)
+    monkeypatch.setattr(_build, "CPP_SOURCES", ("fused_attn.cpp",))
+    monkeypatch.setattr(_build, "_prebuilt", lambda: None)
+    monkeypatch.setattr(_build, "cuda_toolchain", lambda: "test: CPU only")
+    real_include = cpp_extension.include_paths
+    torch_root = str(Path(torch.__file__).resolve().parent)
+    env = {}
+
+    def include_paths(*a, **kw):
+        return [p.replace(torch_root, env["torch"]) for p in real_include(*a, **kw)]
+
+    monkeypatch.setattr(cpp_extension, "include_paths", include_paths)
+
+    def build(name):
+        root = tmp_path / name
+        if not root.exists():
+            (root / "csrc").mkdir(parents=True)
+            (root / "csrc" / "fused_attn.cpp").write_text("int fused_attn_build_test() { return 1; }\n")
+            (root / "torch").symlink_to(torch_root)
+        env["torch"] = str(root / "torch")
+        monkeypatch.setattr(_build, "source_dir", lambda: root / "csrc")
+        assert _build._load() == "cpu"
+        return _build._built_library(_build.ext_name(False, False))
+
+    build.root = tmp_path
+    return build
+
+
+def _stamp(lib):
+    st = os.stat(lib)
+    return st.st_ino, st.st_mtime_ns
+
+
+def test_two_environments_sharing_one_cache_each_build_once(tiny_extension, capfd):
+    """Issue 23: two venvs with the same torch (or two checkouts of the same sources) under one
+    TORCH_EXTENSIONS_DIR used to rebuild each other's library in every process.  Now each builds once,
+    says so, and later loads compile nothing."""
+    libs = {env: tiny_extension(env) for env in ("venv_a", "venv_b")}
+    err = capfd.readouterr().err
+    assert err.count("fused_attn: compiling the C++ extension") == 2, err
+    assert libs["venv_a"] != libs["venv_b"]
+    stamps = {env: _stamp(lib) for env, lib in libs.items()}
+    for _ in range(2):
+        for env in ("venv_a", "venv_b"):
+            assert tiny_extension(env) == libs[env]
+            assert _stamp(libs[env]) == stamps[env], f"{env} was rebuilt"
+    assert "fused_attn:" not in capfd.readouterr().err
+
+
+def test_a_rebuild_of_an_existing_library_says_so(tiny_extension, capfd):
+    """Files touched since the build (a checkout rewrote them): ninja recompiles, and the user sees why
+    the start is slow."""
+    lib = tiny_extension("checkout")
+    capfd.readouterr()
+    src = tiny_extension.root / "checkout" / "csrc" / "fused_attn.cpp"
+    os.utime(src, ns=(os.stat(lib).st_mtime_ns + 10**9,) * 2)
+    assert tiny_extension("checkout") == lib
+    err = capfd.readouterr().err.splitlines()
+    assert len(err) == 2 and "sources are newer than the cached build" in err[0], err
+    assert err[1].startswith("fused_attn: built "), err
 
 
 def test_name_follows_flags_and_torch_version(sources, monkeypatch):
