@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from .masks import _MaskCache
+
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
@@ -48,8 +50,8 @@ def _check_tensors(q, k, v, layout: str, dtypes) -> None:
 def check_qkv(q, k, v, dtypes=KERNEL_DTYPES) -> Shapes:
     _check_tensors(q, k, v, "BHSD", dtypes)
     b, h, sq, d = q.shape
-    if min(q.shape) < 1 or min(k.shape) < 1:
-        raise ValueError(f"q, k: every dim must be >= 1, got q {_shape(q)}, k {_shape(k)}")
+    if h < 1 or d < 1:      # B, Sq, Sk may be 0 (an empty result, as SDPA)
+        raise ValueError(f"q: heads and head dim must be >= 1, got q {_shape(q)}, k {_shape(k)}")
     if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
         raise ValueError(f"k: shape {_shape(k)} does not match q {_shape(q)} "
                          f"(expected [{b}, {h}, Sk, {d}])")
@@ -116,13 +118,13 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, torch.Tensor):
             raise TypeError(f"{name}: expected an int32 torch.Tensor [B + 1], got {type(cu).__name__}")
-        if cu.dtype != torch.int32:
-            raise TypeError(f"{name}: dtype {cu.dtype}, expected torch.int32")
-        if cu.dim() != 1 or cu.shape[0] < 2:
-            raise ValueError(f"{name}: expected shape [B + 1] with B >= 1, got {_shape(cu)}")
+        if cu.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name}: dtype {cu.dtype}, expected torch.int32 (or int64, converted)")
+        if cu.dim() != 1 or cu.shape[0] < 1:
+            raise ValueError(f"{name}: expected shape [B + 1] with B >= 0, got {_shape(cu)}")
         if cu.device != q.device:
             raise ValueError(f"{name}: is on {cu.device} but q is on {q.device}")
-        cus.append(cu.contiguous())
+        cus.append(_as_int32(cu))
     if cus[0].shape != cus[1].shape:
         raise ValueError(f"cu_seqlens_q {_shape(cus[0])} and cu_seqlens_k {_shape(cus[1])}: different batch sizes")
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
@@ -139,6 +141,23 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     return SeqLens(cus[0], cus[1], int(max_seqlen_q), int(max_seqlen_k))
 
 
+_CU32 = _MaskCache()        # int64 cu_seqlens -> its int32 copy
+
+
+def _as_int32(cu: torch.Tensor) -> torch.Tensor:
+    """cu_seqlens as the kernels read them: contiguous int32.  An int64 one (``lengths.cumsum(0)``)
+    is converted once per tensor (one small kernel, no host sync), cached on the tensor's identity and
+    version, so a model's layers share the copy.  Values >= 2^31 would not fit; q / k with that many
+    rows are refused by the size checks anyway."""
+    if cu.dtype == torch.int32:
+        return cu.contiguous()
+    hit = _CU32.get(cu, cu.shape)
+    if hit is None:
+        hit = cu.to(torch.int32).contiguous()
+        _CU32.put(cu, cu.shape, hit)
+    return hit
+
+
 def _check_cu_values(name: str, cu: torch.Tensor, total: int, max_seqlen: int) -> None:
     vals = cu.tolist()
     if vals[0] != 0:
@@ -150,7 +169,7 @@ def _check_cu_values(name: str, cu: torch.Tensor, total: int, max_seqlen: int) -
                          f"({vals[bad]})")
     if vals[-1] != total:
         raise ValueError(f"{name}: last entry {vals[-1]} must equal the number of packed rows {total}")
-    longest = max(lengths)
+    longest = max(lengths, default=0)
     if longest > max_seqlen:
         raise ValueError(f"max_seqlen_{name[-1]}: {max_seqlen} is below the longest sequence ({longest}) "
                          f"in {name}")

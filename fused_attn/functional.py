@@ -52,6 +52,8 @@ def attention(
     red = masks.reduce_mask(attention_mask, s.batch, s.heads, s.q_len, s.k_len, device=q.device)
     name = backends.select(backend, q)
     check_sizes(q, k, v, red, dropout_p, name)
+    if q.numel() == 0 or k.shape[2] == 0:          # B, Sq or Sk = 0: every row (if any) sees no key
+        return ops.nothing_to_compute(q, k, v)
     if name == "reference":
         return reference.attention(q, k, v, red, causal, float(dropout_p), scale, head_mask)
     if hm is not None:
@@ -80,7 +82,8 @@ def varlen_attention(
         q: [Tq, H, D] the queries of all B sequences one after the other; fp16 / bf16 / fp32;
             any strides (e.g. a slice of a fused [T, 3, H, D] projection is read in place).
         k, v: [Tk, H, D], same dtype and device as q.
-        cu_seqlens_q, cu_seqlens_k: int32 [B + 1] on q's device, cumulative lengths: sequence b is
+        cu_seqlens_q, cu_seqlens_k: int32 (or int64, converted once per tensor) [B + 1] on q's device,
+            cumulative lengths: sequence b is
             q rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] and k / v rows cu_seqlens_k[b]:cu_seqlens_k[b + 1].
             Starts at 0, non-decreasing, ends at Tq / Tk; sequences of length 0 are allowed.
         max_seqlen_q, max_seqlen_k: Python ints >= the longest query / key sequence (no host
@@ -111,11 +114,11 @@ def varlen_attention(
     # the kernels' limits, on the padded shape the packed batch stands for (one sequence per batch entry)
     check_sizes(*(Geometry((b, t.shape[1], m, t.shape[3]), (0, *t.stride()[1:]))
                   for t, m in ((q4, mq), (k4, mk), (v4, mk))), red, dropout_p, name)
+    if q.shape[0] == 0 or k.shape[0] == 0 or seqs.batch == 0:   # no query, or no key at all: exactly 0
+        return ops.nothing_to_compute(q, k, v)
     if name == "reference":
         return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                           float(dropout_p), scale, causal)
-    if q.shape[0] == 0:
-        return q.new_zeros(q.shape)
     rng = philox_rng(q.device) if dropout_p > 0.0 else None
     out = ops.fused_attention(q4, k4, v4, red, None, causal, scale, float(dropout_p), name, rng, varlen=seqs)
     return out[0].transpose(0, 1)

@@ -25,8 +25,9 @@ added to the scores in fp32, and an entry ``<= HIDDEN_THRESHOLD`` (-1e4, which c
 """
 from __future__ import annotations
 
+import collections
+import os
 import threading
-import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
@@ -119,6 +120,8 @@ class ReducedMask:
     key_start: Optional[torch.Tensor] = None
     key_end: Optional[torch.Tensor] = None
     key_needs_mask: Optional[torch.Tensor] = None
+    # set when a deferred (CUDA) check of the values found a float 0/1 or NaN mask: every later use raises
+    error: Optional[str] = field(default=None, repr=False)
     _block_maps: Dict[Tuple[int, int, bool], BlockMap] = field(default_factory=dict, repr=False)
 
     @property
@@ -255,11 +258,21 @@ def _stride0(t: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: int,
-                device=None) -> ReducedMask:
+                device=None, *, float01_bias: bool = False) -> ReducedMask:
     """Validate ``attention_mask`` for q [batch, heads, q_len, D], k [batch, heads, k_len, D] and
     reduce it (see the module docstring).  Results for the same mask tensor (unchanged since) and
-    the same shapes are cached, so the layers of a model share one reduction."""
+    the same shapes are cached, so the layers of a model share one reduction.
+
+    A float (additive) mask holding only 0s and 1s, with at least one 1, is refused (ValueError):
+    it is a padding mask cast to float, which hides nothing.  ``float01_bias=True`` (or
+    ``FUSED_ATTN_FLOAT01_BIAS=1``) accepts it as a genuine +1 bias; pass the returned ReducedMask as
+    ``attention_mask``.  A float mask holding NaN is refused whatever the flags (docs/design.md,
+    "Masks")."""
+    if _PENDING:
+        _poll_checks()
     if isinstance(attention_mask, ReducedMask):
+        if attention_mask.error is not None:
+            raise ValueError(attention_mask.error)
         attention_mask.check(batch, heads, q_len, k_len, device if device is not None else attention_mask.device)
         return attention_mask
     if attention_mask is None:
@@ -271,58 +284,103 @@ def reduce_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: int,
         raise ValueError(f"attention_mask: mask is on {attention_mask.device} but q is on {device}")
     if torch.compiler.is_compiling():
         return _reduce(attention_mask, batch, heads, q_len, k_len)
-    if _FLOAT01["pending"]:
-        _poll_float01()
     key = (batch, heads, q_len, k_len)
     hit = _CACHE.get(attention_mask, key)
     if hit is not None:
+        if hit.error is not None:
+            raise ValueError(hit.error)
         return hit
     version = None if attention_mask.is_inference() else attention_mask._version   # before reducing
     red = _reduce(attention_mask, batch, heads, q_len, k_len)
-    if red.additive and not _FLOAT01["warned"]:
-        _check_float01(red.values)
-        _poll_float01()
-    _CACHE.put(attention_mask, key, red, version)
-    _BY_VALUES.put(red.values, (red.kind,) + key, red)
+    if red.additive:
+        _check_additive(red, attention_mask, float01_bias)
+    if not float01_bias:        # (an opt-out holds for the ReducedMask returned, not for the tensor)
+        _CACHE.put(attention_mask, key, red, version)
+    if red.values is not None:
+        _BY_VALUES.put(red.values, (red.kind,) + key, red)
     return red
 
 
-# A float mask holding only 0s and 1s is almost surely a padding mask cast to float: float masks
-# are additive, so its 1.0 and 0.0 both mean "attend" and nothing is hidden.  Checked when a mask is
-# reduced (once per mask tensor); on CUDA the answer comes back through pinned memory and an event
-# that a later call reads once it is ready (no host sync), for the first CUDA masks of a process only.
-_FLOAT01 = {"warned": False, "pending": [], "cuda_checks_left": 16}
-FLOAT01_WARNING = (
-    "fused_attn: attention_mask is a float tensor of 0s and 1s. Float masks are additive (added to "
-    "the scores), so 1.0 and 0.0 both mean 'attend' and nothing is hidden. Pass the padding mask as "
-    "bool or int (mask.bool(): True / 1 = attend), or an additive mask with 0 = attend and -inf (or "
-    "<= -1e4, e.g. torch.finfo(dtype).min) = hidden. (Warned once per process.)")
+# -- additive masks: a padding mask cast to float, NaN -------------------------------------------
+# Float masks are additive, so a float mask of 0s and 1s hides nothing: almost surely
+# `attention_mask.float()`.  It is refused, like a mask holding NaN (SDPA would return NaN rows;
+# the kernels would hide the entry).  The check reads the values once per mask tensor (cache miss
+# of reduce_mask, so once per forward of a model, not per layer).  CPU masks: checked in the call.
+# CUDA masks: the statistics are computed on the GPU and copied to pinned memory behind an event
+# (no host sync); the next reduce_mask call that finds the event done raises (the next layer of
+# the same forward, typically).  FUSED_ATTN_DEBUG=1 checks CUDA masks in the call (one host sync).
+FLOAT01_BIAS_ENV = "FUSED_ATTN_FLOAT01_BIAS"
+_PENDING: "collections.deque" = collections.deque()   # (stats in pinned memory, event, reduction, what, dtype, ok)
+_PENDING_LOCK = threading.Lock()
 
 
-def _check_float01(values: torch.Tensor) -> None:
-    st = _FLOAT01
-    if values.device.type == "cpu":
-        ones = values == 1
-        st["pending"].append((ones.any() & (ones | (values == 0)).all(), None))
-    elif (values.device.type == "cuda" and st["cuda_checks_left"] > 0
-          and not torch.cuda.is_current_stream_capturing()):
-        st["cuda_checks_left"] -= 1
-        ones = values == 1
-        host = torch.empty((), dtype=torch.bool, pin_memory=True)
-        host.copy_(ones.any() & (ones | (values == 0)).all(), non_blocking=True)
+def _float01_error(what: str, dtype) -> str:
+    return (f"attention_mask: {what} holds only 0s and 1s. Float masks are additive (added to the scores), "
+            f"so its 1.0 and 0.0 both mean 'attend' and nothing is hidden: the result would be wrong. A padding "
+            f"mask (1 = attend): pass mask.bool() (or the integer mask). An additive mask: (1 - mask) * "
+            f"torch.finfo({dtype}).min (0 = attend, finfo.min = hidden). A genuine +1 bias: "
+            f"fused_attn.reduce_mask(mask, B, H, Sq, Sk, float01_bias=True) as attention_mask, or "
+            f"{FLOAT01_BIAS_ENV}=1")
+
+
+def _nan_error(what: str) -> str:
+    return (f"attention_mask: {what} contains NaN. fused_attn refuses it rather than hide the entry or "
+            f"spread NaN over the row (SDPA returns NaN there); find where the NaN comes from, or replace it "
+            f"(torch.nan_to_num(mask, nan=0.0) attends, nan=float('-inf') hides)")
+
+
+def _stats(values: torch.Tensor) -> torch.Tensor:
+    """[min, max] of v * (v - 1) (both 0 iff every v is 0 or 1; NaN iff some v is NaN) and max(v),
+    as one fp32 tensor [3]: four small kernels, no host sync."""
+    t = values * (values - 1)
+    lo, hi = torch.aminmax(t)
+    return torch.stack([lo.float(), hi.float(), values.amax().float()])
+
+
+def _verdict(stats, what: str, dtype, float01_ok: bool) -> Optional[str]:
+    """The error message for these statistics, or None when the mask is fine."""
+    lo, hi, top = stats
+    if lo != lo or hi != hi or top != top:
+        return _nan_error(what)
+    if not float01_ok and lo == 0 and hi == 0 and top == 1:
+        return _float01_error(what, dtype)
+    return None
+
+
+def _check_additive(red: ReducedMask, mask: torch.Tensor, float01_bias: bool) -> None:
+    from .packing import debug_checks
+
+    values = red.values
+    ok = float01_bias or os.environ.get(FLOAT01_BIAS_ENV, "0") not in ("", "0")
+    what = f"a float mask ({mask.dtype}, shape {_shape(mask)})"
+    if values.device.type == "cpu" or (values.device.type == "cuda" and debug_checks()
+                                        and not torch.cuda.is_current_stream_capturing()):
+        error = _verdict(_stats(values).tolist(), what, mask.dtype, ok)
+        if error is not None:
+            raise ValueError(error)
+    elif values.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        host = torch.empty(3, dtype=torch.float32, pin_memory=True)
+        host.copy_(_stats(values), non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        st["pending"].append((host, ready))
+        _PENDING.append((host, ready, red, what, mask.dtype, ok))
 
 
-def _poll_float01() -> None:
-    pending = _FLOAT01["pending"]
-    while pending and (pending[0][1] is None or pending[0][1].query()):
-        flag = pending.pop(0)[0]
-        if not _FLOAT01["warned"] and bool(flag):
-            _FLOAT01["warned"] = True
-            pending.clear()
-            warnings.warn(FLOAT01_WARNING, UserWarning, stacklevel=4)
+def _poll_checks() -> None:
+    """Raise for the first finished CUDA check that found a float 0/1 or NaN mask (no waiting); the
+    mask's reduction keeps the error, so every later use of it raises too."""
+    if not _PENDING_LOCK.acquire(blocking=False):
+        return
+    try:
+        while _PENDING and _PENDING[0][1].query():
+            host, _, red, what, dtype, ok = _PENDING.popleft()
+            red.error = _verdict(host.tolist(), f"{what}, passed to an earlier call on the GPU (checked without "
+                                                f"a host sync, so that call's result is wrong; FUSED_ATTN_DEBUG=1 "
+                                                f"raises in the call itself),", dtype, ok)
+            if red.error is not None:
+                raise ValueError(red.error)
+    finally:
+        _PENDING_LOCK.release()
 
 
 def rebuild(kind, batch, heads, q_len, k_len, values, additive, key_start, key_end, key_needs_mask) -> ReducedMask:
@@ -351,6 +409,8 @@ def _reduce(mask: torch.Tensor, batch: int, heads: int, q_len: int, k_len: int) 
     else:
         raise TypeError(f"attention_mask: dtype {mask.dtype} is not accepted "
                         f"(bool, integer, or float16/bfloat16/float32/float64 additive)")
+    if batch == 0 or q_len == 0 or k_len == 0:      # nothing to compute (shape and dtype are checked)
+        return ReducedMask("none", batch, heads, q_len, k_len)
     values = _stride0(values)
     if values.shape[1] == 1 and values.shape[2] == 1:
         return _reduce_keys(values, additive, batch, heads, q_len, k_len)

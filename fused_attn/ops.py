@@ -138,3 +138,26 @@ def fused_attention(q, k, v, red: masks.ReducedMask, head_mask: Optional[Tensor]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _EagerAttention.apply(q, k, v, eng, red, kw)
     return eng.forward(q, k, v, red, **kw)[0]
+
+
+class _NothingToCompute(torch.autograd.Function):
+    """A call with nothing to compute (B, Sq or Sk = 0; an empty packed batch): every query row, if
+    any, sees no key, so the output is zeros of q's shape and every gradient is zero."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.specs = [(t.shape, t.dtype, t.device) for t in (q, k, v)]
+        return q.new_zeros(q.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return tuple(torch.zeros(shape, dtype=dtype, device=device) if need else None
+                     for (shape, dtype, device), need in zip(ctx.specs, ctx.needs_input_grad))
+
+
+def nothing_to_compute(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Zeros of q's shape, differentiable in q, k, v (zero gradients): the result of attention when
+    q or k has no rows (docs/design.md, "Masks": a query that sees no key outputs exactly 0)."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _NothingToCompute.apply(q, k, v)
+    return q.new_zeros(q.shape)

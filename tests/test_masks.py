@@ -202,8 +202,8 @@ def test_bad_arguments():
         fused_attn.attention(q, k, v, head_mask=torch.ones(2))
     with pytest.raises(ValueError, match="backend: 'tpu' is not one of"):
         fused_attn.attention(q, k, v, backend="tpu")
-    with pytest.raises(ValueError, match=r"every dim must be >= 1"):
-        fused_attn.attention(q[:, :, :0], k, v)
+    with pytest.raises(ValueError, match=r"heads and head dim must be >= 1"):
+        fused_attn.attention(q[:, :, :, :0], k[..., :0], v[..., :0])
     with pytest.raises(ValueError, match="this ReducedMask was built for"):
         fused_attn.attention(q, k, v, reduce_mask(torch.ones(2, 7, dtype=torch.bool), 2, 3, 6, 7))
 
@@ -253,43 +253,7 @@ def test_auto_fallback_warns_once_with_the_reason(monkeypatch):
         fused_attn.attention(q, k, v)          # once: the second call is silent
 
 
-# -- a float mask of 0s and 1s ----------------------------------------------------------------
-
-
-@pytest.fixture
-def fresh_float01_check(monkeypatch):
-    """The once-per-process warning state, reset (another test may have warned already)."""
-    monkeypatch.setattr(masks, "_FLOAT01", {"warned": False, "pending": [], "cuda_checks_left": 16})
-
-
-@pytest.mark.parametrize("shape", ["keys", "pair"])
-def test_float_zero_one_mask_warns_once_with_the_fix(fresh_float01_check, shape):
-    q, k, v = _qkv()
-    pad = padding_mask([7, 4], 7)
-    mask = pad.float() if shape == "keys" else (pad[:, None, :] & pad[:, :, None][:, :5]).float()
-    with pytest.warns(UserWarning, match=r"float tensor of 0s and 1s.*mask\.bool\(\).*-inf") as rec:
-        fused_attn.attention(q, k, v, mask)
-    assert len(rec) == 1 and rec[0].filename == __file__       # points at the caller's line
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        fused_attn.attention(q, k, v, pad.float() + 0)           # a new mask tensor: no second warning
-
-
-@pytest.mark.parametrize("values", [
-    [0.0, float("-inf")], [0.0, -10000.0], [0.0, torch.finfo(torch.float32).min], [0.0, 0.0], [0.0, -1.0],
-    [0.5, 1.0]], ids=["-inf", "-1e4", "finfo.min", "all-zero", "bias", "not-0/1"])
-def test_additive_masks_do_not_warn(fresh_float01_check, values):
-    q, k, v = _qkv()
-    pad = padding_mask([7, 4], 7)
-    mask = torch.where(pad, values[0], values[1])
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        fused_attn.attention(q, k, v, mask)
-        fused_attn.attention(q, k, v, pad)
-        fused_attn.attention(q, k, v, pad.long())
-    assert masks._FLOAT01["pending"] == [] and not masks._FLOAT01["warned"]
+# -- a float mask of 0s and 1s: refused every time (tests/test_edges.py) -------------------------
 
 
 # -- small usability checks ---------------------------------------------------------------------

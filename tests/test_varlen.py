@@ -216,7 +216,7 @@ def _args(T=10, H=2, D=16, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("change,error,match", [
-    (lambda a: a.__setitem__(3, a[3].long()), TypeError, "cu_seqlens_q: dtype torch.int64"),
+    (lambda a: a.__setitem__(3, a[3].float()), TypeError, "cu_seqlens_q: dtype torch.float32"),
     (lambda a: a.__setitem__(4, a[4][None]), ValueError, "cu_seqlens_k: expected shape"),
     (lambda a: a.__setitem__(3, torch.tensor([0, 7, 4], dtype=torch.int32)), ValueError, "non-decreasing"),
     (lambda a: a.__setitem__(3, torch.tensor([0, 4, 9], dtype=torch.int32)), ValueError, "last entry 9"),
