@@ -11,7 +11,8 @@ STAMP     = $(VENV)/.installed
 STAMP_HF4 = $(VENV_HF4)/.installed
 HF_TESTS  = tests/test_hf_models.py tests/test_hf_minilm.py tests/test_hf_register.py tests/test_hf_routes.py \
             tests/test_padding_free.py tests/test_padding_free_patch.py tests/test_padding_free_layers.py \
-            tests/test_hf_flattened.py tests/test_concurrency.py tests/test_hf_accelerate.py tests/test_distributed.py
+            tests/test_hf_flattened.py tests/test_concurrency.py tests/test_hf_accelerate.py tests/test_distributed.py \
+            tests/test_fuzz_hf.py
 JOBS     ?= 2
 
 .PHONY: demo test test-main test-hf4 test-asan test-gpu fuzz compile-sweep bench clean
@@ -58,13 +59,17 @@ test-asan: $(STAMP)
 # shared cores; triton-interp 29 min (5.7 cases/s with the cores busy; 1.4 before
 # tests/_triton_interp.speed_up and per-case tile sizes: 300 cases back to back, 208 s -> 61 s).
 # Interpreted / emulated engines run smaller shapes; each engine stops starting cases after
-# FUZZ_TIME seconds.
+# FUZZ_TIME seconds.  Then the integrations under load (tests/fuzz_hf.py; `make test` runs a slice:
+# tests/test_fuzz_hf.py): FUZZ_HF_N random HF batches / thread / patch-unpatch race cases against
+# eager, ~2.5 s a case, stopping after FUZZ_TIME seconds too.
 N         ?= 10000
 SEED      ?= 0
 FUZZ_ENGINES ?= cpu,cuda-emu,triton-interp
 FUZZ_TIME ?= 1800
+FUZZ_HF_N ?= 500
 fuzz: $(STAMP)
 	$(PY) tests/fuzz.py --engine $(FUZZ_ENGINES) --n $(N) --seed $(SEED) --jobs $(JOBS) --time-limit $(FUZZ_TIME)
+	$(PY) -W ignore::UserWarning tests/fuzz_hf.py --n $(FUZZ_HF_N) --seed $(SEED) --time-limit $(FUZZ_TIME)
 
 # The kernel variants the fuzzer's cases reach, compiled for sm_90 with the tiles an H100 gets, through the
 # public API and Triton's real launch path (a stand-in driver; nothing runs).  Opt-in: ~15 s a case.

@@ -19,8 +19,10 @@ command (printed with it).  tests/test_fuzz_hf.py runs a fixed slice of the same
 * "threads": one patched model, 4 threads calling it with 12 random batches in a shuffled order:
   every result bitwise equal to the serial one.
 * "race": one thread patches and unpatches the model (random route) in a loop while 3 threads call
-  it: no call raises, every result within the rule of the eager result (each layer is fused or
-  eager, both correct).
+  it.  Never a silent wrong answer: every result a call returns is within the rule (each layer ran
+  fused or eager, both correct).  A call in flight while the model is half swapped may raise
+  (docs/design.md, "Hugging Face integration": swap between calls); the count is reported.  After
+  the race the model is whole: unpatched it gives the eager result bitwise, patched the rule's.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 if __name__ == "__main__":
@@ -61,6 +64,8 @@ def draw(seed: int) -> dict:
                 heads=heads, hidden=heads * rng.choice([16, 32]), B=rng.randint(1, 4), S=rng.randint(1, 16),
                 dtype=rng.choice(["float32", "float32", "bfloat16"]), side=rng.choice(["right", "left", "holes"]))
     case["lengths"] = [rng.randint(0, case["S"]) for _ in range(case["B"])]
+    if case["family"] == "distilbert" and case["route"] == "patch":
+        case["route"] = "padding_free"            # patch alone finds no BertSelfAttention in DistilBERT
     if case["kind"] != "batch":
         case.update(family="bert", dtype="float32")
     return case
@@ -188,14 +193,16 @@ def check_race(case: dict, seed: int, callers: int = 3, calls: int = 8) -> None:
         except Exception:  # noqa: BLE001 - reported by the caller
             errors.append("patch/unpatch: " + traceback.format_exc(limit=4))
 
+    raised = []
+
     def call(j):
         out = []
         for i in range(calls):
             k = (i + j) % calls
             try:
                 got = hidden_of(model, batches[k])
-            except Exception:  # noqa: BLE001 - any error during the race is a failure
-                errors.append(f"call {k}: " + traceback.format_exc(limit=6))
+            except Exception as e:  # noqa: BLE001 - a loud failure of a half-swapped model (documented)
+                raised.append(f"{type(e).__name__}: {e}")
                 continue
             out.append((k, got))
         return out
@@ -205,14 +212,20 @@ def check_race(case: dict, seed: int, callers: int = 3, calls: int = 8) -> None:
     toggler = threading.Thread(target=toggle)
     toggler.start()
     try:
-        with ThreadPoolExecutor(callers) as pool:
-            results = [r for rs in pool.map(call, range(callers)) for r in rs]
+        with warnings.catch_warnings():    # padding_free's fallback notes about half-swapped calls
+            warnings.simplefilter("ignore")
+            with ThreadPoolExecutor(callers) as pool:
+                results = [r for rs in pool.map(call, range(callers)) for r in rs]
     finally:
         stop.set()
         toggler.join()
         sys.setswitchinterval(old)
         fused_attn.unpatch(model)
+        if TRANSFORMERS_5:
+            model.set_attn_implementation("eager")
     assert not errors, "\n".join(errors[:3])
+    RACE_STATS["calls"] += len(results) + len(raised)
+    RACE_STATS["raised"] += len(raised)
     for k, got in results:
         mask = batches[k]["attention_mask"]
         seen = mask.bool().any(1)[:, None].expand_as(mask)
@@ -220,6 +233,21 @@ def check_race(case: dict, seed: int, callers: int = 3, calls: int = 8) -> None:
         # a call that ran padding-free has zeros at padding; any other is eager-equal everywhere
         sel = real if torch.equal(got[~real], torch.zeros_like(got[~real])) else seen
         assert_close_to_oracle(f"race call {k}", got[sel], oracle[k][sel], eager[k][sel])
+    for k in range(calls):                                       # the model is whole again
+        assert torch.equal(hidden_of(model, batches[k]), eager[k]), f"unpatched after the race: batch {k}"
+    route = rng.choice(ROUTES)
+    fuse(model, route)
+    for k in range(calls):
+        mask = batches[k]["attention_mask"]
+        sel = mask.bool() if route == "padding_free" else mask.bool().any(1)[:, None].expand_as(mask)
+        assert_close_to_oracle(f"{route} after the race: batch {k}", hidden_of(model, batches[k])[sel],
+                               oracle[k][sel], eager[k][sel])
+    fused_attn.unpatch(model)
+    if TRANSFORMERS_5:
+        model.set_attn_implementation("eager")
+
+
+RACE_STATS = {"calls": 0, "raised": 0}
 
 
 CHECKS = {"batch": check_batch, "threads": check_threads, "race": check_race}
@@ -269,7 +297,8 @@ def main(argv=None) -> int:
     print(f"fuzz_hf: seed {a.seed}, up to {a.n} cases, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, routes {', '.join(ROUTES)}")
     s = fuzz(a.n, a.seed, a.first, a.time_limit)
-    print(f"fuzz_hf: {s['cases']} cases, {len(s['failures'])} failures, {s['seconds']:.0f} s")
+    print(f"fuzz_hf: {s['cases']} cases, {len(s['failures'])} failures, {s['seconds']:.0f} s; race cases: "
+          f"{RACE_STATS['raised']} of {RACE_STATS['calls']} calls raised while the model was half swapped")
     return 1 if s["failures"] else 0
 
 

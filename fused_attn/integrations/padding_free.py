@@ -228,8 +228,13 @@ class _Call:
     output_attentions: Any
     encoder_hidden_states: Any
     past_key_values: Any
+    # which enable() of the owner pushed it: an entry whose forward hook was removed by unpatch while
+    # the call ran is never popped; after a new patch, a later call entered before the hooks were back
+    # must not take it for its own (issue 23: patch / unpatch racing with calls)
+    generation: Any = None
 
 
+_GENERATION = "_fused_pf_generation"
 _SIGNATURES: Dict[Any, inspect.Signature] = {}
 
 
@@ -261,8 +266,9 @@ class _EnterCall:
     def __call__(self, module, args, kwargs):
         a = _bind(module, args, kwargs)
         call = _Call(module, module._modules.get(self.encoder_attr), a.get("attention_mask"), a.get("head_mask"),
-                     a.get("output_attentions"), a.get("encoder_hidden_states"), a.get("past_key_values"))
-        _CALLS.set(_CALLS.get() + (call,))
+                     a.get("output_attentions"), a.get("encoder_hidden_states"), a.get("past_key_values"),
+                     module.__dict__.get(_GENERATION))
+        _CALLS.set(tuple(c for c in _CALLS.get() if _live(c)) + (call,))
         return None
 
 
@@ -278,9 +284,13 @@ class _ExitCall:
         return None
 
 
+def _live(call: _Call) -> bool:
+    return call.generation is not None and call.owner.__dict__.get(_GENERATION) is call.generation
+
+
 def _current_call(encoder: nn.Module) -> Optional[_Call]:
     for call in reversed(_CALLS.get()):
-        if call.encoder is encoder:
+        if call.encoder is encoder and _live(call):
             return call
     return None
 
@@ -502,6 +512,7 @@ def enable(model: nn.Module, backend: str = "auto") -> int:
         enc.__dict__["_fused_pf_backend"] = backend
         for layer in enc.layer:
             packed_layers.install(layer)
+        base.__dict__[_GENERATION] = object()
         base.register_forward_pre_hook(_EnterCall(layout.encoder_attr), with_kwargs=True)
         base.register_forward_hook(_ExitCall(), always_call=True)
         n += 1
@@ -514,6 +525,7 @@ def enable(model: nn.Module, backend: str = "auto") -> int:
 def disable(model: nn.Module) -> None:
     """Undo :func:`enable`: original encoder classes and layer forwards, hooks removed."""
     for m in model.modules():
+        m.__dict__.pop(_GENERATION, None)
         packed_layers.remove(m)
         if isinstance(m, _PaddingFreeEncoder):
             cls = type(m)
