@@ -25,8 +25,8 @@ import time
 
 import torch
 
-CASES = ("fwd", "fwd_mask", "fwd_grad", "fwd_grad_dropout", "bwd_engine", "bwd", "bwd_dropout", "autograd_floor",
-         "varlen_fwd")
+CASES = ("fwd", "fwd_mask", "fwd_float_mask", "fwd_new_float_mask", "fwd_grad", "fwd_grad_dropout", "bwd_engine",
+         "bwd", "bwd_dropout", "autograd_floor", "varlen_fwd", "varlen_fwd_int64")
 
 
 class _Identity(torch.autograd.Function):
@@ -96,6 +96,11 @@ def measure(device: torch.device, n: int = 200, rounds: int = 7, B: int = 2, H: 
     pad[0, S // 2:] = 0
     lens = torch.tensor([S // 2, S], dtype=torch.int32, device=device)
     cu = torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
+    cu64 = cu.long()
+    # an additive mask (HF 4.x's extended form): reused (a model's layers), or a new tensor every call
+    # (a new forward: the reduction and the float 0/1 / NaN check of its values run; the clone is in it)
+    fmask = torch.zeros(B, 1, 1, S, device=device, dtype=dtype)
+    fmask[0, ..., S // 2:] = torch.finfo(dtype).min
     T = int(lens.sum())
     qp, kp, vp = (torch.randn(T, H, D, device=device, dtype=dtype) for _ in range(3))
     grad = torch.randn_like(q)
@@ -120,6 +125,8 @@ def measure(device: torch.device, n: int = 200, rounds: int = 7, B: int = 2, H: 
     fns = {
         "fwd": lambda: fused_attn.attention(q, k, v, backend=backend),
         "fwd_mask": lambda: fused_attn.attention(q, k, v, pad, backend=backend),
+        "fwd_float_mask": lambda: fused_attn.attention(q, k, v, fmask, backend=backend),
+        "fwd_new_float_mask": lambda: fused_attn.attention(q, k, v, fmask.clone(), backend=backend),
         "fwd_grad": fwd_grad(0.0),
         "fwd_grad_dropout": fwd_grad(0.1),
         "bwd_engine": lambda: engine.backward(grad, q, k, v, o, lse, red, causal=False, dropout_p=0.0,
@@ -128,8 +135,16 @@ def measure(device: torch.device, n: int = 200, rounds: int = 7, B: int = 2, H: 
         "bwd_dropout": bwd(out_d),
         "autograd_floor": bwd(floor, (qg,)),
         "varlen_fwd": lambda: fused_attn.varlen_attention(qp, kp, vp, cu, cu, S, S, backend=backend),
+        "varlen_fwd_int64": lambda: fused_attn.varlen_attention(qp, kp, vp, cu64, cu64, S, S, backend=backend),
     }
-    return {name: _per_call_us(fns[name], device, n, rounds) for name in CASES}
+    out = {}
+    for name in CASES:
+        try:
+            out[name] = _per_call_us(fns[name], device, n, rounds)
+        except (TypeError, ValueError) as e:     # a case an older fused_attn refuses (e.g. int64 cu_seqlens)
+            print(f"{name}: {type(e).__name__}: {str(e)[:100]}")
+            out[name] = float("nan")
+    return out
 
 
 def main(argv=None):

@@ -363,7 +363,12 @@ def _check_additive(red: ReducedMask, mask: torch.Tensor, float01_bias: bool) ->
         host.copy_(_stats(values), non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        _PENDING.append((host, ready, red, what, mask.dtype, ok))
+        _defer(host, ready, red, what, mask.dtype, ok)
+
+
+def _defer(host: torch.Tensor, ready, red: ReducedMask, what: str, dtype, ok: bool) -> None:
+    """Queue a check whose statistics land in `host` once `ready` (anything with .query()) is done."""
+    _PENDING.append((host, ready, red, what, dtype, ok))
 
 
 def _poll_checks() -> None:

@@ -198,3 +198,48 @@ def test_int64_cu_seqlens_are_accepted_and_converted_once(engine):
     assert converted.dtype == torch.int32 and _checks._as_int32(cu64) is converted    # once per tensor
     cu64[1] = 4                                                          # written in place: converted again
     assert _checks._as_int32(cu64)[1].item() == 4
+
+
+class _Event:
+    """Stands in for a torch.cuda.Event: done when the test says so."""
+
+    def __init__(self):
+        self.done = False
+
+    def query(self):
+        return self.done
+
+
+def test_deferred_checks_raise_at_the_next_call_once_ready(monkeypatch):
+    """The CUDA path's bookkeeping, on CPU tensors: a verdict that is not ready holds nothing up; once
+    ready, the next reduce_mask raises, and every later use of the bad mask raises too."""
+    monkeypatch.setattr(masks, "_PENDING", type(masks._PENDING)())
+    q, k, v = _qkv()
+    bad = _float01("2D", torch.float32)
+    red = masks._reduce(bad, 2, 2, 5, 7)                         # reduced, not yet checked (as on CUDA)
+    event = _Event()
+    masks._defer(masks._stats(red.values), event, red, "a float mask (test)", bad.dtype, False)
+    good = torch.zeros(2, 7)
+    fused_attn.attention(q, k, v, good, backend="cpu")         # not ready: no wait, no error
+    assert len(masks._PENDING) == 1
+    event.done = True
+    with pytest.raises(ValueError, match=r"earlier call on the GPU.*" + FIX):
+        fused_attn.attention(q, k, v, good, backend="cpu")
+    assert not masks._PENDING
+    for _ in range(2):
+        with pytest.raises(ValueError, match=FIX):
+            fused_attn.attention(q, k, v, red, backend="cpu")
+    fused_attn.attention(q, k, v, good, backend="cpu")         # other masks are not affected
+    nan = torch.zeros(2, 7)
+    nan[1, 3] = float("nan")
+    red_nan, ok = masks._reduce(nan, 2, 2, 5, 7), _Event()
+    masks._defer(masks._stats(red_nan.values), ok, red_nan, "a float mask (test)", nan.dtype, True)
+    ok.done = True
+    with pytest.raises(ValueError, match="contains NaN"):
+        fused_attn.attention(q, k, v, good, backend="cpu")
+    fine = masks._reduce(torch.zeros(2, 7), 2, 2, 5, 7)
+    ready = _Event()
+    ready.done = True
+    masks._defer(masks._stats(fine.values), ready, fine, "a float mask (test)", torch.float32, False)
+    fused_attn.attention(q, k, v, fine, backend="cpu")
+    assert fine.error is None and not masks._PENDING
