@@ -113,6 +113,15 @@ def _varlen(B: int, dtype: str) -> List[Case]:
 VARLEN_METHODS = ("fused", "varlen", "sdpa_mask", "sdpa_loop", "flex", "flex_doc")
 
 
+def _gpu_check() -> List[Case]:
+    """The one-device-call kernel step (benchmarks/gpu_check.py): the issue's headline shape, by value."""
+    b = Case("fill=uniform", "S", 32, 12, 512, 64)
+    return [b, replace(b, mode="fwd+bwd"), replace(b, panel="fill=uniform p=0.1", dropout=0.1, mode="fwd+bwd")]
+
+
+GPU_CHECK_METHODS = ("fused_triton", "varlen_triton", "sdpa_mask", "sdpa_nomask", "flex", "flex_doc")
+
+
 def _tiny() -> List[Case]:
     return _modes([Case("fill=uniform", "S", 2, 2, S, 16, dtype="fp32") for S in (16, 40)], ("fwd", "fwd+bwd"))
 
@@ -124,6 +133,10 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
     Preset("train-target", "headline training comparison: fwd+bwd of the fwd-target shapes with and "
            "without dropout 0.1, plus S=2048 (B=32) and S=4096 (B=8) at D=128", "cuda",
            tuple(_train_target()), methods=("fused", "eager", "sdpa_mask", "sdpa_nomask", "flex")),
+    Preset("gpu-check", "the kernel step of one device call (benchmarks/gpu_check.py): B=32 H=12 S=512 D=64 fp16, "
+           "lengths U[1,S]; fwd, fwd+bwd, fwd+bwd with dropout 0.1; Triton padded and varlen vs SDPA (mask / "
+           "no mask) and FlexAttention (padding / document mask)", "cuda", tuple(_gpu_check()),
+           methods=GPU_CHECK_METHODS),
     Preset("bert-base", "BERT-base attention (B=32 H=12 D=64 fp16), S 128/512, fills U[1,S] / "
            "0.5 / full, fwd and fwd+bwd", "cuda", tuple(_bert(12, 64))),
     Preset("bert-large", "BERT-large attention (B=32 H=16 D=64 fp16), S 128/512, fills U[1,S] / "
