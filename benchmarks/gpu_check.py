@@ -63,26 +63,26 @@ def step(name, box, cmd, what, needs=("cuda",), default=True) -> Step:
 
 PYTEST = "{py} -m pytest -q -p no:cacheprovider -o console_output_style=classic {xdist}"
 STEPS: List[Step] = [
-    step("env", 60, "{py} -m benchmarks.gpu_env --out {out}/env.json",
+    step("env", 40, "{py} -m benchmarks.gpu_env --out {out}/env.json",
          "device, driver, date, versions; Triton cache-key components vs the prebuilt cache", needs=()),
-    step("kernels", 150, "{py} -m benchmarks --preset gpu-check --out {out}/kernels --no-plot --quiet "
+    step("kernels", 120, "{py} -m benchmarks --preset gpu-check --out {out}/kernels --no-plot --quiet "
          "--methods fused_triton,varlen_triton,sdpa_mask,sdpa_nomask",
          "B=32 H=12 S=512 D=64 fp16 U[1,S]: fwd, fwd+bwd, fwd+bwd p=0.1; padded and varlen vs SDPA"),
     # merger: local attention / DeBERTa kernel timings (benchmarks/feature_bench.py) once the API exists
-    step("local", 60, "{py} -m benchmarks.feature_bench window --out {out}/local.csv",
+    step("local", 50, "{py} -m benchmarks.feature_bench window --out {out}/local.csv",
          "window_size=(128,128) vs SDPA band mask, fwd and fwd+bwd", needs=("cuda", "api:attention:window_size")),
-    step("deberta", 60, "{py} -m benchmarks.feature_bench rel_bias --out {out}/deberta.csv",
+    step("deberta", 50, "{py} -m benchmarks.feature_bench rel_bias --out {out}/deberta.csv",
          "rel_bias (c2p + p2c) vs SDPA with the materialised bias", needs=("cuda", "api:attention:rel_bias")),
-    step("hf", 150, "{py} benchmarks/bench_hf.py --out {out}/bench_hf.csv --seqlens 512 --iters 20 "
+    step("hf", 120, "{py} benchmarks/bench_hf.py --out {out}/bench_hf.csv --seqlens 512 --iters 20 "
          "--modes sdpa,fused_attn,padding_free",
          "BERT-base B=32 S=512 fp16 autocast: train step and inference, sdpa vs patched vs padding-free"),
-    step("host", 45, "{py} -m benchmarks.host_cost --device cuda --rounds 5", "host time per call (µs)"),
-    step("flex", 120, "{py} -m benchmarks --preset gpu-check --out {out}/flex --no-plot --quiet "
+    step("host", 30, "{py} -m benchmarks.host_cost --device cuda --rounds 5", "host time per call (µs)"),
+    step("flex", 90, "{py} -m benchmarks --preset gpu-check --out {out}/flex --no-plot --quiet "
          "--methods fused_triton,varlen_triton,flex,flex_doc",
          "the kernel cases against FlexAttention (padding mask; document mask on packed tokens)"),
-    step("smoke", 180, PYTEST + " -m gpu_smoke --durations=15 --junitxml={out}/smoke.xml tests",
+    step("smoke", 150, PYTEST + " -m gpu_smoke --durations=15 --junitxml={out}/smoke.xml tests",
          "the curated GPU smoke set (tests/conftest.py GPU_SMOKE)", needs=("cuda", "module:pytest")),
-    step("sanitizer", 75, "PYTORCH_NO_CUDA_MEMORY_CACHING=1 {sanitizer} --tool memcheck --error-exitcode 9 "
+    step("sanitizer", 60, "PYTORCH_NO_CUDA_MEMORY_CACHING=1 {sanitizer} --tool memcheck --error-exitcode 9 "
          "--print-limit 20 {py} benchmarks/sanitize_case.py",
          "compute-sanitizer memcheck on small padded/varlen/dropout cases", needs=("cuda", "exe:compute-sanitizer")),
     step("rest", None, PYTEST + " -m 'cuda and not gpu_smoke' -k 'not cuda-ext' --junitxml={out}/rest.xml tests",
@@ -251,7 +251,7 @@ def prepare_cache(prebuilt: Optional[str], out: str, env: Dict[str, str], cache_
         from benchmarks import triton_cache
         try:
             manifest = triton_cache.install(prebuilt, cache_dir)
-            info["prebuilt"] = os.path.relpath(prebuilt, ROOT)
+            info["prebuilt"] = prebuilt
             info["manifest"] = manifest
             env["FUSED_ATTN_TRITON_PREBUILT_MANIFEST"] = os.path.join(out, "triton_prebuilt.json")
             import json
@@ -282,9 +282,10 @@ def dry_run(steps: List[Step], budget: float, out: str) -> int:
         why = [w for w in map(guard, s.needs) if w]
         total += s.box or 0
         box = "rest" if s.box is None else f"{s.box:>4.0f} s"
-        print(f"  {s.name:<10} {box:>6}  {'would skip: ' + why[0] if why else 'runs'}\n"
+        print(f"  {s.name:<10} {box:>6}  {'would skip: ' + '; '.join(why) if why else 'runs'}\n"
               f"             {s.what}\n             $ {s.cmd.format(**subs)}")
-    print(f"boxes before 'rest': {total:.0f} s of {budget:.0f} s")
+    print(f"boxes before 'rest' add up to {total:.0f} s for a {budget:.0f} s budget: boxes are caps, and a late "
+          f"step gets what is left (at least {MIN_BOX} s, else it is skipped)")
     return 0
 
 

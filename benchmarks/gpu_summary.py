@@ -166,8 +166,8 @@ def render(out: str, results: List[Dict], meta: Dict) -> str:
                                            "DIFFER from the prebuilt manifest: " + "; ".join(f"{k}: {v}" for k, v in mm.items())))
     keys = env.get("triton_keys", {})
     if keys:
-        parts.append("this machine: " + ", ".join(f"{k} {str(keys.get(k))[:16]}" for k in
-                                                 ("triton", "libtriton_sha256", "triton_key_sha256", "backend_hash",
+        parts.append("this machine: " + ", ".join(f"{k} {str(keys.get(k))[:16] if 'sha' in k or 'hash' in k else keys.get(k)}" for k in
+                                                 ("triton", "python", "libtriton_sha256", "triton_key_sha256", "ptxas",
                                                   "options_hash") if k in keys))
     if cache.get("log"):
         parts.append(cache["log"])
