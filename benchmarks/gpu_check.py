@@ -61,13 +61,27 @@ def step(name, box, cmd, what, needs=("cuda",), default=True) -> Step:
     return Step(name, box, cmd, what, tuple(needs), default)
 
 
+# the train-target preset's BERT-base S=512 cases in fwd and fwd+bwd, dropout 0 and 0.1 (-> train-target.csv)
+KERNEL_SELECT = "S=512,D=64,fill=uniform"
+KERNEL_CASES = f"--preset train-target --modes fwd,fwd+bwd --cases {KERNEL_SELECT}"
+
+
+def kernel_cases():
+    """The kernels step's cases (what benchmarks/triton_cache.py compiles ahead)."""
+    from dataclasses import replace
+
+    from benchmarks.presets import PRESETS, select
+    base = list(dict.fromkeys(replace(c, mode="fwd") for c in PRESETS["train-target"].cases))
+    return select([replace(c, mode=m) for m in ("fwd", "fwd+bwd") for c in base], KERNEL_SELECT)
+
+
 PYTEST = "{py} -m pytest -q -p no:cacheprovider -o console_output_style=classic {xdist}"
 STEPS: List[Step] = [
     step("env", 40, "{py} -m benchmarks.gpu_env --out {out}/env.json",
          "device, driver, date, versions; Triton cache-key components vs the prebuilt cache", needs=()),
-    step("kernels", 120, "{py} -m benchmarks --preset gpu-check --out {out}/kernels --no-plot --quiet "
+    step("kernels", 120, "{py} -m benchmarks " + KERNEL_CASES + " --out {out}/kernels --no-plot --quiet "
          "--methods fused_triton,varlen_triton,sdpa_mask,sdpa_nomask",
-         "B=32 H=12 S=512 D=64 fp16 U[1,S]: fwd, fwd+bwd, fwd+bwd p=0.1; padded and varlen vs SDPA"),
+         "B=32 H=12 S=512 D=64 fp16 U[1,S]: fwd and fwd+bwd, dropout 0 and 0.1; padded and varlen vs SDPA"),
     # merger: local attention / DeBERTa kernel timings (benchmarks/feature_bench.py) once the API exists
     step("local", 50, "{py} -m benchmarks.feature_bench window --out {out}/local.csv",
          "window_size=(128,128) vs SDPA band mask, fwd and fwd+bwd", needs=("cuda", "api:attention:window_size")),
@@ -77,14 +91,14 @@ STEPS: List[Step] = [
          "--modes sdpa,fused_attn,padding_free",
          "BERT-base B=32 S=512 fp16 autocast: train step and inference, sdpa vs patched vs padding-free"),
     step("host", 30, "{py} -m benchmarks.host_cost --device cuda --rounds 5", "host time per call (µs)"),
-    step("flex", 90, "{py} -m benchmarks --preset gpu-check --out {out}/flex --no-plot --quiet "
+    step("flex", 90, "{py} -m benchmarks " + KERNEL_CASES + " --out {out}/flex --no-plot --quiet "
          "--methods fused_triton,varlen_triton,flex,flex_doc",
          "the kernel cases against FlexAttention (padding mask; document mask on packed tokens)"),
     step("smoke", 150, PYTEST + " -m gpu_smoke --durations=15 --junitxml={out}/smoke.xml tests",
          "the curated GPU smoke set (tests/conftest.py GPU_SMOKE)", needs=("cuda", "module:pytest")),
-    step("sanitizer", 60, "PYTORCH_NO_CUDA_MEMORY_CACHING=1 {sanitizer} --tool memcheck --error-exitcode 9 "
+    step("sanitizer", 60, "{py} benchmarks/sanitize_case.py && PYTORCH_NO_CUDA_MEMORY_CACHING=1 {sanitizer} --tool memcheck --error-exitcode 9 "
          "--print-limit 20 {py} benchmarks/sanitize_case.py",
-         "compute-sanitizer memcheck on small padded/varlen/dropout cases", needs=("cuda", "exe:compute-sanitizer")),
+         "small padded/varlen/dropout cases checked, then again under compute-sanitizer memcheck", needs=("cuda", "exe:compute-sanitizer")),
     step("rest", None, PYTEST + " -m 'cuda and not gpu_smoke' -k 'not cuda-ext' --junitxml={out}/rest.xml tests",
          "the other CUDA tests (not the C++/CUDA extension's), in what time is left", needs=("cuda", "module:pytest")),
     # not in the default plan (--steps NAME): each needs most of a call of its own

@@ -57,9 +57,9 @@ def _hf(out: str) -> Dict:
 
 def targets(out: str, results: List[Dict]) -> List[List[str]]:
     """[what, measured, goal, verdict] for each target of the issue (ratios in one run)."""
-    k = _rows(os.path.join(out, "kernels", "gpu-check.csv"))
-    fx = _rows(os.path.join(out, "flex", "gpu-check.csv"))
-    cu = _rows(os.path.join(out, "cuda", "gpu-check.csv"))
+    k = _rows(os.path.join(out, "kernels", "train-target.csv"))
+    fx = _rows(os.path.join(out, "flex", "train-target.csv"))
+    cu = _rows(os.path.join(out, "cuda", "train-target.csv"))
     hf = _hf(out)
     rows = []
 
@@ -154,7 +154,7 @@ def render(out: str, results: List[Dict], meta: Dict) -> str:
         tests = _pytest(out, r["step"]) if r["step"] in ("smoke", "rest") else None
         steps.append([r["step"], r["status"], f"{r['seconds']:.0f} / {r['box']}", "; ".join(x for x in (tests, note) if x)])
     parts = head + ["## Steps", "", _table(["step", "status", "s / box", "result; Triton cache"], steps), "",
-                    "## Targets (issue 25; H100 fp16 B=32 H=12 S=512 D=64, lengths U[1,S]; ratios in this run)", "",
+                    "## Targets (H100, fp16, B=32 H=12 S=512 D=64, lengths U[1,S]; ratios measured in this run)", "",
                     _table(["what", "measured", "goal", ""], targets(out, results)), ""]
     cache = meta.get("cache", {})
     parts += ["## Triton cache", "", f"dir {cache.get('cache_dir', '-')}; prebuilt: {cache.get('prebuilt') or 'none'}"

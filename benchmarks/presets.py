@@ -113,13 +113,30 @@ def _varlen(B: int, dtype: str) -> List[Case]:
 VARLEN_METHODS = ("fused", "varlen", "sdpa_mask", "sdpa_loop", "flex", "flex_doc")
 
 
-def _gpu_check() -> List[Case]:
-    """The one-device-call kernel step (benchmarks/gpu_check.py): the issue's headline shape, by value."""
-    b = Case("fill=uniform", "S", 32, 12, 512, 64)
-    return [b, replace(b, mode="fwd+bwd"), replace(b, panel="fill=uniform p=0.1", dropout=0.1, mode="fwd+bwd")]
+def select(cases: Iterable[Case], spec: str) -> List[Case]:
+    """The cases whose fields match every KEY=VALUE of a comma list ("S=512,fill=uniform,D=64";
+    values compared as the field's type reads them)."""
+    want = []
+    for item in filter(None, spec.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in Case.__dataclass_fields__:
+            raise ValueError(f"--cases: expected KEY=VALUE with KEY one of {', '.join(Case.__dataclass_fields__)}, "
+                             f"got {item!r}")
+        want.append((key, value))
 
-
-GPU_CHECK_METHODS = ("fused_triton", "varlen_triton", "sdpa_mask", "sdpa_nomask", "flex", "flex_doc")
+    def matches(c: Case) -> bool:
+        for key, value in want:
+            have = getattr(c, key)
+            if isinstance(have, bool):
+                ok = value.lower() in (("1", "true") if have else ("0", "false"))
+            elif isinstance(have, (int, float)):
+                ok = float(value) == have
+            else:
+                ok = value == have
+            if not ok:
+                return False
+        return True
+    return [c for c in cases if matches(c)]
 
 
 def _tiny() -> List[Case]:
@@ -133,10 +150,6 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
     Preset("train-target", "headline training comparison: fwd+bwd of the fwd-target shapes with and "
            "without dropout 0.1, plus S=2048 (B=32) and S=4096 (B=8) at D=128", "cuda",
            tuple(_train_target()), methods=("fused", "eager", "sdpa_mask", "sdpa_nomask", "flex")),
-    Preset("gpu-check", "the kernel step of one device call (benchmarks/gpu_check.py): B=32 H=12 S=512 D=64 fp16, "
-           "lengths U[1,S]; fwd, fwd+bwd, fwd+bwd with dropout 0.1; Triton padded and varlen vs SDPA (mask / "
-           "no mask) and FlexAttention (padding / document mask)", "cuda", tuple(_gpu_check()),
-           methods=GPU_CHECK_METHODS),
     Preset("bert-base", "BERT-base attention (B=32 H=12 D=64 fp16), S 128/512, fills U[1,S] / "
            "0.5 / full, fwd and fwd+bwd", "cuda", tuple(_bert(12, 64))),
     Preset("bert-large", "BERT-large attention (B=32 H=16 D=64 fp16), S 128/512, fills U[1,S] / "

@@ -6,7 +6,7 @@
     python -m benchmarks.triton_cache replay                   # the build's calls again (hit test)
 
 ``build`` (TRITON_INTERPRET unset; Triton of the GPU machine's version, 3.6.0 today) runs the
-calls of the GPU steps (benchmarks/gpu_check.py: the gpu-check preset's fused_triton and
+calls of the GPU steps (benchmarks/gpu_check.py: the kernels step's fused_triton and
 varlen_triton methods, the host-cost calls) on Triton's real launch path with the stand-in sm_90
 driver of benchmarks/triton_offline.py and the tiles an H100 gets, so that every kernel variant
 they reach is compiled for sm_90 by Triton's own compiler and ptxas.  The cache is pruned to what
@@ -36,6 +36,7 @@ for the cache directory they land in.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import io
@@ -204,15 +205,16 @@ def _tiny_calls(seconds: float) -> int:
 
 
 def _gpu_check_calls(seconds: float) -> int:
-    """Each gpu-check preset case once with the fused_triton / varlen_triton methods (their
-    inputs as on the GPU: same shapes, layouts and lengths), then the host-cost calls."""
+    """Each case of gpu_check's kernels step once with the fused_triton / varlen_triton methods (their
+    inputs as on the GPU: same shapes, layouts and lengths), the host-cost calls, the sanitizer
+    step's cases."""
     import torch
 
     from benchmarks import host_cost
-    from benchmarks.presets import PRESETS
+    from benchmarks.gpu_check import kernel_cases
     from benchmarks.workloads import build_method, make_inputs, runners
     cpu, t0, n = torch.device("cpu"), time.time(), 0
-    for case in PRESETS["gpu-check"].cases:
+    for case in kernel_cases():
         inp = make_inputs(case, cpu, "bshd", 0)
         for name in ("fused_triton", "varlen_triton"):
             if time.time() - t0 > seconds:
@@ -223,6 +225,10 @@ def _gpu_check_calls(seconds: float) -> int:
             print(f"  {case.mode} p={case.dropout} {name}: {time.time() - t0:.0f} s", flush=True)
     host_cost.measure(cpu, n=1, rounds=1, dtype=torch.float16)
     print(f"  host-cost calls: {time.time() - t0:.0f} s", flush=True)
+    from benchmarks import sanitize_case
+    with contextlib.redirect_stdout(io.StringIO()):     # nothing runs: its checks see garbage, ignore them
+        sanitize_case.main(["--device", "cpu"])
+    print(f"  sanitizer cases: {time.time() - t0:.0f} s", flush=True)
     return n
 
 

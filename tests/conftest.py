@@ -63,6 +63,7 @@ def gpu_smoke_patterns_matched(nodeids):
     return {p: sum(1 for n in nodeids if r.match(n.split("/")[-1])) for p, r in zip(GPU_SMOKE, _SMOKE_RE)}
 
 
+@pytest.hookimpl(tryfirst=True)        # before -m deselects by marker
 def pytest_collection_modifyitems(config, items):
     for item in items:
         name = item.nodeid.split("/")[-1]

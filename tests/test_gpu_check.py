@@ -95,7 +95,7 @@ def _write_csv(path, rows):
 def test_summary_targets_from_partial_results(tmp_path):
     def row(method, mode, p, ms):
         return dict(method=method, mode=mode, dropout=p, ms=ms, status="ok")
-    _write_csv(str(tmp_path / "kernels" / "gpu-check.csv"),
+    _write_csv(str(tmp_path / "kernels" / "train-target.csv"),
                [row("fused_triton", "fwd", 0.0, 1.0), row("sdpa_mask", "fwd", 0.0, 2.0),
                 row("fused_triton", "fwd+bwd", 0.0, 3.0), row("sdpa_mask", "fwd+bwd", 0.0, 3.0),
                 row("varlen_triton", "fwd", 0.0, 0.5)])
@@ -158,3 +158,17 @@ def test_gpu_smoke_patterns_each_select_a_test():
     matched = conftest.gpu_smoke_patterns_matched(ids)
     assert all(matched.values()), {p: n for p, n in matched.items() if not n}
     assert 20 <= len(ids) <= 60
+
+
+def test_case_selection_of_the_kernels_step(capsys):
+    from benchmarks.cli import main
+    from benchmarks.presets import PRESETS, select
+    cases = gpu_check.kernel_cases()
+    assert [(c.mode, c.dropout) for c in cases] == [("fwd", 0.0), ("fwd", 0.1), ("fwd+bwd", 0.0), ("fwd+bwd", 0.1)]
+    assert all((c.B, c.H, c.S, c.D, c.dtype, c.fill) == (32, 12, 512, 64, "fp16", "uniform") for c in cases)
+    tiny = PRESETS["tiny"].cases
+    assert [c.S for c in select(tiny, "S=16,causal=false")] == [16, 16]
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        select(tiny, "bogus=1")
+    with pytest.raises(SystemExit, match="no case"):
+        main(["--preset", "tiny", "--cases", "S=999", "--out", "/tmp/unused-bench-out", "--no-plot", "--quiet"])
