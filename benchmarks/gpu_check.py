@@ -91,9 +91,9 @@ STEPS: List[Step] = [
          "--modes sdpa,fused_attn,padding_free",
          "BERT-base B=32 S=512 fp16 autocast: train step and inference, sdpa vs patched vs padding-free"),
     step("host", 30, "{py} -m benchmarks.host_cost --device cuda --rounds 5", "host time per call (µs)"),
-    step("flex", 90, "{py} -m benchmarks " + KERNEL_CASES + " --out {out}/flex --no-plot --quiet "
+    step("flex", 90, "{py} -m benchmarks " + KERNEL_CASES + ",dropout=0 --out {out}/flex --no-plot --quiet "
          "--methods fused_triton,varlen_triton,flex,flex_doc",
-         "the kernel cases against FlexAttention (padding mask; document mask on packed tokens)"),
+         "the kernel cases without dropout against FlexAttention (padding mask; document mask on packed tokens)"),
     step("smoke", 150, PYTEST + " -m gpu_smoke --durations=15 --junitxml={out}/smoke.xml tests",
          "the curated GPU smoke set (tests/conftest.py GPU_SMOKE)", needs=("cuda", "module:pytest")),
     step("sanitizer", 60, "{py} benchmarks/sanitize_case.py && PYTORCH_NO_CUDA_MEMORY_CACHING=1 {sanitizer} --tool memcheck --error-exitcode 9 "

@@ -172,3 +172,10 @@ def test_case_selection_of_the_kernels_step(capsys):
         select(tiny, "bogus=1")
     with pytest.raises(SystemExit, match="no case"):
         main(["--preset", "tiny", "--cases", "S=999", "--out", "/tmp/unused-bench-out", "--no-plot", "--quiet"])
+
+
+def test_shell_entry_points_parse():
+    assert subprocess.run(["bash", "-n", "benchmarks/run_gpu.sh"], cwd=ROOT).returncode == 0
+    r = subprocess.run(["make", "-n", "gpu-check", "OUT=/tmp/x", "BUNDLE=/tmp/y"], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "-m benchmarks.gpu_check --out /tmp/x --budget 540 --bundle /tmp/y" in r.stdout
