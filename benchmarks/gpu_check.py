@@ -84,7 +84,7 @@ STEPS: List[Step] = [
          "B=32 H=12 S=512 D=64 fp16 U[1,S]: fwd and fwd+bwd, dropout 0 and 0.1; padded and varlen vs SDPA"),
     # merger: local attention / DeBERTa kernel timings (benchmarks/feature_bench.py) once the API exists
     step("local", 50, "{py} -m benchmarks.feature_bench window --out {out}/local.csv",
-         "window_size=(128,128) vs SDPA band mask, fwd and fwd+bwd", needs=("cuda", "api:attention:window_size")),
+         "window_size=(64,64) at S=512 (B=32) and S=2048 (B=8) vs SDPA with the band mask, fwd and fwd+bwd", needs=("cuda", "api:attention:window_size")),
     step("deberta", 50, "{py} -m benchmarks.feature_bench rel_bias --out {out}/deberta.csv",
          "rel_bias (c2p + p2c) vs SDPA with the materialised bias", needs=("cuda", "api:attention:rel_bias")),
     step("hf", 120, "{py} benchmarks/bench_hf.py --out {out}/bench_hf.csv --seqlens 512 --iters 20 "
@@ -96,15 +96,16 @@ STEPS: List[Step] = [
          "the kernel cases without dropout against FlexAttention (padding mask; document mask on packed tokens)"),
     step("smoke", 150, PYTEST + " -m gpu_smoke --durations=15 --junitxml={out}/smoke.xml tests",
          "the curated GPU smoke set (tests/conftest.py GPU_SMOKE)", needs=("cuda", "module:pytest")),
-    step("sanitizer", 60, "{py} benchmarks/sanitize_case.py && PYTORCH_NO_CUDA_MEMORY_CACHING=1 {sanitizer} --tool memcheck --error-exitcode 9 "
-         "--print-limit 20 {py} benchmarks/sanitize_case.py",
-         "small padded/varlen/dropout cases checked, then again under compute-sanitizer memcheck", needs=("cuda", "exe:compute-sanitizer")),
+    step("sanitizer", 60, "{py} benchmarks/sanitize_case.py && PYTORCH_NO_CUDA_MEMORY_CACHING=1 {sanitizer} "
+         "--tool memcheck --error-exitcode 9 --print-limit 20 {py} benchmarks/sanitize_case.py",
+         "small padded/varlen/dropout cases checked, then again under compute-sanitizer memcheck",
+         needs=("cuda", "exe:compute-sanitizer")),
     step("rest", None, PYTEST + " -m 'cuda and not gpu_smoke' -k 'not cuda-ext' --junitxml={out}/rest.xml tests",
          "the other CUDA tests (not the C++/CUDA extension's), in what time is left", needs=("cuda", "module:pytest")),
     # not in the default plan (--steps NAME): each needs most of a call of its own
     step("cuda-ext", 540, "{py} -c \"from fused_attn import _build; print('extension:', _build.load())\" && "
-         + PYTEST + " -m cuda -k cuda-ext tests && {py} -m benchmarks --preset gpu-check --out {out}/cuda "
-         "--no-plot --quiet --methods fused_triton,fused_cuda,sdpa_mask",
+         + PYTEST + " -m cuda -k cuda-ext tests && {py} -m benchmarks " + KERNEL_CASES
+         + " --out {out}/cuda --no-plot --quiet --methods fused_triton,fused_cuda,sdpa_mask",
          "the C++/CUDA fallback: JIT build (minutes), its tests, timed against Triton", default=False),
     step("train-target", 160, "{py} -m benchmarks --preset train-target --out {out} --no-plot --quiet "
          "--methods fused_triton,eager,sdpa_mask,sdpa_nomask,flex", "the train-target preset", default=False),
