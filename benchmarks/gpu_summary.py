@@ -85,6 +85,11 @@ def targets(out: str, results: List[Dict]) -> List[List[str]]:
             lambda v: v >= 1.8)
         add(f"BERT-base {phase}: patched (padded) speed-up vs HF sdpa", hf.get((phase, "fused_attn")), "(info)",
             lambda v: True)
+    for feature, csv_name in (("window_size", "local.csv"), ("rel_bias", "deberta.csv")):
+        for r in _rows(os.path.join(out, csv_name)):
+            if r.get("method") == "fused_triton" and r.get("speedup_vs_sdpa"):
+                add(f"{feature} S={r['S']} {r['mode']}: SDPA / Triton ({r.get('check', '')})",
+                    float(r["speedup_vs_sdpa"]), "(info: > 1 is faster)", lambda v: True)
     add("host cost of a forward call (direct launch)", _host_us(out, results), "<= 25 µs", lambda v: v <= 25,
         fmt="{:.1f} µs")
     add("CUDA fallback / Triton, fwd", _ratio(_ms(cu, "fused_cuda", "fwd", 0), _ms(cu, "fused_triton", "fwd", 0)),

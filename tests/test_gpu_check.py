@@ -179,3 +179,29 @@ def test_shell_entry_points_parse():
     r = subprocess.run(["make", "-n", "gpu-check", "OUT=/tmp/x", "BUNDLE=/tmp/y"], cwd=ROOT, capture_output=True,
                        text=True)
     assert r.returncode == 0 and "-m benchmarks.gpu_check --out /tmp/x --budget 540 --bundle /tmp/y" in r.stdout
+
+
+def test_feature_bench_harness_with_a_stand_in_window(tmp_path, monkeypatch):
+    """feature_bench's timing, check and CSV on CPU, fused_attn.attention replaced by the reference with
+    the band mask (the real window_size= comes from another branch; the local step runs it on a GPU)."""
+    import torch
+
+    import fused_attn
+    from benchmarks import feature_bench
+
+    def banded(q, k, v, mask=None, causal=False, dropout_p=0.0, scale=None, head_mask=None, backend="auto",
+               window_size=(-1, -1)):
+        i = torch.arange(q.shape[2])
+        band = (i[None, :] >= i[:, None] - window_size[0]) & (i[None, :] <= i[:, None] + window_size[1])
+        vis = band[None, None] & mask[:, None, None, :]
+        return fused_attn.reference.attention(q.float(), k.float(), v.float(), vis).to(q.dtype)
+
+    monkeypatch.setattr(fused_attn, "attention", banded)
+    out = str(tmp_path / "local.csv")
+    assert feature_bench.run("window", out, torch.device("cpu"), small=True) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert [(r["mode"], r["method"]) for r in rows] == [("fwd", "sdpa"), ("fwd", "fused_triton"),
+                                                        ("fwd+bwd", "sdpa"), ("fwd+bwd", "fused_triton")]
+    assert all(r["check"] == "PASS" and float(r["ms"]) > 0 for r in rows)
+    got = {r[0]: r[1] for r in gpu_summary.targets(str(tmp_path), [])}
+    assert "window_size S=40 fwd: SDPA / Triton (PASS)" in got
