@@ -320,7 +320,10 @@ def run_all(steps: List[Step], out: str, budget: float, bundle: Optional[str] = 
     def stop(signum, frame):     # the device call's own limit: keep what ran
         raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        old = signal.signal(signal.SIGTERM, stop)
+    except ValueError:           # not the main thread (an embedding test runner): no handler
+        old = None
     try:
         for i, s in enumerate(steps):
             left = budget - (time.monotonic() - t_start) - 5
@@ -341,7 +344,8 @@ def run_all(steps: List[Step], out: str, budget: float, bundle: Optional[str] = 
             _kill(_CURRENT["p"])
         meta["interrupted"] = True
     finally:
-        signal.signal(signal.SIGTERM, old)
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
     meta["elapsed"] = round(time.monotonic() - t_start)
     print(_write(out, results, meta, bundle))
     return results
