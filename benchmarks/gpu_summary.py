@@ -157,27 +157,32 @@ def render(out: str, results: List[Dict], meta: Dict) -> str:
     for r in results:
         note = cache_note(r)
         tests = _pytest(out, r["step"]) if r["step"] in ("smoke", "rest") else None
-        steps.append([r["step"], r["status"], f"{r['seconds']:.0f} / {r['box']}", "; ".join(x for x in (tests, note) if x)])
+        steps.append([r["step"], r["status"], f"{r['seconds']:.0f} / {r['box']}",
+                      "; ".join(x for x in (tests, note) if x)])
     parts = head + ["## Steps", "", _table(["step", "status", "s / box", "result; Triton cache"], steps), "",
                     "## Targets (H100, fp16, B=32 H=12 S=512 D=64, lengths U[1,S]; ratios measured in this run)", "",
                     _table(["what", "measured", "goal", ""], targets(out, results)), ""]
     cache = meta.get("cache", {})
-    parts += ["## Triton cache", "", f"dir {cache.get('cache_dir', '-')}; prebuilt: {cache.get('prebuilt') or 'none'}"
-              + (f" ({cache['manifest'].get('installed_groups')} kernels, built {cache['manifest'].get('built')})"
-                 if cache.get("manifest") else "") + (f"; error: {cache['prebuilt_error']}" if cache.get("prebuilt_error") else "")]
+    line = f"dir {cache.get('cache_dir', '-')}; prebuilt: {cache.get('prebuilt') or 'none'}"
+    if cache.get("manifest"):
+        line += f" ({cache['manifest'].get('installed_groups')} kernels, built {cache['manifest'].get('built')})"
+    if cache.get("prebuilt_error"):
+        line += f"; error: {cache['prebuilt_error']}"
+    parts += ["## Triton cache", "", line]
     if "prebuilt_mismatch" in env:
         mm = env["prebuilt_mismatch"]
         parts.append("key components: " + ("all match the prebuilt manifest (hits expected)" if not mm else
-                                           "DIFFER from the prebuilt manifest: " + "; ".join(f"{k}: {v}" for k, v in mm.items())))
+                                           "DIFFER from the prebuilt manifest: "
+                                           + "; ".join(f"{k}: {v}" for k, v in mm.items())))
     keys = env.get("triton_keys", {})
     if keys:
-        parts.append("this machine: " + ", ".join(f"{k} {str(keys.get(k))[:16] if 'sha' in k or 'hash' in k else keys.get(k)}" for k in
-                                                 ("triton", "python", "libtriton_sha256", "triton_key_sha256", "ptxas",
-                                                  "options_hash") if k in keys))
+        shown = ("triton", "python", "libtriton_sha256", "triton_key_sha256", "ptxas", "options_hash")
+        parts.append("this machine: " + ", ".join(
+            f"{k} {str(keys[k])[:16] if 'sha' in k or 'hash' in k else keys[k]}" for k in shown if k in keys))
     if cache.get("log"):
         parts.append(cache["log"])
-    hits = sum(int(r.get("triton_hit", 0)) for r in results)
-    misses = sum(int(r.get("triton_miss", 0)) for r in results)
+    hits = sum(int(r.get("triton_hit") or 0) for r in results)
+    misses = sum(int(r.get("triton_miss") or 0) for r in results)
     parts += [f"fused_attn kernels over all steps: {misses} compiled here, {hits} found on disk", ""]
     return "\n".join(parts)
 

@@ -205,3 +205,12 @@ def test_feature_bench_harness_with_a_stand_in_window(tmp_path, monkeypatch):
     assert all(r["check"] == "PASS" and float(r["ms"]) > 0 for r in rows)
     got = {r[0]: r[1] for r in gpu_summary.targets(str(tmp_path), [])}
     assert "window_size S=40 fwd: SDPA / Triton (PASS)" in got
+
+
+def test_summary_renders_again_from_the_files(tmp_path, capsys):
+    steps = [gpu_check.step("ok", 20, "true", "", needs=()), gpu_check.step("never", 20, "true", "", needs=("bogus",))]
+    gpu_check.run_all(steps, str(tmp_path), budget=60, prebuilt=None, cache_log=False)
+    capsys.readouterr()
+    assert gpu_summary._main([str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "| ok | ok |" in text and "| never | skipped: unknown guard 'bogus' |" in text
