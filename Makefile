@@ -15,7 +15,7 @@ HF_TESTS  = tests/test_hf_models.py tests/test_hf_minilm.py tests/test_hf_regist
             tests/test_fuzz_hf.py
 JOBS     ?= 2
 
-.PHONY: demo test test-main test-hf4 test-asan test-gpu fuzz compile-sweep bench clean
+.PHONY: demo test test-main test-hf4 test-asan test-gpu gpu-check triton-cache fuzz compile-sweep bench clean
 
 $(STAMP): requirements-dev.txt requirements-hf.txt pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -83,6 +83,27 @@ compile-sweep: $(STAMP)
 GPU_JOBS ?= 8
 test-gpu:
 	python -m pytest -q -m cuda $$(python -c "import xdist" 2>/dev/null && echo "-n $(GPU_JOBS)") tests
+
+# One device call (10 min): every GPU number and check, by value, each step in its own time box, in at most
+# GPU_BUDGET seconds (benchmarks/gpu_check.py; `python -m benchmarks.gpu_check --dry-run` shows the plan).
+# With the machine's own python (no venv); BUNDLE=$$OUT copies summary.md and a tar.gz there after each step.
+OUT        ?= out/gpu_check
+GPU_BUDGET ?= 540
+GPU_PYTHON ?= $(shell command -v python >/dev/null 2>&1 && echo python || echo python3)
+gpu-check:
+	$(GPU_PYTHON) -m benchmarks.gpu_check --out $(OUT) --budget $(GPU_BUDGET) $(if $(BUNDLE),--bundle $(BUNDLE))
+
+# The Triton cache of gpu-check's kernel steps, compiled here for the GPU machine's Triton (3.6.0, Python
+# 3.12, sm_90) with the stand-in driver: .triton-prebuilt.tar.gz (~1 MB, git-ignored; carry it to the device
+# call).  Needs triton==3.6.0 beside torch in a venv of its own (~2 min to make, ~2 min to build).
+VENV36 ?= .venv-triton36
+$(VENV36)/.installed:
+	$(PYTHON) -m venv $(VENV36)
+	$(VENV36)/bin/pip install -q torch==2.13.0 triton==3.6.0 numpy packaging
+	touch $@
+triton-cache: $(VENV36)/.installed
+	env -u TRITON_INTERPRET PYTHONPATH=$(CURDIR) $(VENV36)/bin/python -u -m benchmarks.triton_cache build \
+	  --out .triton-prebuilt.tar.gz
 
 bench: $(STAMP)
 	$(PY) -m benchmarks --preset cpu-small --out out/bench

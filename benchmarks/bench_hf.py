@@ -294,17 +294,21 @@ def main():
                            speedup_vs_sdpa=round(base["sdpa"] / med, 3) if "sdpa" in base else "",
                            speedup_vs_fused_attn=round(base["fused_attn"] / med, 3) if "fused_attn" in base else "")
                 rows.append(row)
+                _write_csv(args.out, rows)      # after every row: a run killed by its time limit keeps what it measured
                 print(f"{name:10s} S={seqlen:4d} {phase:5s} {mode:>12s} ({row['real_token_share']:.0%} real, load {load}): "
                       f"{med:8.2f} ms (p10 {p10:.2f}, p90 {p90:.2f}) "
                       f"{row['sentences_per_s']:8.1f} sent/s  x{row['speedup_vs_eager'] or '-'} vs eager, "
                       f"x{row['speedup_vs_sdpa'] or '-'} vs sdpa, x{row['speedup_vs_fused_attn'] or '-'} vs fused_attn",
                       flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", newline="") as f:
+    print("wrote", args.out)
+
+
+def _write_csv(path, rows):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    print("wrote", args.out)
 
 
 if __name__ == "__main__":

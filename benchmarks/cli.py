@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import report
-from .presets import METHODS, MODES, PRESETS, Case, Preset
+from .presets import METHODS, MODES, PRESETS, Case, Preset, select
 from .timing import bench, environment, peak_memory_mb, pick_device, sync
 from .workloads import (FUSED_ENGINES, Inputs, Skip, build_method, dtype_name, flops, fused_methods,
                         make_inputs, max_error, oracle, resolve_dtype, runners, tolerance)
@@ -34,6 +34,8 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--modes", help=f"comma list replacing the preset's modes ({', '.join(MODES)})")
     ap.add_argument("--methods", help="comma list replacing the preset's methods: fused (every available "
                     "engine), fused_triton, fused_cuda, fused_cpu, " + ", ".join(METHODS[1:]))
+    ap.add_argument("--cases", help="keep the cases whose fields match KEY=VALUE[,KEY=VALUE...] "
+                    "(e.g. S=512,fill=uniform,D=64), after --modes")
     ap.add_argument("--layout", default="bshd", choices=("bshd", "bhsd"),
                     help="bshd: q/k/v are HF's transposed [B,S,H,D] views (default); bhsd: contiguous")
     ap.add_argument("--seed", type=int, default=0)
@@ -170,6 +172,13 @@ def run_preset(preset: Preset, args, device: torch.device) -> Tuple[List[Dict], 
             raise SystemExit(f"--modes: unknown mode(s) {bad}; expected {', '.join(MODES)}")
         base = list(dict.fromkeys(replace(c, mode="fwd") for c in cases))
         cases = [replace(c, mode=m) for m in modes for c in base]
+    if getattr(args, "cases", None):
+        try:
+            cases = select(cases, args.cases)
+        except ValueError as e:
+            raise SystemExit(str(e))
+        if not cases:
+            raise SystemExit(f"--cases {args.cases}: no case of preset {preset.name!r} matches")
     requested = tuple(args.methods.split(",")) if args.methods else preset.methods
     env = environment(device)
     print(f"fused_attn benchmarks: preset {preset.name!r} on {env['device_name']} ({device.type}); torch "

@@ -22,6 +22,7 @@ import contextlib
 import os
 import statistics
 import time
+from typing import Optional
 
 import torch
 
@@ -85,10 +86,12 @@ def _per_call_us(fn, device, n: int, rounds: int) -> float:
     return statistics.median(times)
 
 
-def measure(device: torch.device, n: int = 200, rounds: int = 7, B: int = 2, H: int = 4, S: int = 128, D: int = 64):
+def measure(device: torch.device, n: int = 200, rounds: int = 7, B: int = 2, H: int = 4, S: int = 128, D: int = 64,
+            dtype: Optional[torch.dtype] = None):
     import fused_attn
 
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
     backend = "triton"
     q, k, v = (torch.randn(B, H, S, D, device=device, dtype=dtype) for _ in range(3))
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))

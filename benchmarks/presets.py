@@ -113,6 +113,32 @@ def _varlen(B: int, dtype: str) -> List[Case]:
 VARLEN_METHODS = ("fused", "varlen", "sdpa_mask", "sdpa_loop", "flex", "flex_doc")
 
 
+def select(cases: Iterable[Case], spec: str) -> List[Case]:
+    """The cases whose fields match every KEY=VALUE of a comma list ("S=512,fill=uniform,D=64";
+    values compared as the field's type reads them)."""
+    want = []
+    for item in filter(None, spec.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in Case.__dataclass_fields__:
+            raise ValueError(f"--cases: expected KEY=VALUE with KEY one of {', '.join(Case.__dataclass_fields__)}, "
+                             f"got {item!r}")
+        want.append((key, value))
+
+    def matches(c: Case) -> bool:
+        for key, value in want:
+            have = getattr(c, key)
+            if isinstance(have, bool):
+                ok = value.lower() in (("1", "true") if have else ("0", "false"))
+            elif isinstance(have, (int, float)):
+                ok = float(value) == have
+            else:
+                ok = value == have
+            if not ok:
+                return False
+        return True
+    return [c for c in cases if matches(c)]
+
+
 def _tiny() -> List[Case]:
     return _modes([Case("fill=uniform", "S", 2, 2, S, 16, dtype="fp32") for S in (16, 40)], ("fwd", "fwd+bwd"))
 

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Everything we measure on a GPU machine, in one command (torch/triton/transformers preinstalled):
-#   bash benchmarks/run_gpu.sh OUT_DIR [STEPS]
-# STEPS: space-separated subset of "tests bench train varlen host hf hf-large cuda" (default: all).  Each step has its
-# own time limit so one slow step cannot starve the others; logs and CSVs land in OUT_DIR.
-# All steps take longer than one device call (10 min): run them as "tests bench train varlen host",
+# On a GPU machine (torch/triton/transformers preinstalled):
+#   bash benchmarks/run_gpu.sh OUT_DIR            one device call: benchmarks/gpu_check.py (make gpu-check), every
+#                                                 GPU number and check by value in at most 9 minutes
+#   bash benchmarks/run_gpu.sh OUT_DIR STEPS      the long form: a space-separated subset of
+#                                                 "tests bench train varlen host hf hf-large cuda"
+# Each long-form step has its own time limit so one slow step cannot starve the others; logs and CSVs land in
+# OUT_DIR.  All of them take longer than one device call (10 min): run them as "tests bench train varlen host",
 # "hf hf-large" and "cuda".
 set -u
 out=${1:?usage: run_gpu.sh OUT_DIR [STEPS]}
-steps=${2:-"tests bench train varlen host hf hf-large cuda"}
+if [ $# -lt 2 ]; then
+  exec "$(command -v python || command -v python3)" -m benchmarks.gpu_check --out "$out"
+fi
+steps=$2
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 log="$out/gpu.log"
