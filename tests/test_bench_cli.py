@@ -84,9 +84,11 @@ def test_cli_refuses_gpu_preset_on_cpu(tmp_path, capsys):
 
 
 def test_demo_exits_zero():
-    proc = _run(["-m", "benchmarks.demo", "--device", "cpu", "--min-time", "0.05", "--threads", "1"])
+    proc = _run(["-m", "benchmarks.demo", "--device", "cpu", "--min-time", "0.02", "--repeats", "2", "--threads", "1"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASS" in proc.stdout and "backend 'auto' ->" in proc.stdout and "vs sdpa_mask" in proc.stdout
+    # the timing says how often it repeated, its spread, and the machine's load
+    assert "2 rounds" in proc.stdout and "min-max" in proc.stdout and "load average" in proc.stdout
 
 
 @pytest.mark.parametrize("causal", [False, True])
