@@ -63,8 +63,9 @@ def _check_backward(inp) -> Optional[bool]:
     return ok
 
 
-def _load_note() -> str:
-    """The 1-minute load average against the core count, and a warning when the machine is busy."""
+def _load_note(busy: str = ": the machine is busy, other processes compete for the cores and the timings "
+                              "below move from run to run (see the min-max spread)") -> str:
+    """The 1-minute load average against the core count, and `busy` when the machine is busy."""
     try:
         load = os.getloadavg()[0]
     except OSError:          # not available on this platform
@@ -72,8 +73,7 @@ def _load_note() -> str:
     cores = os.cpu_count() or 1
     note = f"load average {load:.1f} on {cores} cores"
     if load >= 0.75 * cores:
-        note += (": the machine is busy, other processes compete for the cores and the timings below "
-                 "move from run to run (see the min-max spread)")
+        note += busy
     return note
 
 
@@ -109,7 +109,7 @@ def _speed(inp, modes: List[str], min_time: float, repeats: int) -> None:
                 sp = (f"{ms / statistics.median(times['fused_attn']):.2f}x vs {m.name} "
                       f"[{min(ratios):.2f}-{max(ratios):.2f}]")
             print(f"  {mode:<8} {m.name:<11} {ms:11.3f} {min(ts):8.3f}-{max(ts):<8.3f} {tf:8.3f}   {sp}")
-    after = _load_note()
+    after = _load_note(" (busy)")
     if after:
         print(f"  after timing: {after}")
 
