@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -99,13 +99,17 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
 
 
-def hf_model(mode: str, random_init: bool):
+def hf_model(mode: str, random_init: Optional[str]):
     """The MiniLM BertModel with HF sdpa ("sdpa") or eager ("eager") attention, the padded patch
     ("fused_attn") or padding-free; the same weights for every mode."""
     import fused_attn
     from transformers import AutoConfig, AutoModel, BertModel
-    if random_init:
+    if random_init == "tiny":          # the tests' smoke run: seconds, not a measurement
+        cfg = _minilm_config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             vocab_size=2000)
+    if random_init == "minilm":
         cfg = AutoConfig.from_pretrained(minilm_path()) if _has_minilm() else _minilm_config()
+    if random_init:
         cfg._attn_implementation = "eager" if mode == "eager" else "sdpa"
         torch.manual_seed(0)
         model = BertModel(cfg)
@@ -125,10 +129,11 @@ def _has_minilm() -> bool:
         return False
 
 
-def _minilm_config():
+def _minilm_config(**changes):
     from transformers import BertConfig
-    return BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                      intermediate_size=1536, max_position_embeddings=512)
+    shape = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                 intermediate_size=1536, max_position_embeddings=512)
+    return BertConfig(**dict(shape, **changes))
 
 
 def timed_rounds(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> Dict[str, List[float]]:
@@ -285,7 +290,7 @@ def part_kernel(args) -> List[dict]:
     """varlen_attention on the packed tokens of the "batch" part's lengths, MiniLM's H=12 D=32,
     fp32 and bf16 q/k/v, on the cpu engine (what padding-free MiniLM calls per layer)."""
     import fused_attn
-    _, lengths = token_batch(args.batch, args.max_len, 30522, args.seed)
+    _, lengths = token_batch(args.batch, args.max_len, 2000, args.seed)
     T, H, D = int(lengths.sum()), 12, 32
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(lengths, 0)
@@ -389,11 +394,12 @@ def part_profile(args) -> List[dict]:
 def versions() -> Dict[str, str]:
     import transformers
     out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    for name in ("onnxruntime", "sentence_transformers"):
+    from importlib import metadata
+    for name in ("onnxruntime", "sentence-transformers"):     # without importing them (seconds each)
         try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            out[name] = ""
+            out[name.replace("-", "_")] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name.replace("-", "_")] = ""
     return out
 
 
@@ -411,12 +417,13 @@ def main(argv=None) -> int:
     ap.add_argument("--max-len", type=int, default=256, help="batch: lengths U[1, max-len] tokens")
     ap.add_argument("--onnx", action="store_true", help="batch: add ONNX Runtime (requirements-bench.txt)")
     ap.add_argument("--sdpa-bf16", action="store_true", help="batch: add HF sdpa under bf16 autocast")
-    ap.add_argument("--random-init", action="store_true", help="batch: a random-init BERT of MiniLM's shape")
+    ap.add_argument("--random-init", nargs="?", const="minilm", choices=("minilm", "tiny"),
+                    help="batch, profile: a random-init BERT of MiniLM's shape (or 'tiny': a smoke test)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     meta = dict(cpu_info(), threads=torch.get_num_threads(), **versions(),
-                model="random-init MiniLM shape" if args.random_init else "all-MiniLM-L6-v2",
+                model=f"random-init ({args.random_init})" if args.random_init else "all-MiniLM-L6-v2",
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
     print(" ".join(f"{k}={v}" for k, v in meta.items()), flush=True)
     rows = []

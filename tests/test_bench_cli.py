@@ -146,3 +146,21 @@ def test_bench_hf_stratified_lengths(B, S):
     assert rnd.tolist() == torch.randint(1, S + 1, (B,), generator=torch.Generator().manual_seed(S)).tolist()
     with pytest.raises(ValueError, match="stratified"):
         draw_lengths(B, S, "uniform", torch.Generator())
+
+
+def test_bench_embed_writes_its_conditions(tmp_path):
+    """benchmarks/bench_embed.py (smallest sizes, random-init MiniLM shape, no ONNX): every row says
+    its spread, load, CPU flags and versions; bf16 autocast is compared with fp32 sdpa by cosine."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "embed.csv"
+    proc = _run(["benchmarks/bench_embed.py", "--parts", "batch,kernel", "--random-init", "tiny", "--batch", "2",
+                 "--max-len", "8", "--repeats", "1", "--threads", "1", "--out", str(out)], timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert {r["method"] for r in rows} >= {"sdpa fp32", "padding-free fp32", "padding-free bf16 autocast",
+                                           "kernel fp32", "kernel bf16"}
+    for r in rows:
+        assert r["cpu"] and r["avx512_bf16"] in ("yes", "no") and r["amx_bf16"] in ("yes", "no") and r["load_avg"]
+        assert float(r["min_ms"]) <= float(r["median_ms"]) <= float(r["max_ms"])
+    cos = {r["method"]: float(r["cosine_min_vs_sdpa_fp32"]) for r in rows if r["part"] == "batch"}
+    assert cos["padding-free fp32"] > 0.99999 and 0.99 < cos["padding-free bf16 autocast"] <= 1.0 + 1e-6, cos
