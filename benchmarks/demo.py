@@ -2,12 +2,15 @@
 its reference on a padded BERT-shaped batch, then time it against eager and SDPA.
 
 GPU: B=32, H=12, S=512, D=64, fp16.  CPU: B=8, H=12, S=128, D=64, fp32.  Lengths U[1, S] (right
-padding, the tokenizer's mask).  Exit status 1 when a check fails.
+padding, the tokenizer's mask).  The timing repeats --repeats rounds, the methods in turn, and
+prints the median and the min-max over the rounds, with the machine's load average (a shared or
+busy machine moves CPU timings by 2x and more).  Exit status 1 when a check fails.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from typing import List, Optional
@@ -60,31 +63,63 @@ def _check_backward(inp) -> Optional[bool]:
     return ok
 
 
-def _speed(inp, modes: List[str], min_time: float) -> None:
+def _load_note(busy: str = ": the machine is busy, other processes compete for the cores and the timings "
+                              "below move from run to run (see the min-max spread)") -> str:
+    """The 1-minute load average against the core count, and `busy` when the machine is busy."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:          # not available on this platform
+        return ""
+    cores = os.cpu_count() or 1
+    note = f"load average {load:.1f} on {cores} cores"
+    if load >= 0.75 * cores:
+        note += busy
+    return note
+
+
+def _speed(inp, modes: List[str], min_time: float, repeats: int) -> None:
+    """Each method timed in turn over `repeats` rounds; median and min-max of the rounds."""
     mask = inp.key_mask
     methods = [Method("fused_attn", lambda q, k, v: fused_attn.attention(q, k, v, mask)),
                build_method("eager", inp), build_method("sdpa_mask", inp)]
-    print(f"\n  {'mode':<8} {'method':<11} {'ms':>9} {'TFLOP/s':>8}   fused_attn speed-up (>1: faster)")
+    note = _load_note()
+    print(f"\n  timing: {repeats} rounds, the methods in turn in each round"
+          + (f"; {note}" if note else ""))
+    print(f"  {'mode':<8} {'method':<11} {'ms (median)':>11} {'min-max':>17} {'TFLOP/s':>8}   "
+          f"fused_attn speed-up (>1: faster): median [min-max over rounds]")
     for mode in modes:
         case = Case(inp.case.panel, inp.case.x, inp.case.B, inp.case.H, inp.case.S, inp.case.D,
                     inp.case.dtype, inp.case.fill, mode=mode)
-        times = {}
+        runs = {}
         for m in methods:
             run, _ = runners(m, inp, mode)
             run()
-            times[m.name] = bench(run, inp.device, min_time=min_time)[0]
+            runs[m.name] = run
+        times = {m.name: [] for m in methods}
+        for _ in range(repeats):
+            for m in methods:
+                times[m.name].append(bench(runs[m.name], inp.device, min_time=min_time)[0])
         for m in methods:
-            ms = times[m.name]
+            ts = times[m.name]
+            ms = statistics.median(ts)
             tf = flops(case, inp.pairs) / ms / 1e9
-            sp = "" if m.name == "fused_attn" else f"{ms / times['fused_attn']:.2f}x vs {m.name}"
-            print(f"  {mode:<8} {m.name:<11} {ms:9.3f} {tf:8.3f}   {sp}")
+            sp = ""
+            if m.name != "fused_attn":
+                ratios = [a / b for a, b in zip(ts, times["fused_attn"])]
+                sp = (f"{ms / statistics.median(times['fused_attn']):.2f}x vs {m.name} "
+                      f"[{min(ratios):.2f}-{max(ratios):.2f}]")
+            print(f"  {mode:<8} {m.name:<11} {ms:11.3f} {min(ts):8.3f}-{max(ts):<8.3f} {tf:8.3f}   {sp}")
+    after = _load_note(" (busy)")
+    if after:
+        print(f"  after timing: {after}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--min-time", type=float, default=0.3, help="CPU seconds per timing")
+    ap.add_argument("--min-time", type=float, default=0.1, help="CPU seconds per timing of one method in one round")
+    ap.add_argument("--repeats", type=int, default=5, help="rounds of timing; the spread over them is printed")
     ap.add_argument("--threads", type=int, help="CPU: torch intra-op threads (default: torch's)")
     ap.add_argument("--no-speed", action="store_true", help="checks only")
     args = ap.parse_args(argv)
@@ -121,7 +156,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     bwd = _check_backward(inp)
     ok = ok and bwd is not False
     if not args.no_speed:
-        _speed(inp, ["fwd"] + (["fwd+bwd"] if bwd is not None else []), args.min_time)
+        _speed(inp, ["fwd"] + (["fwd+bwd"] if bwd is not None else []), args.min_time, args.repeats)
         if name == "reference":
             print("  (the 'reference' backend is plain fp32 eager math: build the C++ cpu kernel for speed)")
     print(f"\n{_verdict(ok)}")

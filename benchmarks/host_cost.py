@@ -13,7 +13,7 @@ launcher (as with $FUSED_ATTN_DIRECT_LAUNCH=0).  bwd_engine is the engine's back
 through torch.autograd.grad, whose own cost on the cheapest node is autograd_floor.  GPU: real launches on a shape small enough that the GPU finishes first;
 calls are issued back to back without a sync, so the wall time per call is the host's.
 On CPU the clock is the thread's CPU time (a loaded machine does not inflate it).
-Issue 13's target: ≤ 25 µs for a forward and for a backward.  Median of repeated rounds, µs.
+The goal: ≤ 25 µs for a forward and for a backward.  Median of repeated rounds, µs.
 """
 from __future__ import annotations
 

@@ -206,7 +206,7 @@ def _check_cu_values(name: str, cu: torch.Tensor, total: int, max_seqlen: int) -
                          f"in {name}")
 
 
-# -- size limits of the kernels (README, "Size limits") ----------------------------------------
+# -- size limits of the kernels (docs/attention.md, "Size limits") ----------------------------------------
 INT32_MAX = 2**31 - 1
 TRITON_MAX_GRID_Y = 65535        # CUDA's gridDim.y limit; Triton launches (query blocks, B * H)
 CUDA_TILE = 32                   # csrc/cuda tiles; grid (B * H, blocks of 32 rows), gridDim.y <= 65535

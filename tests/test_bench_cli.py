@@ -84,9 +84,11 @@ def test_cli_refuses_gpu_preset_on_cpu(tmp_path, capsys):
 
 
 def test_demo_exits_zero():
-    proc = _run(["-m", "benchmarks.demo", "--device", "cpu", "--min-time", "0.05", "--threads", "1"])
+    proc = _run(["-m", "benchmarks.demo", "--device", "cpu", "--min-time", "0.02", "--repeats", "2", "--threads", "1"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASS" in proc.stdout and "backend 'auto' ->" in proc.stdout and "vs sdpa_mask" in proc.stdout
+    # the timing says how often it repeated, its spread, and the machine's load
+    assert "2 rounds" in proc.stdout and "min-max" in proc.stdout and "load average" in proc.stdout
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -144,3 +146,21 @@ def test_bench_hf_stratified_lengths(B, S):
     assert rnd.tolist() == torch.randint(1, S + 1, (B,), generator=torch.Generator().manual_seed(S)).tolist()
     with pytest.raises(ValueError, match="stratified"):
         draw_lengths(B, S, "uniform", torch.Generator())
+
+
+def test_bench_embed_writes_its_conditions(tmp_path):
+    """benchmarks/bench_embed.py (smallest sizes, random-init MiniLM shape, no ONNX): every row says
+    its spread, load, CPU flags and versions; bf16 autocast is compared with fp32 sdpa by cosine."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "embed.csv"
+    proc = _run(["benchmarks/bench_embed.py", "--parts", "batch,kernel", "--random-init", "tiny", "--batch", "2",
+                 "--max-len", "8", "--repeats", "1", "--threads", "1", "--out", str(out)], timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert {r["method"] for r in rows} >= {"sdpa fp32", "padding-free fp32", "padding-free bf16 autocast",
+                                           "kernel fp32", "kernel bf16"}
+    for r in rows:
+        assert r["cpu"] and r["avx512_bf16"] in ("yes", "no") and r["amx_bf16"] in ("yes", "no") and r["load_avg"]
+        assert float(r["min_ms"]) <= float(r["median_ms"]) <= float(r["max_ms"])
+    cos = {r["method"]: float(r["cosine_min_vs_sdpa_fp32"]) for r in rows if r["part"] == "batch"}
+    assert cos["padding-free fp32"] > 0.99999 and 0.99 < cos["padding-free bf16 autocast"] <= 1.0 + 1e-6, cos

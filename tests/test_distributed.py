@@ -3,7 +3,7 @@ DistributedDataParallel and FSDP2 (torch.distributed.fsdp.fully_shard, per layer
 for a padding-free model, the whole model as one unit too, and per layer with torch's
 checkpoint_wrapper outside or inside fully_shard) give the loss and the
 gradients of one process on the whole batch, and with dropout on, runs with the same seeds are
-identical.  (README, "Distributed training": the same under torchrun / accelerate.)"""
+identical.  (docs/huggingface.md, "Distributed training": the same under torchrun / accelerate.)"""
 import os
 import socket
 

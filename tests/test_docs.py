@@ -1,4 +1,5 @@
-"""The README stays true: its support matrix matches pyproject.toml."""
+"""The README and docs/ stay true: the support matrix matches pyproject.toml, links resolve, and
+every guide snippet runs as written."""
 import re
 import sys
 from pathlib import Path
@@ -11,6 +12,9 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+# the pages whose snippets run here (design.md and architecture.md hold signatures and diagrams)
+PAGES = {"README.md": README, **{f"docs/{p.name}": p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))
+                                 if p.name not in ("design.md", "architecture.md")}}
 
 
 def _row(first_cell: str):
@@ -44,42 +48,65 @@ def test_readme_and_benchmark_cli_use_user_words():
     from benchmarks.presets import PRESETS
 
     bench_readme = (ROOT / "benchmarks" / "README.md").read_text()
-    for where, text in [("README.md", README), ("benchmarks/README.md", bench_readme)] + [
+    for where, text in [*PAGES.items(), ("benchmarks/README.md", bench_readme)] + [
             (f"preset {name}", p.help) for name, p in PRESETS.items()]:
         assert not re.search(r"\bissues?\b", text, re.IGNORECASE), where
 
 
-def test_readme_names_every_benchmark_preset():
+def test_performance_page_names_every_benchmark_preset():
     from benchmarks.presets import PRESETS
 
-    section = README.split("## Benchmarks", 1)[1].split("\n## ", 1)[0]
+    section = PAGES["docs/performance.md"].split("## How to reproduce", 1)[1].split("\n## ", 1)[0]
     missing = [name for name in PRESETS if not re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", section)]
     assert not missing, missing
 
 
-# -- the README's guide snippets, run as written ---------------------------------------------------
+def test_readme_is_a_front_door():
+    """At most 16,000 characters; every relative link of the README and the docs pages resolves."""
+    assert len(README) <= 16_000, len(README)
+    for where, text in PAGES.items():
+        base = (ROOT / where).parent
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if not re.match(r"[a-z]+://", target):
+                assert (base / target).exists(), f"{where} links to {target}, which does not exist"
+
+
+# -- the guide snippets, run as written ------------------------------------------------------------
 
 MARKER = "# tested: tests/test_docs.py"
+NOT_RUN = "# not run here"
 
 
 def _snippets():
-    """(id, code) of every ```python block whose first line is MARKER, id from the heading above it."""
-    out, heading = [], "top"
-    for m in re.finditer(r"^(#{2,4} [^\n]+)$|^```python\n(.*?)^```", README, re.MULTILINE | re.DOTALL):
-        if m.group(1):
-            heading = re.sub(r"[^a-z0-9]+", "-", m.group(1).lstrip("#").strip().lower()).strip("-")
-        elif m.group(2).startswith(MARKER + "\n"):
-            out.append(pytest.param(m.group(2), id=heading))
+    """(id, code) of every ```python block whose first line is MARKER, id from the page and the
+    heading above it; a block that is neither tested nor says why it is not run fails here."""
+    out = []
+    for where, text in PAGES.items():
+        heading = "top"
+        for m in re.finditer(r"^(#{1,4} [^\n]+)$|^```python\n(.*?)^```", text, re.MULTILINE | re.DOTALL):
+            if m.group(1):
+                heading = re.sub(r"[^a-z0-9]+", "-", m.group(1).lstrip("#").strip().lower()).strip("-")
+                continue
+            first = m.group(2).split("\n", 1)[0]
+            assert first.startswith((MARKER, NOT_RUN)), f"{where}, {heading}: a snippet neither tested nor excused"
+            if first.startswith(MARKER):
+                page = where.replace("docs/", "").replace(".md", "").lower()
+                ident = f"{page}:{heading}"
+                n = sum(p.id == ident or p.id.startswith(ident + "-") for p in out)
+                out.append(pytest.param(m.group(2), id=ident if n == 0 else f"{ident}-{n + 1}"))
     return out
 
 
 SNIPPETS = _snippets()
 
 
-def test_readme_has_the_guides():
+def test_docs_have_the_guides():
     ids = {p.id for p in SNIPPETS}
-    assert {"sentence-transformers", "hugging-face-trainer", "gradient-checkpointing",
-            "autocast-mixed-precision", "torch-compile"} <= ids, ids
+    assert {"huggingface:sentence-transformers", "huggingface:hugging-face-trainer",
+            "huggingface:gradient-checkpointing", "huggingface:autocast-mixed-precision",
+            "huggingface:torch-compile", "huggingface:the-routes", "padding-free:the-padding-free-encoder",
+            "varlen:packed-batches-fused-attn-varlen-attention", "attention:use"} <= ids, ids
+    assert sum(i.startswith("readme:") for i in ids) >= 5, ids       # one per route
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +114,8 @@ def checkpoint(tmp_path_factory):
     """A tiny random-init BertModel + tokenizer saved to a directory (nothing is downloaded)."""
     tf = pytest.importorskip("transformers")
     path = tmp_path_factory.mktemp("tiny-bert")
-    words = sorted(set(re.findall(r"[a-z]+|[^\sa-z]", " ".join(re.findall(r'"([^"]*)"', README)).lower())))
+    quoted = " ".join(re.findall(r'"([^"]*)"', " ".join(PAGES.values())))
+    words = sorted(set(re.findall(r"[a-z]+|[^\sa-z]", quoted.lower())))
     (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words))
     tf.BertTokenizerFast(str(path / "vocab.txt")).save_pretrained(str(path))
     torch.manual_seed(0)
@@ -98,7 +126,11 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("code", SNIPPETS)
-def test_readme_snippet_runs(code, checkpoint, tmp_path, monkeypatch, request):
+def test_snippet_runs(code, checkpoint, tmp_path, monkeypatch, request):
+    if "transformers >= 5" in code.split("\n", 1)[0]:
+        tf = pytest.importorskip("transformers")
+        if Version(tf.__version__).major < 5:
+            pytest.skip("a transformers 5 snippet")
     if "sentence_transformers" in code:
         pytest.importorskip("sentence_transformers")
     if "Trainer" in code:
@@ -116,9 +148,29 @@ def test_readme_snippet_runs(code, checkpoint, tmp_path, monkeypatch, request):
     calls = []
     real = ops.fused_attention
     monkeypatch.setattr(ops, "fused_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
-    namespace = {"checkpoint": checkpoint, "__name__": "__readme__"}
-    exec(compile(code, "README.md", "exec"), namespace)
+    namespace = {"checkpoint": checkpoint, "__name__": "__snippet__"}
+    exec(compile(code, "snippet", "exec"), namespace)
     assert calls, "the snippet never ran fused_attn's kernel"
-    for name in ("embeddings", "hidden"):
+    for name in ("embeddings", "hidden", "out"):
         if name in namespace:
             assert torch.isfinite(torch.as_tensor(namespace[name]).float()).all()
+
+
+def test_head_dim_beyond_the_kernels_is_as_documented():
+    """docs/attention.md and design.md: on CPU "auto" falls back to the reference with a warning
+    naming the reason; a named engine raises RuntimeError with it."""
+    import warnings
+
+    import fused_attn
+    from fused_attn import backends
+    q = torch.randn(1, 2, 5, 512)
+    backends._warned.clear()
+    backends._CHOICES.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fused_attn.attention(q, q, q)
+    assert any("uses 'reference'" in str(w.message) and "head dim 512 > 256" in str(w.message) for w in caught), \
+        [str(w.message) for w in caught]
+    torch.testing.assert_close(out, fused_attn.reference.attention(q, q, q))
+    with pytest.raises(RuntimeError, match="head dim 512 > 256"):
+        fused_attn.attention(q, q, q, backend="cpu")

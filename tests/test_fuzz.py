@@ -3,7 +3,7 @@ and checks) in `make test`: a short, fixed slice of the fuzzer's cases on every 
 fuzzer's own machinery (worker processes, crash reports, reproducers, sensitivity), and the known
 limitations it classifies, pinned as strict xfails.
 
-The long form is `make fuzz N=10000 SEED=...` (README, "Reliability")."""
+The long form is `make fuzz N=10000 SEED=...` (docs/testing.md)."""
 import os
 import subprocess
 import sys

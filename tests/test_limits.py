@@ -1,7 +1,7 @@
 """Size limits: calls too large for an engine's 32-bit index arithmetic, its launch grid or the
 dropout RNG's counter raise ValueError before any kernel runs; sizes just inside the limits,
 and everything the 64-bit paths cover, pass the checks.  Built from zero-stride (expanded) or
-meta tensors, since real ones would not fit in memory (README, "Size limits")."""
+meta tensors, since real ones would not fit in memory (docs/attention.md, "Size limits")."""
 import pytest
 import torch
 

@@ -19,6 +19,7 @@ import inspect
 from typing import Dict, List, Optional
 
 import torch
+from torch import nn
 from transformers.models.bert import modeling_bert
 
 from .hf_attention import fused_attention_forward
@@ -221,3 +222,36 @@ def fused_class_for(cls: type) -> type:
         _CLASSES[cls] = fused
         globals().setdefault(name, fused)
     return fused
+
+
+# -- which modules patch() swaps (here, not in patch.py, so padding_free.py can ask without importing patch)
+
+_FORWARD_ARGS = {"hidden_states", "attention_mask", "head_mask", "encoder_hidden_states",
+                 "encoder_attention_mask", "past_key_value", "past_key_values", "output_attentions",
+                 "cache_position", "kwargs"}
+_SUBMODULES = {"query", "key", "value", "dropout"}
+
+
+def is_bert_self_attention_like(module: nn.Module) -> bool:
+    """Does ``module`` have BertSelfAttention's structure (see fused_attn/integrations/patch.py)?"""
+    if isinstance(module, FusedBertSelfAttention):
+        return False
+    if set(module._modules) != _SUBMODULES:
+        return False
+    q, k, v = module._modules["query"], module._modules["key"], module._modules["value"]
+    if not all(type(m) is nn.Linear for m in (q, k, v)) or not isinstance(module._modules["dropout"], nn.Dropout):
+        return False
+    heads, head_dim = getattr(module, "num_attention_heads", None), getattr(module, "attention_head_size", None)
+    if not isinstance(heads, int) or not isinstance(head_dim, int):
+        return False
+    width = heads * head_dim
+    if not (q.out_features == k.out_features == v.out_features == width):
+        return False
+    if getattr(module, "position_embedding_type", "absolute") not in (None, "absolute"):
+        return False
+    params = _forward_params(type(module))
+    if not params or params[0] != "hidden_states" or not set(params) <= _FORWARD_ARGS:
+        return False
+    if TRANSFORMERS_5 and not hasattr(module, "layer_idx"):
+        return False
+    return True

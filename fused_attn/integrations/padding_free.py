@@ -26,7 +26,7 @@ How it is wired (all of it undone by ``unpatch``):
 Layers qualify by structure and code, not by class name: a BertLayer-like layer has exactly the
 submodules attention (self + output), intermediate and output, and runs BertLayer's and
 BertAttention's code (RoBERTa, XLM-R, CamemBERT, ELECTRA, Data2VecText, ERNIE, ... share it); its
-self-attention is BertSelfAttention-like (patch.is_bert_self_attention_like).  DistilBERT's
+self-attention is BertSelfAttention-like (bert.is_bert_self_attention_like).  DistilBERT's
 TransformerBlock is recognised too.
 """
 from __future__ import annotations
@@ -123,8 +123,7 @@ class _BertLayout(_Layout):
 
     @classmethod
     def layer_ok(cls, layer: nn.Module) -> bool:
-        from .bert import FusedBertSelfAttention
-        from .patch import is_bert_self_attention_like
+        from .bert import FusedBertSelfAttention, is_bert_self_attention_like
 
         _, layer_ref, att_ref = cls.reference()
         if set(layer._modules) != {"attention", "intermediate", "output"}:

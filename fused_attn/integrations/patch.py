@@ -22,38 +22,11 @@ from typing import Iterator, List, Tuple
 
 from torch import nn
 
-from .bert import TRANSFORMERS_5, FusedBertSelfAttention, _forward_params, _rebuild, fused_class_for  # noqa: F401
+from . import padding_free as pf
+from .bert import (TRANSFORMERS_5, FusedBertSelfAttention, _forward_params, _rebuild,  # noqa: F401
+                   fused_class_for, is_bert_self_attention_like)
 
-_FORWARD_ARGS = {"hidden_states", "attention_mask", "head_mask", "encoder_hidden_states",
-                 "encoder_attention_mask", "past_key_value", "past_key_values", "output_attentions",
-                 "cache_position", "kwargs"}
-_SUBMODULES = {"query", "key", "value", "dropout"}
 _STATE = "_fused_attn_patch_state"
-
-
-def is_bert_self_attention_like(module: nn.Module) -> bool:
-    """Does ``module`` have BertSelfAttention's structure (see the module docstring)?"""
-    if isinstance(module, FusedBertSelfAttention):
-        return False
-    if set(module._modules) != _SUBMODULES:
-        return False
-    q, k, v = module._modules["query"], module._modules["key"], module._modules["value"]
-    if not all(type(m) is nn.Linear for m in (q, k, v)) or not isinstance(module._modules["dropout"], nn.Dropout):
-        return False
-    heads, head_dim = getattr(module, "num_attention_heads", None), getattr(module, "attention_head_size", None)
-    if not isinstance(heads, int) or not isinstance(head_dim, int):
-        return False
-    width = heads * head_dim
-    if not (q.out_features == k.out_features == v.out_features == width):
-        return False
-    if getattr(module, "position_embedding_type", "absolute") not in (None, "absolute"):
-        return False
-    params = _forward_params(type(module))
-    if not params or params[0] != "hidden_states" or not set(params) <= _FORWARD_ARGS:
-        return False
-    if TRANSFORMERS_5 and not hasattr(module, "layer_idx"):
-        return False
-    return True
 
 
 def _children(model: nn.Module) -> Iterator[Tuple[nn.Module, str, nn.Module]]:
@@ -86,8 +59,6 @@ def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -
     contains one (e.g. a SentenceTransformer).
     Idempotent (already fused modules are kept, their backend updated); returns ``model``.
     """
-    from . import padding_free as pf
-
     state = model.__dict__.get(_STATE) or {"attn_impl": [], "mask_attrs": []}
     swapped = 0
     for parent, name, child in _children(model):
@@ -130,8 +101,6 @@ def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: original module classes (same weights), encoders, hooks, mask form and
     attn_implementation.  A no-op on a model that is not patched; returns ``model``."""
-    from . import padding_free as pf
-
     pf.disable(model)
     for parent, name, child in _children(model):
         if isinstance(child, FusedBertSelfAttention):
@@ -161,8 +130,7 @@ def patched(model: nn.Module, backend: str = "auto", padding_free: bool = False)
 
 
 def is_patched(model: nn.Module) -> bool:
-    from .padding_free import is_padding_free
-    return any(isinstance(m, FusedBertSelfAttention) for m in model.modules()) or is_padding_free(model)
+    return any(isinstance(m, FusedBertSelfAttention) for m in model.modules()) or pf.is_padding_free(model)
 
 
 def fused_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
