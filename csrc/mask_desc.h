@@ -45,6 +45,35 @@ struct MaskDesc {
   }
 };
 
+// The local window of a call (FlashAttention-2's window_size) with causal folded in (causal: right =
+// 0): query i sees key j iff i + off - left <= j <= i + off + right, off = Sk - Sq of its sequence;
+// -1 = unbounded on that side.  Inactive (-1, -1) for calls with neither.
+struct Band {
+  int64_t left = -1, right = -1;
+
+  FA_HOST_DEVICE static Band of(int64_t window_left, int64_t window_right, bool causal) {
+    Band w;
+    w.left = window_left < 0 ? -1 : window_left;
+    w.right = causal ? 0 : (window_right < 0 ? -1 : window_right);
+    return w;
+  }
+  FA_HOST_DEVICE bool active() const { return left >= 0 || right >= 0; }
+  FA_HOST_DEVICE bool sees(int64_t i, int64_t j, int64_t off) const {
+    const int64_t d = j - i - off;
+    return (left < 0 || d >= -left) && (right < 0 || d <= right);
+  }
+  // The keys [lo, hi) that queries [i_first, i_last] can see, inside [lo, hi) (loop bounds).
+  FA_HOST_DEVICE void clamp_keys(int64_t i_first, int64_t i_last, int64_t off, int64_t& lo, int64_t& hi) const {
+    if (left >= 0 && i_first + off - left > lo) lo = i_first + off - left;
+    if (right >= 0 && i_last + off + right + 1 < hi) hi = i_last + off + right + 1;
+  }
+  // Some (query, key) of queries [i_first, i_last] x keys [j_first, j_last] lies outside the band:
+  // the tile needs the per-element condition.
+  FA_HOST_DEVICE bool cuts(int64_t i_first, int64_t i_last, int64_t j_first, int64_t j_last, int64_t off) const {
+    return (right >= 0 && j_last > i_first + off + right) || (left >= 0 && j_first < i_last + off - left);
+  }
+};
+
 struct HeadMask {
   const float* ptr = nullptr;            // [1|B, H] fp32
   int64_t s_b = 0, s_h = 0;
@@ -288,9 +317,9 @@ inline RelBias make_rel_bias(const at::Tensor& q, const at::Tensor& k, const Seq
     if (!t.has_value()) continue;
     const auto& ref = side == 0 ? q : k;
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 4 && t->size(0) == ref.size(0) &&
-                    t->size(1) == ref.size(1) && t->size(2) == ref.size(2) && (r.P < 0 || t->size(3) == r.P) &&
+                    t->size(1) == q.size(1) && t->size(2) == ref.size(2) && (r.P < 0 || t->size(3) == r.P) &&
                     t->device() == q.device(),
-                "fused_attn: ", side == 0 ? "c2p" : "p2c", " must be float32 [", ref.size(0), ", ", ref.size(1),
+                "fused_attn: ", side == 0 ? "c2p" : "p2c", " must be float32 [", ref.size(0), ", ", q.size(1),
                 ", ", ref.size(2), ", P] on ", q.device(), ", got ", t->sizes(), " ", t->scalar_type());
     r.P = t->size(3);
     at::Tensor* grad = side == 0 ? dc2p : dp2c;

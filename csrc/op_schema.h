@@ -6,6 +6,10 @@
 // q [1, H, Tq, D], k / v [1, H, Tk, D], lse [1, H, Tq], sequence b at rows cu[b] .. cu[b + 1] (at
 // most max_seqlen_q / _k of them); see SeqLayout in mask_desc.h.
 //
+// window_left / window_right: the local band (FlashAttention-2's window_size, causal folded in by
+// the caller: right = 0 when causal): query i sees key j iff i + Sk - Sq - left <= j <= i + Sk - Sq +
+// right, per sequence; -1 = unbounded on that side.
+//
 // c2p / p2c / rel_index: DeBERTa's disentangled score (RelBias in mask_desc.h); rel_index int32,
 // c2p [B, H, Sq, P] / p2c [B, H, Sk, P] fp32 (packed: [1, H, T, P]), either may be absent.  bwd returns
 // their fp32 gradients dc2p / dp2c (empty tensors for an absent table).
@@ -22,7 +26,7 @@ constexpr const char* kFwdSchema =
     "Tensor? block_state, Tensor? head_mask, bool additive, bool causal, "
     "float scale, float dropout_p, Tensor? rng, int block_m, int block_n, "
     "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0, "
-    "Tensor? c2p=None, Tensor? p2c=None, Tensor? rel_index=None) "
+    "int window_left=-1, int window_right=-1, Tensor? c2p=None, Tensor? p2c=None, Tensor? rel_index=None) "
     "-> (Tensor out, Tensor lse, Tensor visited)";
 
 constexpr const char* kBwdSchema =
@@ -30,7 +34,7 @@ constexpr const char* kBwdSchema =
     "Tensor? key_start, Tensor? key_end, Tensor? key_needs_mask, Tensor? block_state, Tensor? head_mask, "
     "bool additive, bool causal, float scale, float dropout_p, Tensor? rng, int block_m, int block_n, "
     "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0, "
-    "Tensor? c2p=None, Tensor? p2c=None, Tensor? rel_index=None) "
+    "int window_left=-1, int window_right=-1, Tensor? c2p=None, Tensor? p2c=None, Tensor? rel_index=None) "
     "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dc2p, Tensor dp2c)";
 
 constexpr const char* kDropoutKeepSchema =

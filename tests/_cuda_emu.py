@@ -93,5 +93,5 @@ def register() -> str:
     if NAME not in backends.names():
         cuda = cpp_backend.CUDA
         backends.register(cpp_backend.CppEngine(NAME, "cpu", cuda.blocks, cuda.max_head_dim, load,
-                                                rel_bias=cuda.rel_bias))
+                                                features=cuda.features))
     return NAME

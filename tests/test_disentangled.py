@@ -75,7 +75,7 @@ def test_reference_is_hf_attention_scores():
 def engine(engine):
     """conftest's engine, for engines whose kernels compute the disentangled score."""
     from fused_attn import backends
-    if not backends.get(engine[0]).rel_bias:
+    if "rel_bias" not in backends.get(engine[0]).features:
         pytest.skip(f"{engine[0]}: rel_bias not implemented yet")
     return engine
 
@@ -97,16 +97,18 @@ def _run(fn, inputs, grad_out):
 
 
 def check(engine, B, H, Sq, Sk, D, P, dtype, which="both", mask=None, table_dtype=None, dropout_p=0.0,
-          seed=0, causal=False):
+          seed=0, causal=False, window=(-1, -1), kv_heads=None):
     name, device = engine
     g = torch.Generator().manual_seed(seed)
     q, k, v = make_qkv(B, H, Sq, Sk, D, dtype, device, requires_grad=True, g=g)
+    if kv_heads is not None:   # grouped-query k / v
+        k, v = (t.detach()[:, :kv_heads].clone().requires_grad_() for t in (k, v))
     c2p, p2c, index = _tables(B, H, Sq, Sk, P, table_dtype or dtype, device, which, g)
     go = torch.randn(B, H, Sq, D, generator=g).to(device=device, dtype=dtype)
     m = None if mask is None else mask.to(device)
     state = torch.get_rng_state()
     got = _run(lambda a, b, c, x, y: fused_attn.attention(a, b, c, m, causal, dropout_p, backend=name,
-                                                          rel_bias=DisentangledBias(x, y, index)),
+                                                          window_size=window, rel_bias=DisentangledBias(x, y, index)),
                (q, k, v, c2p, p2c), go)
     keep = None
     if dropout_p > 0:   # the keep-mask the kernels drew (test_backward.py's dropout tests)
@@ -116,7 +118,8 @@ def check(engine, B, H, Sq, Sk, D, P, dtype, which="both", mask=None, table_dtyp
 
     def ref(cdt):
         return lambda a, b, c, x, y: reference.attention(a, b, c, m, causal, dropout_p, dropout_mask=keep,
-                                                         compute_dtype=cdt, rel_bias=DisentangledBias(x, y, index))
+                                                         window_size=window, compute_dtype=cdt,
+                                                         rel_bias=DisentangledBias(x, y, index))
     f32 = [None if t is None else t.detach().float().requires_grad_() for t in (q, k, v, c2p, p2c)]
     oracle = _run(ref(None), f32, go.float())
     eager = _run(ref(dtype), (q, k, v, c2p, p2c), go)
@@ -149,6 +152,11 @@ def test_rel_bias_masks(engine, mask_kind, causal):
     """Per-pair masks (the block-map loops) and causal (diagonal tiles)."""
     from cases import make_mask
     check(engine, 2, 2, 37, 45, 32, 10, torch.float32, mask=make_mask(mask_kind, 2, 2, 37, 45), causal=causal)
+
+
+def test_rel_bias_window_and_grouped_kv(engine):
+    """With window_size (local attention) and grouped-query k / v: the tables keep H query heads."""
+    check(engine, 1, 4, 37, 45, 32, 10, torch.float32, window=(9, 3), kv_heads=2)
 
 
 def test_rel_bias_single_pass_backward(engine, monkeypatch):
@@ -274,7 +282,7 @@ def test_rel_bias_opcheck(engine):
     c2p, p2c, index = _tables(1, 2, 20, 33, 8, torch.float32, device)
     for tables in ((c2p, p2c), (c2p, None), (None, p2c)):
         args = (q, k, v, None, None, None, None, None, None, "none", False, False, 0.25, 0.0, name, None, None, 0, 0,
-                *tables, index)
+                -1, -1, *tables, index)
         torch.library.opcheck(ops.attn_forward, args)
 
 
@@ -288,9 +296,9 @@ def test_engine_without_rel_bias_says_so():
     backends.register(Plain())
     try:
         q = torch.randn(1, 1, 4, 8)
+        rb = DisentangledBias(torch.randn(1, 1, 4, 3), None, torch.zeros(7, dtype=torch.long))
         with pytest.raises(RuntimeError, match="plain-test.*rel_bias"):
-            fused_attn.attention(q, q, q, backend="plain-test",
-                                 rel_bias=DisentangledBias(torch.randn(1, 1, 4, 3), None, torch.zeros(7, dtype=torch.long)))
+            fused_attn.attention(q, q, q, backend="plain-test", rel_bias=rb)
     finally:
         backends._ENGINES.pop("plain-test")
         backends._CHOICES.clear()

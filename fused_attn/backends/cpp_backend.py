@@ -42,10 +42,10 @@ class CppEngine(Engine):
 
     def __init__(self, name: str, device_type: str, blocks: Tuple[int, int], max_head_dim: int,
                  load_ops: Callable[[], object], unsupported: Optional[Callable[[], Optional[str]]] = None,
-                 rel_bias: bool = False):
+                 features: frozenset = frozenset()):
         self.name, self.device_type, self.blocks, self.max_head_dim = name, device_type, blocks, max_head_dim
-        self.rel_bias = rel_bias   # the kernels compute DeBERTa's disentangled score (rel_bias=)
         self._load_ops, self._unsupported = load_ops, unsupported
+        self.features = frozenset(features)
 
     def ops(self):
         return self._load_ops()
@@ -62,30 +62,28 @@ class CppEngine(Engine):
         return None
 
     def forward(self, q, k, v, red, *, causal, dropout_p, scale, head_mask=None, rng=None, varlen=None,
-                stats=False, rel_bias=None):
+                stats=False, window_size=(-1, -1), rel_bias=None):
+        self._check_features(q, k, window_size, rel_bias)
         out, lse, visited = _forward(self.ops(), self.blocks, q, k, v, red, causal, scale, dropout_p, head_mask,
-                                     rng, varlen, self._rel_args(rel_bias))
+                                     rng, varlen, window_size, _rel_args(rel_bias))
         return (out, lse, visited) if stats else (out, lse)
 
     def backward(self, grad_out, q, k, v, out, lse, red, *, causal, dropout_p, scale, head_mask=None, rng=None,
-                 varlen=None, rel_bias=None):
+                 varlen=None, window_size=(-1, -1), rel_bias=None):
+        self._check_features(q, k, window_size, rel_bias)
         dq, dk, dv, dc2p, dp2c = _backward(self.ops(), self.blocks, grad_out, q, k, v, out, lse, red, causal, scale,
-                                           dropout_p, head_mask, rng, varlen, self._rel_args(rel_bias))
+                                           dropout_p, head_mask, rng, varlen, window_size, _rel_args(rel_bias))
         if rel_bias is None:
             return dq, dk, dv
-        c2p, p2c, _ = rel_bias
+        c2p, p2c, _ = rel_bias   # the table gradients in the tables' dtypes
         return (dq, dk, dv, None if c2p is None else dc2p.to(c2p.dtype), None if p2c is None else dp2c.to(p2c.dtype))
 
-    def _rel_args(self, rel_bias) -> tuple:
-        """The ops' trailing (c2p, p2c, rel_index): fp32 tables, int32 index (all None without)."""
-        if rel_bias is None:
-            return (None, None, None)
-        if not self.rel_bias:
-            raise RuntimeError(f"backend {self.name!r}: rel_bias (DeBERTa's disentangled score) is not implemented "
-                               f"in its kernels")
-        c2p, p2c, index = rel_bias
-        return (None if c2p is None else c2p.to(torch.float32), None if p2c is None else p2c.to(torch.float32),
-                index.to(torch.int32).contiguous())
+    def _check_features(self, q, k, window_size, rel_bias=None) -> None:
+        needs = tuple(f for f, used in (("window", tuple(window_size) != (-1, -1)), ("gqa", k.shape[1] != q.shape[1]),
+                                        ("rel_bias", rel_bias is not None)) if used)
+        why = self.missing(needs)
+        if why:
+            raise RuntimeError(f"backend {self.name!r} cannot serve this call: " + "; ".join(why))
 
     def keep_mask(self, batch, heads, q_len, k_len, dropout_p, rng):
         return self.ops().dropout_keep(rng, batch, heads, q_len, k_len, float(dropout_p))
@@ -96,8 +94,18 @@ def _no_cuda_torch() -> Optional[str]:
 
 
 # Tile sizes: csrc/cpu_attn.h (CPU), csrc/cuda/attn_cuda.cu (CUDA).
-CPU = CppEngine("cpu", "cpu", (64, 64), 256, lambda: extension_ops("cpu"), rel_bias=True)
-CUDA = CppEngine("cuda", "cuda", (32, 32), 128, lambda: extension_ops("cuda"), _no_cuda_torch, rel_bias=True)
+CPU = CppEngine("cpu", "cpu", (64, 64), 256, lambda: extension_ops("cpu"), features={"window", "gqa", "rel_bias"})
+CUDA = CppEngine("cuda", "cuda", (32, 32), 128, lambda: extension_ops("cuda"), _no_cuda_torch,
+                 features={"window", "gqa", "rel_bias"})
+
+
+def _rel_args(rel_bias) -> tuple:
+    """The ops' trailing (c2p, p2c, rel_index): fp32 tables, int32 index (all None without)."""
+    if rel_bias is None:
+        return (None, None, None)
+    c2p, p2c, index = rel_bias
+    return (None if c2p is None else c2p.to(torch.float32), None if p2c is None else p2c.to(torch.float32),
+            index.to(torch.int32).contiguous())
 
 
 def _mask_args(red: Optional[ReducedMask], blocks: Tuple[int, int], causal: bool):
@@ -132,7 +140,8 @@ def _varlen_args(varlen, red: Optional[ReducedMask], head_mask: Optional[torch.T
 
 
 def _forward(ops, blocks, q, k, v, red: Optional[ReducedMask], causal: bool, scale: float, dropout_p: float,
-             head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor], varlen, rel=(None, None, None)):
+             head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor], varlen, window_size=(-1, -1),
+             rel=(None, None, None)):
     """(out [B, H, Sq, D] in q.dtype, lse [B, H, Sq] fp32 in log2 units, +inf for rows that see
     nothing, visited key blocks per (b, h, query block)).  rng: the dropout (seed, offset), int64 [2]
     on q's device, read by the kernels (None without dropout).
@@ -141,17 +150,18 @@ def _forward(ops, blocks, q, k, v, red: Optional[ReducedMask], causal: bool, sca
     v [1, H, Tk, D], red None or a "none" mask, head_mask None; out is [1, H, Tq, D] (a view of a
     contiguous [Tq, H, D]), lse [1, H, Tq], visited [B, H, cdiv(max_seqlen_q, block_m)]; rows in no
     sequence give out 0 and lse +inf.  The values of cu_seqlens are not checked here (the kernels
-    clamp them into bounds)."""
+    clamp them into bounds).  window_size: the (left, right) band, causal folded in (right 0).  rel:
+    the ops' (c2p, p2c, rel_index), DeBERTa's disentangled score."""
     packed = _varlen_args(varlen, red, head_mask)
     *mask, additive = _mask_args(red, blocks, causal)
     return ops.fwd(q, k, v, *mask, _head_mask(head_mask), additive, bool(causal), float(scale), float(dropout_p),
-                   rng, blocks[0], blocks[1], *packed, *rel)
+                   rng, blocks[0], blocks[1], *packed, int(window_size[0]), int(window_size[1]), *rel)
 
 
 def _backward(ops, blocks, grad_out, q, k, v, out, lse, red: Optional[ReducedMask], causal: bool, scale: float,
               dropout_p: float, head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor], varlen,
-              rel=(None, None, None)):
-    """(dq, dk, dv, dc2p, dp2c): dq, dk, dv in the dtypes of q, k, v; the table gradients fp32 (empty
+              window_size=(-1, -1), rel=(None, None, None)):
+    """(dq, dk, dv, dc2p, dp2c): dq, dk, dv in the dtypes of q, k, v, the table gradients fp32 (empty
     without the table); rel: the ops' (c2p, p2c, rel_index).  varlen: as in :func:`_forward` (then grad_out and out
     are [1, H, Tq, D], lse [1, H, Tq]; rows in no sequence get zero gradients)."""
     if grad_out.dtype != q.dtype:
@@ -159,7 +169,8 @@ def _backward(ops, blocks, grad_out, q, k, v, out, lse, red: Optional[ReducedMas
     packed = _varlen_args(varlen, red, head_mask)
     *mask, additive = _mask_args(red, blocks, causal)
     return ops.bwd(grad_out, q, k, v, out, lse, *mask, _head_mask(head_mask), additive, bool(causal),
-                   float(scale), float(dropout_p), rng, blocks[0], blocks[1], *packed, *rel)
+                   float(scale), float(dropout_p), rng, blocks[0], blocks[1], *packed, int(window_size[0]),
+                   int(window_size[1]), *rel)
 
 
 def _token_major(t: torch.Tensor) -> torch.Tensor:
@@ -179,7 +190,8 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fused_attn::fwd")
     def _fwd_fake(q, k, v, mask, key_start, key_end, key_needs_mask, block_state, head_mask, additive, causal,
                   scale, dropout_p, rng, block_m, block_n, cu_seqlens_q=None, cu_seqlens_k=None,
-                  max_seqlen_q=0, max_seqlen_k=0, c2p=None, p2c=None, rel_index=None):
+                  max_seqlen_q=0, max_seqlen_k=0, window_left=-1, window_right=-1, c2p=None, p2c=None,
+                  rel_index=None):
         B, H, Sq, _ = q.shape
         lse = q.new_empty((B, H, Sq), dtype=torch.float32)
         if cu_seqlens_q is None:
@@ -190,7 +202,8 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fused_attn::bwd")
     def _bwd_fake(grad_out, q, k, v, out, lse, mask, key_start, key_end, key_needs_mask, block_state, head_mask,
                   additive, causal, scale, dropout_p, rng, block_m, block_n, cu_seqlens_q=None,
-                  cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, c2p=None, p2c=None, rel_index=None):
+                  cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, window_left=-1, window_right=-1, c2p=None,
+                  p2c=None, rel_index=None):
         tables = tuple(q.new_empty((0,), dtype=torch.float32) if t is None or rel_index is None
                        else t.new_empty(t.shape) for t in (c2p, p2c))
         if cu_seqlens_q is None:
