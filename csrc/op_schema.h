@@ -10,6 +10,10 @@
 // the caller: right = 0 when causal): query i sees key j iff i + Sk - Sq - left <= j <= i + Sk - Sq +
 // right, per sequence; -1 = unbounded on that side.
 //
+// c2p / p2c / rel_index: DeBERTa's disentangled score (RelBias in mask_desc.h); rel_index int32,
+// c2p [B, H, Sq, P] / p2c [B, H, Sk, P] fp32 (packed: [1, H, T, P]), either may be absent.  bwd returns
+// their fp32 gradients dc2p / dp2c (empty tensors for an absent table).
+//
 // rng: the dropout Philox (seed, offset), a contiguous int64 tensor [2] on q's device that the kernels
 // read (the CUDA kernels on the device: graph-safe); required when dropout_p > 0.  dropout_keep draws
 // the keep-mask on rng's device.
@@ -22,7 +26,7 @@ constexpr const char* kFwdSchema =
     "Tensor? block_state, Tensor? head_mask, bool additive, bool causal, "
     "float scale, float dropout_p, Tensor? rng, int block_m, int block_n, "
     "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0, "
-    "int window_left=-1, int window_right=-1) "
+    "int window_left=-1, int window_right=-1, Tensor? c2p=None, Tensor? p2c=None, Tensor? rel_index=None) "
     "-> (Tensor out, Tensor lse, Tensor visited)";
 
 constexpr const char* kBwdSchema =
@@ -30,8 +34,8 @@ constexpr const char* kBwdSchema =
     "Tensor? key_start, Tensor? key_end, Tensor? key_needs_mask, Tensor? block_state, Tensor? head_mask, "
     "bool additive, bool causal, float scale, float dropout_p, Tensor? rng, int block_m, int block_n, "
     "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0, "
-    "int window_left=-1, int window_right=-1) "
-    "-> (Tensor dq, Tensor dk, Tensor dv)";
+    "int window_left=-1, int window_right=-1, Tensor? c2p=None, Tensor? p2c=None, Tensor? rel_index=None) "
+    "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dc2p, Tensor dp2c)";
 
 constexpr const char* kDropoutKeepSchema =
     "dropout_keep(Tensor rng, int batch, int heads, int q_len, int k_len, float dropout_p) -> Tensor";

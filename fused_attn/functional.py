@@ -9,6 +9,7 @@ from . import backends, masks, ops, reference
 from ._checks import (NO_WINDOW, Geometry, check_causal, check_head_mask, check_qkv, check_scalars, check_sizes,
                       check_varlen, check_window)
 from ._rng import philox_rng
+from .disentangled import DisentangledBias, check_rel_bias
 from .masks import ReducedMask
 
 
@@ -24,6 +25,7 @@ def attention(
     backend: str = "auto",
     *,
     window_size=NO_WINDOW,
+    rel_bias: Optional[DisentangledBias] = None,
 ) -> torch.Tensor:
     """Masked attention ``softmax(q kᵀ · scale + mask) · v`` in one fused kernel.
 
@@ -49,27 +51,36 @@ def attention(
         head_mask: [H] or [B, H] multiplier on the probabilities (HF 4.x head_mask).
         backend: "auto" | "triton" | "cuda" | "cpu" | "reference"; env FUSED_ATTN_BACKEND
             overrides "auto".
+        rel_bias: DeBERTa's disentangled score, a ``fused_attn.DisentangledBias(c2p, p2c, index)``:
+            c2p [B, H, Sq, P], p2c [B, H, Sk, P] (q's dtype or fp32, either may be None), index
+            integer [Sq + Sk - 1] on q's device; the score of (i, j) becomes
+            ``(q_i·k_j + c2p[i, c] + p2c[j, c]) * scale`` with ``c = index[i - j + Sk - 1]``.
+            Keyword only.
     Returns:
         [B, H, Sq, D] in q's dtype.  Rows that see no key are exactly 0.  Differentiable in
-        q, k, v (masks and head_mask get no gradient); dk, dv have k's and v's H_kv heads.
+        q, k, v and rel_bias's tables (masks and head_mask get no gradient); dk, dv have k's and
+        v's H_kv heads.
     """
     s = check_qkv(q, k, v)
     scale = check_scalars(dropout_p, scale, s.head_dim)
     hm = check_head_mask(head_mask, s, q.device)
     causal = check_causal(causal)
     window = _band(check_window(window_size), causal)
+    rel_bias = check_rel_bias(rel_bias, q, s.q_len, s.k_len, s.heads, s.batch, s.q_len, s.k_len)
     red = masks.reduce_mask(attention_mask, s.batch, s.heads, s.q_len, s.k_len, device=q.device)
-    needs = _needs(window, s.group > 1)
+    needs = _needs(window, s.group > 1, rel_bias is not None)
     name = backends.select(backend, q, needs)
     check_sizes(q, k, v, red, dropout_p, name)
     if q.numel() == 0 or k.shape[2] == 0:          # B, Sq or Sk = 0: every row (if any) sees no key
         return ops.nothing_to_compute(q, k, v)
     if name == "reference":
-        return reference.attention(q, k, v, red, causal, float(dropout_p), scale, head_mask, window_size=window)
+        return reference.attention(q, k, v, red, causal, float(dropout_p), scale, head_mask, window_size=window,
+                                   rel_bias=rel_bias)
     if hm is not None:
         hm = hm.detach().to(torch.float32)
     rng = philox_rng(q.device) if dropout_p > 0.0 else None
-    return ops.fused_attention(q, k, v, red, hm, causal, scale, float(dropout_p), name, rng, window=window)
+    return ops.fused_attention(q, k, v, red, hm, causal, scale, float(dropout_p), name, rng, window=window,
+                               rel_bias=rel_bias)
 
 
 def _band(window: tuple, causal: bool) -> tuple:
@@ -80,11 +91,10 @@ def _band(window: tuple, causal: bool) -> tuple:
     return NO_WINDOW if window[0] < 0 else (window[0], 0)
 
 
-def _needs(window: tuple, grouped: bool) -> tuple:
+def _needs(window: tuple, grouped: bool, rel_bias: bool = False) -> tuple:
     """The optional engine features a call uses (backends.Engine.features)."""
-    if window == NO_WINDOW:
-        return ("gqa",) if grouped else ()
-    return ("window", "gqa") if grouped else ("window",)
+    return tuple(f for f, used in (("window", window != NO_WINDOW), ("gqa", grouped), ("rel_bias", rel_bias))
+                 if used)
 
 
 def varlen_attention(
@@ -101,6 +111,7 @@ def varlen_attention(
     backend: str = "auto",
     *,
     window_size=NO_WINDOW,
+    rel_bias: Optional[DisentangledBias] = None,
 ) -> torch.Tensor:
     """Attention over a packed batch of variable-length sequences (FlashAttention-2's
     ``flash_attn_varlen_func`` argument order): no padding is stored or computed.
@@ -125,9 +136,12 @@ def varlen_attention(
             i + Sk_b - Sq_b - left <= j <= i + Sk_b - Sq_b + right (-1: unbounded); keyword only.
         backend: "auto" | "triton" | "cuda" | "cpu" | "reference"; env FUSED_ATTN_BACKEND
             overrides "auto".
+        rel_bias: DeBERTa's disentangled score (see :func:`attention`) in packed form: c2p
+            [Tq, H, P], p2c [Tk, H, P], index [max_seqlen_q + max_seqlen_k - 1]; query i and key j
+            of a sequence (positions inside it) use column ``index[i - j + max_seqlen_k - 1]``.
     Returns:
         [Tq, H, D] in q's dtype.  A query with no key to see outputs exactly 0.  Differentiable in
-        q, k, v.
+        q, k, v and rel_bias's tables.
 
     The values of cu_seqlens are checked on CPU tensors; on CUDA only with FUSED_ATTN_DEBUG=1
     (checking needs a host sync).  Whatever they hold, the kernels stay inside the tensors.
@@ -136,9 +150,10 @@ def varlen_attention(
     scale = check_scalars(dropout_p, scale, q.shape[2])
     causal = check_causal(causal)
     window = _band(check_window(window_size), causal)
+    rel_bias = check_rel_bias(rel_bias, q, q.shape[0], k.shape[0], q.shape[1], None, max_seqlen_q, max_seqlen_k)
     # the kernels take [1, H, T, D] views: batch stride unused, a sequence is a row offset
     q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))
-    name = backends.select(backend, q4, _needs(window, k.shape[1] != q.shape[1]))
+    name = backends.select(backend, q4, _needs(window, k.shape[1] != q.shape[1], rel_bias is not None))
     b, mq, mk = seqs.batch, seqs.max_seqlen_q, seqs.max_seqlen_k
     red = masks.ReducedMask("none", b, q.shape[1], mq, mk)
     # the kernels' limits, on the padded shape the packed batch stands for (one sequence per batch entry)
@@ -148,8 +163,11 @@ def varlen_attention(
         return ops.nothing_to_compute(q, k, v)
     if name == "reference":
         return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                          float(dropout_p), scale, causal, window_size=window)
+                                          float(dropout_p), scale, causal, window_size=window, rel_bias=rel_bias)
     rng = philox_rng(q.device) if dropout_p > 0.0 else None
+    if rel_bias is not None:   # [T, H, P] tables as [1, H, T, P] views, like q / k / v
+        rel_bias = DisentangledBias(*(None if t is None else t.unsqueeze(0).transpose(1, 2) for t in rel_bias[:2]),
+                                    rel_bias.index)
     out = ops.fused_attention(q4, k4, v4, red, None, causal, scale, float(dropout_p), name, rng, varlen=seqs,
-                              window=window)
+                              window=window, rel_bias=rel_bias)
     return out[0].transpose(0, 1)

@@ -31,12 +31,14 @@ class Engine:
     dtypes: Tuple[torch.dtype, ...] = KERNEL_DTYPES
     max_head_dim: int = 256
     # optional call features it implements: "window" (window_size, a local band), "gqa" (k / v with
-    # fewer heads than q); a call that uses one the engine lacks gets it as a reason (missing())
+    # fewer heads than q), "rel_bias" (DeBERTa's disentangled score, fused_attn.DisentangledBias); a
+    # call that uses one the engine lacks gets it as a reason (missing())
     features: frozenset = frozenset()
 
     def missing(self, needs) -> List[str]:
         """Reasons for the features in `needs` this engine does not implement."""
-        what = {"window": "window_size (local attention)", "gqa": "k / v with fewer heads than q (grouped-query)"}
+        what = {"window": "window_size (local attention)", "gqa": "k / v with fewer heads than q (grouped-query)",
+                "rel_bias": "rel_bias (DeBERTa's disentangled score)"}
         return [f"{what.get(f, f)} is not supported by the {self.name} backend" for f in needs
                 if f not in self.features]
 
@@ -60,20 +62,25 @@ class Engine:
         return out
 
     def forward(self, q, k, v, red, *, causal: bool, dropout_p: float, scale: float, head_mask=None,
-                rng: Optional[torch.Tensor] = None, varlen=None, stats: bool = False, window_size=(-1, -1)):
+                rng: Optional[torch.Tensor] = None, varlen=None, stats: bool = False, window_size=(-1, -1),
+                rel_bias=None):
         """(out like q, lse [B, H, Sq] fp32 in log2 units, +inf where a row sees nothing[, visited
         key blocks per (b, h, query block) when stats]).  q [B, H, Sq, D], k / v [B, H_kv, Sk, D]
         (H_kv < H only with the "gqa" feature), red a masks.ReducedMask; window_size the (left,
         right) band with causal folded in (right = 0 when causal; only with the "window" feature:
-        callers pass it only when it is not (-1, -1)); rng the dropout (seed, offset), an int64 tensor [2] on q's device
+        callers pass it only when it is not (-1, -1)); rel_bias a checked fused_attn.DisentangledBias
+        (only with the "rel_bias" feature, passed only when given; varlen: its tables as [1, H, T, P]
+        views, like q / k / v); rng the dropout (seed, offset), an int64 tensor [2] on q's device
         that the kernels read (needed when dropout_p > 0; fused_attn._rng); varlen a
         packing.SeqLens: then q / k / v are the [1, H, T, D] views of packed tensors and lse is
         [1, H, Tq]."""
         raise NotImplementedError
 
     def backward(self, grad_out, q, k, v, out, lse, red, *, causal: bool, dropout_p: float, scale: float,
-                 head_mask=None, rng: Optional[torch.Tensor] = None, varlen=None, window_size=(-1, -1)):
-        """(dq, dk, dv) like q, k, v; rng, window_size: the forward's."""
+                 head_mask=None, rng: Optional[torch.Tensor] = None, varlen=None, window_size=(-1, -1),
+                 rel_bias=None):
+        """(dq, dk, dv) like q, k, v; rng, window_size, rel_bias: the forward's.  With rel_bias:
+        (dq, dk, dv, dc2p, dp2c), the table gradients like the tables (None for a missing table)."""
         raise NotImplementedError
 
     def keep_bits_shape(self, q, k, dropout_p: float, varlen=None) -> Optional[Tuple[int, ...]]:

@@ -62,20 +62,25 @@ class CppEngine(Engine):
         return None
 
     def forward(self, q, k, v, red, *, causal, dropout_p, scale, head_mask=None, rng=None, varlen=None,
-                stats=False, window_size=(-1, -1)):
-        self._check_features(q, k, window_size)
+                stats=False, window_size=(-1, -1), rel_bias=None):
+        self._check_features(q, k, window_size, rel_bias)
         out, lse, visited = _forward(self.ops(), self.blocks, q, k, v, red, causal, scale, dropout_p, head_mask,
-                                     rng, varlen, window_size)
+                                     rng, varlen, window_size, _rel_args(rel_bias))
         return (out, lse, visited) if stats else (out, lse)
 
     def backward(self, grad_out, q, k, v, out, lse, red, *, causal, dropout_p, scale, head_mask=None, rng=None,
-                 varlen=None, window_size=(-1, -1)):
-        self._check_features(q, k, window_size)
-        return _backward(self.ops(), self.blocks, grad_out, q, k, v, out, lse, red, causal, scale, dropout_p,
-                         head_mask, rng, varlen, window_size)
+                 varlen=None, window_size=(-1, -1), rel_bias=None):
+        self._check_features(q, k, window_size, rel_bias)
+        dq, dk, dv, dc2p, dp2c = _backward(self.ops(), self.blocks, grad_out, q, k, v, out, lse, red, causal, scale,
+                                           dropout_p, head_mask, rng, varlen, window_size, _rel_args(rel_bias))
+        if rel_bias is None:
+            return dq, dk, dv
+        c2p, p2c, _ = rel_bias   # the table gradients in the tables' dtypes
+        return (dq, dk, dv, None if c2p is None else dc2p.to(c2p.dtype), None if p2c is None else dp2c.to(p2c.dtype))
 
-    def _check_features(self, q, k, window_size) -> None:
-        needs = (("window",) if tuple(window_size) != (-1, -1) else ()) + (("gqa",) if k.shape[1] != q.shape[1] else ())
+    def _check_features(self, q, k, window_size, rel_bias=None) -> None:
+        needs = tuple(f for f, used in (("window", tuple(window_size) != (-1, -1)), ("gqa", k.shape[1] != q.shape[1]),
+                                        ("rel_bias", rel_bias is not None)) if used)
         why = self.missing(needs)
         if why:
             raise RuntimeError(f"backend {self.name!r} cannot serve this call: " + "; ".join(why))
@@ -89,9 +94,18 @@ def _no_cuda_torch() -> Optional[str]:
 
 
 # Tile sizes: csrc/cpu_attn.h (CPU), csrc/cuda/attn_cuda.cu (CUDA).
-CPU = CppEngine("cpu", "cpu", (64, 64), 256, lambda: extension_ops("cpu"), features={"window", "gqa"})
+CPU = CppEngine("cpu", "cpu", (64, 64), 256, lambda: extension_ops("cpu"), features={"window", "gqa", "rel_bias"})
 CUDA = CppEngine("cuda", "cuda", (32, 32), 128, lambda: extension_ops("cuda"), _no_cuda_torch,
-                 features={"window", "gqa"})
+                 features={"window", "gqa", "rel_bias"})
+
+
+def _rel_args(rel_bias) -> tuple:
+    """The ops' trailing (c2p, p2c, rel_index): fp32 tables, int32 index (all None without)."""
+    if rel_bias is None:
+        return (None, None, None)
+    c2p, p2c, index = rel_bias
+    return (None if c2p is None else c2p.to(torch.float32), None if p2c is None else p2c.to(torch.float32),
+            index.to(torch.int32).contiguous())
 
 
 def _mask_args(red: Optional[ReducedMask], blocks: Tuple[int, int], causal: bool):
@@ -126,7 +140,8 @@ def _varlen_args(varlen, red: Optional[ReducedMask], head_mask: Optional[torch.T
 
 
 def _forward(ops, blocks, q, k, v, red: Optional[ReducedMask], causal: bool, scale: float, dropout_p: float,
-             head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor], varlen, window_size=(-1, -1)):
+             head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor], varlen, window_size=(-1, -1),
+             rel=(None, None, None)):
     """(out [B, H, Sq, D] in q.dtype, lse [B, H, Sq] fp32 in log2 units, +inf for rows that see
     nothing, visited key blocks per (b, h, query block)).  rng: the dropout (seed, offset), int64 [2]
     on q's device, read by the kernels (None without dropout).
@@ -135,17 +150,19 @@ def _forward(ops, blocks, q, k, v, red: Optional[ReducedMask], causal: bool, sca
     v [1, H, Tk, D], red None or a "none" mask, head_mask None; out is [1, H, Tq, D] (a view of a
     contiguous [Tq, H, D]), lse [1, H, Tq], visited [B, H, cdiv(max_seqlen_q, block_m)]; rows in no
     sequence give out 0 and lse +inf.  The values of cu_seqlens are not checked here (the kernels
-    clamp them into bounds).  window_size: the (left, right) band, causal folded in (right 0)."""
+    clamp them into bounds).  window_size: the (left, right) band, causal folded in (right 0).  rel:
+    the ops' (c2p, p2c, rel_index), DeBERTa's disentangled score."""
     packed = _varlen_args(varlen, red, head_mask)
     *mask, additive = _mask_args(red, blocks, causal)
     return ops.fwd(q, k, v, *mask, _head_mask(head_mask), additive, bool(causal), float(scale), float(dropout_p),
-                   rng, blocks[0], blocks[1], *packed, int(window_size[0]), int(window_size[1]))
+                   rng, blocks[0], blocks[1], *packed, int(window_size[0]), int(window_size[1]), *rel)
 
 
 def _backward(ops, blocks, grad_out, q, k, v, out, lse, red: Optional[ReducedMask], causal: bool, scale: float,
               dropout_p: float, head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor], varlen,
-              window_size=(-1, -1)):
-    """(dq, dk, dv) in the dtypes of q, k, v.  varlen: as in :func:`_forward` (then grad_out and out
+              window_size=(-1, -1), rel=(None, None, None)):
+    """(dq, dk, dv, dc2p, dp2c): dq, dk, dv in the dtypes of q, k, v, the table gradients fp32 (empty
+    without the table); rel: the ops' (c2p, p2c, rel_index).  varlen: as in :func:`_forward` (then grad_out and out
     are [1, H, Tq, D], lse [1, H, Tq]; rows in no sequence get zero gradients)."""
     if grad_out.dtype != q.dtype:
         grad_out = grad_out.to(q.dtype)
@@ -153,7 +170,7 @@ def _backward(ops, blocks, grad_out, q, k, v, out, lse, red: Optional[ReducedMas
     *mask, additive = _mask_args(red, blocks, causal)
     return ops.bwd(grad_out, q, k, v, out, lse, *mask, _head_mask(head_mask), additive, bool(causal),
                    float(scale), float(dropout_p), rng, blocks[0], blocks[1], *packed, int(window_size[0]),
-                   int(window_size[1]))
+                   int(window_size[1]), *rel)
 
 
 def _token_major(t: torch.Tensor) -> torch.Tensor:
@@ -173,7 +190,8 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fused_attn::fwd")
     def _fwd_fake(q, k, v, mask, key_start, key_end, key_needs_mask, block_state, head_mask, additive, causal,
                   scale, dropout_p, rng, block_m, block_n, cu_seqlens_q=None, cu_seqlens_k=None,
-                  max_seqlen_q=0, max_seqlen_k=0, window_left=-1, window_right=-1):
+                  max_seqlen_q=0, max_seqlen_k=0, window_left=-1, window_right=-1, c2p=None, p2c=None,
+                  rel_index=None):
         B, H, Sq, _ = q.shape
         lse = q.new_empty((B, H, Sq), dtype=torch.float32)
         if cu_seqlens_q is None:
@@ -184,10 +202,13 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fused_attn::bwd")
     def _bwd_fake(grad_out, q, k, v, out, lse, mask, key_start, key_end, key_needs_mask, block_state, head_mask,
                   additive, causal, scale, dropout_p, rng, block_m, block_n, cu_seqlens_q=None,
-                  cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, window_left=-1, window_right=-1):
+                  cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, window_left=-1, window_right=-1, c2p=None,
+                  p2c=None, rel_index=None):
+        tables = tuple(q.new_empty((0,), dtype=torch.float32) if t is None or rel_index is None
+                       else t.new_empty(t.shape) for t in (c2p, p2c))
         if cu_seqlens_q is None:
-            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        return _token_major(q), _token_major(k), _token_major(v)
+            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), *tables
+        return _token_major(q), _token_major(k), _token_major(v), *tables
 
     @torch.library.register_fake("fused_attn::dropout_keep")
     def _keep_fake(rng, batch, heads, q_len, k_len, dropout_p):
