@@ -268,7 +268,7 @@ def reduce_mask(attention_mask, batch: int, heads: int, q_len: int, k_len: int,
     ``FUSED_ATTN_FLOAT01_BIAS=1``) accepts it as a genuine +1 bias; pass the returned ReducedMask as
     ``attention_mask``.  A float mask holding NaN is refused whatever the flags (docs/design.md,
     "Masks")."""
-    if _PENDING:
+    if not torch.compiler.is_compiling() and _PENDING:
         _poll_checks()
     if isinstance(attention_mask, ReducedMask):
         if attention_mask.error is not None:
