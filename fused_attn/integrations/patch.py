@@ -98,8 +98,11 @@ def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -
             fused.fused_attn_backend = backend
             parent._modules[name] = fused
             swapped += 1
+    bert_swapped = swapped
     if padding_free:
         swapped += pf.enable(model, backend)
+    from . import deberta          # DeBERTa-v2/v3: its own attention and encoder (rel_bias)
+    swapped += deberta.enable(model, backend, padding_free)
     if swapped == 0 and _STATE not in model.__dict__:
         warnings.warn(f"fused_attn.patch: no BertSelfAttention-like module{' or BERT-family encoder' if padding_free else ''} "
                       f"in {type(model).__name__}; nothing was changed", stacklevel=2)
@@ -112,7 +115,7 @@ def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -
                     and not any(m is x for x in state["mask_attrs"]):
                 state["mask_attrs"].append(m)
                 m.attn_implementation = "eager"
-    else:
+    elif bert_swapped or any(isinstance(m, FusedBertSelfAttention) for m in model.modules()) or pf.is_padding_free(model):
         done = {id(m) for m, _ in state["attn_impl"]}
         for m in _hf_models(model):
             previous = m.config._attn_implementation
@@ -130,9 +133,11 @@ def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: original module classes (same weights), encoders, hooks, mask form and
     attn_implementation.  A no-op on a model that is not patched; returns ``model``."""
+    from . import deberta
     from . import padding_free as pf
 
     pf.disable(model)
+    deberta.disable(model)
     for parent, name, child in _children(model):
         if isinstance(child, FusedBertSelfAttention):
             orig = child.unfused()
@@ -161,13 +166,17 @@ def patched(model: nn.Module, backend: str = "auto", padding_free: bool = False)
 
 
 def is_patched(model: nn.Module) -> bool:
+    from .deberta import is_patched as deberta_patched
     from .padding_free import is_padding_free
-    return any(isinstance(m, FusedBertSelfAttention) for m in model.modules()) or is_padding_free(model)
+    return (any(isinstance(m, FusedBertSelfAttention) for m in model.modules()) or is_padding_free(model)
+            or deberta_patched(model))
 
 
 def fused_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """(name, module) of every fused attention module in ``model``."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, FusedBertSelfAttention)]
+    from .deberta import FusedDisentangledSelfAttention
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, (FusedBertSelfAttention, FusedDisentangledSelfAttention))]
 
 
 __all__ = ["patch", "unpatch", "patched", "is_patched", "fused_modules", "fused_class_for",
