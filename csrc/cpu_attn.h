@@ -77,16 +77,56 @@ inline Rows tile_rows(float* buf, const T* base, int64_t s_r, int64_t s_d, int64
   return {buf, Dp};
 }
 
+// DeBERTa's disentangled score on a transposed score tile ST [nk, BLOCK_M] of unscaled q·k
+// (queries i0.., keys n0.., rows valid queries): ST[j][i] += c2p[i0 + i, c] + p2c[n0 + j, c] with
+// c = index[i0 + i - (n0 + j) + off], off = max_k - 1 (RelBias).  c2p / p2c: the sequence's row 0
+// (RelBias::c2p_rows / p2c_rows), nullptr for an absent table.
+inline void add_rel_bias_t(float* ST, const RelBias& rb, const float* c2p, const float* p2c, int64_t i0,
+                           int64_t n0, int64_t nk, int64_t rows, int64_t off) {
+  const float* c = c2p ? c2p + i0 * rb.cs_r : nullptr;
+  for (int64_t j = 0; j < nk; ++j) {
+    float* s = ST + j * BLOCK_M;
+    const int32_t* idx = rb.index + (i0 - n0 - j + off);
+    if (c) {
+      for (int64_t i = 0; i < rows; ++i) s[i] += c[i * rb.cs_r + idx[i] * rb.cs_p];
+    }
+    if (p2c) {
+      const float* p = p2c + (n0 + j) * rb.ps_r;
+      for (int64_t i = 0; i < rows; ++i) s[i] += p[idx[i] * rb.ps_p];
+    }
+  }
+}
+
+// The backward of add_rel_bias_t: dc2p[i0 + i, c] += dS[j][i] * scale, dp2c[n0 + j, c] += the same
+// (dST [nk, BLOCK_M] the score gradient; dc2p / dp2c the sequence's row 0 of the contiguous fp32
+// gradients, nullptr for an absent table).  One work item owns a (sequence, head): no races.
+inline void rel_bias_grad_t(const float* dST, const RelBias& rb, float* dc2p, float* dp2c, int64_t i0,
+                            int64_t n0, int64_t nk, int64_t rows, int64_t off, float scale) {
+  const int64_t P = rb.P;
+  float* dc = dc2p ? dc2p + i0 * P : nullptr;
+  for (int64_t j = 0; j < nk; ++j) {
+    const float* g = dST + j * BLOCK_M;
+    const int32_t* idx = rb.index + (i0 - n0 - j + off);
+    if (dc) {
+      for (int64_t i = 0; i < rows; ++i) dc[i * P + idx[i]] += g[i] * scale;
+    }
+    if (dp2c) {
+      float* dp = dp2c + (n0 + j) * P;
+      for (int64_t i = 0; i < rows; ++i) dp[idx[i]] += g[i] * scale;
+    }
+  }
+}
+
 // The kernels on q's dtype (fp32, fp64, fp16, bf16); out / lse / visited and dq / dk / dv are
 // allocated by the caller (fused_attn.cpp).
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
              at::Tensor& visited, const SeqLayout& lay, int64_t B, const MaskDesc& m, const HeadMask& hm,
-             bool causal, float scale, const DropoutParams& drop);
+             bool causal, float scale, const DropoutParams& drop, const RelBias& rb);
 
 void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
               const SeqLayout& lay, int64_t B, const MaskDesc& m, const HeadMask& hm, bool causal, float scale,
-              const DropoutParams& drop);
+              const DropoutParams& drop, const RelBias& rb);
 
 }  // namespace cpu
 }  // namespace fused_attn_kernels

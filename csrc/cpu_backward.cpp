@@ -3,6 +3,8 @@
 // OpenMP over (batch, head); each item recomputes the probabilities from the saved log-sum-exp
 // tile by tile and accumulates dQ, dK, dV in fp32 (no atomics, no [Sq, Sk] buffer).  Dropout: the
 // forward pass's Philox keep-mask, regenerated from (seed, offset) (philox.h).
+// DeBERTa's disentangled score: gathered into the recomputed scores, its gradients (dS * scale)
+// scattered into dc2p / dp2c rows of the item's (sequence, head) (rel_bias_grad_t).
 // A work item's sequence b has its row offsets and lengths from SeqLayout::seq (mask_desc.h).
 #include <omp.h>
 
@@ -22,7 +24,7 @@ template <typename T>
 void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
                      at::Tensor& dv, const SeqLayout& lay, int64_t B, const MaskDesc& m, const HeadMask& hm,
-                     bool causal, float scale, const DropoutParams& drop) {
+                     bool causal, float scale, const DropoutParams& drop, const RelBias& rb) {
   const int64_t H = q.size(1), D = q.size(3);
   const int64_t Dp = round_up(D, 16);
   // key tiles start anywhere in [0, Sk), Sk <= min(max_k, tk) (SeqLayout::seq)
@@ -70,6 +72,10 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
       const T* Kh = K + seq.b * ks[0] + h * ks[1] + seq.k0 * ks[2];
       const T* Vh = V + seq.b * vs[0] + h * vs[1] + seq.k0 * vs[2];
       const float* Lh = L + lay.lse_row(seq, h, H);
+      const float* c2p = rb.c2p_rows(seq, h);
+      const float* p2c = rb.p2c_rows(seq, h);
+      float* dc2p = rb.dc2p ? rb.dc2p + ((seq.b * H + h) * lay.tq + seq.q0) * rb.P : nullptr;
+      float* dp2c = rb.dp2c ? rb.dp2c + ((seq.b * H + h) * lay.tk + seq.k0) * rb.P : nullptr;
       for (int64_t qb = 0; qb < nqb; ++qb) {
         const int64_t i0 = qb * BLOCK_M, rows = std::min<int64_t>(BLOCK_M, Sq - i0);
         const T* Qt = Q + seq.b * qs[0] + h * qs[1] + (seq.q0 + i0) * qs[2];
@@ -94,6 +100,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
           // -- P^T from the saved log-sum-exp (rows that saw nothing: lse = +inf -> P = 0)
           std::fill(PT, PT + nk4 * BLOCK_M, 0.f);
           gemm_acc(PT, BLOCK_M, kr.p, kr.ld, 1, QT, BLOCK_M, nk4, BLOCK_M, D);
+          if (rb.on()) add_rel_bias_t(PT, rb, c2p, p2c, i0, n0, nk, rows, lay.max_k - 1);
           finish_scores_t<BLOCK_M>(PT, nk, rows, i0, n0, qk_scale, tc, Sk - Sq, m, b, h, mrow);
           // -- dP^T = V dO^T
           std::fill(dST, dST + nk4 * BLOCK_M, 0.f);
@@ -123,6 +130,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
               p[i] = pr * fac[i];
             }
           }
+          if (rb.on()) rel_bias_grad_t(dST, rb, dc2p, dp2c, i0, n0, nk, rows, lay.max_k - 1, scale);
           // -- dV += P^T dO, dK += dS^T Q, dQ += dS K
           gemm_acc(dVa + n0 * Dp, Dp, PT, BLOCK_M, 1, dOn, Dp, nk4, Dp, rows);
           gemm_acc(dKa + n0 * Dp, Dp, dST, BLOCK_M, 1, Qn, Dp, nk4, Dp, rows);
@@ -146,9 +154,9 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
 void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
               const SeqLayout& lay, int64_t B, const MaskDesc& m, const HeadMask& hm, bool causal, float scale,
-              const DropoutParams& drop) {
+              const DropoutParams& drop, const RelBias& rb) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fused_attn_bwd_cpu", [&] {
-    backward_kernel<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, lay, B, m, hm, causal, scale, drop);
+    backward_kernel<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, lay, B, m, hm, causal, scale, drop, rb);
   });
 }
 

@@ -4,6 +4,7 @@
 // tiles the reduced mask can show (key ranges, causal bounds or the block map's list of non-empty
 // key blocks) with an online softmax in fp32, exp2 with log2(e) folded into the scale.  Dropout:
 // the Philox keep-mask regenerated from (seed, offset) (philox.h), as the backward pass does.
+// DeBERTa's disentangled score: the two tables gathered into each score tile (add_rel_bias_t).
 // A work item's sequence b has its row offsets and lengths from SeqLayout::seq (mask_desc.h).
 #include <omp.h>
 
@@ -23,7 +24,7 @@ namespace cpu {
 template <typename T>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                     at::Tensor& lse, at::Tensor& visited, const SeqLayout& lay, int64_t B, const MaskDesc& m,
-                    const HeadMask& hm, bool causal, float scale, const DropoutParams& drop) {
+                    const HeadMask& hm, bool causal, float scale, const DropoutParams& drop, const RelBias& rb) {
   const int64_t H = q.size(1), D = q.size(3);
   const int64_t Dp = round_up(D, 16);
   const int64_t nqb = (lay.max_q + BLOCK_M - 1) / BLOCK_M;
@@ -71,6 +72,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       std::fill(li, li + BLOCK_M, 0.f);
       const T* Kh = K + seq.b * ks[0] + h * ks[1] + seq.k0 * ks[2];
       const T* Vh = V + seq.b * vs[0] + h * vs[1] + seq.k0 * vs[2];
+      const float* c2p = rb.c2p_rows(seq, h);
+      const float* p2c = rb.p2c_rows(seq, h);
 
       const int64_t n_vis = for_each_key_tile(m, b, h, qb, Sq, Sk, causal, [&](int64_t n0, int64_t nk,
                                                                               const TileChecks& tc) {
@@ -80,6 +83,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         // -- scores S^T = K Q^T, in log2 units, masked
         std::fill(ST, ST + nk4 * BLOCK_M, 0.f);
         gemm_acc(ST, BLOCK_M, kr.p, kr.ld, 1, QT, BLOCK_M, nk4, BLOCK_M, D);
+        if (rb.on()) add_rel_bias_t(ST, rb, c2p, p2c, i0, n0, nk, rows, lay.max_k - 1);
         finish_scores_t<BLOCK_M>(ST, nk, rows, i0, n0, qk_scale, tc, Sk - Sq, m, b, h, mrow);
         // -- online softmax over the key rows (a query that has seen nothing keeps m = -inf, l = 0)
         std::copy(mi, mi + BLOCK_M, mx);
@@ -140,9 +144,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
              at::Tensor& visited, const SeqLayout& lay, int64_t B, const MaskDesc& m, const HeadMask& hm,
-             bool causal, float scale, const DropoutParams& drop) {
+             bool causal, float scale, const DropoutParams& drop, const RelBias& rb) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fused_attn_fwd_cpu", [&] {
-    forward_kernel<scalar_t>(q, k, v, out, lse, visited, lay, B, m, hm, causal, scale, drop);
+    forward_kernel<scalar_t>(q, k, v, out, lse, visited, lay, B, m, hm, causal, scale, drop, rb);
   });
 }
 

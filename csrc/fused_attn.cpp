@@ -99,7 +99,8 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, con
                                            const OptT& block_state, const OptT& head_mask, bool additive, bool causal, double scale,
                                            double dropout_p, const OptT& rng, int64_t block_m,
                                            int64_t block_n, const OptT& cu_seqlens_q, const OptT& cu_seqlens_k,
-                                           int64_t max_seqlen_q, int64_t max_seqlen_k) {
+                                           int64_t max_seqlen_q, int64_t max_seqlen_k, const OptT& c2p,
+                                           const OptT& p2c, const OptT& rel_index) {
   check_qkv(q, k, v);
   TORCH_CHECK(block_m == cpu::BLOCK_M && block_n == cpu::BLOCK_N, "fused_attn: the CPU kernel uses ",
               cpu::BLOCK_M, " x ", cpu::BLOCK_N, " tiles, got ", block_m, " x ", block_n);
@@ -108,6 +109,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, con
   const MaskDesc md = make_mask_desc(q, k.size(2), mask, additive, key_start, key_end, key_needs_mask,
                                      block_state, block_m, block_n);
   const HeadMask hm = make_head_mask(head_mask, q);
+  const RelBias rb = make_rel_bias(q, k, lay, c2p, p2c, rel_index);
   DropoutParams drop = make_dropout(dropout_p, rng, q.device());
   drop.load_state();   // a CPU tensor: read on the host
   const int64_t B = seq_count(q, cu_seqlens_q);
@@ -116,11 +118,11 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, con
     cpu::allocate_forward_packed(q, lay, B, block_m, out, lse, visited);
   else
     allocate_forward(q, lay, B, block_m, out, lse, visited);
-  cpu::forward(q, k, v, out, lse, visited, lay, B, md, hm, causal, static_cast<float>(scale), drop);
+  cpu::forward(q, k, v, out, lse, visited, lay, B, md, hm, causal, static_cast<float>(scale), drop, rb);
   return {out, lse, visited};
 }
 
-std::tuple<Tensor, Tensor, Tensor> bwd_cpu(const Tensor& grad_out, const Tensor& q, const Tensor& k,
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cpu(const Tensor& grad_out, const Tensor& q, const Tensor& k,
                                            const Tensor& v, const Tensor& out, const Tensor& lse,
                                            const OptT& mask, const OptT& key_start, const OptT& key_end,
                                            const OptT& key_needs_mask, const OptT& block_state,
@@ -128,7 +130,8 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cpu(const Tensor& grad_out, const Tensor&
                                            bool causal, double scale, double dropout_p, const OptT& rng,
                                            int64_t block_m, int64_t block_n,
                                            const OptT& cu_seqlens_q, const OptT& cu_seqlens_k, int64_t max_seqlen_q,
-                                           int64_t max_seqlen_k) {
+                                           int64_t max_seqlen_k, const OptT& c2p, const OptT& p2c,
+                                           const OptT& rel_index) {
   check_qkv(q, k, v);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type() &&
                   out.scalar_type() == q.scalar_type(),
@@ -145,14 +148,16 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cpu(const Tensor& grad_out, const Tensor&
   const HeadMask hm = make_head_mask(head_mask, q);
   DropoutParams drop = make_dropout(dropout_p, rng, q.device());
   drop.load_state();
-  Tensor dq, dk, dv;
+  Tensor dq, dk, dv, dc2p, dp2c;
+  const RelBias rb = make_rel_bias(q, k, lay, c2p, p2c, rel_index, &dc2p, &dp2c);
   const int64_t B = seq_count(q, cu_seqlens_q);
   if (lay.packed())
     cpu::allocate_backward_packed(q, k, v, lay, B, dq, dk, dv);
   else
     allocate_backward(q, k, v, lay, dq, dk, dv);
-  cpu::backward(grad_out, q, k, v, out, lse, dq, dk, dv, lay, B, md, hm, causal, static_cast<float>(scale), drop);
-  return {dq, dk, dv};
+  cpu::backward(grad_out, q, k, v, out, lse, dq, dk, dv, lay, B, md, hm, causal, static_cast<float>(scale), drop,
+                rb);
+  return {dq, dk, dv, dc2p, dp2c};
 }
 
 Tensor dropout_keep_cpu(const Tensor& rng, int64_t batch, int64_t heads, int64_t q_len, int64_t k_len,

@@ -238,6 +238,77 @@ inline SeqLayout make_seq_layout(const at::Tensor& q, const at::Tensor& k,
   return s;
 }
 
+// DeBERTa's disentangled score (fused_attn.DisentangledBias): score(i, j) += c2p[i, c] + p2c[j, c]
+// before the scale, with c = index[i - j + max_k - 1] (i, j positions inside the sequence,
+// max_k = SeqLayout::max_k, which is Sk when padded).  The tables are fp32 [B, H, rows, P] (packed:
+// [1, H, T, P]) with any strides; a table may be absent (nullptr).  The backward's fp32 gradients
+// dc2p / dp2c are contiguous, shaped like the tables, and start at zero.
+struct RelBias {
+  const float* c2p = nullptr;
+  const float* p2c = nullptr;
+  const int32_t* index = nullptr;        // [max_q + max_k - 1], values in [0, P)
+  int64_t P = 0;
+  int64_t cs_b = 0, cs_h = 0, cs_r = 0, cs_p = 0;   // c2p strides
+  int64_t ps_b = 0, ps_h = 0, ps_r = 0, ps_p = 0;   // p2c strides
+  float* dc2p = nullptr;
+  float* dp2c = nullptr;
+
+  FA_HOST_DEVICE bool on() const { return index != nullptr; }
+  // row 0 of sequence s, head h, of each table (the tables of an absent side: nullptr)
+  FA_HOST_DEVICE const float* c2p_rows(const Seq& s, int64_t h) const {
+    return c2p ? c2p + s.b * cs_b + h * cs_h + s.q0 * cs_r : nullptr;
+  }
+  FA_HOST_DEVICE const float* p2c_rows(const Seq& s, int64_t h) const {
+    return p2c ? p2c + s.b * ps_b + h * ps_h + s.k0 * ps_r : nullptr;
+  }
+};
+
+// The RelBias of a call (off when rel_index is absent) and, for the backward (grads), its zeroed
+// gradients dc2p / dp2c (empty tensors for an absent table).
+inline RelBias make_rel_bias(const at::Tensor& q, const at::Tensor& k, const SeqLayout& lay,
+                             const std::optional<at::Tensor>& c2p, const std::optional<at::Tensor>& p2c,
+                             const std::optional<at::Tensor>& index, at::Tensor* dc2p = nullptr,
+                             at::Tensor* dp2c = nullptr) {
+  RelBias r;
+  if (dc2p) *dc2p = at::empty({0}, q.options().dtype(at::kFloat));
+  if (dp2c) *dp2c = at::empty({0}, q.options().dtype(at::kFloat));
+  if (!index.has_value()) {
+    TORCH_CHECK(!c2p.has_value() && !p2c.has_value(), "fused_attn: c2p / p2c given without rel_index");
+    return r;
+  }
+  const auto& ix = *index;
+  TORCH_CHECK(ix.scalar_type() == at::kInt && ix.dim() == 1 && ix.size(0) == lay.max_q + lay.max_k - 1 &&
+                  ix.is_contiguous() && ix.device() == q.device(),
+              "fused_attn: rel_index must be contiguous int32 [", lay.max_q + lay.max_k - 1, "] on ", q.device(),
+              ", got ", ix.sizes(), " ", ix.scalar_type());
+  r.index = ix.data_ptr<int32_t>();
+  r.P = -1;
+  for (int side = 0; side < 2; ++side) {
+    const auto& t = side == 0 ? c2p : p2c;
+    if (!t.has_value()) continue;
+    const auto& ref = side == 0 ? q : k;
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 4 && t->size(0) == ref.size(0) &&
+                    t->size(1) == ref.size(1) && t->size(2) == ref.size(2) && (r.P < 0 || t->size(3) == r.P) &&
+                    t->device() == q.device(),
+                "fused_attn: ", side == 0 ? "c2p" : "p2c", " must be float32 [", ref.size(0), ", ", ref.size(1),
+                ", ", ref.size(2), ", P] on ", q.device(), ", got ", t->sizes(), " ", t->scalar_type());
+    r.P = t->size(3);
+    at::Tensor* grad = side == 0 ? dc2p : dp2c;
+    if (grad) *grad = at::zeros(t->sizes(), t->options());
+    if (side == 0) {
+      r.c2p = t->data_ptr<float>();
+      r.cs_b = t->stride(0); r.cs_h = t->stride(1); r.cs_r = t->stride(2); r.cs_p = t->stride(3);
+      if (grad) r.dc2p = grad->data_ptr<float>();
+    } else {
+      r.p2c = t->data_ptr<float>();
+      r.ps_b = t->stride(0); r.ps_h = t->stride(1); r.ps_r = t->stride(2); r.ps_p = t->stride(3);
+      if (grad) r.dp2c = grad->data_ptr<float>();
+    }
+  }
+  TORCH_CHECK(r.P > 0, "fused_attn: rel_index given without c2p or p2c");
+  return r;
+}
+
 // Batch size of a call: q.size(0) when padded, the number of sequences when packed.
 inline int64_t seq_count(const at::Tensor& q, const std::optional<at::Tensor>& cu_seqlens_q) {
   return cu_seqlens_q.has_value() ? cu_seqlens_q->size(0) - 1 : q.size(0);

@@ -6,6 +6,10 @@
 // q [1, H, Tq, D], k / v [1, H, Tk, D], lse [1, H, Tq], sequence b at rows cu[b] .. cu[b + 1] (at
 // most max_seqlen_q / _k of them); see SeqLayout in mask_desc.h.
 //
+// c2p / p2c / rel_index: DeBERTa's disentangled score (RelBias in mask_desc.h); rel_index int32,
+// c2p [B, H, Sq, P] / p2c [B, H, Sk, P] fp32 (packed: [1, H, T, P]), either may be absent.  bwd returns
+// their fp32 gradients dc2p / dp2c (empty tensors for an absent table).
+//
 // rng: the dropout Philox (seed, offset), a contiguous int64 tensor [2] on q's device that the kernels
 // read (the CUDA kernels on the device: graph-safe); required when dropout_p > 0.  dropout_keep draws
 // the keep-mask on rng's device.
@@ -17,15 +21,17 @@ constexpr const char* kFwdSchema =
     "fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? key_start, Tensor? key_end, Tensor? key_needs_mask, "
     "Tensor? block_state, Tensor? head_mask, bool additive, bool causal, "
     "float scale, float dropout_p, Tensor? rng, int block_m, int block_n, "
-    "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0) "
+    "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0, "
+    "Tensor? c2p=None, Tensor? p2c=None, Tensor? rel_index=None) "
     "-> (Tensor out, Tensor lse, Tensor visited)";
 
 constexpr const char* kBwdSchema =
     "bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
     "Tensor? key_start, Tensor? key_end, Tensor? key_needs_mask, Tensor? block_state, Tensor? head_mask, "
     "bool additive, bool causal, float scale, float dropout_p, Tensor? rng, int block_m, int block_n, "
-    "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0) "
-    "-> (Tensor dq, Tensor dk, Tensor dv)";
+    "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0, "
+    "Tensor? c2p=None, Tensor? p2c=None, Tensor? rel_index=None) "
+    "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dc2p, Tensor dp2c)";
 
 constexpr const char* kDropoutKeepSchema =
     "dropout_keep(Tensor rng, int batch, int heads, int q_len, int k_len, float dropout_p) -> Tensor";

@@ -1,11 +1,12 @@
 """fused_attn: fused masked attention for BERT-family models (see docs/design.md)."""
 from . import reference
+from .disentangled import DisentangledBias
 from .functional import attention, varlen_attention
 from .masks import ReducedMask, reduce_mask
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "varlen_attention", "reference", "reduce_mask", "ReducedMask", "__version__"]
+__all__ = ["attention", "varlen_attention", "DisentangledBias", "reference", "reduce_mask", "ReducedMask", "__version__"]
 
 # Hugging Face integration, imported on first use so `import fused_attn` never imports transformers
 _HF_EXPORTS = ("FusedBertSelfAttention", "patch", "unpatch", "patched", "register")

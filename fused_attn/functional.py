@@ -8,6 +8,7 @@ import torch
 from . import backends, masks, ops, reference
 from ._checks import Geometry, check_causal, check_head_mask, check_qkv, check_scalars, check_sizes, check_varlen
 from ._rng import philox_rng
+from .disentangled import DisentangledBias, check_rel_bias
 from .masks import ReducedMask
 
 
@@ -21,6 +22,8 @@ def attention(
     scale: Optional[float] = None,
     head_mask: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    *,
+    rel_bias: Optional[DisentangledBias] = None,
 ) -> torch.Tensor:
     """Masked attention ``softmax(q kᵀ · scale + mask) · v`` in one fused kernel.
 
@@ -41,23 +44,30 @@ def attention(
         head_mask: [H] or [B, H] multiplier on the probabilities (HF 4.x head_mask).
         backend: "auto" | "triton" | "cuda" | "cpu" | "reference"; env FUSED_ATTN_BACKEND
             overrides "auto".
+        rel_bias: DeBERTa's disentangled score, a ``fused_attn.DisentangledBias(c2p, p2c, index)``:
+            c2p [B, H, Sq, P], p2c [B, H, Sk, P] (q's dtype or fp32, either may be None), index
+            integer [Sq + Sk - 1] on q's device; the score of (i, j) becomes
+            ``(q_i·k_j + c2p[i, c] + p2c[j, c]) * scale`` with ``c = index[i - j + Sk - 1]``.
     Returns:
         [B, H, Sq, D] in q's dtype.  Rows that see no key are exactly 0.  Differentiable in
-        q, k, v (masks and head_mask get no gradient).
+        q, k, v and rel_bias's tables (masks and head_mask get no gradient).
     """
     s = check_qkv(q, k, v)
+    rel_bias = check_rel_bias(rel_bias, q, s.q_len, s.k_len, s.heads, s.batch, s.q_len, s.k_len)
     scale = check_scalars(dropout_p, scale, s.head_dim)
     hm = check_head_mask(head_mask, s, q.device)
     causal = check_causal(causal)
     red = masks.reduce_mask(attention_mask, s.batch, s.heads, s.q_len, s.k_len, device=q.device)
     name = backends.select(backend, q)
     check_sizes(q, k, v, red, dropout_p, name)
+    if rel_bias is not None:
+        backends.check_rel_bias_support(name)
     if name == "reference":
-        return reference.attention(q, k, v, red, causal, float(dropout_p), scale, head_mask)
+        return reference.attention(q, k, v, red, causal, float(dropout_p), scale, head_mask, rel_bias=rel_bias)
     if hm is not None:
         hm = hm.detach().to(torch.float32)
     rng = philox_rng(q.device) if dropout_p > 0.0 else None
-    return ops.fused_attention(q, k, v, red, hm, causal, scale, float(dropout_p), name, rng)
+    return ops.fused_attention(q, k, v, red, hm, causal, scale, float(dropout_p), name, rng, rel_bias=rel_bias)
 
 
 def varlen_attention(
@@ -72,6 +82,8 @@ def varlen_attention(
     scale: Optional[float] = None,
     causal: bool = False,
     backend: str = "auto",
+    *,
+    rel_bias: Optional[DisentangledBias] = None,
 ) -> torch.Tensor:
     """Attention over a packed batch of variable-length sequences (FlashAttention-2's
     ``flash_attn_varlen_func`` argument order): no padding is stored or computed.
@@ -93,9 +105,12 @@ def varlen_attention(
             j <= i + (Sk_b - Sq_b).
         backend: "auto" | "triton" | "cuda" | "cpu" | "reference"; env FUSED_ATTN_BACKEND
             overrides "auto".
+        rel_bias: DeBERTa's disentangled score (see :func:`attention`) in packed form: c2p
+            [Tq, H, P], p2c [Tk, H, P], index [max_seqlen_q + max_seqlen_k - 1]; query i and key j
+            of a sequence (positions inside it) use column ``index[i - j + max_seqlen_k - 1]``.
     Returns:
         [Tq, H, D] in q's dtype.  A query with no key to see outputs exactly 0.  Differentiable in
-        q, k, v.
+        q, k, v and rel_bias's tables.
 
     The values of cu_seqlens are checked on CPU tensors; on CUDA only with FUSED_ATTN_DEBUG=1
     (checking needs a host sync).  Whatever they hold, the kernels stay inside the tensors.
@@ -103,6 +118,7 @@ def varlen_attention(
     seqs = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = check_scalars(dropout_p, scale, q.shape[2])
     causal = check_causal(causal)
+    rel_bias = check_rel_bias(rel_bias, q, q.shape[0], k.shape[0], q.shape[1], None, max_seqlen_q, max_seqlen_k)
     # the kernels take [1, H, T, D] views: batch stride unused, a sequence is a row offset
     q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))
     name = backends.select(backend, q4)
@@ -111,11 +127,17 @@ def varlen_attention(
     # the kernels' limits, on the padded shape the packed batch stands for (one sequence per batch entry)
     check_sizes(*(Geometry((b, t.shape[1], m, t.shape[3]), (0, *t.stride()[1:]))
                   for t, m in ((q4, mq), (k4, mk), (v4, mk))), red, dropout_p, name)
+    if rel_bias is not None:
+        backends.check_rel_bias_support(name)
     if name == "reference":
         return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                          float(dropout_p), scale, causal)
+                                          float(dropout_p), scale, causal, rel_bias=rel_bias)
     if q.shape[0] == 0:
         return q.new_zeros(q.shape)
     rng = philox_rng(q.device) if dropout_p > 0.0 else None
-    out = ops.fused_attention(q4, k4, v4, red, None, causal, scale, float(dropout_p), name, rng, varlen=seqs)
+    if rel_bias is not None:   # [T, H, P] tables as [1, H, T, P] views, like q / k / v
+        rel_bias = DisentangledBias(*(None if t is None else t.unsqueeze(0).transpose(1, 2) for t in rel_bias[:2]),
+                                    rel_bias.index)
+    out = ops.fused_attention(q4, k4, v4, red, None, causal, scale, float(dropout_p), name, rng, varlen=seqs,
+                              rel_bias=rel_bias)
     return out[0].transpose(0, 1)

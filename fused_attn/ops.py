@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import backends, masks
+from .disentangled import DisentangledBias
 from .packing import SeqLens
 
 NAMESPACE = "fused_attn_op"
@@ -24,13 +25,19 @@ def _seqlens(cu_q: Optional[Tensor], cu_k: Optional[Tensor], max_q: int, max_k: 
     return None if cu_q is None else SeqLens(cu_q, cu_k, max_q, max_k)
 
 
+def _rel_kw(c2p: Optional[Tensor], p2c: Optional[Tensor], index: Optional[Tensor]) -> dict:
+    """The engines' rel_bias= keyword (absent without tables)."""
+    return {} if index is None else {"rel_bias": DisentangledBias(c2p, p2c, index)}
+
+
 @torch.library.custom_op(f"{NAMESPACE}::forward", mutates_args=())
 def attn_forward(q: Tensor, k: Tensor, v: Tensor, mask_values: Optional[Tensor],
                  key_start: Optional[Tensor], key_end: Optional[Tensor], key_needs_mask: Optional[Tensor],
                  head_mask: Optional[Tensor], rng: Optional[Tensor], kind: str, additive: bool,
                  causal: bool, scale: float, dropout_p: float, engine: str,
                  cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
-                 max_seqlen_k: int) -> Tuple[Tensor, Tensor, Tensor]:
+                 max_seqlen_k: int, c2p: Optional[Tensor] = None, p2c: Optional[Tensor] = None,
+                 rel_index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     red = masks.rebuild(kind, q.shape[0], q.shape[1], q.shape[2], k.shape[2], mask_values, additive,
                         key_start, key_end, key_needs_mask)
     varlen = _seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
@@ -38,7 +45,7 @@ def attn_forward(q: Tensor, k: Tensor, v: Tensor, mask_values: Optional[Tensor],
     keep = _keep_bits(eng, q, k, dropout_p, varlen)
     kw = {} if keep.numel() == 0 else {"keep_bits": keep}
     out, lse = eng.forward(q, k, v, red, causal=causal, dropout_p=dropout_p, scale=scale, head_mask=head_mask,
-                           rng=rng, varlen=varlen, **kw)
+                           rng=rng, varlen=varlen, **kw, **_rel_kw(c2p, p2c, rel_index))
     return out, lse, keep
 
 
@@ -52,7 +59,8 @@ def _keep_bits(eng, q: Tensor, k: Tensor, dropout_p: float, varlen) -> Tensor:
 
 @attn_forward.register_fake
 def _(q, k, v, mask_values, key_start, key_end, key_needs_mask, head_mask, rng, kind, additive, causal,
-      scale, dropout_p, engine, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+      scale, dropout_p, engine, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, c2p=None, p2c=None,
+      rel_index=None):
     # lse is [B, H, Sq], or [1, H, Tq] for the [1, H, Tq, D] view of a packed batch
     varlen = _seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     keep = _keep_bits(backends.get(engine), q, k, dropout_p, varlen)
@@ -65,33 +73,45 @@ def attn_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
                   key_needs_mask: Optional[Tensor], head_mask: Optional[Tensor], rng: Optional[Tensor],
                   keep_bits: Tensor, kind: str, additive: bool, causal: bool, scale: float, dropout_p: float,
                   engine: str, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
-                  max_seqlen_q: int, max_seqlen_k: int) -> Tuple[Tensor, Tensor, Tensor]:
+                  max_seqlen_q: int, max_seqlen_k: int, c2p: Optional[Tensor] = None, p2c: Optional[Tensor] = None,
+                  rel_index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dc2p, dp2c); a table's gradient is an empty tensor when it is absent (an op
+    cannot return None)."""
     red = masks.rebuild(kind, q.shape[0], q.shape[1], q.shape[2], k.shape[2], mask_values, additive,
                         key_start, key_end, key_needs_mask)
     varlen = _seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     kw = {} if keep_bits.numel() == 0 else {"keep_bits": keep_bits}
-    return backends.get(engine).backward(grad_out, q, k, v, out, lse, red, causal=causal, dropout_p=dropout_p,
-                                         scale=scale, head_mask=head_mask, rng=rng, varlen=varlen, **kw)
+    rel = _rel_kw(c2p, p2c, rel_index)
+    grads = backends.get(engine).backward(grad_out, q, k, v, out, lse, red, causal=causal, dropout_p=dropout_p,
+                                          scale=scale, head_mask=head_mask, rng=rng, varlen=varlen, **kw, **rel)
+    if not rel:
+        return (*grads, q.new_empty((0,)), q.new_empty((0,)))
+    return (*grads[:3], *(q.new_empty((0,)) if g is None else g for g in grads[3:]))
 
 
 @attn_backward.register_fake
 def _(grad_out, q, k, v, out, lse, mask_values, key_start, key_end, key_needs_mask, head_mask, rng, keep_bits,
-      kind, additive, causal, scale, dropout_p, engine, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+      kind, additive, causal, scale, dropout_p, engine, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      c2p=None, p2c=None, rel_index=None):
+    tables = (q.new_empty((0,)) if t is None or rel_index is None else torch.empty_like(t) for t in (c2p, p2c))
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), *tables)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, mask_values, key_start, key_end, key_needs_mask, head_mask, rng = inputs[:9]
-    ctx.meta = inputs[9:]
+    ctx.meta = inputs[9:19]
+    rel = tuple(inputs[19:22]) + (None,) * (22 - len(inputs))   # (c2p, p2c, rel_index), defaults None
     ctx.save_for_backward(q, k, v, output[0], output[1], mask_values, key_start, key_end, key_needs_mask,
-                          head_mask, rng, output[2])
+                          head_mask, rng, output[2], *rel)
 
 
 def _backward(ctx, grad_out, _grad_lse, _grad_keep):
-    q, k, v, out, lse, mask_values, key_start, key_end, key_needs_mask, head_mask, rng, keep = ctx.saved_tensors
-    dq, dk, dv = attn_backward(grad_out, q, k, v, out, lse, mask_values, key_start, key_end, key_needs_mask,
-                               head_mask, rng, keep, *ctx.meta)
-    return (dq, dk, dv) + (None,) * 16
+    (q, k, v, out, lse, mask_values, key_start, key_end, key_needs_mask, head_mask, rng, keep, c2p, p2c,
+     rel_index) = ctx.saved_tensors
+    dq, dk, dv, dc2p, dp2c = attn_backward(grad_out, q, k, v, out, lse, mask_values, key_start, key_end,
+                                           key_needs_mask, head_mask, rng, keep, *ctx.meta, c2p, p2c, rel_index)
+    return ((dq, dk, dv) + (None,) * 16 + (dc2p if c2p is not None else None, dp2c if p2c is not None else None,
+                                           None))
 
 
 attn_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -103,7 +123,7 @@ class _EagerAttention(torch.autograd.Function):
     (tens of us per call, which show next to a 30 us kernel)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, engine, red, kw):
+    def forward(ctx, q, k, v, c2p, p2c, engine, red, kw):   # c2p, p2c: kw["rel_bias"]'s tables (for autograd)
         shape = engine.keep_bits_shape(q, k, kw["dropout_p"], kw["varlen"]) if kw["dropout_p"] > 0.0 else None
         if shape is not None:   # the forward stores the dropout keep-mask for the backward
             # (not zeroed: words of skipped tiles are read only where P = 0, test_dropout_bits.py)
@@ -116,25 +136,30 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.engine.backward(grad_out, q, k, v, out, lse, ctx.red, **ctx.kw)
-        return dq, dk, dv, None, None, None
+        grads = ctx.engine.backward(grad_out, q, k, v, out, lse, ctx.red, **ctx.kw)
+        if len(grads) == 3:
+            return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None)
 
 
 def fused_attention(q, k, v, red: masks.ReducedMask, head_mask: Optional[Tensor], causal: bool,
                     scale: float, dropout_p: float, engine: str, rng: Optional[Tensor],
-                    varlen: Optional[SeqLens] = None) -> Tensor:
+                    varlen: Optional[SeqLens] = None, rel_bias: Optional[DisentangledBias] = None) -> Tensor:
     """Run the fused kernel of `engine`: through the custom op under torch.compile, directly
     otherwise (inference needs no autograd node at all).  rng: the dropout (seed, offset), int64 [2]
     on q's device (None without dropout).  varlen: q / k / v are the [1, H, T, D] views of a packed
-    batch with these sequences."""
+    batch with these sequences.  rel_bias: a checked DisentangledBias (varlen: [1, H, T, P] tables)."""
+    c2p, p2c, index = (None, None, None) if rel_bias is None else rel_bias
     if torch.compiler.is_compiling():
         seq = (None, None, 0, 0) if varlen is None else (varlen.cu_seqlens_q, varlen.cu_seqlens_k,
                                                           varlen.max_seqlen_q, varlen.max_seqlen_k)
         out, _, _ = attn_forward(q, k, v, red.values, red.key_start, red.key_end, red.key_needs_mask, head_mask,
-                                 rng, red.kind, red.additive, causal, scale, dropout_p, engine, *seq)
+                                 rng, red.kind, red.additive, causal, scale, dropout_p, engine, *seq, c2p, p2c, index)
         return out
     eng = backends.get(engine)
     kw = dict(causal=causal, dropout_p=dropout_p, scale=scale, head_mask=head_mask, rng=rng, varlen=varlen)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _EagerAttention.apply(q, k, v, eng, red, kw)
+    if rel_bias is not None:
+        kw["rel_bias"] = rel_bias
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, c2p, p2c)):
+        return _EagerAttention.apply(q, k, v, c2p, p2c, eng, red, kw)
     return eng.forward(q, k, v, red, **kw)[0]

@@ -11,6 +11,7 @@ import torch
 
 from . import masks
 from ._checks import REFERENCE_DTYPES, check_causal, check_head_mask, check_qkv, check_scalars, check_varlen
+from .disentangled import DisentangledBias, check_rel_bias, relative_scores
 
 
 def causal_visible(q_len: int, k_len: int, device) -> torch.Tensor:
@@ -23,7 +24,8 @@ def causal_visible(q_len: int, k_len: int, device) -> torch.Tensor:
 def attention(q, k, v, attention_mask=None, causal: bool = False, dropout_p: float = 0.0,
               scale: Optional[float] = None, head_mask=None, backend: str = "reference", *,
               dropout_mask: Optional[torch.Tensor] = None, compute_dtype: Optional[torch.dtype] = None,
-              return_probs: bool = False):
+              return_probs: bool = False, rel_bias: Optional[DisentangledBias] = None,
+              _index_k_len: Optional[int] = None):
     """Same signature and semantics as :func:`fused_attn.attention`.
 
     ``dropout_mask`` (testing): a bool keep-mask broadcastable to [B, H, Sq, Sk]; with it the
@@ -32,15 +34,23 @@ def attention(q, k, v, attention_mask=None, causal: bool = False, dropout_p: flo
     ``compute_dtype``: the dtype of the math (default fp32, fp64 for fp64 inputs); q's own dtype
     gives plain eager attention as a user would write it (the tests' tolerance yardstick).
     ``return_probs``: return (out, probabilities as applied to v [B, H, Sq, Sk] in compute dtype).
+    ``rel_bias``: DeBERTa's disentangled score (fused_attn.DisentangledBias): the gathered tables
+    are added to q kᵀ before the scale, as HF's DisentangledSelfAttention does.
     """
     s = check_qkv(q, k, v, dtypes=REFERENCE_DTYPES)
     scale = check_scalars(dropout_p, scale, s.head_dim)
     hm = check_head_mask(head_mask, s, q.device)
     causal = check_causal(causal)
     visible, bias = masks.dense_mask(attention_mask, s.batch, s.heads, s.q_len, s.k_len)
+    idx_k = s.k_len if _index_k_len is None else _index_k_len   # (varlen_attention's calls: checked there)
+    if _index_k_len is None:
+        rel_bias = check_rel_bias(rel_bias, q, s.q_len, s.k_len, s.heads, s.batch, s.q_len, s.k_len)
 
     cdt = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
-    scores = torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2)) * scale
+    scores = torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2))
+    if rel_bias is not None:   # (q kᵀ + c2p + p2c) * scale
+        scores = scores + relative_scores(rel_bias, s.q_len, s.k_len, cdt, idx_k)
+    scores = scores * scale
     if bias is not None:
         scores = scores + bias.to(cdt)
     if causal:
@@ -67,15 +77,20 @@ def attention(q, k, v, attention_mask=None, causal: bool = False, dropout_p: flo
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                      dropout_p: float = 0.0, scale: Optional[float] = None, causal: bool = False,
-                     backend: str = "reference", *, dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     backend: str = "reference", *, dropout_mask: Optional[torch.Tensor] = None,
+                     rel_bias: Optional[DisentangledBias] = None) -> torch.Tensor:
     """Same signature and semantics as :func:`fused_attn.varlen_attention`: every sequence of the
     packed batch through :func:`attention` on its own (causal bottom-right aligned per sequence).
 
     ``dropout_mask`` (testing): the bool keep-mask in the padded layout [B, H, max_seqlen_q,
     max_seqlen_k]; sequence b uses ``dropout_mask[b, :, :Sq_b, :Sk_b]`` (docs/design.md, "Dropout").
+    ``rel_bias``: c2p [Tq, H, P], p2c [Tk, H, P], index [max_seqlen_q + max_seqlen_k - 1]; sequence
+    b uses its rows of the tables, and query i / key j (positions in b) column
+    ``index[i - j + max_seqlen_k - 1]``.
     """
     seqs = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                         dtypes=REFERENCE_DTYPES, check_values=True)
+    rel_bias = check_rel_bias(rel_bias, q, q.shape[0], k.shape[0], q.shape[1], None, max_seqlen_q, max_seqlen_k)
     cq, ck = seqs.cu_seqlens_q.tolist(), seqs.cu_seqlens_k.tolist()
     outs = []
     for b in range(seqs.batch):
@@ -90,7 +105,13 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
             keep = None
             if dropout_mask is not None:
                 keep = dropout_mask[b:b + 1, :, :qs.shape[2], :ks.shape[2]]
-            o = attention(qs, ks, vs, None, causal, dropout_p, scale, dropout_mask=keep)
+            rb = None
+            if rel_bias is not None:   # this sequence's rows of the tables, [1, H, S_b, P]
+                c2p, p2c, index = rel_bias
+                rb = DisentangledBias(None if c2p is None else c2p[cq[b]:cq[b + 1]].transpose(0, 1)[None],
+                                      None if p2c is None else p2c[ck[b]:ck[b + 1]].transpose(0, 1)[None], index)
+            o = attention(qs, ks, vs, None, causal, dropout_p, scale, dropout_mask=keep, rel_bias=rb,
+                          _index_k_len=max_seqlen_k)
         outs.append(o[0].transpose(0, 1))
     if not outs:
         return q * 0

@@ -521,8 +521,11 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, const Tensor& k, co
                                             bool causal, double scale, double dropout_p, const OptT& rng,
                                             int64_t block_m, int64_t block_n,
                                             const OptT& cu_seqlens_q, const OptT& cu_seqlens_k, int64_t max_seqlen_q,
-                                            int64_t max_seqlen_k) {
+                                            int64_t max_seqlen_k, const OptT& c2p, const OptT& p2c,
+                                            const OptT& rel_index) {
   check_inputs(q, k, v, block_m, block_n);
+  TORCH_CHECK(!rel_index.has_value(), "fused_attn (cuda): rel_bias (DeBERTa's disentangled score) is not implemented "
+              "in the CUDA kernels");
   const c10::cuda::CUDAGuard guard(q.device());
   const SeqLayout lay = make_seq_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask,
                                         key_start, block_state, head_mask);
@@ -554,15 +557,18 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, const Tensor& k, co
   return {out, lse, visited};
 }
 
-std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& grad_out, const Tensor& q, const Tensor& k,
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cuda(const Tensor& grad_out, const Tensor& q, const Tensor& k,
                                             const Tensor& v, const Tensor& out, const Tensor& lse,
                                             const OptT& mask, const OptT& key_start, const OptT& key_end,
                                             const OptT& key_needs_mask, const OptT& block_state, const OptT& head_mask,
                                             bool additive, bool causal, double scale, double dropout_p,
                                             const OptT& rng, int64_t block_m, int64_t block_n,
                                             const OptT& cu_seqlens_q, const OptT& cu_seqlens_k, int64_t max_seqlen_q,
-                                            int64_t max_seqlen_k) {
+                                            int64_t max_seqlen_k, const OptT& c2p, const OptT& p2c,
+                                            const OptT& rel_index) {
   check_inputs(q, k, v, block_m, block_n);
+  TORCH_CHECK(!rel_index.has_value(), "fused_attn (cuda): rel_bias (DeBERTa's disentangled score) is not implemented "
+              "in the CUDA kernels");
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() &&
                   grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
               "fused_attn: grad_out and out must match q ", q.sizes());
@@ -581,7 +587,8 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& grad_out, const Tensor
   TORCH_CHECK(nqb <= 65535 && nkb <= 65535, "fused_attn (cuda): sequence too long");
   Tensor dq, dk, dv;
   allocate_backward(q, k, v, lay, dq, dk, dv);
-  if (q.numel() == 0 || k.numel() == 0 || B * H == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
+  const Tensor none = at::empty({0}, q.options().dtype(at::kFloat));   // dc2p, dp2c: no tables
+  if (q.numel() == 0 || k.numel() == 0 || B * H == 0) return {dq.zero_(), dk.zero_(), dv.zero_(), none, none};
   // rowsum(dO * O) with O as stored (rounded to the input dtype, like the eager graph)
   const Tensor delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -611,7 +618,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& grad_out, const Tensor
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  return {dq, dk, dv};
+  return {dq, dk, dv, none, none};
 }
 
 Tensor dropout_keep_cuda(const Tensor& rng, int64_t batch, int64_t heads, int64_t q_len, int64_t k_len,

@@ -30,6 +30,7 @@ class Engine:
     device_type: str = "cpu"                  # the device of the tensors it takes
     dtypes: Tuple[torch.dtype, ...] = KERNEL_DTYPES
     max_head_dim: int = 256
+    rel_bias: bool = False                    # takes rel_bias= (fused_attn.DisentangledBias)
 
     def unavailable(self) -> Optional[str]:
         return None
@@ -51,9 +52,11 @@ class Engine:
         return out
 
     def forward(self, q, k, v, red, *, causal: bool, dropout_p: float, scale: float, head_mask=None,
-                rng: Optional[torch.Tensor] = None, varlen=None, stats: bool = False):
+                rng: Optional[torch.Tensor] = None, varlen=None, stats: bool = False, rel_bias=None):
         """(out like q, lse [B, H, Sq] fp32 in log2 units, +inf where a row sees nothing[, visited
         key blocks per (b, h, query block) when stats]).  q [B, H, Sq, D], k / v [B, H, Sk, D],
+        rel_bias a checked fused_attn.DisentangledBias or None (varlen: its tables as [1, H, T, P]
+        views, like q / k / v); engines with ``rel_bias = False`` raise when given one;
         red a masks.ReducedMask; rng the dropout (seed, offset), an int64 tensor [2] on q's device
         that the kernels read (needed when dropout_p > 0; fused_attn._rng); varlen a
         packing.SeqLens: then q / k / v are the [1, H, T, D] views of packed tensors and lse is
@@ -61,8 +64,9 @@ class Engine:
         raise NotImplementedError
 
     def backward(self, grad_out, q, k, v, out, lse, red, *, causal: bool, dropout_p: float, scale: float,
-                 head_mask=None, rng: Optional[torch.Tensor] = None, varlen=None):
-        """(dq, dk, dv) like q, k, v; rng: the forward's."""
+                 head_mask=None, rng: Optional[torch.Tensor] = None, varlen=None, rel_bias=None):
+        """(dq, dk, dv) like q, k, v; rng: the forward's.  With rel_bias: (dq, dk, dv, dc2p, dp2c),
+        the table gradients like the tables (None for a missing table)."""
         raise NotImplementedError
 
     def keep_bits_shape(self, q, k, dropout_p: float, varlen=None) -> Optional[Tuple[int, ...]]:
@@ -130,6 +134,13 @@ def get(name: str) -> Engine:
         raise RuntimeError(_BROKEN[name]) from e
     _ENGINES[name] = engine
     return engine
+
+
+def check_rel_bias_support(name: str) -> None:
+    """RuntimeError when engine `name` cannot compute DeBERTa's disentangled score (rel_bias=)."""
+    if name != "reference" and not get(name).rel_bias:
+        raise RuntimeError(f"backend {name!r} cannot serve this call: rel_bias (DeBERTa's disentangled score) is "
+                           f"not implemented in it; use backend='cpu', 'triton' or 'reference'")
 
 
 def reasons(name: str, q: torch.Tensor) -> List[str]:

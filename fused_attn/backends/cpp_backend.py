@@ -41,8 +41,10 @@ class CppEngine(Engine):
     maps handed to them must be built for those)."""
 
     def __init__(self, name: str, device_type: str, blocks: Tuple[int, int], max_head_dim: int,
-                 load_ops: Callable[[], object], unsupported: Optional[Callable[[], Optional[str]]] = None):
+                 load_ops: Callable[[], object], unsupported: Optional[Callable[[], Optional[str]]] = None,
+                 rel_bias: bool = False):
         self.name, self.device_type, self.blocks, self.max_head_dim = name, device_type, blocks, max_head_dim
+        self.rel_bias = rel_bias   # the kernels compute DeBERTa's disentangled score (rel_bias=)
         self._load_ops, self._unsupported = load_ops, unsupported
 
     def ops(self):
@@ -60,15 +62,30 @@ class CppEngine(Engine):
         return None
 
     def forward(self, q, k, v, red, *, causal, dropout_p, scale, head_mask=None, rng=None, varlen=None,
-                stats=False):
+                stats=False, rel_bias=None):
         out, lse, visited = _forward(self.ops(), self.blocks, q, k, v, red, causal, scale, dropout_p, head_mask,
-                                     rng, varlen)
+                                     rng, varlen, self._rel_args(rel_bias))
         return (out, lse, visited) if stats else (out, lse)
 
     def backward(self, grad_out, q, k, v, out, lse, red, *, causal, dropout_p, scale, head_mask=None, rng=None,
-                 varlen=None):
-        return _backward(self.ops(), self.blocks, grad_out, q, k, v, out, lse, red, causal, scale, dropout_p,
-                         head_mask, rng, varlen)
+                 varlen=None, rel_bias=None):
+        dq, dk, dv, dc2p, dp2c = _backward(self.ops(), self.blocks, grad_out, q, k, v, out, lse, red, causal, scale,
+                                           dropout_p, head_mask, rng, varlen, self._rel_args(rel_bias))
+        if rel_bias is None:
+            return dq, dk, dv
+        c2p, p2c, _ = rel_bias
+        return (dq, dk, dv, None if c2p is None else dc2p.to(c2p.dtype), None if p2c is None else dp2c.to(p2c.dtype))
+
+    def _rel_args(self, rel_bias) -> tuple:
+        """The ops' trailing (c2p, p2c, rel_index): fp32 tables, int32 index (all None without)."""
+        if rel_bias is None:
+            return (None, None, None)
+        if not self.rel_bias:
+            raise RuntimeError(f"backend {self.name!r}: rel_bias (DeBERTa's disentangled score) is not implemented "
+                               f"in its kernels")
+        c2p, p2c, index = rel_bias
+        return (None if c2p is None else c2p.to(torch.float32), None if p2c is None else p2c.to(torch.float32),
+                index.to(torch.int32).contiguous())
 
     def keep_mask(self, batch, heads, q_len, k_len, dropout_p, rng):
         return self.ops().dropout_keep(rng, batch, heads, q_len, k_len, float(dropout_p))
@@ -79,7 +96,7 @@ def _no_cuda_torch() -> Optional[str]:
 
 
 # Tile sizes: csrc/cpu_attn.h (CPU), csrc/cuda/attn_cuda.cu (CUDA).
-CPU = CppEngine("cpu", "cpu", (64, 64), 256, lambda: extension_ops("cpu"))
+CPU = CppEngine("cpu", "cpu", (64, 64), 256, lambda: extension_ops("cpu"), rel_bias=True)
 CUDA = CppEngine("cuda", "cuda", (32, 32), 128, lambda: extension_ops("cuda"), _no_cuda_torch)
 
 
@@ -115,7 +132,7 @@ def _varlen_args(varlen, red: Optional[ReducedMask], head_mask: Optional[torch.T
 
 
 def _forward(ops, blocks, q, k, v, red: Optional[ReducedMask], causal: bool, scale: float, dropout_p: float,
-             head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor], varlen):
+             head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor], varlen, rel=(None, None, None)):
     """(out [B, H, Sq, D] in q.dtype, lse [B, H, Sq] fp32 in log2 units, +inf for rows that see
     nothing, visited key blocks per (b, h, query block)).  rng: the dropout (seed, offset), int64 [2]
     on q's device, read by the kernels (None without dropout).
@@ -128,19 +145,21 @@ def _forward(ops, blocks, q, k, v, red: Optional[ReducedMask], causal: bool, sca
     packed = _varlen_args(varlen, red, head_mask)
     *mask, additive = _mask_args(red, blocks, causal)
     return ops.fwd(q, k, v, *mask, _head_mask(head_mask), additive, bool(causal), float(scale), float(dropout_p),
-                   rng, blocks[0], blocks[1], *packed)
+                   rng, blocks[0], blocks[1], *packed, *rel)
 
 
 def _backward(ops, blocks, grad_out, q, k, v, out, lse, red: Optional[ReducedMask], causal: bool, scale: float,
-              dropout_p: float, head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor], varlen):
-    """(dq, dk, dv) in the dtypes of q, k, v.  varlen: as in :func:`_forward` (then grad_out and out
+              dropout_p: float, head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor], varlen,
+              rel=(None, None, None)):
+    """(dq, dk, dv, dc2p, dp2c): dq, dk, dv in the dtypes of q, k, v; the table gradients fp32 (empty
+    without the table); rel: the ops' (c2p, p2c, rel_index).  varlen: as in :func:`_forward` (then grad_out and out
     are [1, H, Tq, D], lse [1, H, Tq]; rows in no sequence get zero gradients)."""
     if grad_out.dtype != q.dtype:
         grad_out = grad_out.to(q.dtype)
     packed = _varlen_args(varlen, red, head_mask)
     *mask, additive = _mask_args(red, blocks, causal)
     return ops.bwd(grad_out, q, k, v, out, lse, *mask, _head_mask(head_mask), additive, bool(causal),
-                   float(scale), float(dropout_p), rng, blocks[0], blocks[1], *packed)
+                   float(scale), float(dropout_p), rng, blocks[0], blocks[1], *packed, *rel)
 
 
 def _token_major(t: torch.Tensor) -> torch.Tensor:
@@ -160,7 +179,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fused_attn::fwd")
     def _fwd_fake(q, k, v, mask, key_start, key_end, key_needs_mask, block_state, head_mask, additive, causal,
                   scale, dropout_p, rng, block_m, block_n, cu_seqlens_q=None, cu_seqlens_k=None,
-                  max_seqlen_q=0, max_seqlen_k=0):
+                  max_seqlen_q=0, max_seqlen_k=0, c2p=None, p2c=None, rel_index=None):
         B, H, Sq, _ = q.shape
         lse = q.new_empty((B, H, Sq), dtype=torch.float32)
         if cu_seqlens_q is None:
@@ -171,10 +190,12 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fused_attn::bwd")
     def _bwd_fake(grad_out, q, k, v, out, lse, mask, key_start, key_end, key_needs_mask, block_state, head_mask,
                   additive, causal, scale, dropout_p, rng, block_m, block_n, cu_seqlens_q=None,
-                  cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+                  cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, c2p=None, p2c=None, rel_index=None):
+        tables = tuple(q.new_empty((0,), dtype=torch.float32) if t is None or rel_index is None
+                       else t.new_empty(t.shape) for t in (c2p, p2c))
         if cu_seqlens_q is None:
-            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        return _token_major(q), _token_major(k), _token_major(v)
+            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), *tables
+        return _token_major(q), _token_major(k), _token_major(v), *tables
 
     @torch.library.register_fake("fused_attn::dropout_keep")
     def _keep_fake(rng, batch, heads, q_len, k_len, dropout_p):
