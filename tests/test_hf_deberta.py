@@ -246,7 +246,7 @@ def test_gradient_checkpointing_matches(padding_free):
     """With dropout (in-kernel on the probabilities, HF's elsewhere) and checkpointing, the gradients are
     those of the same seed without checkpointing: the recomputed layers draw the same dropout."""
     base = tiny("v3", attention_probs_dropout_prob=0.2, hidden_dropout_prob=0.1)
-    x = inputs()
+    x = inputs(MASK[:3])
     grads = []
     for checkpointing in (False, True):
         model = fused_attn.patch(copy.deepcopy(base), backend="reference", padding_free=padding_free)
