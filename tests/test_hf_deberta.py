@@ -282,3 +282,23 @@ def test_trainer_with_dropout_loss_falls(padding_free, tmp_path):
     assert len(losses) == 12 and all(l == l for l in losses)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
     assert is_patched(model)
+
+
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding-free"])
+def test_sentence_transformers_cross_encoder(padding_free, tmp_path):
+    """A CrossEncoder on a (tiny, random) DeBERTa-v2 checkpoint scores pairs as before once patched."""
+    st = pytest.importorskip("sentence_transformers")
+    from _hf import SENTENCES, minilm_path
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())            # any WordPiece tokenizer will do
+    model = tiny("v3", head="seq", num_labels=1, vocab_size=tok.vocab_size, max_position_embeddings=128)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    ce = st.CrossEncoder(str(tmp_path), device="cpu")
+    pairs = [(a, b) for a, b in zip(SENTENCES, SENTENCES[1:] + SENTENCES[:1])]
+    want = torch.as_tensor(ce.predict(pairs, convert_to_numpy=True))
+    fused_attn.patch(ce, backend="reference", padding_free=padding_free)
+    assert len(fused_modules(ce)) == 2
+    got = torch.as_tensor(ce.predict(pairs, convert_to_numpy=True))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
