@@ -185,6 +185,41 @@ def test_padded_route_hands_layers_compact_masks():
     assert seen == [(MASK.shape, None)]
 
 
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding-free"])
+def test_no_square_tensor_in_a_training_step(padding_free):
+    """On the C++ engine no op of the forward or backward makes a [..., S, S] tensor (HF makes
+    several per layer): the mask stays [B, S], the position terms stay [B, H, S, P] tables."""
+    if _supports_rel_bias("cpu"):
+        pytest.skip("the cpu engine takes no rel_bias here")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.square = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == t.shape[-2] == S:
+                    self.square.append((str(func), tuple(t.shape)))
+            return out
+
+    mask = torch.tensor([[1] * 6 + [0] * 4, [1] * 10, [0] * 3 + [1] * 7])
+    S = mask.shape[1]
+    model = fused_attn.patch(tiny("v3"), backend="cpu", padding_free=padding_free).train()
+    sa = model.encoder.layer[0].attention.self
+    _, lo, hi = deberta._positions(sa, S, S, torch.device("cpu"))
+    assert hi - lo + 1 != S                              # a table of width P = S would look square
+    x = inputs(mask)
+    with Shapes() as rec:
+        model(**x).last_hidden_state.sum().backward()
+    assert not rec.square, rec.square[:5]
+    with Shapes() as rec:                                 # the check sees HF's square tensors
+        fused_attn.unpatch(model)(**x).last_hidden_state.sum().backward()
+    assert rec.square
+
+
 def test_output_attentions_falls_back_to_hf():
     model = tiny("v3")
     x = inputs()
