@@ -97,7 +97,7 @@ def _run(fn, inputs, grad_out):
 
 
 def check(engine, B, H, Sq, Sk, D, P, dtype, which="both", mask=None, table_dtype=None, dropout_p=0.0,
-          seed=0):
+          seed=0, causal=False):
     name, device = engine
     g = torch.Generator().manual_seed(seed)
     q, k, v = make_qkv(B, H, Sq, Sk, D, dtype, device, requires_grad=True, g=g)
@@ -105,7 +105,7 @@ def check(engine, B, H, Sq, Sk, D, P, dtype, which="both", mask=None, table_dtyp
     go = torch.randn(B, H, Sq, D, generator=g).to(device=device, dtype=dtype)
     m = None if mask is None else mask.to(device)
     state = torch.get_rng_state()
-    got = _run(lambda a, b, c, x, y: fused_attn.attention(a, b, c, m, dropout_p=dropout_p, backend=name,
+    got = _run(lambda a, b, c, x, y: fused_attn.attention(a, b, c, m, causal, dropout_p, backend=name,
                                                           rel_bias=DisentangledBias(x, y, index)),
                (q, k, v, c2p, p2c), go)
     keep = None
@@ -115,7 +115,7 @@ def check(engine, B, H, Sq, Sk, D, P, dtype, which="both", mask=None, table_dtyp
         keep = backends.get(name).keep_mask(B, H, Sq, Sk, dropout_p, philox_rng(torch.device(device)))
 
     def ref(cdt):
-        return lambda a, b, c, x, y: reference.attention(a, b, c, m, dropout_p=dropout_p, dropout_mask=keep,
+        return lambda a, b, c, x, y: reference.attention(a, b, c, m, causal, dropout_p, dropout_mask=keep,
                                                          compute_dtype=cdt, rel_bias=DisentangledBias(x, y, index))
     f32 = [None if t is None else t.detach().float().requires_grad_() for t in (q, k, v, c2p, p2c)]
     oracle = _run(ref(None), f32, go.float())
@@ -142,6 +142,19 @@ def test_rel_bias_half(engine, dtype, table_dtype):
 def test_rel_bias_key_padding(engine, left):
     mask = padding_mask([40, 23], 40, left=left)
     check(engine, 2, 2, 40, 40, 32, 16, torch.float32, mask=mask)
+
+
+@pytest.mark.parametrize("mask_kind,causal", [("pair", False), ("pad-right", True)])
+def test_rel_bias_masks(engine, mask_kind, causal):
+    """Per-pair masks (the block-map loops) and causal (diagonal tiles)."""
+    from cases import make_mask
+    check(engine, 2, 2, 37, 45, 32, 10, torch.float32, mask=make_mask(mask_kind, 2, 2, 37, 45), causal=causal)
+
+
+def test_rel_bias_single_pass_backward(engine, monkeypatch):
+    """Triton's single-pass backward adds dc2p in the dK/dV kernel (atomics across key blocks)."""
+    monkeypatch.setenv("FUSED_ATTN_DETERMINISTIC", "0")
+    check(engine, 2, 2, 37, 45, 32, 10, torch.float32)
 
 
 def test_rel_bias_dropout(engine):

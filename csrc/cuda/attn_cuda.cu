@@ -87,6 +87,28 @@ __device__ __forceinline__ float prob_scale(const HeadMask& hm, const DropoutPar
   return drop.p > 0.f ? s * drop.scale : s;
 }
 
+// DeBERTa's disentangled score: c2p[i, c] + p2c[j, c] of element (i, j) of sequence `seq`, head h,
+// with c = index[i - j + max_k - 1] clamped into [0, P) (RelBias, mask_desc.h); 0 without tables or
+// outside the sequence.  c: the column (for the gradients), -1 when none.
+__device__ __forceinline__ float rel_term(const RelBias& rb, const Seq& seq, int64_t h, int64_t i, int64_t j,
+                                          int64_t max_k, int& c) {
+  c = -1;
+  if (!rb.on() || i >= seq.sq || j >= seq.sk) return 0.f;
+  c = static_cast<int>(::min(::max(static_cast<int64_t>(rb.index[i - j + max_k - 1]), int64_t{0}), rb.P - 1));
+  float t = 0.f;
+  if (rb.c2p) t += rb.c2p_rows(seq, h)[i * rb.cs_r + c * rb.cs_p];
+  if (rb.p2c) t += rb.p2c_rows(seq, h)[j * rb.ps_r + c * rb.ps_p];
+  return t;
+}
+
+// The backward of rel_term: g (= dS * scale) added into the fp32 gradient `grad` (contiguous like
+// its table: RelBias::dc2p / dp2c) at [row, c] of sequence rows from row0, head h (atomics: the
+// elements of a tile that share a column).
+__device__ __forceinline__ void rel_grad_add(float* grad, const RelBias& rb, int64_t bh_rows, int64_t row, int c,
+                                             float g) {
+  if (grad != nullptr && c >= 0) atomicAdd(grad + (bh_rows + row) * rb.P + c, g);
+}
+
 // What one tile needs: visible keys [lo, hi), whether mask values must be read.
 struct Tile {
   int64_t lo, hi;
@@ -183,7 +205,8 @@ template <typename T, int DPL>
 __global__ void __launch_bounds__(THREADS) fwd_kernel(
     const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, T* __restrict__ O,
     float* __restrict__ Lse, int32_t* __restrict__ Visited, Strides qs, Strides ks, Strides vs, Strides os,
-    int H, SeqLayout lay, int D, float qk_scale, MaskDesc m, HeadMask hm, bool causal, DropoutParams drop) {
+    int H, SeqLayout lay, int D, float qk_scale, MaskDesc m, HeadMask hm, bool causal, DropoutParams drop,
+    RelBias rb) {
   drop.load_state();   // (seed, offset) from device memory
   constexpr int DMAX = 32 * DPL;
   constexpr int LD = DMAX + 1;
@@ -224,6 +247,8 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(
       if (i >= Sq) break;   // warp-uniform
       float s = 0.f;
       for (int d = 0; d < D; ++d) s += Qs[lr * LD + d] * Ks[lane * LD + d];
+      int c;
+      s += rel_term(rb, seq, h, i, j, lay.max_k, c);
       s = mask_add(s * qk_scale, visibility(m, tile, b, h, i, j, Sq, causal, off));
       // -- online softmax (a row that has seen nothing keeps m = -inf, l = 0)
       const float m_new = fmaxf(mi[r], warp_max(s));
@@ -279,18 +304,23 @@ struct HeadCtx {
   uint32_t bh;
   bool causal;
   float qk_scale, keep_scale;
+  RelBias rb;       // DeBERTa's tables (off when rb.on() is false)
+  Seq seq;
+  int64_t max_k;    // SeqLayout::max_k: the index's key offset
 };
 
 // dS of element (i, j) from shared-memory rows q_i, k_j, dO_i, v_j (P recomputed from the row's
-// log-sum-exp, +inf for rows that saw nothing -> P = 0); pd = the probability that multiplied V.
+// log-sum-exp, +inf for rows that saw nothing -> P = 0); pd = the probability that multiplied V;
+// col = the column of DeBERTa's tables (rel_term), -1 without.
 __device__ __forceinline__ float grad_element(const float* qi, const float* kj, const float* gi, const float* vj,
                                               int D, float lse, float delta, const Tile& tile, int64_t i,
-                                              int64_t j, const HeadCtx& c, float& pd) {
+                                              int64_t j, const HeadCtx& c, float& pd, int& col) {
   float s = 0.f, dp = 0.f;
   for (int d = 0; d < D; ++d) {
     s += qi[d] * kj[d];
     dp += gi[d] * vj[d];
   }
+  s += rel_term(c.rb, c.seq, c.h, i, j, c.max_k, col);
   s = mask_add(s * c.qk_scale, visibility(c.m, tile, c.b, c.h, i, j, c.Sq, c.causal, c.Sk - c.Sq));
   const float p = exp2f(s - lse);
   float f = c.keep_scale;
@@ -304,7 +334,7 @@ __global__ void __launch_bounds__(THREADS) bwd_dkdv_kernel(
     const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
     const float* __restrict__ Lse, const float* __restrict__ Delta, T* __restrict__ dK, T* __restrict__ dV,
     Strides qs, Strides ks, Strides vs, Strides gs, Strides dks, Strides dvs, int H, SeqLayout lay, int D,
-    float qk_scale, float scale, MaskDesc m, HeadMask hm, bool causal, DropoutParams drop) {
+    float qk_scale, float scale, MaskDesc m, HeadMask hm, bool causal, DropoutParams drop, RelBias rb) {
   drop.load_state();
   constexpr int DMAX = 32 * DPL;
   constexpr int LD = DMAX + 1;
@@ -334,7 +364,8 @@ __global__ void __launch_bounds__(THREADS) bwd_dkdv_kernel(
 #pragma unroll
     for (int t = 0; t < DPL; ++t) dk[r][t] = dv[r][t] = 0.f;
   const HeadCtx ctx{m, drop, b, h, Sq, Sk, lay.dropout_k_len(), static_cast<uint32_t>(bh), causal, qk_scale,
-                    prob_scale(hm, drop, b, h)};
+                    prob_scale(hm, drop, b, h), rb, seq, lay.max_k};
+  const int64_t dp2c_rows = (seq.b * H + h) * lay.tk + seq.k0;   // this (sequence, head)'s dp2c rows
 
   auto visit = [&](int64_t qb, const Tile& tile) {
     const int64_t m0 = qb * TILE;
@@ -354,8 +385,10 @@ __global__ void __launch_bounds__(THREADS) bwd_dkdv_kernel(
       const int64_t j = n0 + lk;
       if (j >= Sk) break;   // warp-uniform
       float pd;
+      int col;
       const float ds = grad_element(Qs + lane * LD, Ks + lk * LD, Gs + lane * LD, Vs + lk * LD, D, Ls[lane],
-                                    Ds[lane], tile, i, j, ctx, pd);
+                                    Ds[lane], tile, i, j, ctx, pd, col);
+      rel_grad_add(rb.dp2c, rb, dp2c_rows, j, col, ds * scale);
       for (int ii = 0; ii < TILE; ++ii) {
         const float pdi = __shfl_sync(FULL, pd, ii), dsi = __shfl_sync(FULL, ds, ii);
 #pragma unroll
@@ -391,7 +424,7 @@ __global__ void __launch_bounds__(THREADS) bwd_dq_kernel(
     const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
     const float* __restrict__ Lse, const float* __restrict__ Delta, T* __restrict__ dQ, Strides qs,
     Strides ks, Strides vs, Strides gs, Strides dqs, int H, SeqLayout lay, int D, float qk_scale, float scale,
-    MaskDesc m, HeadMask hm, bool causal, DropoutParams drop) {
+    MaskDesc m, HeadMask hm, bool causal, DropoutParams drop, RelBias rb) {
   drop.load_state();
   constexpr int DMAX = 32 * DPL;
   constexpr int LD = DMAX + 1;
@@ -423,7 +456,8 @@ __global__ void __launch_bounds__(THREADS) bwd_dq_kernel(
     for (int t = 0; t < DPL; ++t) dq[r][t] = 0.f;
   }
   const HeadCtx ctx{m, drop, b, h, Sq, Sk, lay.dropout_k_len(), static_cast<uint32_t>(bh), causal, qk_scale,
-                    prob_scale(hm, drop, b, h)};
+                    prob_scale(hm, drop, b, h), rb, seq, lay.max_k};
+  const int64_t dc2p_rows = (seq.b * H + h) * lay.tq + seq.q0;   // this (sequence, head)'s dc2p rows
 
   auto visit = [&](int64_t n0, const Tile& tile) {
     load_kv_tile(Ks, Vs, LD, Kb, Vb, ks, vs, n0, Sk, D, DMAX);
@@ -434,8 +468,10 @@ __global__ void __launch_bounds__(THREADS) bwd_dq_kernel(
       const int64_t i = i0 + lr;
       if (i >= Sq) break;   // warp-uniform
       float pd;
+      int col;
       const float ds = grad_element(Qs + lr * LD, Ks + lane * LD, Gs + lr * LD, Vs + lane * LD, D, lse[r], delta[r],
-                                    tile, i, j, ctx, pd);
+                                    tile, i, j, ctx, pd, col);
+      rel_grad_add(rb.dc2p, rb, dc2p_rows, i, col, ds * scale);
       for (int jj = 0; jj < TILE; ++jj) {
         const float dsj = __shfl_sync(FULL, ds, jj);
 #pragma unroll
@@ -524,11 +560,10 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, const Tensor& k, co
                                             int64_t max_seqlen_k, const OptT& c2p, const OptT& p2c,
                                             const OptT& rel_index) {
   check_inputs(q, k, v, block_m, block_n);
-  TORCH_CHECK(!rel_index.has_value(), "fused_attn (cuda): rel_bias (DeBERTa's disentangled score) is not implemented "
-              "in the CUDA kernels");
   const c10::cuda::CUDAGuard guard(q.device());
   const SeqLayout lay = make_seq_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask,
                                         key_start, block_state, head_mask);
+  const RelBias rb = make_rel_bias(q, k, lay, c2p, p2c, rel_index);
   const MaskDesc md = make_mask_desc(q, k.size(2), mask, additive, key_start, key_end, key_needs_mask, block_state,
                                      block_m, block_n);
   const HeadMask hm = make_head_mask(head_mask, q);
@@ -551,7 +586,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, const Tensor& k, co
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
         lse.data_ptr<float>(), visited.data_ptr<int32_t>(), strides_of(q), strides_of(k), strides_of(v),
         strides_of(out), static_cast<int>(H), lay, static_cast<int>(D), static_cast<float>(scale) * kLog2e, md,
-        hm, causal, drop);
+        hm, causal, drop, rb);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, lse, visited};
@@ -567,8 +602,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cuda(const Tensor& grad_o
                                             int64_t max_seqlen_k, const OptT& c2p, const OptT& p2c,
                                             const OptT& rel_index) {
   check_inputs(q, k, v, block_m, block_n);
-  TORCH_CHECK(!rel_index.has_value(), "fused_attn (cuda): rel_bias (DeBERTa's disentangled score) is not implemented "
-              "in the CUDA kernels");
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() &&
                   grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
               "fused_attn: grad_out and out must match q ", q.sizes());
@@ -585,10 +618,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cuda(const Tensor& grad_o
   const int64_t B = grid_batch(q, cu_seqlens_q), H = q.size(1), D = q.size(3);
   const int64_t nqb = (lay.max_q + TILE - 1) / TILE, nkb = (lay.max_k + TILE - 1) / TILE;
   TORCH_CHECK(nqb <= 65535 && nkb <= 65535, "fused_attn (cuda): sequence too long");
-  Tensor dq, dk, dv;
+  Tensor dq, dk, dv, dc2p, dp2c;
   allocate_backward(q, k, v, lay, dq, dk, dv);
-  const Tensor none = at::empty({0}, q.options().dtype(at::kFloat));   // dc2p, dp2c: no tables
-  if (q.numel() == 0 || k.numel() == 0 || B * H == 0) return {dq.zero_(), dk.zero_(), dv.zero_(), none, none};
+  const RelBias rb = make_rel_bias(q, k, lay, c2p, p2c, rel_index, &dc2p, &dp2c);   // zeroed fp32 gradients
+  if (q.numel() == 0 || k.numel() == 0 || B * H == 0) return {dq.zero_(), dk.zero_(), dv.zero_(), dc2p, dp2c};
   // rowsum(dO * O) with O as stored (rounded to the input dtype, like the eager graph)
   const Tensor delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -604,7 +637,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cuda(const Tensor& grad_o
           q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
           lse.data_ptr<float>(), delta.data_ptr<float>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
           strides_of(q), strides_of(k), strides_of(v), strides_of(grad_out), strides_of(dk), strides_of(dv),
-          static_cast<int>(H), lay, static_cast<int>(D), qk_scale, static_cast<float>(scale), md, hm, causal, drop);
+          static_cast<int>(H), lay, static_cast<int>(D), qk_scale, static_cast<float>(scale), md, hm, causal, drop,
+          rb);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (nqb > 0) {
@@ -614,11 +648,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cuda(const Tensor& grad_o
           q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
           lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<scalar_t>(), strides_of(q), strides_of(k),
           strides_of(v), strides_of(grad_out), strides_of(dq), static_cast<int>(H), lay, static_cast<int>(D),
-          qk_scale, static_cast<float>(scale), md, hm, causal, drop);
+          qk_scale, static_cast<float>(scale), md, hm, causal, drop, rb);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  return {dq, dk, dv, none, none};
+  return {dq, dk, dv, dc2p, dp2c};
 }
 
 Tensor dropout_keep_cuda(const Tensor& rng, int64_t batch, int64_t heads, int64_t q_len, int64_t k_len,

@@ -97,7 +97,7 @@ def _no_cuda_torch() -> Optional[str]:
 
 # Tile sizes: csrc/cpu_attn.h (CPU), csrc/cuda/attn_cuda.cu (CUDA).
 CPU = CppEngine("cpu", "cpu", (64, 64), 256, lambda: extension_ops("cpu"), rel_bias=True)
-CUDA = CppEngine("cuda", "cuda", (32, 32), 128, lambda: extension_ops("cuda"), _no_cuda_torch)
+CUDA = CppEngine("cuda", "cuda", (32, 32), 128, lambda: extension_ops("cuda"), _no_cuda_torch, rel_bias=True)
 
 
 def _mask_args(red: Optional[ReducedMask], blocks: Tuple[int, int], causal: bool):

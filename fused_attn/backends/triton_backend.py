@@ -144,6 +144,61 @@ def _strides(t, batch_factor):
     return (st[0] * batch_factor, st[1], st[2], st[3])
 
 
+def _rel_tables(rel_bias):
+    """DeBERTa's (c2p, p2c, index) as the kernels read them: tables with a unit column stride, the
+    index int32; None without rel_bias."""
+    if rel_bias is None:
+        return None
+    c2p, p2c, index = rel_bias
+    unit = tuple(None if t is None else (t if t.stride(-1) == 1 else t.contiguous()) for t in (c2p, p2c))
+    return (*unit, index.to(torch.int32).contiguous())
+
+
+def _rel_key(rel):
+    """What the tables decide in a launch plan (REL_BIAS, their strides and P)."""
+    if rel is None:
+        return None
+    return tuple(None if t is None else (t.shape[-1], t.stride(), t.dtype) for t in rel[:2])
+
+
+def _rel_flags(rel) -> int:
+    """The kernels' REL_BIAS bits (triton_common.REL_C2P, REL_P2C)."""
+    if rel is None:
+        return 0
+    return (rel[0] is not None) * triton_common.REL_C2P + (rel[1] is not None) * triton_common.REL_P2C
+
+
+def _rel_args(rel, bf: int, dummy: torch.Tensor, grads: tuple = ()):
+    """C2P, P2C, the gradients `grads` (fp32, laid out like the tables; backward), RelIndex, the
+    tables' (batch, head, row) strides and P; dummies where unused."""
+    if rel is None:
+        return (dummy, dummy, *(dummy for _ in grads), dummy, 0, 0, 0, 0, 0, 0, 1)
+    c2p, p2c, index = rel
+    st = [(0, 0, 0) if t is None else (t.stride(0) * bf, t.stride(1), t.stride(2)) for t in (c2p, p2c)]
+    width = (c2p if c2p is not None else p2c).shape[-1]
+    return (dummy if c2p is None else c2p, dummy if p2c is None else p2c, *(dummy if g is None else g for g in grads),
+            index, *st[0], *st[1], width)
+
+
+def _rel_grads(rel):
+    """Zeroed fp32 gradients of the tables with the tables' strides (the kernels add into them with
+    the tables' strides), and the tables, made contiguous where zeros_like could not copy a layout."""
+    if rel is None:
+        return None, None, None
+    out = []
+    tables = list(rel[:2])
+    for i, t in enumerate(tables):
+        if t is None:
+            out.append(None)
+            continue
+        g = torch.zeros_like(t, dtype=torch.float32)
+        if g.stride() != t.stride():
+            tables[i] = t = t.contiguous()
+            g = torch.zeros_like(t, dtype=torch.float32)
+        out.append(g)
+    return (*tables, rel[2]), out[0], out[1]
+
+
 def _head_mask_args(head_mask: Optional[torch.Tensor], dummy: torch.Tensor):
     """HeadMask, stride_hb, stride_hh of a [1 or B, H] head mask (stride 0 over a broadcast batch)."""
     if head_mask is None:
@@ -263,7 +318,8 @@ class _FwdPlan:
     variants: Variants = field(default_factory=Variants)    # triton_launch's compiled variants
 
 
-def _fwd_plan(q, k, v, red, causal, scale, dropout_p, head_mask, config, stats, varlen, keep_bits) -> _FwdPlan:
+def _fwd_plan(q, k, v, red, causal, scale, dropout_p, head_mask, config, stats, varlen, keep_bits,
+              rel=None) -> _FwdPlan:
     D, H = q.shape[3], q.shape[1]
     cfg = config or fwd_config(D, q.dtype, q.device)
     B, Sq, Sk, bf, seq = _seq_args(q, k, varlen)
@@ -271,20 +327,24 @@ def _fwd_plan(q, k, v, red, causal, scale, dropout_p, head_mask, config, stats, 
     block_d = max(16, _pow2(D))
     kw = _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, cfg, keep_bits)
     return _FwdPlan(cfg, (n_qb, B * H), (B, H, n_qb), bf, (*_strides(q, bf), *_strides(k, bf), *_strides(v, bf)),
-                    (H, Sq, Sk, D, scale * triton_common.LOG2E), seq, dict(WRITE_STATS=stats, **kw))
+                    (H, Sq, Sk, D, scale * triton_common.LOG2E), seq,
+                    dict(WRITE_STATS=stats, REL_BIAS=_rel_flags(rel), **kw))
 
 
 def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: float,
             head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor] = None,
-            config: Optional[TileConfig] = None, stats: bool = False, varlen=None, keep_bits=None):
+            config: Optional[TileConfig] = None, stats: bool = False, varlen=None, keep_bits=None,
+            rel_bias=None):
     """Returns (out [B, H, Sq, D] in q.dtype, lse [B, H, Sq] fp32 in log2 units[, stats]).
     With ``varlen``, q / k / v are [1, H, T, D] views of packed tensors (see _seq_args).  With
-    ``keep_bits`` (int32, keep_bits_shape()), the dropout keep-mask is also written there."""
+    ``keep_bits`` (int32, keep_bits_shape()), the dropout keep-mask is also written there.
+    rel_bias: DeBERTa's (c2p, p2c, index) (fused_attn.DisentangledBias), gathered per tile."""
     has_bits = keep_bits is not None
+    rel = _rel_tables(rel_bias)
     key = ("fwd", q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device, red.kind, causal,
-           scale, dropout_p, head_mask is None, config, stats, _varlen_key(varlen), has_bits)
+           scale, dropout_p, head_mask is None, config, stats, _varlen_key(varlen), has_bits, _rel_key(rel))
     plan = _plan(key, lambda: _fwd_plan(q, k, v, red, causal, scale, dropout_p, head_mask, config, stats, varlen,
-                                        has_bits))
+                                        has_bits, rel))
     out = torch.empty_like(q)   # keeps q's layout when dense, e.g. HF's [B, S, H, D] storage
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     dummy = lse
@@ -294,7 +354,7 @@ def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: fl
         *_seq_tensors(varlen, dummy), *plan.seq,
         *_mask_args(red, plan.cfg, causal, dummy),
         *_head_mask_args(head_mask, dummy), *_keep_args(keep_bits, plan.cfg, dummy),
-        *_dropout_args(dropout_p, rng, q, dummy)), plan.constexprs, plan.variants)
+        *_dropout_args(dropout_p, rng, q, dummy), *_rel_args(rel, plan.bf, dummy)), plan.constexprs, plan.variants)
     if stats:
         return out, lse, visited
     return out, lse
@@ -350,7 +410,7 @@ class _BwdPlan:
 
 
 def _bwd_plan(grad_out, q, k, v, out, red, causal, scale, dropout_p, head_mask, config, dq_config,
-              varlen, keep_bits) -> _BwdPlan:
+              varlen, keep_bits, rel=None) -> _BwdPlan:
     H, D = q.shape[1], q.shape[3]
     B, Sq, Sk, bf, seq = _seq_args(q, k, varlen)
     if config is None:
@@ -358,21 +418,27 @@ def _bwd_plan(grad_out, q, k, v, out, red, causal, scale, dropout_p, head_mask, 
     dq_config = dq_config or config
     block_d = max(16, _pow2(D))
     dkdv = _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, config, keep_bits)
+    # REL_GRAD: dK/dV owns key rows (dp2c), dQ query rows (dc2p); the single pass adds both in dK/dV
+    flags = _rel_flags(rel)
+    c2p_bit, p2c_bit = flags & triton_common.REL_C2P, flags & triton_common.REL_P2C
     return _BwdPlan(
         config, dq_config,
         (_cdiv(q.shape[2], DELTA_BLOCK_M), q.shape[0] * H), (*out.stride(), *grad_out.stride(), H, q.shape[2], D),
         bf, (*_strides(q, bf), *_strides(k, bf), *_strides(v, bf), *_strides(grad_out, bf)),
         (max(1, _cdiv(Sk, config.block_n)), B * H), (max(1, _cdiv(Sq, dq_config.block_m)), B * H),
         (H, Sq, Sk, D, scale * triton_common.LOG2E, scale), seq, dict(BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d),
-        tuple(dict(dkdv, ATOMIC_DQ=atomic) for atomic in (False, True)),
-        _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, dq_config, keep_bits))
+        tuple(dict(dkdv, ATOMIC_DQ=atomic, REL_BIAS=flags, REL_GRAD=p2c_bit | (c2p_bit if atomic else 0))
+              for atomic in (False, True)),
+        dict(_constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, dq_config, keep_bits),
+             REL_BIAS=flags, REL_GRAD=c2p_bit))
 
 
 def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale: float,
              dropout_p: float, head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor] = None,
              config: Optional[TileConfig] = None, dq_config: Optional[TileConfig] = None, varlen=None,
-             keep_bits=None, atomic_dq: Optional[bool] = None):
-    """Returns (dq, dk, dv) in the dtypes and layouts of q, k, v.  config / dq_config override
+             keep_bits=None, atomic_dq: Optional[bool] = None, rel_bias=None):
+    """Returns (dq, dk, dv) in the dtypes and layouts of q, k, v (with rel_bias also dc2p, dp2c,
+    fp32, None for a missing table).  config / dq_config override
     the tiles of the dK/dV and dQ kernels (dq_config defaults to config).  keep_bits: the words
     the forward stored (else the keep-mask is regenerated).  atomic_dq: the single pass (default
     single_pass_backward())."""
@@ -380,11 +446,12 @@ def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale:
     if grad_out.dtype != q.dtype:
         grad_out = grad_out.to(q.dtype)
     has_bits = keep_bits is not None
+    rel, dc2p, dp2c = _rel_grads(_rel_tables(rel_bias))
     key = ("bwd", q.shape, q.stride(), k.shape, k.stride(), v.stride(), out.stride(), grad_out.stride(), q.dtype,
            q.device, red.kind, causal, scale, dropout_p, head_mask is None, config, dq_config, _varlen_key(varlen),
-           has_bits)
+           has_bits, _rel_key(rel))
     plan = _plan(key, lambda: _bwd_plan(grad_out, q, k, v, out, red, causal, scale, dropout_p, head_mask, config,
-                                        dq_config, varlen, has_bits))
+                                        dq_config, varlen, has_bits, rel))
     # rowsum(dO ∘ O), laid out like lse: a row-wise op, so packed rows need no sequence bounds
     delta = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     launch(triton_bwd.bwd_delta_kernel, plan.delta_grid, (out, grad_out, delta, *plan.delta_args),
@@ -400,15 +467,18 @@ def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale:
         q, k, v, grad_out, lse, delta, dk, dv, *plan.inputs, *_strides(dk, plan.bf), *_strides(dv, plan.bf), *tail,
         *_mask_args(red, plan.cfg, causal, dummy, transposed=True), *head,
         *_keep_args(keep_bits, plan.cfg, dummy, whole_words=False),
-        *((dq, *_strides(dq, plan.bf)) if atomic else (dummy, 0, 0, 0, 0)), *drop),
+        *((dq, *_strides(dq, plan.bf)) if atomic else (dummy, 0, 0, 0, 0)), *drop,
+        *_rel_args(rel, plan.bf, dummy, (dc2p, dp2c))),
         plan.dkdv_constexprs[atomic], plan.dkdv_variants[atomic])
+    tables = () if rel is None else (dc2p, dp2c)
     if atomic:
-        return dq.to(q.dtype), dk, dv
+        return (dq.to(q.dtype), dk, dv, *tables)
     launch(triton_bwd_dq.attn_bwd_dq_kernel, plan.dq_grid, (
         q, k, v, grad_out, lse, delta, dq, *plan.inputs, *_strides(dq, plan.bf), *tail,
-        *_mask_args(red, plan.dq_cfg, causal, dummy), *head, *_keep_args(keep_bits, plan.dq_cfg, dummy), *drop),
+        *_mask_args(red, plan.dq_cfg, causal, dummy), *head, *_keep_args(keep_bits, plan.dq_cfg, dummy), *drop,
+        *_rel_args(rel, plan.bf, dummy, (dc2p,))),
         plan.dq_constexprs, plan.dq_variants)
-    return dq, dk, dv
+    return (dq, dk, dv, *tables)
 
 
 def dropout_keep_mask(batch: int, heads: int, q_len: int, k_len: int, dropout_p: float,
@@ -429,6 +499,7 @@ class TritonEngine(Engine):
     name = "triton"
     device_type = "cuda"
     max_head_dim = MAX_HEAD_DIM
+    rel_bias = True
 
     def unavailable(self) -> Optional[str]:
         return _IMPORT_ERROR
@@ -446,14 +517,18 @@ class TritonEngine(Engine):
         return out
 
     def forward(self, q, k, v, red, *, causal, dropout_p, scale, head_mask=None, rng=None, varlen=None,
-                stats=False, keep_bits=None):
+                stats=False, keep_bits=None, rel_bias=None):
         return forward(q, k, v, red, causal, scale, dropout_p, head_mask, rng, stats=stats, varlen=varlen,
-                       keep_bits=keep_bits)
+                       keep_bits=keep_bits, rel_bias=rel_bias)
 
     def backward(self, grad_out, q, k, v, out, lse, red, *, causal, dropout_p, scale, head_mask=None, rng=None,
-                 varlen=None, keep_bits=None):
-        return backward(grad_out, q, k, v, out, lse, red, causal, scale, dropout_p, head_mask, rng, varlen=varlen,
-                        keep_bits=keep_bits)
+                 varlen=None, keep_bits=None, rel_bias=None):
+        grads = backward(grad_out, q, k, v, out, lse, red, causal, scale, dropout_p, head_mask, rng, varlen=varlen,
+                         keep_bits=keep_bits, rel_bias=rel_bias)
+        if rel_bias is None:
+            return grads
+        # the table gradients in the tables' dtypes
+        return (*grads[:3], *(None if t is None else g.to(t.dtype) for g, t in zip(grads[3:], rel_bias[:2])))
 
     def keep_bits_shape(self, q, k, dropout_p, varlen=None):
         return keep_bits_shape(q, k, dropout_p, varlen)

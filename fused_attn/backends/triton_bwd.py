@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (LOAD_NONE, LOAD_ROW, LOAD_TILE, MASK_BLOCKS, MASK_KEYS, dropout_grads, load_rng, load_rows,
-                            mask_scores, mma, seq_bounds, tile_keep)
+                            mask_scores, mma, rel_bias_add, rel_bias_grad, seq_bounds, tile_keep)
 
 
 # ---------------------------------------------------------------------------- dK, dV
@@ -29,9 +29,10 @@ def _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base,
                stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
                kv_lo, kv_hi, Sq, Sk, D, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
                keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
+               C2P, P2C, DC2P, DP2C, stride_rcm, stride_rpn, RelIdx, rel_P, seq_qr, seq_kr,
                BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
                CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr, DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr,
-               ATOMIC_DQ: tl.constexpr):
+               ATOMIC_DQ: tl.constexpr, REL_BIAS: tl.constexpr, REL_GRAD: tl.constexpr):
     """One query tile's contribution to dK, dV (and with ATOMIC_DQ to dQ), computed transposed
     ([BLOCK_N, BLOCK_M]) so that no register tile has to be transposed before the dK/dV dots."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -47,7 +48,9 @@ def _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base,
     delta = tl.load(delta_base + offs_m, mask=offs_m < Sq, other=0.0)
     mi = offs_m[None, :]
     ni = offs_n[:, None]
-    sT = mma(k, qT, tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32)) * qk_scale
+    sT = mma(k, qT, tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32))
+    sT = rel_bias_add(sT, mi, ni, C2P, P2C, stride_rcm, stride_rpn, RelIdx, rel_P, seq_qr, seq_kr,
+                      REL_BIAS=REL_BIAS) * qk_scale
     sT = mask_scores(sT, mi, ni, mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi, Sq, Sk, causal_offset,
                      CHECK_BOUNDS=CHECK_BOUNDS, CAUSAL=CAUSAL, LOAD_MASK=LOAD_MASK)
     pT = tl.math.exp2(sT - lse[None, :])            # lse = +inf on rows that see nothing -> 0
@@ -59,6 +62,8 @@ def _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base,
                          start_m % 32, offs_m, offs_n, Sk, KEEP_BITS=KEEP_BITS, TRANSPOSED=True, CHECK_COLS=False)
     phT, dsT = dropout_grads(pT, dpT, delta[None, :], grad_scale, keep, DROPOUT=DROPOUT)
     dv = mma(phT.to(do.dtype), do, dv)
+    rel_bias_grad(dsT, mi, ni, DC2P, DP2C, stride_rcm, stride_rpn, RelIdx, rel_P, seq_qr, seq_kr, sm_scale,
+                  REL_GRAD=REL_GRAD)
     dsT = dsT.to(qT.dtype)
     dk = mma(dsT, tl.trans(qT), dk)
     if ATOMIC_DQ:
@@ -76,15 +81,18 @@ def _dkdv_range(dk, dv, k, v, q_lo, q_mid, offs_n, offs_d, q_base, do_base, lse_
                 stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
                 kv_lo, kv_hi, Sq, Sk, D, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
                 keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
+                C2P, P2C, DC2P, DP2C, stride_rcm, stride_rpn, RelIdx, rel_P, seq_qr, seq_kr,
                 BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
                 CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr, DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr,
-                ATOMIC_DQ: tl.constexpr):
+                ATOMIC_DQ: tl.constexpr, REL_BIAS: tl.constexpr, REL_GRAD: tl.constexpr):
     """Query tiles [q_lo, q_mid) straddle the causal diagonal; [q_mid, Sq) see the whole key tile."""
     for start_m in range(q_lo, q_mid, BLOCK_M):
         dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
                             stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
                             kv_lo, kv_hi, Sq, Sk, D, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh,
                             dropout_p, keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
+                            C2P, P2C, DC2P, DP2C, stride_rcm, stride_rpn, RelIdx, rel_P, seq_qr, seq_kr,
+                            REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD,
                             BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CHECK_BOUNDS=CHECK_BOUNDS, CAUSAL=CAUSAL,
                             LOAD_MASK=LOAD_MASK, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
     for start_m in range(q_mid, Sq, BLOCK_M):
@@ -92,6 +100,8 @@ def _dkdv_range(dk, dv, k, v, q_lo, q_mid, offs_n, offs_d, q_base, do_base, lse_
                             stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
                             kv_lo, kv_hi, Sq, Sk, D, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh,
                             dropout_p, keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
+                            C2P, P2C, DC2P, DP2C, stride_rcm, stride_rpn, RelIdx, rel_P, seq_qr, seq_kr,
+                            REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD,
                             BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CHECK_BOUNDS=CHECK_BOUNDS, CAUSAL=False,
                             LOAD_MASK=LOAD_MASK, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
     return dk, dv
@@ -102,8 +112,10 @@ def _dkdv_list(dk, dv, k, v, Count, Index, offs_n, offs_d, q_base, do_base, lse_
                stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
                Sq, Sk, D, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
                keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
+               C2P, P2C, DC2P, DP2C, stride_rcm, stride_rpn, RelIdx, rel_P, seq_qr, seq_kr,
                BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr, PARTIAL: tl.constexpr,
-               DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+               DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr, ATOMIC_DQ: tl.constexpr, REL_BIAS: tl.constexpr,
+               REL_GRAD: tl.constexpr):
     """The query blocks listed at Index[0:Count]: PARTIAL ones load the mask tile and check bounds
     and causal; FULL ones do no masking at all."""
     n_blocks = tl.load(Count)
@@ -113,6 +125,8 @@ def _dkdv_list(dk, dv, k, v, Count, Index, offs_n, offs_d, q_base, do_base, lse_
                             stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
                             0, Sk, Sq, Sk, D, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh,
                             dropout_p, keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
+                            C2P, P2C, DC2P, DP2C, stride_rcm, stride_rpn, RelIdx, rel_P, seq_qr, seq_kr,
+                            REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD,
                             BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CHECK_BOUNDS=PARTIAL,
                             CAUSAL=PARTIAL and CAUSAL, LOAD_MASK=LOAD_TILE if PARTIAL else LOAD_NONE,
                             DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
@@ -139,9 +153,13 @@ def attn_bwd_dkdv_kernel(
     # KEEP_BITS: the forward's keep-mask words; ATOMIC_DQ: the fp32 dQ to add into
     KeepBits, stride_kbh, stride_kw, DQacc, stride_aqb, stride_aqh, stride_aqm, stride_aqd,
     Rng, dropout_p, dropout_scale,
+    # REL_BIAS: DeBERTa's tables and index (triton_fwd.attn_fwd_kernel); REL_GRAD: the fp32 table
+    # gradients this kernel adds into (dp2c; dc2p too with ATOMIC_DQ), laid out like the tables
+    C2P, P2C, DC2P, DP2C, RelIndex, stride_rcb, stride_rch, stride_rcm, stride_rpb, stride_rph, stride_rpn, rel_P,
     MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_HEAD_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     KEEP_BITS: tl.constexpr, ATOMIC_DQ: tl.constexpr, VARLEN: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, REL_BIAS: tl.constexpr,
+    REL_GRAD: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -162,6 +180,13 @@ def attn_bwd_dkdv_kernel(
     delta_base = Delta + b64 * stride_lb + h64 * stride_lh + q0
     keep_base = KeepBits + bh.to(tl.int64) * stride_kbh
     dq_base = DQacc + b64 * stride_aqb + h64 * stride_aqh + q0 * stride_aqm
+    c2p_off = b64 * stride_rcb + h64 * stride_rch + q0 * stride_rcm
+    p2c_off = b64 * stride_rpb + h64 * stride_rph + k0 * stride_rpn
+    c2p_ptr = C2P + c2p_off
+    p2c_ptr = P2C + p2c_off
+    dc2p_ptr = DC2P + c2p_off
+    dp2c_ptr = DP2C + p2c_off
+    rel_idx = RelIndex + (Sk - 1)
     k = load_rows(K + b64 * stride_kb + h64 * stride_kh + (k0 + offs_n[:, None]) * stride_kn
                   + offs_d[None, :] * stride_kd, offs_n, seq_k, offs_d, D, CHECK_ROWS=True, EVEN_D=EVEN_D)
     v = load_rows(V + b64 * stride_vb + h64 * stride_vh + (k0 + offs_n[:, None]) * stride_vn
@@ -181,12 +206,16 @@ def attn_bwd_dkdv_kernel(
                             lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr,
                             stride_mm, stride_mn, seq_q, Sk, D, causal_offset, qk_scale, grad_scale, seed,
                             rng_offset, bh, dropout_p, keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
+                            c2p_ptr, p2c_ptr, dc2p_ptr, dp2c_ptr, stride_rcm, stride_rpn, rel_idx, rel_P, seq_q,
+                            seq_k, REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD,
                             BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CAUSAL=CAUSAL, PARTIAL=True, DROPOUT=DROPOUT,
                             KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
         dk, dv = _dkdv_list(dk, dv, k, v, FullCount + cnt, FullIndex + idx, offs_n, offs_d, q_base, do_base,
                             lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr,
                             stride_mm, stride_mn, seq_q, Sk, D, causal_offset, qk_scale, grad_scale, seed,
                             rng_offset, bh, dropout_p, keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
+                            c2p_ptr, p2c_ptr, dc2p_ptr, dp2c_ptr, stride_rcm, stride_rpn, rel_idx, rel_P, seq_q,
+                            seq_k, REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD,
                             BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CAUSAL=CAUSAL, PARTIAL=False, DROPOUT=DROPOUT,
                             KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
     else:
@@ -215,6 +244,8 @@ def attn_bwd_dkdv_kernel(
                                      stride_mm, stride_mn, lo, hi, seq_q, Sk, D, causal_offset, qk_scale,
                                      grad_scale, seed, rng_offset, bh, dropout_p,
                                      keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
+                                     c2p_ptr, p2c_ptr, dc2p_ptr, dp2c_ptr, stride_rcm, stride_rpn, rel_idx, rel_P,
+                                     seq_q, seq_k, REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD,
                                      BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CHECK_BOUNDS=True, CAUSAL=CAUSAL,
                                      LOAD_MASK=LOAD_ROW, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
             elif edge:
@@ -223,6 +254,8 @@ def attn_bwd_dkdv_kernel(
                                      stride_mm, stride_mn, lo, hi, seq_q, Sk, D, causal_offset, qk_scale,
                                      grad_scale, seed, rng_offset, bh, dropout_p,
                                      keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
+                                     c2p_ptr, p2c_ptr, dc2p_ptr, dp2c_ptr, stride_rcm, stride_rpn, rel_idx, rel_P,
+                                     seq_q, seq_k, REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD,
                                      BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CHECK_BOUNDS=True, CAUSAL=CAUSAL,
                                      LOAD_MASK=LOAD_NONE, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
             else:
@@ -231,6 +264,8 @@ def attn_bwd_dkdv_kernel(
                                      stride_mm, stride_mn, lo, hi, seq_q, Sk, D, causal_offset, qk_scale,
                                      grad_scale, seed, rng_offset, bh, dropout_p,
                                      keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
+                                     c2p_ptr, p2c_ptr, dc2p_ptr, dp2c_ptr, stride_rcm, stride_rpn, rel_idx, rel_P,
+                                     seq_q, seq_k, REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD,
                                      BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CHECK_BOUNDS=False, CAUSAL=CAUSAL,
                                      LOAD_MASK=LOAD_NONE, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
 

@@ -8,7 +8,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import (LOAD_NONE, LOAD_ROW, LOAD_TILE, MASK_BLOCKS, MASK_KEYS, dropout_grads,
-                            kv_loop_bounds, load_rng, load_rows, mask_scores, mma, seq_bounds, tile_keep)
+                            kv_loop_bounds, load_rng, load_rows, mask_scores, mma, rel_bias_add, rel_bias_grad,
+                            seq_bounds, tile_keep)
 
 
 @triton.jit
@@ -16,8 +17,10 @@ def _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, str
              stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi, Sq, Sk, D,
              causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
              keep_ptr, stride_kw,
+             C2P, P2C, DC2P, stride_rcm, stride_rpn, RelIdx, rel_P, seq_qr, seq_kr, rel_scale,
              BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
-             CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr, DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr):
+             CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr, DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr,
+             REL_BIAS: tl.constexpr, REL_GRAD: tl.constexpr):
     """One key tile's contribution to dQ."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, kv_hi, offs_d, D,
@@ -26,7 +29,9 @@ def _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, str
                   CHECK_ROWS=CHECK_BOUNDS, EVEN_D=EVEN_D)
     mi = offs_m[:, None]
     ni = offs_n[None, :]
-    s = mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)) * qk_scale
+    s = mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32))
+    s = rel_bias_add(s, mi, ni, C2P, P2C, stride_rcm, stride_rpn, RelIdx, rel_P, seq_qr, seq_kr,
+                     REL_BIAS=REL_BIAS) * qk_scale
     s = mask_scores(s, mi, ni, mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi, Sq, Sk, causal_offset,
                     CHECK_BOUNDS=CHECK_BOUNDS, CAUSAL=CAUSAL, LOAD_MASK=LOAD_MASK)
     p = tl.math.exp2(s - lse[:, None])
@@ -36,6 +41,8 @@ def _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, str
         keep = tile_keep(seed, rng_offset, bh, dropout_p, keep_ptr, stride_kw, 0, offs_m, offs_n, Sk,
                          KEEP_BITS=KEEP_BITS, TRANSPOSED=False, CHECK_COLS=CHECK_BOUNDS)
     _, ds = dropout_grads(p, dp, delta[:, None], grad_scale, keep, DROPOUT=DROPOUT)
+    rel_bias_grad(ds, mi, ni, DC2P, DC2P, stride_rcm, stride_rpn, RelIdx, rel_P, seq_qr, seq_kr, rel_scale,
+                  REL_GRAD=REL_GRAD)
     return mma(ds.to(k.dtype), k, dq)
 
 
@@ -44,23 +51,26 @@ def _dq_range(dq, q, do, lse, delta, lo, safe_hi, hi, offs_m, offs_d, k_base, v_
               stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, Sq, Sk, D,
               causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
               keep_ptr, stride_kw,
+              C2P, P2C, DC2P, stride_rcm, stride_rpn, RelIdx, rel_P, seq_qr, seq_kr, rel_scale,
               BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr,
-              DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr):
+              DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr, REL_BIAS: tl.constexpr, REL_GRAD: tl.constexpr):
     """Keys [lo, hi): interior tiles [lo, safe_hi) unchecked, then the edge / diagonal tiles."""
     for start_n in range(lo, safe_hi, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
                       stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, lo, hi, Sq, Sk, D,
                       causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
                       keep_ptr, stride_kw,
-                      BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CHECK_BOUNDS=False, CAUSAL=False, LOAD_MASK=LOAD_MASK,
-                      DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS)
+                      C2P, P2C, DC2P, stride_rcm, stride_rpn, RelIdx, rel_P, seq_qr, seq_kr, rel_scale,
+                      REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD, BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CHECK_BOUNDS=False,
+                      CAUSAL=False, LOAD_MASK=LOAD_MASK, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS)
     for start_n in range(safe_hi, hi, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
                       stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, lo, hi, Sq, Sk, D,
                       causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
                       keep_ptr, stride_kw,
-                      BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CHECK_BOUNDS=True, CAUSAL=CAUSAL, LOAD_MASK=LOAD_MASK,
-                      DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS)
+                      C2P, P2C, DC2P, stride_rcm, stride_rpn, RelIdx, rel_P, seq_qr, seq_kr, rel_scale,
+                      REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD, BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CHECK_BOUNDS=True,
+                      CAUSAL=CAUSAL, LOAD_MASK=LOAD_MASK, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS)
     return dq
 
 
@@ -69,8 +79,9 @@ def _dq_list(dq, q, do, lse, delta, Count, Index, offs_m, offs_d, k_base, v_base
              stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, Sq, Sk, D,
              causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
              keep_ptr, stride_kw,
+             C2P, P2C, DC2P, stride_rcm, stride_rpn, RelIdx, rel_P, seq_qr, seq_kr, rel_scale,
              BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr, PARTIAL: tl.constexpr,
-             DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr):
+             DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr, REL_BIAS: tl.constexpr, REL_GRAD: tl.constexpr):
     """The key blocks listed at Index[0:Count]: PARTIAL ones load the mask tile and check bounds
     and causal; FULL ones do no masking at all."""
     n_blocks = tl.load(Count)
@@ -80,9 +91,10 @@ def _dq_list(dq, q, do, lse, delta, Count, Index, offs_m, offs_d, k_base, v_base
                       stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, 0, Sk, Sq, Sk, D,
                       causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
                       keep_ptr, stride_kw,
-                      BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CHECK_BOUNDS=PARTIAL, CAUSAL=PARTIAL and CAUSAL,
-                      LOAD_MASK=LOAD_TILE if PARTIAL else LOAD_NONE, DROPOUT=DROPOUT,
-                      KEEP_BITS=KEEP_BITS)
+                      C2P, P2C, DC2P, stride_rcm, stride_rpn, RelIdx, rel_P, seq_qr, seq_kr, rel_scale,
+                      REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD, BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CHECK_BOUNDS=PARTIAL,
+                      CAUSAL=PARTIAL and CAUSAL,
+                      LOAD_MASK=LOAD_TILE if PARTIAL else LOAD_NONE, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS)
     return dq
 
 
@@ -103,9 +115,11 @@ def attn_bwd_dq_kernel(
     HeadMask, stride_hb, stride_hh,
     KeepBits, stride_kbh, stride_kw,
     Rng, dropout_p, dropout_scale,
+    # REL_BIAS: DeBERTa's tables and index (triton_fwd.attn_fwd_kernel); REL_GRAD: dc2p (fp32, laid out like c2p)
+    C2P, P2C, DC2P, RelIndex, stride_rcb, stride_rch, stride_rcm, stride_rpb, stride_rph, stride_rpn, rel_P,
     MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_HEAD_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     KEEP_BITS: tl.constexpr, VARLEN: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, REL_BIAS: tl.constexpr, REL_GRAD: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -123,6 +137,11 @@ def attn_bwd_dq_kernel(
     v_base = V + b64 * stride_vb + h64 * stride_vh + k0 * stride_vn
     mask_ptr = Mask + b64 * stride_mb + h64 * stride_mh
     keep_ptr = KeepBits + bh.to(tl.int64) * stride_kbh + (start_m // 32) * stride_kw   # BLOCK_M % 32 == 0
+    c2p_off = b64 * stride_rcb + h64 * stride_rch + q0 * stride_rcm
+    c2p_ptr = C2P + c2p_off
+    dc2p_ptr = DC2P + c2p_off
+    p2c_ptr = P2C + b64 * stride_rpb + h64 * stride_rph + k0 * stride_rpn
+    rel_idx = RelIndex + (Sk - 1)
     rows = q0 + offs_m[:, None]
     q = load_rows(Q + b64 * stride_qb + h64 * stride_qh + rows * stride_qm + offs_d[None, :] * stride_qd,
                   offs_m, seq_q, offs_d, D, CHECK_ROWS=True, EVEN_D=EVEN_D)
@@ -145,14 +164,16 @@ def attn_bwd_dq_kernel(
                       stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, Sq, Sk, D,
                       causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
                       keep_ptr, stride_kw,
-                      BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, PARTIAL=True, DROPOUT=DROPOUT,
-                      KEEP_BITS=KEEP_BITS)
+                      c2p_ptr, p2c_ptr, dc2p_ptr, stride_rcm, stride_rpn, rel_idx, rel_P, seq_q, seq_k, sm_scale,
+                      REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD, BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL,
+                      PARTIAL=True, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS)
         dq = _dq_list(dq, q, do, lse, delta, FullCount + cnt, FullIndex + idx, offs_m, offs_d, k_base, v_base,
                       stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, Sq, Sk, D,
                       causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
                       keep_ptr, stride_kw,
-                      BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, PARTIAL=False, DROPOUT=DROPOUT,
-                      KEEP_BITS=KEEP_BITS)
+                      c2p_ptr, p2c_ptr, dc2p_ptr, stride_rcm, stride_rpn, rel_idx, rel_P, seq_q, seq_k, sm_scale,
+                      REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD, BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL,
+                      PARTIAL=False, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS)
     else:
         lo = 0
         hi = seq_k
@@ -169,15 +190,19 @@ def attn_bwd_dq_kernel(
                            stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, Sq, Sk, D,
                            causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
                            keep_ptr, stride_kw,
-                           BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, LOAD_MASK=LOAD_ROW, DROPOUT=DROPOUT,
-                           KEEP_BITS=KEEP_BITS)
+                           c2p_ptr, p2c_ptr, dc2p_ptr, stride_rcm, stride_rpn, rel_idx, rel_P, seq_q, seq_k,
+                           sm_scale,
+                           REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD, BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL,
+                           LOAD_MASK=LOAD_ROW, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS)
         else:
             dq = _dq_range(dq, q, do, lse, delta, lo, safe_hi, hi, offs_m, offs_d, k_base, v_base,
                            stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, Sq, Sk, D,
                            causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
                            keep_ptr, stride_kw,
-                           BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, LOAD_MASK=LOAD_NONE, DROPOUT=DROPOUT,
-                           KEEP_BITS=KEEP_BITS)
+                           c2p_ptr, p2c_ptr, dc2p_ptr, stride_rcm, stride_rpn, rel_idx, rel_P, seq_q, seq_k,
+                           sm_scale,
+                           REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD, BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL,
+                           LOAD_MASK=LOAD_NONE, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS)
 
     dq = dq * sm_scale
     m_ok = offs_m[:, None] < seq_q

@@ -268,3 +268,46 @@ def tile_keep(seed, rng_offset, bh, dropout_p, keep_ptr, stride_kw, bit0, offs_m
     else:
         keep = dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p, TRANSPOSED=TRANSPOSED)
     return keep
+
+
+# REL_BIAS: DeBERTa's disentangled score (fused_attn.DisentangledBias), bits of the tables given:
+# 1 c2p, 2 p2c; REL_GRAD: the table gradients a kernel adds (same bits).  One kernel variant each.
+REL_C2P = 1
+REL_P2C = 2
+
+
+@triton.jit
+def rel_bias_cols(mi, ni, RelIdx, rel_P, rows, cols):
+    """(the table column c of each (query mi, key ni) of a tile, in-bounds flag): c =
+    index[mi - ni + max_k - 1] (RelIdx points at index + max_k - 1), clamped into [0, P) so that
+    no index value reads outside the tables; rows / cols: the sequence's query / key counts."""
+    ok = (mi < rows) & (ni < cols)
+    c = tl.load(RelIdx + (mi - ni), mask=ok, other=0)
+    return tl.minimum(tl.maximum(c, 0), rel_P - 1), ok
+
+
+@triton.jit
+def rel_bias_add(s, mi, ni, C2P, P2C, stride_rcm, stride_rpn, RelIdx, rel_P, rows, cols, REL_BIAS: tl.constexpr):
+    """s + c2p[mi, c] + p2c[ni, c] in fp32 (the unscaled q·kᵀ tile s, either orientation; C2P /
+    P2C: row 0 of the sequence's (batch, head) slice, unit column stride)."""
+    if REL_BIAS != 0:
+        c, ok = rel_bias_cols(mi, ni, RelIdx, rel_P, rows, cols)
+        if REL_BIAS % 2 == 1:     # c2p
+            s = s + tl.load(C2P + mi * stride_rcm + c, mask=ok, other=0.0).to(tl.float32)
+        if REL_BIAS // 2 == 1:    # p2c
+            s = s + tl.load(P2C + ni * stride_rpn + c, mask=ok, other=0.0).to(tl.float32)
+    return s
+
+
+@triton.jit
+def rel_bias_grad(ds, mi, ni, DC2P, DP2C, stride_rcm, stride_rpn, RelIdx, rel_P, rows, cols, sm_scale,
+                  REL_GRAD: tl.constexpr):
+    """Add the score gradient ds * sm_scale into the fp32 dc2p[mi, c] / dp2c[ni, c] (REL_GRAD
+    bits) with atomics: several (i, j) of a tile share a column (the clamped, bucketed positions)."""
+    if REL_GRAD != 0:
+        c, ok = rel_bias_cols(mi, ni, RelIdx, rel_P, rows, cols)
+        g = ds * sm_scale
+        if REL_GRAD % 2 == 1:     # dc2p
+            tl.atomic_add(DC2P + mi * stride_rcm + c, g, mask=ok, sem="relaxed")
+        if REL_GRAD // 2 == 1:    # dp2c
+            tl.atomic_add(DP2C + ni * stride_rpn + c, g, mask=ok, sem="relaxed")

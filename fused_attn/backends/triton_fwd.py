@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import (LOAD_NONE, LOAD_ROW, LOAD_TILE, MASK_BLOCKS, MASK_KEYS, dropout_keep,
-                            dropout_keep_store, kv_loop_bounds, load_rng, load_rows, mask_scores, mma, seq_bounds)
+                            dropout_keep_store, kv_loop_bounds, load_rng, load_rows, mask_scores, mma, rel_bias_add,
+                            seq_bounds)
 
 
 @triton.jit
@@ -20,15 +21,18 @@ def _fwd_tile(acc, l_i, m_i, q, start_n, offs_m, offs_d,
               k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
               mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi, Sq, Sk, D, causal_offset, qk_scale,
               seed, rng_offset, bh, dropout_p,
-              keep_ptr, stride_kw,
+              keep_ptr, stride_kw, C2P, P2C, stride_rcm, stride_rpn, RelIdx, rel_P, seq_q, seq_k,
               BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
-              CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr, DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr):
+              CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr, DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr,
+              REL_BIAS: tl.constexpr):
     """One key tile: scores, masking, online-softmax update, P @ V."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                   offs_n, kv_hi, offs_d, D, CHECK_ROWS=CHECK_BOUNDS, EVEN_D=EVEN_D)
-    # -- scores, in log2 units
-    s = mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)) * qk_scale
+    # -- scores (plus DeBERTa's relative-position terms), in log2 units
+    s = mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32))
+    s = rel_bias_add(s, offs_m[:, None], offs_n[None, :], C2P, P2C, stride_rcm, stride_rpn, RelIdx, rel_P,
+                     seq_q, seq_k, REL_BIAS=REL_BIAS) * qk_scale
     s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi,
                     Sq, Sk, causal_offset, CHECK_BOUNDS=CHECK_BOUNDS, CAUSAL=CAUSAL, LOAD_MASK=LOAD_MASK)
     # -- online softmax (a row with nothing visible so far keeps m = -inf and l = 0)
@@ -56,17 +60,17 @@ def _fwd_range(acc, l_i, m_i, visited, q, lo, safe_hi, hi, offs_m, offs_d,
                k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                mask_ptr, stride_mm, stride_mn, Sq, Sk, D, causal_offset, qk_scale,
                seed, rng_offset, bh, dropout_p,
-               keep_ptr, stride_kw,
+               keep_ptr, stride_kw, C2P, P2C, stride_rcm, stride_rpn, RelIdx, rel_P, seq_q, seq_k,
                BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-               LOAD_MASK: tl.constexpr, DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr):
+               LOAD_MASK: tl.constexpr, DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr, REL_BIAS: tl.constexpr):
     """Keys [lo, hi): interior tiles [lo, safe_hi) unchecked, then the edge / diagonal tiles."""
     for start_n in range(lo, safe_hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, offs_m, offs_d,
                                   k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                   mask_ptr, stride_mm, stride_mn, lo, hi, Sq, Sk, D, causal_offset, qk_scale,
                                   seed, rng_offset, bh, dropout_p,
-                                  keep_ptr, stride_kw,
-                                  BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CHECK_BOUNDS=False, CAUSAL=False,
+                                  keep_ptr, stride_kw, C2P, P2C, stride_rcm, stride_rpn, RelIdx, rel_P, seq_q, seq_k,
+                                  REL_BIAS=REL_BIAS, BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CHECK_BOUNDS=False, CAUSAL=False,
                                   LOAD_MASK=LOAD_MASK, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS)
         visited += 1
     for start_n in range(safe_hi, hi, BLOCK_N):
@@ -74,8 +78,8 @@ def _fwd_range(acc, l_i, m_i, visited, q, lo, safe_hi, hi, offs_m, offs_d,
                                   k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                   mask_ptr, stride_mm, stride_mn, lo, hi, Sq, Sk, D, causal_offset, qk_scale,
                                   seed, rng_offset, bh, dropout_p,
-                                  keep_ptr, stride_kw,
-                                  BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CHECK_BOUNDS=True, CAUSAL=CAUSAL,
+                                  keep_ptr, stride_kw, C2P, P2C, stride_rcm, stride_rpn, RelIdx, rel_P, seq_q, seq_k,
+                                  REL_BIAS=REL_BIAS, BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CHECK_BOUNDS=True, CAUSAL=CAUSAL,
                                   LOAD_MASK=LOAD_MASK, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS)
         visited += 1
     return acc, l_i, m_i, visited
@@ -86,9 +90,9 @@ def _fwd_list(acc, l_i, m_i, visited, q, Count, Index, offs_m, offs_d,
               k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
               mask_ptr, stride_mm, stride_mn, Sq, Sk, D, causal_offset, qk_scale,
               seed, rng_offset, bh, dropout_p,
-              keep_ptr, stride_kw,
+              keep_ptr, stride_kw, C2P, P2C, stride_rcm, stride_rpn, RelIdx, rel_P, seq_q, seq_k,
               BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-              PARTIAL: tl.constexpr, DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr):
+              PARTIAL: tl.constexpr, DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr, REL_BIAS: tl.constexpr):
     """The key blocks listed at Index[0:Count]: PARTIAL ones load the mask tile and check bounds
     and causal; FULL ones do no masking at all."""
     n_blocks = tl.load(Count)
@@ -98,10 +102,10 @@ def _fwd_list(acc, l_i, m_i, visited, q, Count, Index, offs_m, offs_d,
                                   k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                   mask_ptr, stride_mm, stride_mn, 0, Sk, Sq, Sk, D, causal_offset, qk_scale,
                                   seed, rng_offset, bh, dropout_p,
-                                  keep_ptr, stride_kw,
-                                  BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CHECK_BOUNDS=PARTIAL, CAUSAL=PARTIAL and CAUSAL,
-                                  LOAD_MASK=LOAD_TILE if PARTIAL else LOAD_NONE, DROPOUT=DROPOUT,
-                                  KEEP_BITS=KEEP_BITS)
+                                  keep_ptr, stride_kw, C2P, P2C, stride_rcm, stride_rpn, RelIdx, rel_P, seq_q, seq_k,
+                                  REL_BIAS=REL_BIAS, BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CHECK_BOUNDS=PARTIAL,
+                                  CAUSAL=PARTIAL and CAUSAL,
+                                  LOAD_MASK=LOAD_TILE if PARTIAL else LOAD_NONE, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS)
         visited += 1
     return acc, l_i, m_i, visited
 
@@ -129,9 +133,12 @@ def attn_fwd_kernel(
     # KEEP_BITS: the keep-mask words [B, H, rows, cols] to write (triton_common.KEEP_PAD)
     KeepBits, stride_kbh, stride_kw,
     Rng, dropout_p, dropout_scale,
+    # REL_BIAS: DeBERTa's tables c2p [B, H, Sq, P] / p2c [B, H, Sk, P] (packed: [T, H, P]; unit
+    # column stride) and the index [Sq + Sk - 1] (triton_common.rel_bias_add)
+    C2P, P2C, RelIndex, stride_rcb, stride_rch, stride_rcm, stride_rpb, stride_rph, stride_rpn, rel_P,
     MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_HEAD_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     KEEP_BITS: tl.constexpr, WRITE_STATS: tl.constexpr, VARLEN: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, REL_BIAS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -151,6 +158,9 @@ def attn_fwd_kernel(
     v_base = V + b64 * stride_vb + h64 * stride_vh + k0 * stride_vn
     mask_ptr = Mask + b64 * stride_mb + h64 * stride_mh
     keep_ptr = KeepBits + bh.to(tl.int64) * stride_kbh + (start_m // 32) * stride_kw
+    c2p_ptr = C2P + b64 * stride_rcb + h64 * stride_rch + q0 * stride_rcm
+    p2c_ptr = P2C + b64 * stride_rpb + h64 * stride_rph + k0 * stride_rpn
+    rel_idx = RelIndex + (Sk - 1)
 
     q = load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, seq_q, offs_d, D,
                   CHECK_ROWS=True, EVEN_D=EVEN_D)
@@ -168,14 +178,16 @@ def attn_fwd_kernel(
             acc, l_i, m_i, visited, q, PartCount + cnt, PartIndex + idx, offs_m, offs_d,
             k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
             Sq, Sk, D, causal_offset, qk_scale, seed, rng_offset, bh, dropout_p,
-            keep_ptr, stride_kw,
-            BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, PARTIAL=True, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS)
+            keep_ptr, stride_kw, c2p_ptr, p2c_ptr, stride_rcm, stride_rpn, rel_idx, rel_P, seq_q, seq_k,
+            REL_BIAS=REL_BIAS, BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, PARTIAL=True, DROPOUT=DROPOUT,
+            KEEP_BITS=KEEP_BITS)
         acc, l_i, m_i, visited = _fwd_list(
             acc, l_i, m_i, visited, q, FullCount + cnt, FullIndex + idx, offs_m, offs_d,
             k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
             Sq, Sk, D, causal_offset, qk_scale, seed, rng_offset, bh, dropout_p,
-            keep_ptr, stride_kw,
-            BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, PARTIAL=False, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS)
+            keep_ptr, stride_kw, c2p_ptr, p2c_ptr, stride_rcm, stride_rpn, rel_idx, rel_P, seq_q, seq_k,
+            REL_BIAS=REL_BIAS, BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, PARTIAL=False, DROPOUT=DROPOUT,
+            KEEP_BITS=KEEP_BITS)
     else:
         # -- no mask / key padding: loop bounds from the key range and causal
         lo = 0
@@ -193,16 +205,16 @@ def attn_fwd_kernel(
                 acc, l_i, m_i, visited, q, lo, safe_hi, hi, offs_m, offs_d,
                 k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
                 Sq, Sk, D, causal_offset, qk_scale, seed, rng_offset, bh, dropout_p,
-                keep_ptr, stride_kw,
-                BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, LOAD_MASK=LOAD_ROW, DROPOUT=DROPOUT,
+                keep_ptr, stride_kw, c2p_ptr, p2c_ptr, stride_rcm, stride_rpn, rel_idx, rel_P, seq_q, seq_k,
+                REL_BIAS=REL_BIAS, BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, LOAD_MASK=LOAD_ROW, DROPOUT=DROPOUT,
                 KEEP_BITS=KEEP_BITS)
         else:
             acc, l_i, m_i, visited = _fwd_range(
                 acc, l_i, m_i, visited, q, lo, safe_hi, hi, offs_m, offs_d,
                 k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
                 Sq, Sk, D, causal_offset, qk_scale, seed, rng_offset, bh, dropout_p,
-                keep_ptr, stride_kw,
-                BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, LOAD_MASK=LOAD_NONE, DROPOUT=DROPOUT,
+                keep_ptr, stride_kw, c2p_ptr, p2c_ptr, stride_rcm, stride_rpn, rel_idx, rel_P, seq_q, seq_k,
+                REL_BIAS=REL_BIAS, BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, LOAD_MASK=LOAD_NONE, DROPOUT=DROPOUT,
                 KEEP_BITS=KEEP_BITS)
 
     # -- epilogue: normalise; rows that saw nothing give exactly 0 and lse = +inf

@@ -17,7 +17,8 @@
 // threads per block, grid.y <= 65535, 48 KiB of dynamic shared memory unless raised with
 // cudaFuncSetAttribute, at most 227 KiB).
 //
-// Not emulated: timing, memory ordering between blocks, atomics, partial-mask shuffles, fast-math
+// atomicAdd(float*) is a compare-and-swap loop (blocks run on several OS threads).
+// Not emulated: timing, memory ordering between blocks, other atomics, partial-mask shuffles, fast-math
 // intrinsics (exp2f and friends are the host's).  Include this header before the .cu file, with
 // FUSED_ATTN_CUDA_EMULATION defined.
 #pragma once
@@ -340,6 +341,14 @@ T __shfl_sync(unsigned mask, T v, int src) {
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
   return fa_emu::shuffle(mask, v, (fa_emu::linear_tid() % fa_emu::kWarp) ^ lane_mask);
+}
+inline float atomicAdd(float* p, float v) {
+  float old, want;
+  __atomic_load(p, &old, __ATOMIC_RELAXED);
+  do {
+    want = old + v;
+  } while (!__atomic_compare_exchange(p, &old, &want, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+  return old;
 }
 inline float __int_as_float(int x) {
   float f;
