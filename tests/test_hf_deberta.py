@@ -55,8 +55,8 @@ def _supports_rel_bias(name: str) -> str:
     q = torch.randn(1, 1, 3, 16)
     table = torch.randn(1, 1, 3, 4)
     try:
-        fused_attn.attention(q, q, q, backend=name, rel_bias=fused_attn.DisentangledBias(table, table,
-                                                                                          torch.zeros(5, dtype=torch.long)))
+        bias = fused_attn.DisentangledBias(table, table, torch.zeros(5, dtype=torch.long))
+        fused_attn.attention(q, q, q, backend=name, rel_bias=bias)
     except (NotImplementedError, ValueError, TypeError, RuntimeError) as e:
         return str(e)
     return ""

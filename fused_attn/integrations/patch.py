@@ -115,7 +115,8 @@ def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -
                     and not any(m is x for x in state["mask_attrs"]):
                 state["mask_attrs"].append(m)
                 m.attn_implementation = "eager"
-    elif bert_swapped or any(isinstance(m, FusedBertSelfAttention) for m in model.modules()) or pf.is_padding_free(model):
+    elif (bert_swapped or any(isinstance(m, FusedBertSelfAttention) for m in model.modules())
+          or pf.is_padding_free(model)):      # (a DeBERTa-only model keeps its attn_implementation)
         done = {id(m) for m, _ in state["attn_impl"]}
         for m in _hf_models(model):
             previous = m.config._attn_implementation
