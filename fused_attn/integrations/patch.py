@@ -22,6 +22,7 @@ from typing import Iterator, List, Tuple
 
 from torch import nn
 
+from . import deberta
 from . import padding_free as pf
 from .bert import (TRANSFORMERS_5, FusedBertSelfAttention, _forward_params, _rebuild,  # noqa: F401
                    fused_class_for, is_bert_self_attention_like)
@@ -69,8 +70,11 @@ def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -
             fused.fused_attn_backend = backend
             parent._modules[name] = fused
             swapped += 1
+    bert_swapped = swapped
     if padding_free:
         swapped += pf.enable(model, backend)
+    # DeBERTa-v2/v3: its own attention and encoder (rel_bias)
+    swapped += deberta.enable(model, backend, padding_free)
     if swapped == 0 and _STATE not in model.__dict__:
         warnings.warn(f"fused_attn.patch: no BertSelfAttention-like module{' or BERT-family encoder' if padding_free else ''} "
                       f"in {type(model).__name__}; nothing was changed", stacklevel=2)
@@ -83,7 +87,8 @@ def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -
                     and not any(m is x for x in state["mask_attrs"]):
                 state["mask_attrs"].append(m)
                 m.attn_implementation = "eager"
-    else:
+    elif (bert_swapped or any(isinstance(m, FusedBertSelfAttention) for m in model.modules())
+          or pf.is_padding_free(model)):      # (a DeBERTa-only model keeps its attn_implementation)
         done = {id(m) for m, _ in state["attn_impl"]}
         for m in _hf_models(model):
             previous = m.config._attn_implementation
@@ -102,6 +107,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: original module classes (same weights), encoders, hooks, mask form and
     attn_implementation.  A no-op on a model that is not patched; returns ``model``."""
     pf.disable(model)
+    deberta.disable(model)
     for parent, name, child in _children(model):
         if isinstance(child, FusedBertSelfAttention):
             orig = child.unfused()
@@ -130,12 +136,14 @@ def patched(model: nn.Module, backend: str = "auto", padding_free: bool = False)
 
 
 def is_patched(model: nn.Module) -> bool:
-    return any(isinstance(m, FusedBertSelfAttention) for m in model.modules()) or pf.is_padding_free(model)
+    return (any(isinstance(m, FusedBertSelfAttention) for m in model.modules()) or pf.is_padding_free(model)
+            or deberta.is_patched(model))
 
 
 def fused_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """(name, module) of every fused attention module in ``model``."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, FusedBertSelfAttention)]
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, (FusedBertSelfAttention, deberta.FusedDisentangledSelfAttention))]
 
 
 __all__ = ["patch", "unpatch", "patched", "is_patched", "fused_modules", "fused_class_for",
