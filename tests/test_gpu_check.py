@@ -60,8 +60,9 @@ def test_steps_run_in_boxes_and_leave_results_after_each(tmp_path, monkeypatch):
     ]
     monkeypatch.setattr(gpu_check, "MIN_BOX", 1)
     t0 = time.monotonic()
-    res = gpu_check.run_all(steps, str(out), budget=60, bundle=str(bundle), prebuilt=None, cache_log=False)
-    assert time.monotonic() - t0 < 30
+    res = gpu_check.run_all(steps, str(out), budget=120, bundle=str(bundle), prebuilt=None, cache_log=False)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 60                                # the hog was stopped at its box, not after 60 s
     status = {r["step"]: r["status"] for r in res}
     assert status == {"ok": "ok", "hog": "timeout (2 s)", "bad": "failed (exit 3)",
                       "later": "skipped: fused_attn.attention has no no_such_kw= yet", "rest": "ok"}
@@ -69,7 +70,7 @@ def test_steps_run_in_boxes_and_leave_results_after_each(tmp_path, monkeypatch):
     assert (out / "a.csv").exists() and (out / "rest.txt").read_text().strip() == str(out)
     assert "boom" in (out / "logs" / "02_bad.log").read_text()
     rest = next(r for r in res if r["step"] == "rest")
-    assert 30 < rest["box"] <= 55                      # what the budget had left
+    assert 120 - 5 - elapsed - 1 <= rest["box"] <= 120 - 5 - 2      # what the budget had left (after the hog's 2 s)
     with open(out / "steps.csv", newline="") as f:
         assert [r["step"] for r in csv.DictReader(f)] == ["ok", "hog", "bad", "later", "rest"]
     summary = (bundle / "summary.md").read_text()
