@@ -52,8 +52,17 @@ GPU_SMOKE = (
     # Hugging Face on the GPU
     "test_hf_gpu.py::test_patched_matches_eager_on_gpu[fp16-bert]",
     "test_hf_gpu.py::test_training_with_dropout_on_gpu",
-    # merger: local attention (window_size=) and DeBERTa (rel_bias=): add their triton-gpu ids here,
-    # e.g. "test_local.py::test_window_forward_backward[triton-gpu-*]"
+    # local attention (window_size=) and grouped-query k/v
+    "test_window.py::test_window_edges_are_exact[triton-gpu-*]",
+    "test_window.py::test_window_backward[triton-gpu-*]",
+    "test_window.py::test_window_dropout_matches_reference_exactly[triton-gpu-*]",
+    "test_window.py::test_window_varlen[triton-gpu-*]",
+    "test_window.py::test_gqa_with_window_dropout_head_mask[triton-gpu]",
+    # DeBERTa's disentangled score (rel_bias=)
+    "test_disentangled.py::test_rel_bias_forward_backward[triton-gpu-*]",
+    "test_disentangled.py::test_rel_bias_half[triton-gpu-*]",
+    "test_disentangled.py::test_rel_bias_dropout[triton-gpu]",
+    "test_disentangled.py::test_rel_bias_varlen[triton-gpu-*]",
 )
 _SMOKE_RE = [re.compile(".*".join(map(re.escape, p.split("*"))) + "$") for p in GPU_SMOKE]
 
