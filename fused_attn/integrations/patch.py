@@ -99,7 +99,8 @@ def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -
             parent._modules[name] = fused
             swapped += 1
     if padding_free:
-        swapped += pf.enable(model, backend)
+        from . import packed_interface
+        swapped += pf.enable(model, backend) + packed_interface.enable(model, backend)
     if swapped == 0 and _STATE not in model.__dict__:
         warnings.warn(f"fused_attn.patch: no BertSelfAttention-like module{' or BERT-family encoder' if padding_free else ''} "
                       f"in {type(model).__name__}; nothing was changed", stacklevel=2)
@@ -130,9 +131,11 @@ def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: original module classes (same weights), encoders, hooks, mask form and
     attn_implementation.  A no-op on a model that is not patched; returns ``model``."""
+    from . import packed_interface
     from . import padding_free as pf
 
     pf.disable(model)
+    packed_interface.disable(model)
     for parent, name, child in _children(model):
         if isinstance(child, FusedBertSelfAttention):
             orig = child.unfused()
@@ -161,8 +164,10 @@ def patched(model: nn.Module, backend: str = "auto", padding_free: bool = False)
 
 
 def is_patched(model: nn.Module) -> bool:
+    from .packed_interface import is_packed
     from .padding_free import is_padding_free
-    return any(isinstance(m, FusedBertSelfAttention) for m in model.modules()) or is_padding_free(model)
+    return (any(isinstance(m, FusedBertSelfAttention) for m in model.modules()) or is_padding_free(model)
+            or is_packed(model))
 
 
 def fused_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
