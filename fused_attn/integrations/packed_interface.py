@@ -107,6 +107,15 @@ def _collector_wants_attentions() -> bool:
     return bool(c) and ("attentions" in c or "cross_attentions" in c)
 
 
+def _has_holes(real: torch.Tensor) -> bool:
+    """Does a row of the [B, S] bool mask have a 0 between two 1s?  (One host sync.)"""
+    S = real.shape[1]
+    n = real.sum(dim=1)
+    first = real.int().argmax(dim=1)
+    last = S - 1 - real.flip(1).int().argmax(dim=1)
+    return bool(((last - first + 1 != n) & (n > 0)).any())
+
+
 class PackedForward:
     """The base model's ``forward`` while padding-free: pack, call ``previous``, unpack."""
 
@@ -117,6 +126,10 @@ class PackedForward:
 
     def _original(self):
         return self.previous if self.previous is not None else type(self.module).forward.__get__(self.module)
+
+    def _windowed(self) -> bool:
+        """Has the model local (sliding-window) attention layers?"""
+        return any(getattr(m, "sliding_window", None) for m in self.module.modules())
 
     def _bind(self, args, kwargs) -> Dict[str, Any]:
         sig = inspect.signature(type(self.module).forward)
@@ -184,7 +197,12 @@ class PackedForward:
         ids, embeds = a.get("input_ids"), a.get("inputs_embeds")
         ref = ids if isinstance(ids, torch.Tensor) else embeds
         B, S = real.shape
-        un = unpad_info(real.to(ref.device))
+        real = real.to(ref.device)
+        if self._windowed() and _has_holes(real):
+            self._warn("a padding mask with holes (0s between real tokens) on a model with sliding-window layers "
+                       "(the window would count real tokens, HF's counts columns)")
+            return original(**a)
+        un = unpad_info(real)
         pos = a.get("position_ids")
         if pos is None:
             pos = torch.arange(S, device=ref.device).unsqueeze(0)
