@@ -474,4 +474,68 @@ def register(name: str = NAME) -> str:
                            ) from e
     AttentionInterface.register(name, fused_attention_forward)
     AttentionMaskInterface.register(name, fused_attn_mask)
+    _REGISTERED.add(name)
+    _install_bypass_warning()
     return name
+
+
+_REGISTERED = set()
+_WARNED = set()
+
+
+def uses_attention_interface(model_or_class) -> bool:
+    """Does this Hugging Face model class call transformers' attention interface (so that
+    ``attn_implementation="fused_attn"`` reaches fused_attn)?  transformers' own test
+    (``_can_set_attn_implementation``: its modeling file has an attention module that calls
+    ``ALL_ATTENTION_FUNCTIONS``); True where transformers has no such test."""
+    cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
+    test = getattr(cls, "_can_set_attn_implementation", None)
+    if test is None:
+        return True
+    try:
+        return bool(test())
+    except Exception:          # a class whose source cannot be read: transformers says False itself
+        return False
+
+
+def warn_if_bypassed(model_or_class, implementation: str = NAME) -> bool:
+    """Warn (once per modeling module) when a model accepts ``attn_implementation=implementation``
+    but its attention layers never call the interface, so nothing fused runs (DeBERTa-v2 in
+    transformers 5.18, ModernBERT in 4.57).  Returns True when it is such a model."""
+    cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
+    if uses_attention_interface(cls):
+        return False
+    if cls.__module__ not in _WARNED:
+        _WARNED.add(cls.__module__)
+        import warnings
+        warnings.warn(f"fused_attn: {cls.__name__} accepts attn_implementation={implementation!r} but its attention "
+                      f"layers do not call transformers' attention interface, so fused_attn never runs in it (it "
+                      f"keeps its own attention code). Use fused_attn.patch(model) if fused_attn supports this "
+                      f"family (docs/design.md, Hugging Face integration), or another attn_implementation.",
+                      stacklevel=4)
+    return True
+
+
+def _install_bypass_warning() -> None:
+    """Wrap ``PreTrainedModel.get_correct_attn_implementation`` (what transformers calls when a model
+    is built or switched with an attn_implementation) so that choosing a registered fused_attn name
+    for a model that never calls the interface warns (:func:`warn_if_bypassed`).  Installed once by
+    :func:`register`; the result is transformers' own, unchanged."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return
+    orig = getattr(PreTrainedModel, "get_correct_attn_implementation", None)
+    if orig is None or getattr(orig, "_fused_attn_wrapped", False):
+        return
+
+    def get_correct_attn_implementation(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        if isinstance(out, str) and out in _REGISTERED:
+            warn_if_bypassed(self, out)
+        return out
+
+    get_correct_attn_implementation._fused_attn_wrapped = True
+    get_correct_attn_implementation.__wrapped__ = orig
+    get_correct_attn_implementation.__doc__ = orig.__doc__
+    PreTrainedModel.get_correct_attn_implementation = get_correct_attn_implementation
