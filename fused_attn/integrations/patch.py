@@ -83,7 +83,10 @@ def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -
     ``padding_free=True`` also makes every BERT-family encoder run on packed tokens (the real
     tokens only, ``fused_attn.varlen_attention``; outputs zero at padding): see
     fused_attn/integrations/padding_free.py.  ``model`` may be a Hugging Face model or anything that
-    contains one (e.g. a SentenceTransformer).
+    contains one (e.g. a SentenceTransformer).  With transformers 5, a model with no such module whose
+    attention goes through transformers' attention interface (ModernBERT, GTE, NomicBERT, Jina v3,
+    EuroBERT, Llama, ...) is switched to ``attn_implementation="fused_attn"`` instead, with a warning
+    that says so (unpatch switches it back).
     Idempotent (already fused modules are kept, their backend updated); returns ``model``.
     """
     from . import padding_free as pf
@@ -102,8 +105,14 @@ def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -
         from . import packed_interface
         swapped += pf.enable(model, backend) + packed_interface.enable(model, backend)
     if swapped == 0 and _STATE not in model.__dict__:
+        if TRANSFORMERS_5 and _switch_to_interface(model, state):
+            if padding_free:
+                warnings.warn(f"fused_attn.patch: padding_free=True does not cover {type(model).__name__} (families that "
+                              "run on packed tokens: fused_attn.integrations.packed_interface.FAMILIES); it runs on "
+                              "the padded batch", stacklevel=2)
+            return model
         warnings.warn(f"fused_attn.patch: no BertSelfAttention-like module{' or BERT-family encoder' if padding_free else ''} "
-                      f"in {type(model).__name__}; nothing was changed", stacklevel=2)
+                      f"in {type(model).__name__}; nothing was changed{_interface_hint(model)}", stacklevel=2)
         return model
     if not TRANSFORMERS_5:
         # 4.x "sdpa" models expand the padding mask to a dense [B, 1, S, S]; the eager form
@@ -126,6 +135,49 @@ def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -
                 state["attn_impl"].append((m, previous))
     model.__dict__[_STATE] = state
     return model
+
+
+def _switch_to_interface(model: nn.Module, state: dict) -> bool:
+    """transformers 5: a model with no module to swap whose attention goes through transformers'
+    attention interface (ModernBERT, GTE, NomicBERT, Jina v3, EuroBERT, Llama, ...) is switched to
+    ``attn_implementation="fused_attn"`` (register() + set_attn_implementation), with a warning that
+    says so; unpatch restores the previous implementation.  False when no part of ``model`` can."""
+    from .hf_attention import NAME, register, uses_attention_interface
+
+    models = [m for m in _hf_models(model) if uses_attention_interface(m)]
+    if not models:
+        return False
+    register()
+    switched = []
+    for m in models:
+        previous = m.config._attn_implementation
+        if previous == NAME:
+            continue
+        m.set_attn_implementation(NAME)
+        if m.config._attn_implementation == NAME:
+            state["attn_impl"].append((m, previous))
+            switched.append(f"{type(m).__name__} (was {previous!r})")
+    if not switched:
+        return False
+    model.__dict__[_STATE] = state
+    warnings.warn(f"fused_attn.patch: {type(model).__name__} has no BertSelfAttention-like module to swap, but its "
+                  f"attention goes through transformers' attention interface: switched {', '.join(switched)} to "
+                  f"attn_implementation={NAME!r}, as fused_attn.register() + model.set_attn_implementation({NAME!r}) "
+                  f"would; fused_attn.unpatch(model) switches back", stacklevel=3)
+    return True
+
+
+def _interface_hint(model: nn.Module) -> str:
+    """What to try instead, for patch()'s "nothing was changed" warning."""
+    if not TRANSFORMERS_5:
+        return ("; if its attention goes through transformers' attention interface, fused_attn.register() and "
+                "attn_implementation='fused_attn' use fused_attn there")
+    from .hf_attention import uses_attention_interface
+    models = _hf_models(model)
+    if models and not any(uses_attention_interface(m) for m in models):
+        return (f" ({type(models[0]).__name__} does not call transformers' attention interface either, so "
+                f"attn_implementation='fused_attn' would not change it)")
+    return "; models whose attention goes through transformers' attention interface: use fused_attn.register()"
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -167,7 +219,7 @@ def is_patched(model: nn.Module) -> bool:
     from .packed_interface import is_packed
     from .padding_free import is_padding_free
     return (any(isinstance(m, FusedBertSelfAttention) for m in model.modules()) or is_padding_free(model)
-            or is_packed(model))
+            or is_packed(model) or bool((model.__dict__.get(_STATE) or {}).get("attn_impl")))
 
 
 def fused_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
