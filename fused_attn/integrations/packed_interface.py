@@ -49,7 +49,6 @@ from . import instance_forward
 FAMILIES = ("ModernBertModel", "GteModel", "NomicBertModel", "JinaEmbeddingsV3Model", "EuroBertModel")
 
 _FLASH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-_MODERNBERT_4X_WARNED = set()
 
 
 def _transformers_5() -> bool:
@@ -86,10 +85,10 @@ def qualifies(module: nn.Module) -> bool:
 
 def warn_modernbert_4x(model: nn.Module) -> bool:
     """transformers 4.x ModernBERT: not covered (its sdpa / eager classes pad; its flash_attention_2
-    path unpads the whole model by itself).  Warns once per model; True if ``model`` holds one."""
+    path unpads the whole model by itself).  Warns (patch's only warning for it); True if ``model``
+    holds one."""
     found = [m for m in model.modules() if _is_modernbert_4x(m)]
-    if found and id(model) not in _MODERNBERT_4X_WARNED:
-        _MODERNBERT_4X_WARNED.add(id(model))
+    if found:
         warnings.warn("fused_attn padding_free: ModernBERT on transformers 4.x is not made padding-free (it needs "
                       "transformers >= 5, whose ModernBERT calls the attention interface; on 4.x, "
                       "attn_implementation='flash_attention_2' on a GPU unpads the model itself). The model runs "
@@ -263,8 +262,6 @@ def enable(model: nn.Module, backend: str = "auto") -> int:
             continue
         base.__dict__[slot] = PackedForward(base, current, backend)
         n += 1
-    if n == 0:
-        warn_modernbert_4x(model)
     return n
 
 

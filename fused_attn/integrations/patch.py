@@ -101,10 +101,12 @@ def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -
             fused.fused_attn_backend = backend
             parent._modules[name] = fused
             swapped += 1
+    from . import packed_interface
     if padding_free:
-        from . import packed_interface
         swapped += pf.enable(model, backend) + packed_interface.enable(model, backend)
     if swapped == 0 and _STATE not in model.__dict__:
+        if padding_free and packed_interface.warn_modernbert_4x(model):     # its own (only) warning
+            return model
         if TRANSFORMERS_5 and _switch_to_interface(model, state):
             if padding_free:
                 warnings.warn(f"fused_attn.patch: padding_free=True does not cover {type(model).__name__} (families that "
