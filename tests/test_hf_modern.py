@@ -193,10 +193,11 @@ def test_causal_sliding_window_model(packed):
                                                    attn_implementation="eager", **SMALL)).eval()
     feats, padded = flattened_and_padded([11, 6, 9])
     with torch.no_grad():
-        oracle = copy.deepcopy(model).double()(**padded)
-        eager = model(**padded)
+        oracle = copy.deepcopy(model).double()(**padded, use_cache=False)
+        eager = model(**padded, use_cache=False)
     model.set_attn_implementation("fused_attn")
-    inputs = DataCollatorWithFlattening()(feats) if packed else padded
+    inputs = dict(DataCollatorWithFlattening()(feats) if packed else padded, use_cache=False)   # no cache: HF
+    # looks for packed sequences in position_ids, and_masks(sliding_window_causal_mask_function(4), packed ids)
     fm = hf.fused_attn_mask(**_captured_mask_kwargs(model, inputs))
     assert fm.causal and fm.window == (3, -1) and not fm.is_dense and (fm.packed is not None) == packed
     with torch.no_grad():
