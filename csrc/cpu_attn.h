@@ -20,35 +20,39 @@ constexpr int BLOCK_N = 64;
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // The key tiles one query block visits, in order: calls f(n0, nk, TileChecks) for keys
-// [n0, n0 + nk) (all inside the visible range).
+// [n0, n0 + nk).  The band (causal and the local window, Band) gives the loop bounds; only the tiles
+// that cross its edges check it per element.
 template <typename F>
 inline int64_t for_each_key_tile(const MaskDesc& m, int64_t b, int64_t h, int64_t qb, int64_t Sq,
-                                 int64_t Sk, bool causal, F&& f) {
+                                 int64_t Sk, const Band& band, F&& f) {
   const int64_t i0 = qb * BLOCK_M;
   const int64_t i_last = std::min<int64_t>(i0 + BLOCK_M, Sq) - 1;
   const int64_t off = Sk - Sq;
   int64_t visited = 0;
+  int64_t lo = 0, hi = Sk;
+  band.clamp_keys(i0, i_last, off, lo, hi);
   if (m.mode == kBlocks) {
-    for (int64_t kb = 0; kb < m.n_kb; ++kb) {
+    // (the block map holds causal; the window's tiles come from the loop bounds)
+    const int64_t kb_hi = std::min(m.n_kb, (hi + BLOCK_N - 1) / BLOCK_N);
+    for (int64_t kb = std::max<int64_t>(lo, 0) / BLOCK_N; kb < kb_hi; ++kb) {
       const int8_t st = m.tile(b, h, qb, kb);
       if (st == 0) continue;                      // empty tile: never touched
-      const bool partial = st == 1;               // edge / diagonal tiles are always partial
-      const int64_t n0 = kb * BLOCK_N;
-      f(n0, std::min<int64_t>(BLOCK_N, Sk - n0), TileChecks{Sk, partial && causal, partial});
+      const bool partial = st == 1;
+      const int64_t n0 = kb * BLOCK_N, nk = std::min<int64_t>(BLOCK_N, Sk - n0);
+      f(n0, nk, TileChecks{Sk, band.cuts(i0, i_last, n0, n0 + nk - 1, off), partial});
       ++visited;
     }
     return visited;
   }
-  int64_t lo = 0, hi = Sk;
   bool needs_mask = false;
   if (m.mode == kKeys) {
-    lo = m.key_start[b];
-    hi = m.key_end[b];
+    lo = std::max<int64_t>(lo, m.key_start[b]);
+    hi = std::min<int64_t>(hi, m.key_end[b]);
     needs_mask = m.key_needs_mask[b] != 0;
   }
-  if (causal) hi = std::min(hi, i_last + off + 1);
-  for (int64_t n0 = lo; n0 < hi; n0 += BLOCK_N) {
-    f(n0, std::min<int64_t>(BLOCK_N, hi - n0), TileChecks{hi, causal && n0 + BLOCK_N - 1 > i0 + off, needs_mask});
+  for (int64_t n0 = std::max<int64_t>(lo, 0); n0 < hi; n0 += BLOCK_N) {
+    const int64_t nk = std::min<int64_t>(BLOCK_N, hi - n0);
+    f(n0, nk, TileChecks{hi, band.cuts(i0, i_last, n0, n0 + nk - 1, off), needs_mask});
     ++visited;
   }
   return visited;
@@ -78,14 +82,15 @@ inline Rows tile_rows(float* buf, const T* base, int64_t s_r, int64_t s_d, int64
 }
 
 // The kernels on q's dtype (fp32, fp64, fp16, bf16); out / lse / visited and dq / dk / dv are
-// allocated by the caller (fused_attn.cpp).
+// allocated by the caller (fused_attn.cpp).  k / v may have fewer heads than q (grouped-query):
+// query head h reads k / v head h / (H / H_kv).
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
              at::Tensor& visited, const SeqLayout& lay, int64_t B, const MaskDesc& m, const HeadMask& hm,
-             bool causal, float scale, const DropoutParams& drop);
+             const Band& band, float scale, const DropoutParams& drop);
 
 void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-              const SeqLayout& lay, int64_t B, const MaskDesc& m, const HeadMask& hm, bool causal, float scale,
+              const SeqLayout& lay, int64_t B, const MaskDesc& m, const HeadMask& hm, const Band& band, float scale,
               const DropoutParams& drop);
 
 }  // namespace cpu

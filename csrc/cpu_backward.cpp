@@ -1,6 +1,7 @@
 // The CPU kernel's backward pass.
 //
-// OpenMP over (batch, head); each item recomputes the probabilities from the saved log-sum-exp
+// OpenMP over (batch, k / v head); each item (every query head that reads the k / v head, one after
+// the other when grouped-query) recomputes the probabilities from the saved log-sum-exp
 // tile by tile and accumulates dQ, dK, dV in fp32 (no atomics, no [Sq, Sk] buffer).  Dropout: the
 // forward pass's Philox keep-mask, regenerated from (seed, offset) (philox.h).
 // A work item's sequence b has its row offsets and lengths from SeqLayout::seq (mask_desc.h).
@@ -22,8 +23,8 @@ template <typename T>
 void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
                      at::Tensor& dv, const SeqLayout& lay, int64_t B, const MaskDesc& m, const HeadMask& hm,
-                     bool causal, float scale, const DropoutParams& drop) {
-  const int64_t H = q.size(1), D = q.size(3);
+                     const Band& band, float scale, const DropoutParams& drop) {
+  const int64_t H = q.size(1), D = q.size(3), Hk = k.size(1), group = H / Hk;
   const int64_t Dp = round_up(D, 16);
   // key tiles start anywhere in [0, Sk), Sk <= min(max_k, tk) (SeqLayout::seq)
   const int64_t Skp = std::min(lay.max_k, lay.tk) + BLOCK_N;
@@ -58,17 +59,20 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
     float* dVa = dKa + Skp * Dp;            // [Skp, Dp]
 
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t bh = 0; bh < B * H; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
+    for (int64_t bhk = 0; bhk < B * Hk; ++bhk) {
+      // one k / v head per work item: dK, dV sum over the query heads that read it (grouped-query)
+      const int64_t b = bhk / Hk, hk = bhk % Hk;
       const Seq seq = lay.seq(b);
       const int64_t Sq = seq.sq, Sk = seq.sk, k_rows = lay.tk - seq.k0;   // k_rows: readable from Kh
       const int64_t nqb = (Sq + BLOCK_M - 1) / BLOCK_M;
       std::fill(dKa, dKa + (Sk + BLOCK_N) * Dp, 0.f);
       std::fill(dVa, dVa + (Sk + BLOCK_N) * Dp, 0.f);
+      const T* Kh = K + seq.b * ks[0] + hk * ks[1] + seq.k0 * ks[2];
+      const T* Vh = V + seq.b * vs[0] + hk * vs[1] + seq.k0 * vs[2];
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+      const int64_t bh = b * H + h;
       float keep_scale = head_scale(hm, b, h);
       if (dropout) keep_scale *= drop.scale;
-      const T* Kh = K + seq.b * ks[0] + h * ks[1] + seq.k0 * ks[2];
-      const T* Vh = V + seq.b * vs[0] + h * vs[1] + seq.k0 * vs[2];
       const float* Lh = L + lay.lse_row(seq, h, H);
       for (int64_t qb = 0; qb < nqb; ++qb) {
         const int64_t i0 = qb * BLOCK_M, rows = std::min<int64_t>(BLOCK_M, Sq - i0);
@@ -87,14 +91,14 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
         }
         load_tile(dOn, Dp, Gt, gs[2], gs[3], rows, BLOCK_M, D);
         std::fill(dQa, dQa + BLOCK_M * Dp, 0.f);
-        for_each_key_tile(m, b, h, qb, Sq, Sk, causal, [&](int64_t n0, int64_t nk, const TileChecks& tc) {
+        for_each_key_tile(m, b, h, qb, Sq, Sk, band, [&](int64_t n0, int64_t nk, const TileChecks& tc) {
           const int64_t nk4 = round_up(nk, 4);
           const Rows kr = tile_rows(Kb, Kh, ks[2], ks[3], n0, nk, k_rows, D, Dp);
           const Rows vr = tile_rows(Vb, Vh, vs[2], vs[3], n0, nk, k_rows, D, Dp);
           // -- P^T from the saved log-sum-exp (rows that saw nothing: lse = +inf -> P = 0)
           std::fill(PT, PT + nk4 * BLOCK_M, 0.f);
           gemm_acc(PT, BLOCK_M, kr.p, kr.ld, 1, QT, BLOCK_M, nk4, BLOCK_M, D);
-          finish_scores_t<BLOCK_M>(PT, nk, rows, i0, n0, qk_scale, tc, Sk - Sq, m, b, h, mrow);
+          finish_scores_t<BLOCK_M>(PT, nk, rows, i0, n0, qk_scale, tc, Sk - Sq, band, m, b, h, mrow);
           // -- dP^T = V dO^T
           std::fill(dST, dST + nk4 * BLOCK_M, 0.f);
           gemm_acc(dST, BLOCK_M, vr.p, vr.ld, 1, dOT, BLOCK_M, nk4, BLOCK_M, D);
@@ -132,8 +136,9 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t d = 0; d < D; ++d) g[(i0 + r) * dqs[2] + d * dqs[3]] = static_cast<T>(dQa[r * Dp + d] * scale);
       }
-      T* gk = dK + seq.b * dks[0] + h * dks[1] + seq.k0 * dks[2];
-      T* gv = dV + seq.b * dvs[0] + h * dvs[1] + seq.k0 * dvs[2];
+      }   // query heads of the group
+      T* gk = dK + seq.b * dks[0] + hk * dks[1] + seq.k0 * dks[2];
+      T* gv = dV + seq.b * dvs[0] + hk * dvs[1] + seq.k0 * dvs[2];
       for (int64_t j = 0; j < Sk; ++j)
         for (int64_t d = 0; d < D; ++d) {
           gk[j * dks[2] + d * dks[3]] = static_cast<T>(dKa[j * Dp + d] * scale);
@@ -145,10 +150,10 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
 
 void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-              const SeqLayout& lay, int64_t B, const MaskDesc& m, const HeadMask& hm, bool causal, float scale,
+              const SeqLayout& lay, int64_t B, const MaskDesc& m, const HeadMask& hm, const Band& band, float scale,
               const DropoutParams& drop) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fused_attn_bwd_cpu", [&] {
-    backward_kernel<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, lay, B, m, hm, causal, scale, drop);
+    backward_kernel<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, lay, B, m, hm, band, scale, drop);
   });
 }
 

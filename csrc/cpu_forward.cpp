@@ -1,8 +1,8 @@
 // The CPU kernel's forward pass.
 //
 // OpenMP over (batch, head, query block); per work item a BLOCK_M x D query tile walks the key
-// tiles the reduced mask can show (key ranges, causal bounds or the block map's list of non-empty
-// key blocks) with an online softmax in fp32, exp2 with log2(e) folded into the scale.  Dropout:
+// tiles the reduced mask and the band can show (key ranges, causal / local-window bounds or the
+// block map's list of non-empty key blocks) with an online softmax in fp32, exp2 with log2(e) folded into the scale.  Dropout:
 // the Philox keep-mask regenerated from (seed, offset) (philox.h), as the backward pass does.
 // A work item's sequence b has its row offsets and lengths from SeqLayout::seq (mask_desc.h).
 #include <omp.h>
@@ -23,8 +23,8 @@ namespace cpu {
 template <typename T>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                     at::Tensor& lse, at::Tensor& visited, const SeqLayout& lay, int64_t B, const MaskDesc& m,
-                    const HeadMask& hm, bool causal, float scale, const DropoutParams& drop) {
-  const int64_t H = q.size(1), D = q.size(3);
+                    const HeadMask& hm, const Band& band, float scale, const DropoutParams& drop) {
+  const int64_t H = q.size(1), D = q.size(3), group = H / k.size(1);
   const int64_t Dp = round_up(D, 16);
   const int64_t nqb = (lay.max_q + BLOCK_M - 1) / BLOCK_M;
   const int64_t drop_k_len = lay.dropout_k_len();
@@ -69,10 +69,11 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       std::fill(Acc, Acc + BLOCK_M * Dp, 0.f);
       std::fill(mi, mi + BLOCK_M, kNegInf);
       std::fill(li, li + BLOCK_M, 0.f);
-      const T* Kh = K + seq.b * ks[0] + h * ks[1] + seq.k0 * ks[2];
-      const T* Vh = V + seq.b * vs[0] + h * vs[1] + seq.k0 * vs[2];
+      const int64_t hk = h / group;   // grouped-query: the k / v head this query head reads
+      const T* Kh = K + seq.b * ks[0] + hk * ks[1] + seq.k0 * ks[2];
+      const T* Vh = V + seq.b * vs[0] + hk * vs[1] + seq.k0 * vs[2];
 
-      const int64_t n_vis = for_each_key_tile(m, b, h, qb, Sq, Sk, causal, [&](int64_t n0, int64_t nk,
+      const int64_t n_vis = for_each_key_tile(m, b, h, qb, Sq, Sk, band, [&](int64_t n0, int64_t nk,
                                                                               const TileChecks& tc) {
         const int64_t nk4 = round_up(nk, 4);
         const Rows kr = tile_rows(Kb, Kh, ks[2], ks[3], n0, nk, k_rows, D, Dp);
@@ -80,7 +81,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         // -- scores S^T = K Q^T, in log2 units, masked
         std::fill(ST, ST + nk4 * BLOCK_M, 0.f);
         gemm_acc(ST, BLOCK_M, kr.p, kr.ld, 1, QT, BLOCK_M, nk4, BLOCK_M, D);
-        finish_scores_t<BLOCK_M>(ST, nk, rows, i0, n0, qk_scale, tc, Sk - Sq, m, b, h, mrow);
+        finish_scores_t<BLOCK_M>(ST, nk, rows, i0, n0, qk_scale, tc, Sk - Sq, band, m, b, h, mrow);
         // -- online softmax over the key rows (a query that has seen nothing keeps m = -inf, l = 0)
         std::copy(mi, mi + BLOCK_M, mx);
         for (int64_t j = 0; j < nk; ++j) {
@@ -140,9 +141,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
              at::Tensor& visited, const SeqLayout& lay, int64_t B, const MaskDesc& m, const HeadMask& hm,
-             bool causal, float scale, const DropoutParams& drop) {
+             const Band& band, float scale, const DropoutParams& drop) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fused_attn_fwd_cpu", [&] {
-    forward_kernel<scalar_t>(q, k, v, out, lse, visited, lay, B, m, hm, causal, scale, drop);
+    forward_kernel<scalar_t>(q, k, v, out, lse, visited, lay, B, m, hm, band, scale, drop);
   });
 }
 

@@ -153,16 +153,17 @@ inline void mask_row(float* out, const MaskDesc& m, int64_t b, int64_t h, int64_
 // only read the nk = min(BLOCK_N, hi - n0) key rows of a tile that lie inside [lo, hi)).
 struct TileChecks {
   int64_t hi;         // keys >= hi are hidden (rows past it are never read)
-  bool causal;        // the tile crosses the causal diagonal
+  bool band;          // the tile crosses an edge of the band (causal diagonal, local window)
   bool load_mask;     // mask values must be read
 };
 
 // Transposed score tile ST[j, i] (key j of the tile, query i; row pitch BM) from raw k.q to
 // log2 units with every mask applied, for key rows j < nk.  Query i0 + i sees key n0 + j iff
-// n0 + j <= i0 + i + causal_off (if causal) and the mask shows it.
+// the band shows it (Band::sees with off = Sk - Sq; checked only in tiles that cross its edges) and
+// the mask shows it.
 template <int BM>
 inline void finish_scores_t(float* ST, int64_t nk, int64_t rows, int64_t i0, int64_t n0, float qk_scale,
-                            const TileChecks& tc, int64_t causal_off, const MaskDesc& m, int64_t b,
+                            const TileChecks& tc, int64_t off, const Band& band, const MaskDesc& m, int64_t b,
                             int64_t h, float* mrow) {
   const bool shared_row = m.ms_m == 0;        // the same mask row for every query
   if (tc.load_mask && shared_row) mask_row(mrow, m, b, h, 0, n0, nk);
@@ -175,9 +176,15 @@ inline void finish_scores_t(float* ST, int64_t nk, int64_t rows, int64_t i0, int
     }
 #pragma omp simd
     for (int i = 0; i < BM; ++i) s[i] = s[i] * qk_scale + add;
-    if (tc.causal) {
-      const int64_t first = n0 + j - causal_off - i0;   // first query column that sees key j
-      for (int64_t i = 0; i < BM && i < first; ++i) s[i] = kNegInf;
+    if (tc.band) {
+      if (band.right >= 0) {
+        const int64_t first = n0 + j - off - band.right - i0;   // first query column that sees key j
+        for (int64_t i = 0; i < BM && i < first; ++i) s[i] = kNegInf;
+      }
+      if (band.left >= 0) {
+        const int64_t last = n0 + j - off + band.left - i0;     // last query column that sees key j
+        for (int64_t i = last < 0 ? 0 : last + 1; i < BM; ++i) s[i] = kNegInf;
+      }
     }
   }
   if (tc.load_mask && !shared_row) {

@@ -87,9 +87,9 @@ using OptT = std::optional<Tensor>;
 
 void check_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
-                  q.size(1) == k.size(1) && q.size(3) == k.size(3),
-              "fused_attn: q [B, H, Sq, D], k / v [B, H, Sk, D] expected, got ", q.sizes(), ", ", k.sizes(),
-              ", ", v.sizes());
+                  k.size(1) >= 1 && q.size(1) % k.size(1) == 0 && q.size(3) == k.size(3),
+              "fused_attn: q [B, H, Sq, D], k / v [B, H_kv, Sk, D] with H % H_kv == 0 expected, got ", q.sizes(),
+              ", ", k.sizes(), ", ", v.sizes());
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "fused_attn: q, k, v must share a dtype");
 }
@@ -99,7 +99,8 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, con
                                            const OptT& block_state, const OptT& head_mask, bool additive, bool causal, double scale,
                                            double dropout_p, const OptT& rng, int64_t block_m,
                                            int64_t block_n, const OptT& cu_seqlens_q, const OptT& cu_seqlens_k,
-                                           int64_t max_seqlen_q, int64_t max_seqlen_k) {
+                                           int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t window_left,
+                                           int64_t window_right) {
   check_qkv(q, k, v);
   TORCH_CHECK(block_m == cpu::BLOCK_M && block_n == cpu::BLOCK_N, "fused_attn: the CPU kernel uses ",
               cpu::BLOCK_M, " x ", cpu::BLOCK_N, " tiles, got ", block_m, " x ", block_n);
@@ -116,7 +117,8 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, con
     cpu::allocate_forward_packed(q, lay, B, block_m, out, lse, visited);
   else
     allocate_forward(q, lay, B, block_m, out, lse, visited);
-  cpu::forward(q, k, v, out, lse, visited, lay, B, md, hm, causal, static_cast<float>(scale), drop);
+  cpu::forward(q, k, v, out, lse, visited, lay, B, md, hm, Band::of(window_left, window_right, causal),
+               static_cast<float>(scale), drop);
   return {out, lse, visited};
 }
 
@@ -128,7 +130,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cpu(const Tensor& grad_out, const Tensor&
                                            bool causal, double scale, double dropout_p, const OptT& rng,
                                            int64_t block_m, int64_t block_n,
                                            const OptT& cu_seqlens_q, const OptT& cu_seqlens_k, int64_t max_seqlen_q,
-                                           int64_t max_seqlen_k) {
+                                           int64_t max_seqlen_k, int64_t window_left, int64_t window_right) {
   check_qkv(q, k, v);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type() &&
                   out.scalar_type() == q.scalar_type(),
@@ -151,7 +153,8 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cpu(const Tensor& grad_out, const Tensor&
     cpu::allocate_backward_packed(q, k, v, lay, B, dq, dk, dv);
   else
     allocate_backward(q, k, v, lay, dq, dk, dv);
-  cpu::backward(grad_out, q, k, v, out, lse, dq, dk, dv, lay, B, md, hm, causal, static_cast<float>(scale), drop);
+  cpu::backward(grad_out, q, k, v, out, lse, dq, dk, dv, lay, B, md, hm, Band::of(window_left, window_right, causal),
+                static_cast<float>(scale), drop);
   return {dq, dk, dv};
 }
 

@@ -45,6 +45,35 @@ struct MaskDesc {
   }
 };
 
+// The local window of a call (FlashAttention-2's window_size) with causal folded in (causal: right =
+// 0): query i sees key j iff i + off - left <= j <= i + off + right, off = Sk - Sq of its sequence;
+// -1 = unbounded on that side.  Inactive (-1, -1) for calls with neither.
+struct Band {
+  int64_t left = -1, right = -1;
+
+  FA_HOST_DEVICE static Band of(int64_t window_left, int64_t window_right, bool causal) {
+    Band w;
+    w.left = window_left < 0 ? -1 : window_left;
+    w.right = causal ? 0 : (window_right < 0 ? -1 : window_right);
+    return w;
+  }
+  FA_HOST_DEVICE bool active() const { return left >= 0 || right >= 0; }
+  FA_HOST_DEVICE bool sees(int64_t i, int64_t j, int64_t off) const {
+    const int64_t d = j - i - off;
+    return (left < 0 || d >= -left) && (right < 0 || d <= right);
+  }
+  // The keys [lo, hi) that queries [i_first, i_last] can see, inside [lo, hi) (loop bounds).
+  FA_HOST_DEVICE void clamp_keys(int64_t i_first, int64_t i_last, int64_t off, int64_t& lo, int64_t& hi) const {
+    if (left >= 0 && i_first + off - left > lo) lo = i_first + off - left;
+    if (right >= 0 && i_last + off + right + 1 < hi) hi = i_last + off + right + 1;
+  }
+  // Some (query, key) of queries [i_first, i_last] x keys [j_first, j_last] lies outside the band:
+  // the tile needs the per-element condition.
+  FA_HOST_DEVICE bool cuts(int64_t i_first, int64_t i_last, int64_t j_first, int64_t j_last, int64_t off) const {
+    return (right >= 0 && j_last > i_first + off + right) || (left >= 0 && j_first < i_last + off - left);
+  }
+};
+
 struct HeadMask {
   const float* ptr = nullptr;            // [1|B, H] fp32
   int64_t s_b = 0, s_h = 0;

@@ -22,6 +22,12 @@ class Shapes:
     q_len: int
     k_len: int
     head_dim: int
+    kv_heads: int = 0       # heads of k / v (grouped-query when < heads); 0: same as heads
+
+    @property
+    def group(self) -> int:
+        """Query heads per k / v head."""
+        return self.heads // (self.kv_heads or self.heads)
 
 
 def _shape(t) -> str:
@@ -50,12 +56,37 @@ def check_qkv(q, k, v, dtypes=KERNEL_DTYPES) -> Shapes:
     b, h, sq, d = q.shape
     if min(q.shape) < 1 or min(k.shape) < 1:
         raise ValueError(f"q, k: every dim must be >= 1, got q {_shape(q)}, k {_shape(k)}")
-    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
+    if k.shape[0] != b or k.shape[3] != d or not _kv_heads_ok(h, k.shape[1]):
         raise ValueError(f"k: shape {_shape(k)} does not match q {_shape(q)} "
-                         f"(expected [{b}, {h}, Sk, {d}])")
+                         f"(expected [{b}, H_kv, Sk, {d}] with {h} % H_kv == 0)")
     if v.shape != k.shape:
         raise ValueError(f"v: shape {_shape(v)} must equal k's shape {_shape(k)}")
-    return Shapes(b, h, sq, k.shape[2], d)
+    return Shapes(b, h, sq, k.shape[2], d, k.shape[1])
+
+
+def _kv_heads_ok(heads: int, kv_heads: int) -> bool:
+    """Grouped-query k / v: H_kv heads, each read by H // H_kv query heads (H % H_kv == 0)."""
+    return 1 <= kv_heads <= heads and heads % kv_heads == 0
+
+
+NO_WINDOW = (-1, -1)
+
+
+def check_window(window_size) -> tuple:
+    """window_size as a pair of Python ints (left, right), each >= -1 (-1: unbounded on that side)."""
+    if isinstance(window_size, (tuple, list)) and len(window_size) == 2:
+        np = sys.modules.get("numpy")
+        vals = []
+        for w in window_size:
+            if isinstance(w, bool) or not (isinstance(w, numbers.Integral) or
+                                           (np is not None and isinstance(w, np.integer))):
+                break
+            vals.append(int(w))
+        else:
+            if vals[0] >= -1 and vals[1] >= -1:
+                return (vals[0], vals[1])
+    raise ValueError(f"window_size: expected a pair of ints (left, right), each >= -1 (-1 = unbounded), "
+                     f"got {window_size!r}")
 
 
 def check_scalars(dropout_p: float, scale: Optional[float], head_dim: int) -> float:
@@ -107,9 +138,9 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     _check_tensors(q, k, v, "THD", dtypes)
     if q.shape[1] < 1 or q.shape[2] < 1:
         raise ValueError(f"q: heads and head dim must be >= 1, got shape {_shape(q)}")
-    if k.shape[1:] != q.shape[1:]:
-        raise ValueError(f"k: shape {_shape(k)} does not match q {_shape(q)} (expected [Tk, {q.shape[1]}, "
-                         f"{q.shape[2]}])")
+    if k.shape[2] != q.shape[2] or not _kv_heads_ok(q.shape[1], k.shape[1]):
+        raise ValueError(f"k: shape {_shape(k)} does not match q {_shape(q)} (expected [Tk, H_kv, "
+                         f"{q.shape[2]}] with {q.shape[1]} % H_kv == 0)")
     if v.shape != k.shape:
         raise ValueError(f"v: shape {_shape(v)} must equal k's shape {_shape(k)}")
     cus = []

@@ -30,7 +30,7 @@ def attn_forward(q: Tensor, k: Tensor, v: Tensor, mask_values: Optional[Tensor],
                  head_mask: Optional[Tensor], rng: Optional[Tensor], kind: str, additive: bool,
                  causal: bool, scale: float, dropout_p: float, engine: str,
                  cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
-                 max_seqlen_k: int) -> Tuple[Tensor, Tensor, Tensor]:
+                 max_seqlen_k: int, window_left: int = -1, window_right: int = -1) -> Tuple[Tensor, Tensor, Tensor]:
     red = masks.rebuild(kind, q.shape[0], q.shape[1], q.shape[2], k.shape[2], mask_values, additive,
                         key_start, key_end, key_needs_mask)
     varlen = _seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
@@ -38,8 +38,14 @@ def attn_forward(q: Tensor, k: Tensor, v: Tensor, mask_values: Optional[Tensor],
     keep = _keep_bits(eng, q, k, dropout_p, varlen)
     kw = {} if keep.numel() == 0 else {"keep_bits": keep}
     out, lse = eng.forward(q, k, v, red, causal=causal, dropout_p=dropout_p, scale=scale, head_mask=head_mask,
-                           rng=rng, varlen=varlen, **kw)
+                           rng=rng, varlen=varlen, **_window_kw(window_left, window_right), **kw)
     return out, lse, keep
+
+
+def _window_kw(left: int, right: int) -> dict:
+    """The engines' window_size keyword: absent for no window (engines without the feature take calls
+    without it)."""
+    return {} if left < 0 and right < 0 else {"window_size": (left, right)}
 
 
 def _keep_bits(eng, q: Tensor, k: Tensor, dropout_p: float, varlen) -> Tensor:
@@ -52,7 +58,8 @@ def _keep_bits(eng, q: Tensor, k: Tensor, dropout_p: float, varlen) -> Tensor:
 
 @attn_forward.register_fake
 def _(q, k, v, mask_values, key_start, key_end, key_needs_mask, head_mask, rng, kind, additive, causal,
-      scale, dropout_p, engine, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+      scale, dropout_p, engine, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left=-1,
+      window_right=-1):
     # lse is [B, H, Sq], or [1, H, Tq] for the [1, H, Tq, D] view of a packed batch
     varlen = _seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     keep = _keep_bits(backends.get(engine), q, k, dropout_p, varlen)
@@ -63,20 +70,23 @@ def _(q, k, v, mask_values, key_start, key_end, key_needs_mask, head_mask, rng, 
 def attn_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   mask_values: Optional[Tensor], key_start: Optional[Tensor], key_end: Optional[Tensor],
                   key_needs_mask: Optional[Tensor], head_mask: Optional[Tensor], rng: Optional[Tensor],
-                  keep_bits: Tensor, kind: str, additive: bool, causal: bool, scale: float, dropout_p: float,
-                  engine: str, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
-                  max_seqlen_q: int, max_seqlen_k: int) -> Tuple[Tensor, Tensor, Tensor]:
+                  keep_bits: Tensor, kind: str, additive: bool, causal: bool,
+                  scale: float, dropout_p: float, engine: str, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                  max_seqlen_q: int, max_seqlen_k: int, window_left: int = -1,
+                  window_right: int = -1) -> Tuple[Tensor, Tensor, Tensor]:
     red = masks.rebuild(kind, q.shape[0], q.shape[1], q.shape[2], k.shape[2], mask_values, additive,
                         key_start, key_end, key_needs_mask)
     varlen = _seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     kw = {} if keep_bits.numel() == 0 else {"keep_bits": keep_bits}
     return backends.get(engine).backward(grad_out, q, k, v, out, lse, red, causal=causal, dropout_p=dropout_p,
-                                         scale=scale, head_mask=head_mask, rng=rng, varlen=varlen, **kw)
+                                         scale=scale, head_mask=head_mask, rng=rng, varlen=varlen,
+                                         **_window_kw(window_left, window_right), **kw)
 
 
 @attn_backward.register_fake
 def _(grad_out, q, k, v, out, lse, mask_values, key_start, key_end, key_needs_mask, head_mask, rng, keep_bits,
-      kind, additive, causal, scale, dropout_p, engine, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+      kind, additive, causal, scale, dropout_p, engine, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      window_left=-1, window_right=-1):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -91,7 +101,7 @@ def _backward(ctx, grad_out, _grad_lse, _grad_keep):
     q, k, v, out, lse, mask_values, key_start, key_end, key_needs_mask, head_mask, rng, keep = ctx.saved_tensors
     dq, dk, dv = attn_backward(grad_out, q, k, v, out, lse, mask_values, key_start, key_end, key_needs_mask,
                                head_mask, rng, keep, *ctx.meta)
-    return (dq, dk, dv) + (None,) * 16
+    return (dq, dk, dv) + (None,) * 18
 
 
 attn_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -122,19 +132,22 @@ class _EagerAttention(torch.autograd.Function):
 
 def fused_attention(q, k, v, red: masks.ReducedMask, head_mask: Optional[Tensor], causal: bool,
                     scale: float, dropout_p: float, engine: str, rng: Optional[Tensor],
-                    varlen: Optional[SeqLens] = None) -> Tensor:
+                    varlen: Optional[SeqLens] = None, window: Tuple[int, int] = (-1, -1)) -> Tensor:
     """Run the fused kernel of `engine`: through the custom op under torch.compile, directly
     otherwise (inference needs no autograd node at all).  rng: the dropout (seed, offset), int64 [2]
     on q's device (None without dropout).  varlen: q / k / v are the [1, H, T, D] views of a packed
-    batch with these sequences."""
+    batch with these sequences.  window: the (left, right) local window, causal already folded in
+    (functional._band); (-1, -1) = none, and then the engines get no window_size keyword."""
     if torch.compiler.is_compiling():
         seq = (None, None, 0, 0) if varlen is None else (varlen.cu_seqlens_q, varlen.cu_seqlens_k,
                                                           varlen.max_seqlen_q, varlen.max_seqlen_k)
         out, _, _ = attn_forward(q, k, v, red.values, red.key_start, red.key_end, red.key_needs_mask, head_mask,
-                                 rng, red.kind, red.additive, causal, scale, dropout_p, engine, *seq)
+                                 rng, red.kind, red.additive, causal, scale, dropout_p, engine, *seq, window[0],
+                                 window[1])
         return out
     eng = backends.get(engine)
-    kw = dict(causal=causal, dropout_p=dropout_p, scale=scale, head_mask=head_mask, rng=rng, varlen=varlen)
+    kw = dict(causal=causal, dropout_p=dropout_p, scale=scale, head_mask=head_mask, rng=rng, varlen=varlen,
+              **_window_kw(*window))
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _EagerAttention.apply(q, k, v, eng, red, kw)
     return eng.forward(q, k, v, red, **kw)[0]

@@ -92,5 +92,6 @@ def register() -> str:
     load()
     if NAME not in backends.names():
         cuda = cpp_backend.CUDA
-        backends.register(cpp_backend.CppEngine(NAME, "cpu", cuda.blocks, cuda.max_head_dim, load))
+        backends.register(cpp_backend.CppEngine(NAME, "cpu", cuda.blocks, cuda.max_head_dim, load,
+                                                features=cuda.features))
     return NAME

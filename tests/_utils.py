@@ -10,16 +10,17 @@ FLOOR = {torch.float16: 1e-4, torch.bfloat16: 1e-3, torch.float32: 2e-5, torch.f
 
 
 def eager_attention(q, k, v, attention_mask=None, causal=False, scale=None, head_mask=None,
-                    dropout_mask=None, dropout_p=0.0):
+                    dropout_mask=None, dropout_p=0.0, window_size=(-1, -1)):
     """Plain eager attention computed *in q's dtype* (what a user would write), with the
     reference's semantics.  Its error against the fp32 oracle sets the tolerance."""
     if dropout_mask is None:
         dropout_p = 0.0
     return reference.attention(q, k, v, attention_mask, causal, dropout_p, scale, head_mask,
-                               dropout_mask=dropout_mask, compute_dtype=q.dtype)
+                               dropout_mask=dropout_mask, compute_dtype=q.dtype, window_size=window_size)
 
 
-def eager_varlen(q, k, v, cu_q, cu_k, causal=False, scale=None, dropout_mask=None, dropout_p=0.0):
+def eager_varlen(q, k, v, cu_q, cu_k, causal=False, scale=None, dropout_mask=None, dropout_p=0.0,
+                 window_size=(-1, -1)):
     """eager_attention per sequence of a packed batch (q [Tq, H, D], k / v [Tk, H, D]), in q's
     dtype; dropout_mask in the padded layout [B, H, max_seqlen_q, max_seqlen_k]."""
     cq, ck = cu_q.tolist(), cu_k.tolist()
@@ -34,7 +35,8 @@ def eager_varlen(q, k, v, cu_q, cu_k, causal=False, scale=None, dropout_mask=Non
             outs.append(q[cq[b]:cq[b + 1]] * 0)
             continue
         keep = None if dropout_mask is None else dropout_mask[b:b + 1, :, :qs.shape[2], :ks.shape[2]]
-        o = eager_attention(qs, ks, vs, causal=causal, scale=scale, dropout_mask=keep, dropout_p=dropout_p)
+        o = eager_attention(qs, ks, vs, causal=causal, scale=scale, dropout_mask=keep, dropout_p=dropout_p,
+                            window_size=window_size)
         outs.append(o[0].transpose(0, 1))
     return torch.cat(outs) if outs else q * 0
 

@@ -17,22 +17,29 @@ def grads(fn, q, k, v, grad_out):
 
 
 def check_backward(engine, B, H, Sq, Sk, D, dtype, mask="none", causal=False, layout="contiguous",
-                   head_mask=None, seed=0):
+                   head_mask=None, seed=0, window_size=(-1, -1), kv_heads=None):
+    """kv_heads: grouped-query k / v (the first kv_heads heads of k, v: strided leaves)."""
     name, device = engine
     g = torch.Generator().manual_seed(seed)
     q, k, v = make_qkv(B, H, Sq, Sk, D, dtype, device, layout, requires_grad=True, g=g)
+    if kv_heads is not None:
+        k, v = (t.detach()[:, :kv_heads].requires_grad_() for t in (k, v))
     m = make_mask(mask, B, H, Sq, Sk, dtype, device, g=g)
     hm = head_mask.to(device) if head_mask is not None else None
     grad_out = torch.randn(B, H, Sq, D, generator=g).to(device=device, dtype=dtype)
-    got = grads(lambda a, b, c: fused_attn.attention(a, b, c, m, causal=causal, head_mask=hm, backend=name),
-                q, k, v, grad_out)
+    w = window_size
+    got = grads(lambda a, b, c: fused_attn.attention(a, b, c, m, causal=causal, head_mask=hm, backend=name,
+                                                     window_size=w), q, k, v, grad_out)
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    oracle = grads(lambda a, b, c: reference.attention(a, b, c, m, causal=causal, head_mask=hm),
+    oracle = grads(lambda a, b, c: reference.attention(a, b, c, m, causal=causal, head_mask=hm, window_size=w),
                    q32, k32, v32, grad_out.float())
-    eager = grads(lambda a, b, c: eager_attention(a, b, c, m, causal=causal, head_mask=hm), q, k, v, grad_out)
+    eager = grads(lambda a, b, c: eager_attention(a, b, c, m, causal=causal, head_mask=hm, window_size=w),
+                  q, k, v, grad_out)
     for label, x, o, e in zip(("out", "dq", "dk", "dv"), got, oracle, eager):
         assert x.dtype == dtype
-        assert_tolerance(f"{label}[{name}, {mask}, causal={causal}, {dtype}]", x, o, e)
+        assert x.shape == o.shape
+        assert_tolerance(f"{label}[{name}, {mask}, causal={causal}, {dtype}, window={w}, kv_heads={kv_heads}]",
+                         x, o, e)
     return got
 
 

@@ -12,23 +12,29 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
 def check_forward(engine, B, H, Sq, Sk, D, dtype, mask="none", causal=False, layout="contiguous",
-                  head_mask=None, scale=None, seed=0):
+                  head_mask=None, scale=None, seed=0, window_size=(-1, -1), kv_heads=None):
+    """kv_heads: grouped-query k / v (the first kv_heads heads of k, v: strided views)."""
     name, device = engine
     g = torch.Generator().manual_seed(seed)
     q, k, v = make_qkv(B, H, Sq, Sk, D, dtype, device, layout, g=g)
+    if kv_heads is not None:
+        k, v = k[:, :kv_heads], v[:, :kv_heads]
     m = make_mask(mask, B, H, Sq, Sk, dtype, device, g=g)
     hm = head_mask.to(device) if head_mask is not None else None
-    out = fused_attn.attention(q, k, v, m, causal=causal, scale=scale, head_mask=hm, backend=name)
+    out = fused_attn.attention(q, k, v, m, causal=causal, scale=scale, head_mask=hm, backend=name,
+                               window_size=window_size)
     assert out.shape == q.shape and out.dtype == dtype and out.device == q.device
-    oracle = reference_fp32(q, k, v, m, causal, scale, hm)
-    eager = eager_attention(q, k, v, m, causal=causal, scale=scale, head_mask=hm)
-    assert_tolerance(f"out[{name}, {mask}, causal={causal}]", out, oracle, eager)
+    oracle = reference_fp32(q, k, v, m, causal, scale, hm, window_size)
+    eager = eager_attention(q, k, v, m, causal=causal, scale=scale, head_mask=hm, window_size=window_size)
+    assert_tolerance(f"out[{name}, {mask}, causal={causal}, window={window_size}, kv_heads={kv_heads}]",
+                     out, oracle, eager)
     return out, oracle
 
 
-def reference_fp32(q, k, v, m, causal, scale, hm):
+def reference_fp32(q, k, v, m, causal, scale, hm, window_size=(-1, -1)):
     """The oracle's fp32 result, before it is rounded back to the input dtype."""
-    return reference.attention(q.float(), k.float(), v.float(), m, causal=causal, scale=scale, head_mask=hm)
+    return reference.attention(q.float(), k.float(), v.float(), m, causal=causal, scale=scale, head_mask=hm,
+                               window_size=window_size)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -19,11 +19,16 @@ def _grads(f, q, k, v, go):
     return (out, *torch.autograd.grad(out, (q, k, v), go, allow_unused=True, materialize_grads=True))
 
 
-def check_varlen(engine, lens_q, lens_k, H, D, dtype, causal=False, layout="contiguous", backward=True, seed=0):
+def check_varlen(engine, lens_q, lens_k, H, D, dtype, causal=False, layout="contiguous", backward=True, seed=0,
+                 window_size=(-1, -1), kv_heads=None):
+    """kv_heads: grouped-query k / v (the first kv_heads heads of the packed k, v)."""
     name, device = engine
     g = torch.Generator().manual_seed(seed)
     q, k, v, cu_q, cu_k = make_packed(lens_q, lens_k, H, D, dtype, device, layout, requires_grad=backward, g=g)
+    if kv_heads is not None:
+        k, v = (t.detach()[:, :kv_heads].requires_grad_(backward) for t in (k, v))
     mq, mk = max(lens_q), max(lens_k)
+    w = window_size
     go = torch.randn(q.shape, generator=g).to(device=device, dtype=dtype)
 
     def run(f):
@@ -32,13 +37,15 @@ def check_varlen(engine, lens_q, lens_k, H, D, dtype, causal=False, layout="cont
         with torch.no_grad():
             return (f(q, k, v),)
 
-    got = run(lambda a, b, c: fused_attn.varlen_attention(a, b, c, cu_q, cu_k, mq, mk, causal=causal, backend=name))
+    got = run(lambda a, b, c: fused_attn.varlen_attention(a, b, c, cu_q, cu_k, mq, mk, causal=causal, backend=name,
+                                                          window_size=w))
     oracle = run(lambda a, b, c: reference.varlen_attention(a.float(), b.float(), c.float(), cu_q, cu_k, mq, mk,
-                                                            causal=causal))
-    eager = run(lambda a, b, c: eager_varlen(a, b, c, cu_q, cu_k, causal=causal))
+                                                            causal=causal, window_size=w))
+    eager = run(lambda a, b, c: eager_varlen(a, b, c, cu_q, cu_k, causal=causal, window_size=w))
     assert got[0].shape == q.shape and got[0].dtype == dtype
     for label, x, o, e in zip(("out", "dq", "dk", "dv"), got, oracle, eager):
-        assert_tolerance(f"varlen {label}[{name}, causal={causal}, {lens_q}/{lens_k}]", x, o, e, dtype=dtype)
+        assert_tolerance(f"varlen {label}[{name}, causal={causal}, {lens_q}/{lens_k}, window={w}, "
+                         f"kv_heads={kv_heads}]", x, o, e, dtype=dtype)
     return got
 
 

@@ -93,11 +93,11 @@ struct Tile {
   bool load_mask;
 };
 
-// Score offset of (i, j) inside a visited tile: bounds, causal, mask.
+// Score offset of (i, j) inside a visited tile: bounds, the band (causal, local window), mask.
 __device__ __forceinline__ float visibility(const MaskDesc& m, const Tile& t, int64_t b, int64_t h, int64_t i,
-                                            int64_t j, int64_t Sq, bool causal, int64_t causal_off) {
+                                            int64_t j, int64_t Sq, const Band& band, int64_t off) {
   if (i >= Sq || j < t.lo || j >= t.hi) return FA_NEG_INF;
-  if (causal && j > i + causal_off) return FA_NEG_INF;
+  if (!band.sees(i, j, off)) return FA_NEG_INF;
   return t.load_mask ? mask_value(m, b, h, i, j) : 0.f;
 }
 
@@ -116,20 +116,28 @@ __device__ __forceinline__ void key_range(const MaskDesc& m, int64_t b, int64_t 
 }
 
 // The key tiles query tile qb visits, in order: f(n0, tile) for keys [n0, n0 + TILE).  Key
-// ranges (clamped by causal) give consecutive tiles from the first visible key; the block map
-// gives its non-empty tiles.  A single call site of f keeps the unrolled tile body single.
+// ranges (clamped by the band: causal, local window) give consecutive tiles from the first visible
+// key; the block map gives its non-empty tiles inside the band's bounds.  A single call site of f
+// keeps the unrolled tile body single.
 template <typename F>
 __device__ __forceinline__ void for_each_key_tile(const MaskDesc& m, int64_t b, int64_t h, int64_t qb, int64_t Sq,
-                                                  int64_t Sk, bool causal, F&& f) {
+                                                  int64_t Sk, const Band& band, F&& f) {
   int64_t lo, hi;
   bool needs_mask;
   key_range(m, b, Sk, lo, hi, needs_mask);
   const bool blocks = m.mode == kBlocks;
-  if (!blocks && causal) hi = min(hi, min((qb + 1) * TILE, Sq) - 1 + (Sk - Sq) + 1);
-  const int64_t base = blocks ? 0 : lo;
-  const int64_t count = blocks ? m.n_kb : (hi > lo ? (hi - lo + TILE - 1) / TILE : 0);
+  int64_t band_lo = 0, band_hi = Sk;
+  band.clamp_keys(qb * TILE, min((qb + 1) * TILE, Sq) - 1, Sk - Sq, band_lo, band_hi);
+  if (!blocks) {
+    lo = ::max(lo, band_lo);
+    hi = min(hi, band_hi);
+  }
+  const int64_t kb0 = blocks ? band_lo / TILE : 0;   // (band_lo >= 0)
+  const int64_t base = blocks ? kb0 * TILE : lo;
+  const int64_t count = blocks ? (band_hi > kb0 * TILE ? min(m.n_kb, (band_hi + TILE - 1) / TILE) - kb0 : 0)
+                               : (hi > lo ? (hi - lo + TILE - 1) / TILE : 0);
   for (int64_t t = 0; t < count; ++t) {
-    const int8_t st = blocks ? m.tile(b, h, qb, t) : (needs_mask ? 1 : 2);   // 0 empty, 1 partial, 2 full
+    const int8_t st = blocks ? m.tile(b, h, qb, kb0 + t) : (needs_mask ? 1 : 2);   // 0 empty, 1 partial, 2 full
     if (st != 0) f(base + t * TILE, Tile{lo, hi, st == 1});
   }
 }
@@ -137,18 +145,19 @@ __device__ __forceinline__ void for_each_key_tile(const MaskDesc& m, int64_t b, 
 // The query tiles that see key tile kb (dK / dV), in order: f(qb, tile).
 template <typename F>
 __device__ __forceinline__ void for_each_query_tile(const MaskDesc& m, int64_t b, int64_t h, int64_t kb, int64_t Sq,
-                                                    int64_t Sk, bool causal, F&& f) {
+                                                    int64_t Sk, const Band& band, F&& f) {
   int64_t lo, hi;
   bool needs_mask;
   key_range(m, b, Sk, lo, hi, needs_mask);
   const bool blocks = m.mode == kBlocks;
-  const int64_t n0 = kb * TILE, nqb = (Sq + TILE - 1) / TILE;
-  int64_t first = 0;
-  if (!blocks) {
-    if (n0 >= hi || n0 + TILE <= lo) return;
-    // causal: query i sees key j iff i >= j - (Sk - Sq); the first query that sees this tile
-    if (causal) first = ::max(int64_t{0}, ::max(n0, lo) - (Sk - Sq)) / TILE;
-  }
+  const int64_t n0 = kb * TILE;
+  if (!blocks && (n0 >= hi || n0 + TILE <= lo)) return;
+  // the band: query i sees key j iff j - off - right <= i <= j - off + left (off = Sk - Sq)
+  const int64_t j0 = blocks ? n0 : ::max(n0, lo), j1 = min(n0 + TILE, blocks ? Sk : hi) - 1, off = Sk - Sq;
+  int64_t i_lo = 0, i_hi = Sq;
+  if (band.right >= 0) i_lo = ::max(i_lo, j0 - off - band.right);
+  if (band.left >= 0) i_hi = min(i_hi, j1 - off + band.left + 1);
+  const int64_t first = i_lo / TILE, nqb = i_hi > 0 ? (i_hi + TILE - 1) / TILE : 0;
   for (int64_t qb = first; qb < nqb; ++qb) {
     const int8_t st = blocks ? m.tile(b, h, qb, kb) : (needs_mask ? 1 : 2);
     if (st != 0) f(qb, Tile{lo, hi, st == 1});
@@ -183,7 +192,8 @@ template <typename T, int DPL>
 __global__ void __launch_bounds__(THREADS) fwd_kernel(
     const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, T* __restrict__ O,
     float* __restrict__ Lse, int32_t* __restrict__ Visited, Strides qs, Strides ks, Strides vs, Strides os,
-    int H, SeqLayout lay, int D, float qk_scale, MaskDesc m, HeadMask hm, bool causal, DropoutParams drop) {
+    int H, int kv_group, SeqLayout lay, int D, float qk_scale, MaskDesc m, HeadMask hm, Band band,
+    DropoutParams drop) {
   drop.load_state();   // (seed, offset) from device memory
   constexpr int DMAX = 32 * DPL;
   constexpr int LD = DMAX + 1;
@@ -200,8 +210,9 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(
   if (i0 >= Sq) return;   // past a shorter packed sequence (its visited count stays 0)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t off = Sk - Sq;
-  const T* Kb = K + seq.b * ks.b + h * ks.h + seq.k0 * ks.s;
-  const T* Vb = V + seq.b * vs.b + h * vs.h + seq.k0 * vs.s;
+  const int64_t hk = h / kv_group;   // grouped-query: the k / v head of query head h
+  const T* Kb = K + seq.b * ks.b + hk * ks.h + seq.k0 * ks.s;
+  const T* Vb = V + seq.b * vs.b + hk * vs.h + seq.k0 * vs.s;
   load_rows(Qs, LD, Q + seq.b * qs.b + h * qs.h + seq.q0 * qs.s, qs.s, qs.d, i0, Sq, D, DMAX);
 
   float mi[ROWS_PER_WARP], li[ROWS_PER_WARP], acc[ROWS_PER_WARP][DPL];
@@ -224,7 +235,7 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(
       if (i >= Sq) break;   // warp-uniform
       float s = 0.f;
       for (int d = 0; d < D; ++d) s += Qs[lr * LD + d] * Ks[lane * LD + d];
-      s = mask_add(s * qk_scale, visibility(m, tile, b, h, i, j, Sq, causal, off));
+      s = mask_add(s * qk_scale, visibility(m, tile, b, h, i, j, Sq, band, off));
       // -- online softmax (a row that has seen nothing keeps m = -inf, l = 0)
       const float m_new = fmaxf(mi[r], warp_max(s));
       const float m_use = m_new == FA_NEG_INF ? 0.f : m_new;
@@ -244,7 +255,7 @@ __global__ void __launch_bounds__(THREADS) fwd_kernel(
   };
 
   int visited = 0;
-  for_each_key_tile(m, b, h, qb, Sq, Sk, causal, [&](int64_t n0, const Tile& tile) {
+  for_each_key_tile(m, b, h, qb, Sq, Sk, band, [&](int64_t n0, const Tile& tile) {
     visit(n0, tile);
     ++visited;
   });
@@ -277,7 +288,7 @@ struct HeadCtx {
   DropoutParams drop;
   int64_t b, h, Sq, Sk, drop_k_len;
   uint32_t bh;
-  bool causal;
+  Band band;
   float qk_scale, keep_scale;
 };
 
@@ -291,7 +302,7 @@ __device__ __forceinline__ float grad_element(const float* qi, const float* kj, 
     s += qi[d] * kj[d];
     dp += gi[d] * vj[d];
   }
-  s = mask_add(s * c.qk_scale, visibility(c.m, tile, c.b, c.h, i, j, c.Sq, c.causal, c.Sk - c.Sq));
+  s = mask_add(s * c.qk_scale, visibility(c.m, tile, c.b, c.h, i, j, c.Sq, c.band, c.Sk - c.Sq));
   const float p = exp2f(s - lse);
   float f = c.keep_scale;
   if (c.drop.p > 0.f && p != 0.f && !keep_element(c.drop, i, j, c.drop_k_len, c.bh)) f = 0.f;
@@ -303,8 +314,8 @@ template <typename T, int DPL>
 __global__ void __launch_bounds__(THREADS) bwd_dkdv_kernel(
     const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
     const float* __restrict__ Lse, const float* __restrict__ Delta, T* __restrict__ dK, T* __restrict__ dV,
-    Strides qs, Strides ks, Strides vs, Strides gs, Strides dks, Strides dvs, int H, SeqLayout lay, int D,
-    float qk_scale, float scale, MaskDesc m, HeadMask hm, bool causal, DropoutParams drop) {
+    Strides qs, Strides ks, Strides vs, Strides gs, Strides dks, Strides dvs, int H, int kv_group, SeqLayout lay,
+    int D, float qk_scale, float scale, MaskDesc m, HeadMask hm, Band band, DropoutParams drop) {
   drop.load_state();
   constexpr int DMAX = 32 * DPL;
   constexpr int LD = DMAX + 1;
@@ -326,14 +337,15 @@ __global__ void __launch_bounds__(THREADS) bwd_dkdv_kernel(
   const T* Qh = Q + seq.b * qs.b + h * qs.h + seq.q0 * qs.s;
   const T* Gh = dO + seq.b * gs.b + h * gs.h + seq.q0 * gs.s;
   const int64_t l0 = lay.lse_row(seq, h, H);
-  load_rows(Ks, LD, K + seq.b * ks.b + h * ks.h + seq.k0 * ks.s, ks.s, ks.d, n0, Sk, D, DMAX);
-  load_rows(Vs, LD, V + seq.b * vs.b + h * vs.h + seq.k0 * vs.s, vs.s, vs.d, n0, Sk, D, DMAX);
+  const int64_t hk = h / kv_group;   // grouped-query: dK / dV of query head h, summed over the group by the host
+  load_rows(Ks, LD, K + seq.b * ks.b + hk * ks.h + seq.k0 * ks.s, ks.s, ks.d, n0, Sk, D, DMAX);
+  load_rows(Vs, LD, V + seq.b * vs.b + hk * vs.h + seq.k0 * vs.s, vs.s, vs.d, n0, Sk, D, DMAX);
   float dk[ROWS_PER_WARP][DPL], dv[ROWS_PER_WARP][DPL];
 #pragma unroll
   for (int r = 0; r < ROWS_PER_WARP; ++r)
 #pragma unroll
     for (int t = 0; t < DPL; ++t) dk[r][t] = dv[r][t] = 0.f;
-  const HeadCtx ctx{m, drop, b, h, Sq, Sk, lay.dropout_k_len(), static_cast<uint32_t>(bh), causal, qk_scale,
+  const HeadCtx ctx{m, drop, b, h, Sq, Sk, lay.dropout_k_len(), static_cast<uint32_t>(bh), band, qk_scale,
                     prob_scale(hm, drop, b, h)};
 
   auto visit = [&](int64_t qb, const Tile& tile) {
@@ -367,7 +379,7 @@ __global__ void __launch_bounds__(THREADS) bwd_dkdv_kernel(
     }
   };
 
-  for_each_query_tile(m, b, h, kb, Sq, Sk, causal, visit);
+  for_each_query_tile(m, b, h, kb, Sq, Sk, band, visit);
 
 #pragma unroll
   for (int r = 0; r < ROWS_PER_WARP; ++r) {
@@ -390,8 +402,8 @@ template <typename T, int DPL>
 __global__ void __launch_bounds__(THREADS) bwd_dq_kernel(
     const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, const T* __restrict__ dO,
     const float* __restrict__ Lse, const float* __restrict__ Delta, T* __restrict__ dQ, Strides qs,
-    Strides ks, Strides vs, Strides gs, Strides dqs, int H, SeqLayout lay, int D, float qk_scale, float scale,
-    MaskDesc m, HeadMask hm, bool causal, DropoutParams drop) {
+    Strides ks, Strides vs, Strides gs, Strides dqs, int H, int kv_group, SeqLayout lay, int D, float qk_scale,
+    float scale, MaskDesc m, HeadMask hm, Band band, DropoutParams drop) {
   drop.load_state();
   constexpr int DMAX = 32 * DPL;
   constexpr int LD = DMAX + 1;
@@ -408,8 +420,9 @@ __global__ void __launch_bounds__(THREADS) bwd_dq_kernel(
   const int64_t i0 = qb * TILE;
   if (i0 >= Sq) return;   // past a shorter packed sequence
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const T* Kb = K + seq.b * ks.b + h * ks.h + seq.k0 * ks.s;
-  const T* Vb = V + seq.b * vs.b + h * vs.h + seq.k0 * vs.s;
+  const int64_t hk = h / kv_group;   // grouped-query: the k / v head of query head h
+  const T* Kb = K + seq.b * ks.b + hk * ks.h + seq.k0 * ks.s;
+  const T* Vb = V + seq.b * vs.b + hk * vs.h + seq.k0 * vs.s;
   const int64_t l0 = lay.lse_row(seq, h, H);
   load_rows(Qs, LD, Q + seq.b * qs.b + h * qs.h + seq.q0 * qs.s, qs.s, qs.d, i0, Sq, D, DMAX);
   load_rows(Gs, LD, dO + seq.b * gs.b + h * gs.h + seq.q0 * gs.s, gs.s, gs.d, i0, Sq, D, DMAX);
@@ -422,7 +435,7 @@ __global__ void __launch_bounds__(THREADS) bwd_dq_kernel(
 #pragma unroll
     for (int t = 0; t < DPL; ++t) dq[r][t] = 0.f;
   }
-  const HeadCtx ctx{m, drop, b, h, Sq, Sk, lay.dropout_k_len(), static_cast<uint32_t>(bh), causal, qk_scale,
+  const HeadCtx ctx{m, drop, b, h, Sq, Sk, lay.dropout_k_len(), static_cast<uint32_t>(bh), band, qk_scale,
                     prob_scale(hm, drop, b, h)};
 
   auto visit = [&](int64_t n0, const Tile& tile) {
@@ -444,7 +457,7 @@ __global__ void __launch_bounds__(THREADS) bwd_dq_kernel(
     }
   };
 
-  for_each_key_tile(m, b, h, qb, Sq, Sk, causal, visit);
+  for_each_key_tile(m, b, h, qb, Sq, Sk, band, visit);
 
 #pragma unroll
   for (int r = 0; r < ROWS_PER_WARP; ++r) {
@@ -498,9 +511,9 @@ using OptT = std::optional<Tensor>;
 
 void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, int64_t block_m, int64_t block_n) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
-                  q.size(1) == k.size(1) && q.size(3) == k.size(3),
-              "fused_attn: q [B, H, Sq, D], k / v [B, H, Sk, D] expected, got ", q.sizes(), ", ", k.sizes(), ", ",
-              v.sizes());
+                  k.size(1) >= 1 && q.size(1) % k.size(1) == 0 && q.size(3) == k.size(3),
+              "fused_attn: q [B, H, Sq, D], k / v [B, H_kv, Sk, D] with H % H_kv == 0 expected, got ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes());
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "fused_attn: q, k, v must share a dtype");
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), "fused_attn: q, k, v on different devices");
@@ -521,8 +534,9 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, const Tensor& k, co
                                             bool causal, double scale, double dropout_p, const OptT& rng,
                                             int64_t block_m, int64_t block_n,
                                             const OptT& cu_seqlens_q, const OptT& cu_seqlens_k, int64_t max_seqlen_q,
-                                            int64_t max_seqlen_k) {
+                                            int64_t max_seqlen_k, int64_t window_left, int64_t window_right) {
   check_inputs(q, k, v, block_m, block_n);
+  const Band band = Band::of(window_left, window_right, causal);
   const c10::cuda::CUDAGuard guard(q.device());
   const SeqLayout lay = make_seq_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask,
                                         key_start, block_state, head_mask);
@@ -547,8 +561,8 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& q, const Tensor& k, co
     FA_LAUNCH(kernel, grid, THREADS, smem, stream)(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
         lse.data_ptr<float>(), visited.data_ptr<int32_t>(), strides_of(q), strides_of(k), strides_of(v),
-        strides_of(out), static_cast<int>(H), lay, static_cast<int>(D), static_cast<float>(scale) * kLog2e, md,
-        hm, causal, drop);
+        strides_of(out), static_cast<int>(H), static_cast<int>(H / k.size(1)), lay, static_cast<int>(D),
+        static_cast<float>(scale) * kLog2e, md, hm, band, drop);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, lse, visited};
@@ -561,8 +575,9 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& grad_out, const Tensor
                                             bool additive, bool causal, double scale, double dropout_p,
                                             const OptT& rng, int64_t block_m, int64_t block_n,
                                             const OptT& cu_seqlens_q, const OptT& cu_seqlens_k, int64_t max_seqlen_q,
-                                            int64_t max_seqlen_k) {
+                                            int64_t max_seqlen_k, int64_t window_left, int64_t window_right) {
   check_inputs(q, k, v, block_m, block_n);
+  const Band band = Band::of(window_left, window_right, causal);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() &&
                   grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
               "fused_attn: grad_out and out must match q ", q.sizes());
@@ -582,6 +597,18 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& grad_out, const Tensor
   Tensor dq, dk, dv;
   allocate_backward(q, k, v, lay, dq, dk, dv);
   if (q.numel() == 0 || k.numel() == 0 || B * H == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
+  // grouped-query k / v: dK, dV per query head into [.., H, Sk, D], summed over each group below
+  const int64_t group = H / k.size(1);
+  Tensor dk_h = dk, dv_h = dv;
+  if (group > 1) {
+    if (lay.packed()) {   // token-major like zeros_token_major: rows in no sequence stay 0
+      dk_h = at::zeros({k.size(0), k.size(2), H, k.size(3)}, k.options()).transpose(1, 2);
+      dv_h = at::zeros({k.size(0), k.size(2), H, k.size(3)}, k.options()).transpose(1, 2);
+    } else {
+      dk_h = at::empty({k.size(0), H, k.size(2), k.size(3)}, k.options());
+      dv_h = at::empty({k.size(0), H, k.size(2), k.size(3)}, k.options());
+    }
+  }
   // rowsum(dO * O) with O as stored (rounded to the input dtype, like the eager graph)
   const Tensor delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -595,9 +622,10 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& grad_out, const Tensor
       set_smem(kdkdv, smem);
       FA_LAUNCH(kdkdv, dim3(static_cast<unsigned>(B * H), static_cast<unsigned>(nkb)), THREADS, smem, stream)(
           q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
-          lse.data_ptr<float>(), delta.data_ptr<float>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
-          strides_of(q), strides_of(k), strides_of(v), strides_of(grad_out), strides_of(dk), strides_of(dv),
-          static_cast<int>(H), lay, static_cast<int>(D), qk_scale, static_cast<float>(scale), md, hm, causal, drop);
+          lse.data_ptr<float>(), delta.data_ptr<float>(), dk_h.data_ptr<scalar_t>(), dv_h.data_ptr<scalar_t>(),
+          strides_of(q), strides_of(k), strides_of(v), strides_of(grad_out), strides_of(dk_h), strides_of(dv_h),
+          static_cast<int>(H), static_cast<int>(group), lay, static_cast<int>(D), qk_scale, static_cast<float>(scale),
+          md, hm, band, drop);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (nqb > 0) {
@@ -606,11 +634,16 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(const Tensor& grad_out, const Tensor
       FA_LAUNCH(kdq, dim3(static_cast<unsigned>(B * H), static_cast<unsigned>(nqb)), THREADS, smem, stream)(
           q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
           lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<scalar_t>(), strides_of(q), strides_of(k),
-          strides_of(v), strides_of(grad_out), strides_of(dq), static_cast<int>(H), lay, static_cast<int>(D),
-          qk_scale, static_cast<float>(scale), md, hm, causal, drop);
+          strides_of(v), strides_of(grad_out), strides_of(dq), static_cast<int>(H), static_cast<int>(group), lay,
+          static_cast<int>(D), qk_scale, static_cast<float>(scale), md, hm, band, drop);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
+  if (group > 1) {
+    const int64_t Hk = k.size(1);
+    dk.copy_(dk_h.unflatten(1, {Hk, group}).to(at::kFloat).sum(2));
+    dv.copy_(dv_h.unflatten(1, {Hk, group}).to(at::kFloat).sum(2));
+  }
   return {dq, dk, dv};
 }
 

@@ -30,6 +30,15 @@ class Engine:
     device_type: str = "cpu"                  # the device of the tensors it takes
     dtypes: Tuple[torch.dtype, ...] = KERNEL_DTYPES
     max_head_dim: int = 256
+    # optional call features it implements: "window" (window_size, a local band), "gqa" (k / v with
+    # fewer heads than q); a call that uses one the engine lacks gets it as a reason (missing())
+    features: frozenset = frozenset()
+
+    def missing(self, needs) -> List[str]:
+        """Reasons for the features in `needs` this engine does not implement."""
+        what = {"window": "window_size (local attention)", "gqa": "k / v with fewer heads than q (grouped-query)"}
+        return [f"{what.get(f, f)} is not supported by the {self.name} backend" for f in needs
+                if f not in self.features]
 
     def unavailable(self) -> Optional[str]:
         return None
@@ -51,18 +60,20 @@ class Engine:
         return out
 
     def forward(self, q, k, v, red, *, causal: bool, dropout_p: float, scale: float, head_mask=None,
-                rng: Optional[torch.Tensor] = None, varlen=None, stats: bool = False):
+                rng: Optional[torch.Tensor] = None, varlen=None, stats: bool = False, window_size=(-1, -1)):
         """(out like q, lse [B, H, Sq] fp32 in log2 units, +inf where a row sees nothing[, visited
-        key blocks per (b, h, query block) when stats]).  q [B, H, Sq, D], k / v [B, H, Sk, D],
-        red a masks.ReducedMask; rng the dropout (seed, offset), an int64 tensor [2] on q's device
+        key blocks per (b, h, query block) when stats]).  q [B, H, Sq, D], k / v [B, H_kv, Sk, D]
+        (H_kv < H only with the "gqa" feature), red a masks.ReducedMask; window_size the (left,
+        right) band with causal folded in (right = 0 when causal; only with the "window" feature:
+        callers pass it only when it is not (-1, -1)); rng the dropout (seed, offset), an int64 tensor [2] on q's device
         that the kernels read (needed when dropout_p > 0; fused_attn._rng); varlen a
         packing.SeqLens: then q / k / v are the [1, H, T, D] views of packed tensors and lse is
         [1, H, Tq]."""
         raise NotImplementedError
 
     def backward(self, grad_out, q, k, v, out, lse, red, *, causal: bool, dropout_p: float, scale: float,
-                 head_mask=None, rng: Optional[torch.Tensor] = None, varlen=None):
-        """(dq, dk, dv) like q, k, v; rng: the forward's."""
+                 head_mask=None, rng: Optional[torch.Tensor] = None, varlen=None, window_size=(-1, -1)):
+        """(dq, dk, dv) like q, k, v; rng, window_size: the forward's."""
         raise NotImplementedError
 
     def keep_bits_shape(self, q, k, dropout_p: float, varlen=None) -> Optional[Tuple[int, ...]]:
@@ -148,25 +159,37 @@ def reasons(name: str, q: torch.Tensor) -> List[str]:
 _CHOICES: Dict[tuple, str] = {}
 
 
-def select(requested: str, q: torch.Tensor) -> str:
+def select(requested: str, q: torch.Tensor, needs: Tuple[str, ...] = ()) -> str:
     """The engine that serves a call like q: `requested` itself when it can (else RuntimeError with
-    its reasons), or for "auto" the first engine of AUTO[q's device] that can."""
+    its reasons), or for "auto" the first engine of AUTO[q's device] that can.  needs: the optional
+    features the call uses (Engine.features)."""
     if torch.compiler.is_compiling():
-        return _select_at_trace_time(requested, q.device, q.dtype, operator.index(q.shape[-1]))
+        return _select_at_trace_time(requested, q.device, q.dtype, operator.index(q.shape[-1]), needs)
     env = os.environ
-    key = (requested, env.get("FUSED_ATTN_BACKEND"), env.get("TRITON_INTERPRET"), q.device, q.dtype, q.shape[-1])
+    key = (requested, env.get("FUSED_ATTN_BACKEND"), env.get("TRITON_INTERPRET"), q.device, q.dtype, q.shape[-1],
+           needs)
     name = _CHOICES.get(key)
     if name is None:
-        name = _CHOICES[key] = _select(requested, q)
+        name = _CHOICES[key] = _select(requested, q, needs)
     return name
 
 
-def _select_at_trace_time(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+def _missing(name: str, needs: Tuple[str, ...]) -> List[str]:
+    if not needs or name == "reference":
+        return []
+    try:
+        return get(name).missing(needs)
+    except RuntimeError:
+        return []     # (reasons() already says why it cannot be built)
+
+
+def _select_at_trace_time(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+                          needs: Tuple[str, ...] = ()) -> str:
     """select() under torch.compile.  Dynamo calls this eagerly while it traces and puts the name
     it returns in the graph as a constant, so the checks and the extension build behind them (a
     lock, a compiler run) are never traced: the first fused_attn call of a process may be a
     compiled one.  (Guarded by q's device, dtype and head dim; FUSED_ATTN_BACKEND is read once.)"""
-    return _select(requested, torch.empty((1, 1, 1, head_dim), dtype=dtype, device=device))
+    return _select(requested, torch.empty((1, 1, 1, head_dim), dtype=dtype, device=device), needs)
 
 
 # What torch.compiler.assume_constant_result(fn) does, without importing torch._dynamo (about 1 s)
@@ -174,7 +197,7 @@ def _select_at_trace_time(requested: str, device: torch.device, dtype: torch.dty
 _select_at_trace_time._dynamo_marked_constant = True
 
 
-def _select(requested: str, q: torch.Tensor) -> str:
+def _select(requested: str, q: torch.Tensor, needs: Tuple[str, ...] = ()) -> str:
     known = names()
     if requested not in known + ("auto",):
         raise ValueError(f"backend: {requested!r} is not one of 'auto', " + ", ".join(repr(n) for n in known))
@@ -183,14 +206,14 @@ def _select(requested: str, q: torch.Tensor) -> str:
         if requested not in known + ("auto",):
             raise ValueError(f"FUSED_ATTN_BACKEND={requested!r} is not one of 'auto', " + ", ".join(known))
     if requested != "auto":
-        why = reasons(requested, q)
+        why = reasons(requested, q) or _missing(requested, needs)
         if why:
             raise RuntimeError(f"backend {requested!r} cannot serve this call: " + "; ".join(why))
         return requested
     candidates = AUTO.get(q.device.type, ("reference",))
     skipped: Dict[str, List[str]] = {}
     for name in candidates:
-        why = reasons(name, q)
+        why = reasons(name, q) or _missing(name, needs)
         if not why:
             if skipped:
                 key = (name, tuple(skipped))

@@ -41,9 +41,11 @@ class CppEngine(Engine):
     maps handed to them must be built for those)."""
 
     def __init__(self, name: str, device_type: str, blocks: Tuple[int, int], max_head_dim: int,
-                 load_ops: Callable[[], object], unsupported: Optional[Callable[[], Optional[str]]] = None):
+                 load_ops: Callable[[], object], unsupported: Optional[Callable[[], Optional[str]]] = None,
+                 features: frozenset = frozenset()):
         self.name, self.device_type, self.blocks, self.max_head_dim = name, device_type, blocks, max_head_dim
         self._load_ops, self._unsupported = load_ops, unsupported
+        self.features = frozenset(features)
 
     def ops(self):
         return self._load_ops()
@@ -60,15 +62,23 @@ class CppEngine(Engine):
         return None
 
     def forward(self, q, k, v, red, *, causal, dropout_p, scale, head_mask=None, rng=None, varlen=None,
-                stats=False):
+                stats=False, window_size=(-1, -1)):
+        self._check_features(q, k, window_size)
         out, lse, visited = _forward(self.ops(), self.blocks, q, k, v, red, causal, scale, dropout_p, head_mask,
-                                     rng, varlen)
+                                     rng, varlen, window_size)
         return (out, lse, visited) if stats else (out, lse)
 
     def backward(self, grad_out, q, k, v, out, lse, red, *, causal, dropout_p, scale, head_mask=None, rng=None,
-                 varlen=None):
+                 varlen=None, window_size=(-1, -1)):
+        self._check_features(q, k, window_size)
         return _backward(self.ops(), self.blocks, grad_out, q, k, v, out, lse, red, causal, scale, dropout_p,
-                         head_mask, rng, varlen)
+                         head_mask, rng, varlen, window_size)
+
+    def _check_features(self, q, k, window_size) -> None:
+        needs = (("window",) if tuple(window_size) != (-1, -1) else ()) + (("gqa",) if k.shape[1] != q.shape[1] else ())
+        why = self.missing(needs)
+        if why:
+            raise RuntimeError(f"backend {self.name!r} cannot serve this call: " + "; ".join(why))
 
     def keep_mask(self, batch, heads, q_len, k_len, dropout_p, rng):
         return self.ops().dropout_keep(rng, batch, heads, q_len, k_len, float(dropout_p))
@@ -79,8 +89,9 @@ def _no_cuda_torch() -> Optional[str]:
 
 
 # Tile sizes: csrc/cpu_attn.h (CPU), csrc/cuda/attn_cuda.cu (CUDA).
-CPU = CppEngine("cpu", "cpu", (64, 64), 256, lambda: extension_ops("cpu"))
-CUDA = CppEngine("cuda", "cuda", (32, 32), 128, lambda: extension_ops("cuda"), _no_cuda_torch)
+CPU = CppEngine("cpu", "cpu", (64, 64), 256, lambda: extension_ops("cpu"), features={"window", "gqa"})
+CUDA = CppEngine("cuda", "cuda", (32, 32), 128, lambda: extension_ops("cuda"), _no_cuda_torch,
+                 features={"window", "gqa"})
 
 
 def _mask_args(red: Optional[ReducedMask], blocks: Tuple[int, int], causal: bool):
@@ -115,7 +126,7 @@ def _varlen_args(varlen, red: Optional[ReducedMask], head_mask: Optional[torch.T
 
 
 def _forward(ops, blocks, q, k, v, red: Optional[ReducedMask], causal: bool, scale: float, dropout_p: float,
-             head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor], varlen):
+             head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor], varlen, window_size=(-1, -1)):
     """(out [B, H, Sq, D] in q.dtype, lse [B, H, Sq] fp32 in log2 units, +inf for rows that see
     nothing, visited key blocks per (b, h, query block)).  rng: the dropout (seed, offset), int64 [2]
     on q's device, read by the kernels (None without dropout).
@@ -124,15 +135,16 @@ def _forward(ops, blocks, q, k, v, red: Optional[ReducedMask], causal: bool, sca
     v [1, H, Tk, D], red None or a "none" mask, head_mask None; out is [1, H, Tq, D] (a view of a
     contiguous [Tq, H, D]), lse [1, H, Tq], visited [B, H, cdiv(max_seqlen_q, block_m)]; rows in no
     sequence give out 0 and lse +inf.  The values of cu_seqlens are not checked here (the kernels
-    clamp them into bounds)."""
+    clamp them into bounds).  window_size: the (left, right) band, causal folded in (right 0)."""
     packed = _varlen_args(varlen, red, head_mask)
     *mask, additive = _mask_args(red, blocks, causal)
     return ops.fwd(q, k, v, *mask, _head_mask(head_mask), additive, bool(causal), float(scale), float(dropout_p),
-                   rng, blocks[0], blocks[1], *packed)
+                   rng, blocks[0], blocks[1], *packed, int(window_size[0]), int(window_size[1]))
 
 
 def _backward(ops, blocks, grad_out, q, k, v, out, lse, red: Optional[ReducedMask], causal: bool, scale: float,
-              dropout_p: float, head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor], varlen):
+              dropout_p: float, head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor], varlen,
+              window_size=(-1, -1)):
     """(dq, dk, dv) in the dtypes of q, k, v.  varlen: as in :func:`_forward` (then grad_out and out
     are [1, H, Tq, D], lse [1, H, Tq]; rows in no sequence get zero gradients)."""
     if grad_out.dtype != q.dtype:
@@ -140,7 +152,8 @@ def _backward(ops, blocks, grad_out, q, k, v, out, lse, red: Optional[ReducedMas
     packed = _varlen_args(varlen, red, head_mask)
     *mask, additive = _mask_args(red, blocks, causal)
     return ops.bwd(grad_out, q, k, v, out, lse, *mask, _head_mask(head_mask), additive, bool(causal),
-                   float(scale), float(dropout_p), rng, blocks[0], blocks[1], *packed)
+                   float(scale), float(dropout_p), rng, blocks[0], blocks[1], *packed, int(window_size[0]),
+                   int(window_size[1]))
 
 
 def _token_major(t: torch.Tensor) -> torch.Tensor:
@@ -160,7 +173,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fused_attn::fwd")
     def _fwd_fake(q, k, v, mask, key_start, key_end, key_needs_mask, block_state, head_mask, additive, causal,
                   scale, dropout_p, rng, block_m, block_n, cu_seqlens_q=None, cu_seqlens_k=None,
-                  max_seqlen_q=0, max_seqlen_k=0):
+                  max_seqlen_q=0, max_seqlen_k=0, window_left=-1, window_right=-1):
         B, H, Sq, _ = q.shape
         lse = q.new_empty((B, H, Sq), dtype=torch.float32)
         if cu_seqlens_q is None:
@@ -171,7 +184,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fused_attn::bwd")
     def _bwd_fake(grad_out, q, k, v, out, lse, mask, key_start, key_end, key_needs_mask, block_state, head_mask,
                   additive, causal, scale, dropout_p, rng, block_m, block_n, cu_seqlens_q=None,
-                  cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+                  cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, window_left=-1, window_right=-1):
         if cu_seqlens_q is None:
             return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         return _token_major(q), _token_major(k), _token_major(v)

@@ -164,9 +164,11 @@ def _dropout_args(dropout_p: float, rng: Optional[torch.Tensor], q: torch.Tensor
 
 
 def _constexprs(red: ReducedMask, causal: bool, dropout_p: float, head_mask, varlen, D: int, block_d: int,
-                cfg: TileConfig, keep_bits: bool = False) -> dict:
-    """The constexprs the forward and backward kernels share, and the launch options."""
-    return dict(MASK_MODE=_MASK_MODE[red.kind], CAUSAL=bool(causal), HAS_HEAD_MASK=head_mask is not None,
+                cfg: TileConfig, keep_bits: bool = False, window: Tuple[int, int] = (-1, -1)) -> dict:
+    """The constexprs the forward and backward kernels share, and the launch options.  CAUSAL is
+    triton_common.BAND with a local window (causal folded into it), else the causal flag."""
+    band = window[0] >= 0 or window[1] >= 0
+    return dict(MASK_MODE=_MASK_MODE[red.kind], CAUSAL=triton_common.BAND.value if band else bool(causal), HAS_HEAD_MASK=head_mask is not None,
                 DROPOUT=dropout_p > 0.0, KEEP_BITS=dropout_p > 0.0 and keep_bits,
                 VARLEN=varlen is not None, EVEN_D=block_d == D,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
@@ -263,28 +265,42 @@ class _FwdPlan:
     variants: Variants = field(default_factory=Variants)    # triton_launch's compiled variants
 
 
-def _fwd_plan(q, k, v, red, causal, scale, dropout_p, head_mask, config, stats, varlen, keep_bits) -> _FwdPlan:
+def _fwd_plan(q, k, v, red, causal, scale, dropout_p, head_mask, config, stats, varlen, keep_bits,
+              window) -> _FwdPlan:
     D, H = q.shape[3], q.shape[1]
     cfg = config or fwd_config(D, q.dtype, q.device)
     B, Sq, Sk, bf, seq = _seq_args(q, k, varlen)
     n_qb = max(1, _cdiv(Sq, cfg.block_m))
     block_d = max(16, _pow2(D))
-    kw = _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, cfg, keep_bits)
+    kw = _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, cfg, keep_bits, window)
     return _FwdPlan(cfg, (n_qb, B * H), (B, H, n_qb), bf, (*_strides(q, bf), *_strides(k, bf), *_strides(v, bf)),
-                    (H, Sq, Sk, D, scale * triton_common.LOG2E), seq, dict(WRITE_STATS=stats, **kw))
+                    (H, Sq, Sk, D, scale * triton_common.LOG2E, *_band_args(q, k, Sq, Sk, causal, window)), seq,
+                    dict(WRITE_STATS=stats, **kw))
+
+
+def _band_args(q, k, Sq: int, Sk: int, causal: bool, window) -> tuple:
+    """The kernels' (kv_group, win_left, win_right): query heads per k / v head, and how far left /
+    right of the diagonal (j - i = Sk - Sq) a query sees: the window's sides, 0 on the right when
+    causal, and a reach past every key (Sq + Sk + 1) for an unbounded side."""
+    far = Sq + Sk + 1
+    left, right = window
+    return (q.shape[1] // k.shape[1], left if left >= 0 else far,
+            0 if causal else (right if right >= 0 else far))
 
 
 def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: float,
             head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor] = None,
-            config: Optional[TileConfig] = None, stats: bool = False, varlen=None, keep_bits=None):
+            config: Optional[TileConfig] = None, stats: bool = False, varlen=None, keep_bits=None,
+            window: Tuple[int, int] = (-1, -1)):
     """Returns (out [B, H, Sq, D] in q.dtype, lse [B, H, Sq] fp32 in log2 units[, stats]).
     With ``varlen``, q / k / v are [1, H, T, D] views of packed tensors (see _seq_args).  With
-    ``keep_bits`` (int32, keep_bits_shape()), the dropout keep-mask is also written there."""
+    ``keep_bits`` (int32, keep_bits_shape()), the dropout keep-mask is also written there.
+    window: the (left, right) band, causal folded in; k / v may have fewer heads (grouped-query)."""
     has_bits = keep_bits is not None
     key = ("fwd", q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device, red.kind, causal,
-           scale, dropout_p, head_mask is None, config, stats, _varlen_key(varlen), has_bits)
+           scale, dropout_p, head_mask is None, config, stats, _varlen_key(varlen), has_bits, window)
     plan = _plan(key, lambda: _fwd_plan(q, k, v, red, causal, scale, dropout_p, head_mask, config, stats, varlen,
-                                        has_bits))
+                                        has_bits, window))
     out = torch.empty_like(q)   # keeps q's layout when dense, e.g. HF's [B, S, H, D] storage
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     dummy = lse
@@ -350,48 +366,56 @@ class _BwdPlan:
 
 
 def _bwd_plan(grad_out, q, k, v, out, red, causal, scale, dropout_p, head_mask, config, dq_config,
-              varlen, keep_bits) -> _BwdPlan:
+              varlen, keep_bits, window) -> _BwdPlan:
     H, D = q.shape[1], q.shape[3]
     B, Sq, Sk, bf, seq = _seq_args(q, k, varlen)
     if config is None:
         config, dq_config = bwd_config(D, q.dtype, q.device)
     dq_config = dq_config or config
     block_d = max(16, _pow2(D))
-    dkdv = _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, config, keep_bits)
+    dkdv = _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, config, keep_bits, window)
     return _BwdPlan(
         config, dq_config,
         (_cdiv(q.shape[2], DELTA_BLOCK_M), q.shape[0] * H), (*out.stride(), *grad_out.stride(), H, q.shape[2], D),
         bf, (*_strides(q, bf), *_strides(k, bf), *_strides(v, bf), *_strides(grad_out, bf)),
         (max(1, _cdiv(Sk, config.block_n)), B * H), (max(1, _cdiv(Sq, dq_config.block_m)), B * H),
-        (H, Sq, Sk, D, scale * triton_common.LOG2E, scale), seq, dict(BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d),
+        (H, Sq, Sk, D, scale * triton_common.LOG2E, scale, *_band_args(q, k, Sq, Sk, causal, window)), seq,
+        dict(BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d),
         tuple(dict(dkdv, ATOMIC_DQ=atomic) for atomic in (False, True)),
-        _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, dq_config, keep_bits))
+        _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, dq_config, keep_bits, window))
 
 
 def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale: float,
              dropout_p: float, head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor] = None,
              config: Optional[TileConfig] = None, dq_config: Optional[TileConfig] = None, varlen=None,
-             keep_bits=None, atomic_dq: Optional[bool] = None):
+             keep_bits=None, atomic_dq: Optional[bool] = None, window: Tuple[int, int] = (-1, -1)):
     """Returns (dq, dk, dv) in the dtypes and layouts of q, k, v.  config / dq_config override
     the tiles of the dK/dV and dQ kernels (dq_config defaults to config).  keep_bits: the words
     the forward stored (else the keep-mask is regenerated).  atomic_dq: the single pass (default
-    single_pass_backward())."""
+    single_pass_backward()).  window: the forward's.  Grouped-query k / v (fewer heads than q): the
+    dK/dV kernel writes one fp32 gradient per query head, summed over each group here (exact up to
+    the fp32 sum; dk, dv are then contiguous)."""
     atomic = single_pass_backward() if atomic_dq is None else atomic_dq
     if grad_out.dtype != q.dtype:
         grad_out = grad_out.to(q.dtype)
     has_bits = keep_bits is not None
     key = ("bwd", q.shape, q.stride(), k.shape, k.stride(), v.stride(), out.stride(), grad_out.stride(), q.dtype,
            q.device, red.kind, causal, scale, dropout_p, head_mask is None, config, dq_config, _varlen_key(varlen),
-           has_bits)
+           has_bits, window)
     plan = _plan(key, lambda: _bwd_plan(grad_out, q, k, v, out, red, causal, scale, dropout_p, head_mask, config,
-                                        dq_config, varlen, has_bits))
+                                        dq_config, varlen, has_bits, window))
     # rowsum(dO ∘ O), laid out like lse: a row-wise op, so packed rows need no sequence bounds
     delta = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     launch(triton_bwd.bwd_delta_kernel, plan.delta_grid, (out, grad_out, delta, *plan.delta_args),
            plan.delta_constexprs, plan.delta_variants)
     # the single pass adds into fp32 zeros (rows no key block reaches stay 0)
     dq = torch.zeros_like(q, dtype=torch.float32) if atomic else torch.empty_like(q)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    group = q.shape[1] // k.shape[1]
+    if group > 1:    # per query head, summed over the group below
+        dk = torch.empty((k.shape[0], q.shape[1], k.shape[2], k.shape[3]), device=k.device, dtype=torch.float32)
+        dv = torch.empty_like(dk)
+    else:
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
     dummy = lse
     tail = (*plan.sizes, *_seq_tensors(varlen, dummy), *plan.seq)
     head = _head_mask_args(head_mask, dummy)
@@ -402,6 +426,8 @@ def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale:
         *_keep_args(keep_bits, plan.cfg, dummy, whole_words=False),
         *((dq, *_strides(dq, plan.bf)) if atomic else (dummy, 0, 0, 0, 0)), *drop),
         plan.dkdv_constexprs[atomic], plan.dkdv_variants[atomic])
+    if group > 1:
+        dk, dv = (t.unflatten(1, (k.shape[1], group)).sum(2).to(k.dtype) for t in (dk, dv))
     if atomic:
         return dq.to(q.dtype), dk, dv
     launch(triton_bwd_dq.attn_bwd_dq_kernel, plan.dq_grid, (
@@ -429,6 +455,7 @@ class TritonEngine(Engine):
     name = "triton"
     device_type = "cuda"
     max_head_dim = MAX_HEAD_DIM
+    features = frozenset({"window", "gqa"})
 
     def unavailable(self) -> Optional[str]:
         return _IMPORT_ERROR
@@ -446,14 +473,14 @@ class TritonEngine(Engine):
         return out
 
     def forward(self, q, k, v, red, *, causal, dropout_p, scale, head_mask=None, rng=None, varlen=None,
-                stats=False, keep_bits=None):
+                stats=False, keep_bits=None, window_size=(-1, -1)):
         return forward(q, k, v, red, causal, scale, dropout_p, head_mask, rng, stats=stats, varlen=varlen,
-                       keep_bits=keep_bits)
+                       keep_bits=keep_bits, window=tuple(window_size))
 
     def backward(self, grad_out, q, k, v, out, lse, red, *, causal, dropout_p, scale, head_mask=None, rng=None,
-                 varlen=None, keep_bits=None):
+                 varlen=None, keep_bits=None, window_size=(-1, -1)):
         return backward(grad_out, q, k, v, out, lse, red, causal, scale, dropout_p, head_mask, rng, varlen=varlen,
-                        keep_bits=keep_bits)
+                        keep_bits=keep_bits, window=tuple(window_size))
 
     def keep_bits_shape(self, q, k, dropout_p, varlen=None):
         return keep_bits_shape(q, k, dropout_p, varlen)

@@ -27,7 +27,7 @@ from .triton_common import (LOAD_NONE, LOAD_ROW, LOAD_TILE, MASK_BLOCKS, MASK_KE
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
                stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
-               kv_lo, kv_hi, Sq, Sk, D, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+               kv_lo, kv_hi, Sq, Sk, D, causal_offset, band_lo, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
                keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
                BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
                CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr, DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr,
@@ -48,7 +48,7 @@ def _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base,
     mi = offs_m[None, :]
     ni = offs_n[:, None]
     sT = mma(k, qT, tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32)) * qk_scale
-    sT = mask_scores(sT, mi, ni, mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi, Sq, Sk, causal_offset,
+    sT = mask_scores(sT, mi, ni, mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi, Sq, Sk, causal_offset, band_lo,
                      CHECK_BOUNDS=CHECK_BOUNDS, CAUSAL=CAUSAL, LOAD_MASK=LOAD_MASK)
     pT = tl.math.exp2(sT - lse[None, :])            # lse = +inf on rows that see nothing -> 0
     dpT = mma(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32))
@@ -72,27 +72,36 @@ def _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base,
 
 
 @triton.jit
-def _dkdv_range(dk, dv, k, v, q_lo, q_mid, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
+def _dkdv_range(dk, dv, k, v, q_lo, q_mid, q_safe_end, q_hi, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
                 stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
-                kv_lo, kv_hi, Sq, Sk, D, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                kv_lo, kv_hi, Sq, Sk, D, causal_offset, band_lo, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
                 keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
                 BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
                 CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr, DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr,
                 ATOMIC_DQ: tl.constexpr):
-    """Query tiles [q_lo, q_mid) straddle the causal diagonal; [q_mid, Sq) see the whole key tile."""
+    """Query tiles [q_lo, q_mid) straddle the causal diagonal (the band's right edge); [q_mid, q_safe_end)
+    see the whole key tile; [q_safe_end, q_hi) straddle the band's left edge (empty without a band:
+    q_safe_end = q_hi = Sq)."""
     for start_m in range(q_lo, q_mid, BLOCK_M):
         dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
                             stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
-                            kv_lo, kv_hi, Sq, Sk, D, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh,
+                            kv_lo, kv_hi, Sq, Sk, D, causal_offset, band_lo, qk_scale, grad_scale, seed, rng_offset, bh,
                             dropout_p, keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
                             BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CHECK_BOUNDS=CHECK_BOUNDS, CAUSAL=CAUSAL,
                             LOAD_MASK=LOAD_MASK, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
-    for start_m in range(q_mid, Sq, BLOCK_M):
+    for start_m in range(q_mid, q_safe_end, BLOCK_M):
         dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
                             stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
-                            kv_lo, kv_hi, Sq, Sk, D, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh,
+                            kv_lo, kv_hi, Sq, Sk, D, causal_offset, band_lo, qk_scale, grad_scale, seed, rng_offset, bh,
                             dropout_p, keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
                             BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CHECK_BOUNDS=CHECK_BOUNDS, CAUSAL=False,
+                            LOAD_MASK=LOAD_MASK, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
+    for start_m in range(q_safe_end, q_hi, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
+                            stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
+                            kv_lo, kv_hi, Sq, Sk, D, causal_offset, band_lo, qk_scale, grad_scale, seed, rng_offset, bh,
+                            dropout_p, keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
+                            BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CHECK_BOUNDS=CHECK_BOUNDS, CAUSAL=CAUSAL,
                             LOAD_MASK=LOAD_MASK, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
     return dk, dv
 
@@ -100,22 +109,26 @@ def _dkdv_range(dk, dv, k, v, q_lo, q_mid, offs_n, offs_d, q_base, do_base, lse_
 @triton.jit
 def _dkdv_list(dk, dv, k, v, Count, Index, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
                stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
-               Sq, Sk, D, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+               Sq, Sk, D, causal_offset, band_lo, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
                keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
                BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr, PARTIAL: tl.constexpr,
                DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """The query blocks listed at Index[0:Count]: PARTIAL ones load the mask tile and check bounds
-    and causal; FULL ones do no masking at all."""
+    and causal; FULL ones do no masking at all.  With the band (CAUSAL == BAND) the blocks outside
+    it are skipped and every visited one checks it."""
     n_blocks = tl.load(Count)
+    start_n = tl.min(offs_n, axis=0)
     for i in range(0, n_blocks):
         start_m = tl.load(Index + i) * BLOCK_M
-        dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
-                            stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
-                            0, Sk, Sq, Sk, D, causal_offset, qk_scale, grad_scale, seed, rng_offset, bh,
-                            dropout_p, keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
-                            BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CHECK_BOUNDS=PARTIAL,
-                            CAUSAL=PARTIAL and CAUSAL, LOAD_MASK=LOAD_TILE if PARTIAL else LOAD_NONE,
-                            DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
+        if (start_n < start_m + BLOCK_M + causal_offset) & (start_n + offs_n.shape[0] > start_m + band_lo):
+            dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
+                                stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
+                                0, Sk, Sq, Sk, D, causal_offset, band_lo, qk_scale, grad_scale, seed, rng_offset, bh,
+                                dropout_p, keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
+                                BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CHECK_BOUNDS=PARTIAL,
+                                CAUSAL=CAUSAL if (PARTIAL or CAUSAL == 2) else False,
+                                LOAD_MASK=LOAD_TILE if PARTIAL else LOAD_NONE,
+                                DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
     return dk, dv
 
 
@@ -129,6 +142,7 @@ def attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, Sq, Sk, D, qk_scale, sm_scale,
+    kv_group, win_left, win_right,
     CuSeqQ, CuSeqK, Tq, Tk, stride_lb, stride_lh,
     Mask, stride_mb, stride_mh, stride_mm, stride_mn,
     KeyStart, KeyEnd, KeyNeedsMask,
@@ -154,7 +168,9 @@ def attn_bwd_dkdv_kernel(
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     q0, k0, seq_q, seq_k = seq_bounds(b, CuSeqQ, CuSeqK, Sq, Sk, Tq, Tk, VARLEN=VARLEN)
-    causal_offset = seq_k - seq_q
+    causal_offset = seq_k - seq_q + win_right
+    band_lo = seq_k - seq_q - win_left
+    hk64 = (h // kv_group).to(tl.int64)
     q_base = Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm
     do_base = DO + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom
     mask_ptr = Mask + b64 * stride_mb + h64 * stride_mh
@@ -162,9 +178,9 @@ def attn_bwd_dkdv_kernel(
     delta_base = Delta + b64 * stride_lb + h64 * stride_lh + q0
     keep_base = KeepBits + bh.to(tl.int64) * stride_kbh
     dq_base = DQacc + b64 * stride_aqb + h64 * stride_aqh + q0 * stride_aqm
-    k = load_rows(K + b64 * stride_kb + h64 * stride_kh + (k0 + offs_n[:, None]) * stride_kn
+    k = load_rows(K + b64 * stride_kb + hk64 * stride_kh + (k0 + offs_n[:, None]) * stride_kn
                   + offs_d[None, :] * stride_kd, offs_n, seq_k, offs_d, D, CHECK_ROWS=True, EVEN_D=EVEN_D)
-    v = load_rows(V + b64 * stride_vb + h64 * stride_vh + (k0 + offs_n[:, None]) * stride_vn
+    v = load_rows(V + b64 * stride_vb + hk64 * stride_vh + (k0 + offs_n[:, None]) * stride_vn
                   + offs_d[None, :] * stride_vd, offs_n, seq_k, offs_d, D, CHECK_ROWS=True, EVEN_D=EVEN_D)
     grad_scale = 1.0
     if DROPOUT:
@@ -179,13 +195,13 @@ def attn_bwd_dkdv_kernel(
         idx = b * stride_ib + h * stride_ih + pid_n * stride_in
         dk, dv = _dkdv_list(dk, dv, k, v, PartCount + cnt, PartIndex + idx, offs_n, offs_d, q_base, do_base,
                             lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr,
-                            stride_mm, stride_mn, seq_q, Sk, D, causal_offset, qk_scale, grad_scale, seed,
+                            stride_mm, stride_mn, seq_q, Sk, D, causal_offset, band_lo, qk_scale, grad_scale, seed,
                             rng_offset, bh, dropout_p, keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
                             BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CAUSAL=CAUSAL, PARTIAL=True, DROPOUT=DROPOUT,
                             KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
         dk, dv = _dkdv_list(dk, dv, k, v, FullCount + cnt, FullIndex + idx, offs_n, offs_d, q_base, do_base,
                             lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr,
-                            stride_mm, stride_mn, seq_q, Sk, D, causal_offset, qk_scale, grad_scale, seed,
+                            stride_mm, stride_mn, seq_q, Sk, D, causal_offset, band_lo, qk_scale, grad_scale, seed,
                             rng_offset, bh, dropout_p, keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
                             BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CAUSAL=CAUSAL, PARTIAL=False, DROPOUT=DROPOUT,
                             KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
@@ -202,6 +218,8 @@ def attn_bwd_dkdv_kernel(
             edge = (start_n < lo) | (start_n + BLOCK_N > hi)
             q_lo = 0
             q_mid = 0
+            q_safe_end = seq_q
+            q_hi = seq_q
             if CAUSAL:
                 # query i sees key j iff i >= j - causal_offset; tiles starting at or after
                 # q_safe see the whole key tile
@@ -209,26 +227,34 @@ def attn_bwd_dkdv_kernel(
                 q_lo = (tl.maximum(start_n - causal_offset, 0) // BLOCK_M) * BLOCK_M
                 q_safe = start_n + BLOCK_N - 1 - causal_offset
                 q_mid = q_lo + tl.cdiv(tl.maximum(q_safe - q_lo, 0), BLOCK_M) * BLOCK_M
+            if CAUSAL == 2:
+                # the band's left edge: query i sees key j iff i <= j - band_lo; tiles ending at or
+                # before start_n - band_lo see the whole key tile, none past start_n + BLOCK_N - 1 - band_lo
+                # sees any of it
+                q_hi = tl.minimum(seq_q, start_n + BLOCK_N - band_lo)
+                q_mid = tl.minimum(q_mid, tl.maximum(q_hi, q_lo))
+                free = tl.maximum(start_n - band_lo + 1 - q_mid, 0)
+                q_safe_end = tl.minimum(q_mid + (free // BLOCK_M) * BLOCK_M, tl.maximum(q_hi, q_mid))
             if needs_mask != 0:
-                dk, dv = _dkdv_range(dk, dv, k, v, q_lo, q_mid, offs_n, offs_d, q_base, do_base, lse_base,
+                dk, dv = _dkdv_range(dk, dv, k, v, q_lo, q_mid, q_safe_end, q_hi, offs_n, offs_d, q_base, do_base, lse_base,
                                      delta_base, stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr,
-                                     stride_mm, stride_mn, lo, hi, seq_q, Sk, D, causal_offset, qk_scale,
+                                     stride_mm, stride_mn, lo, hi, seq_q, Sk, D, causal_offset, band_lo, qk_scale,
                                      grad_scale, seed, rng_offset, bh, dropout_p,
                                      keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
                                      BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CHECK_BOUNDS=True, CAUSAL=CAUSAL,
                                      LOAD_MASK=LOAD_ROW, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
             elif edge:
-                dk, dv = _dkdv_range(dk, dv, k, v, q_lo, q_mid, offs_n, offs_d, q_base, do_base, lse_base,
+                dk, dv = _dkdv_range(dk, dv, k, v, q_lo, q_mid, q_safe_end, q_hi, offs_n, offs_d, q_base, do_base, lse_base,
                                      delta_base, stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr,
-                                     stride_mm, stride_mn, lo, hi, seq_q, Sk, D, causal_offset, qk_scale,
+                                     stride_mm, stride_mn, lo, hi, seq_q, Sk, D, causal_offset, band_lo, qk_scale,
                                      grad_scale, seed, rng_offset, bh, dropout_p,
                                      keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
                                      BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CHECK_BOUNDS=True, CAUSAL=CAUSAL,
                                      LOAD_MASK=LOAD_NONE, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
             else:
-                dk, dv = _dkdv_range(dk, dv, k, v, q_lo, q_mid, offs_n, offs_d, q_base, do_base, lse_base,
+                dk, dv = _dkdv_range(dk, dv, k, v, q_lo, q_mid, q_safe_end, q_hi, offs_n, offs_d, q_base, do_base, lse_base,
                                      delta_base, stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr,
-                                     stride_mm, stride_mn, lo, hi, seq_q, Sk, D, causal_offset, qk_scale,
+                                     stride_mm, stride_mn, lo, hi, seq_q, Sk, D, causal_offset, band_lo, qk_scale,
                                      grad_scale, seed, rng_offset, bh, dropout_p,
                                      keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
                                      BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CHECK_BOUNDS=False, CAUSAL=CAUSAL,

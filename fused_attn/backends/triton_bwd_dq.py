@@ -14,7 +14,7 @@ from .triton_common import (LOAD_NONE, LOAD_ROW, LOAD_TILE, MASK_BLOCKS, MASK_KE
 @triton.jit
 def _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
              stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi, Sq, Sk, D,
-             causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+             causal_offset, band_lo, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
              keep_ptr, stride_kw,
              BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
              CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr, DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr):
@@ -27,7 +27,7 @@ def _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, str
     mi = offs_m[:, None]
     ni = offs_n[None, :]
     s = mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)) * qk_scale
-    s = mask_scores(s, mi, ni, mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi, Sq, Sk, causal_offset,
+    s = mask_scores(s, mi, ni, mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi, Sq, Sk, causal_offset, band_lo,
                     CHECK_BOUNDS=CHECK_BOUNDS, CAUSAL=CAUSAL, LOAD_MASK=LOAD_MASK)
     p = tl.math.exp2(s - lse[:, None])
     dp = mma(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32))
@@ -40,24 +40,32 @@ def _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, str
 
 
 @triton.jit
-def _dq_range(dq, q, do, lse, delta, lo, safe_hi, hi, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
+def _dq_range(dq, q, do, lse, delta, lo, safe_lo, safe_hi, hi, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
               stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, Sq, Sk, D,
-              causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+              causal_offset, band_lo, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
               keep_ptr, stride_kw,
               BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr,
               DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr):
-    """Keys [lo, hi): interior tiles [lo, safe_hi) unchecked, then the edge / diagonal tiles."""
-    for start_n in range(lo, safe_hi, BLOCK_N):
+    """Keys [lo, hi): the tiles before safe_lo (the band's left edge), the interior tiles
+    [safe_lo, safe_hi) unchecked, then the edge / diagonal tiles."""
+    for start_n in range(lo, safe_lo, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
                       stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, lo, hi, Sq, Sk, D,
-                      causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                      causal_offset, band_lo, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                      keep_ptr, stride_kw,
+                      BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CHECK_BOUNDS=True, CAUSAL=CAUSAL, LOAD_MASK=LOAD_MASK,
+                      DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS)
+    for start_n in range(safe_lo, safe_hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
+                      stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, lo, hi, Sq, Sk, D,
+                      causal_offset, band_lo, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
                       keep_ptr, stride_kw,
                       BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CHECK_BOUNDS=False, CAUSAL=False, LOAD_MASK=LOAD_MASK,
                       DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS)
     for start_n in range(safe_hi, hi, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
                       stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, lo, hi, Sq, Sk, D,
-                      causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                      causal_offset, band_lo, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
                       keep_ptr, stride_kw,
                       BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CHECK_BOUNDS=True, CAUSAL=CAUSAL, LOAD_MASK=LOAD_MASK,
                       DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS)
@@ -67,22 +75,26 @@ def _dq_range(dq, q, do, lse, delta, lo, safe_hi, hi, offs_m, offs_d, k_base, v_
 @triton.jit
 def _dq_list(dq, q, do, lse, delta, Count, Index, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
              stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, Sq, Sk, D,
-             causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+             causal_offset, band_lo, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
              keep_ptr, stride_kw,
              BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr, PARTIAL: tl.constexpr,
              DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr):
     """The key blocks listed at Index[0:Count]: PARTIAL ones load the mask tile and check bounds
-    and causal; FULL ones do no masking at all."""
+    and causal; FULL ones do no masking at all.  With the band (CAUSAL == BAND) the blocks outside
+    it are skipped and every visited one checks it."""
     n_blocks = tl.load(Count)
+    start_m = tl.min(offs_m, axis=0)
     for i in range(0, n_blocks):
         start_n = tl.load(Index + i) * BLOCK_N
-        dq = _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
-                      stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, 0, Sk, Sq, Sk, D,
-                      causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
-                      keep_ptr, stride_kw,
-                      BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CHECK_BOUNDS=PARTIAL, CAUSAL=PARTIAL and CAUSAL,
-                      LOAD_MASK=LOAD_TILE if PARTIAL else LOAD_NONE, DROPOUT=DROPOUT,
-                      KEEP_BITS=KEEP_BITS)
+        if (start_n < start_m + offs_m.shape[0] + causal_offset) & (start_n + BLOCK_N > start_m + band_lo):
+            dq = _dq_tile(dq, q, do, lse, delta, start_n, offs_m, offs_d, k_base, v_base, stride_kn, stride_kd,
+                          stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, 0, Sk, Sq, Sk, D,
+                          causal_offset, band_lo, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                          keep_ptr, stride_kw,
+                          BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CHECK_BOUNDS=PARTIAL,
+                          CAUSAL=CAUSAL if (PARTIAL or CAUSAL == 2) else False,
+                          LOAD_MASK=LOAD_TILE if PARTIAL else LOAD_NONE, DROPOUT=DROPOUT,
+                          KEEP_BITS=KEEP_BITS)
     return dq
 
 
@@ -95,6 +107,7 @@ def attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, Sq, Sk, D, qk_scale, sm_scale,
+    kv_group, win_left, win_right,
     CuSeqQ, CuSeqK, Tq, Tk, stride_lb, stride_lh,
     Mask, stride_mb, stride_mh, stride_mm, stride_mn,
     KeyStart, KeyEnd, KeyNeedsMask,
@@ -118,9 +131,11 @@ def attn_bwd_dq_kernel(
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     q0, k0, seq_q, seq_k = seq_bounds(b, CuSeqQ, CuSeqK, Sq, Sk, Tq, Tk, VARLEN=VARLEN)
-    causal_offset = seq_k - seq_q
-    k_base = K + b64 * stride_kb + h64 * stride_kh + k0 * stride_kn
-    v_base = V + b64 * stride_vb + h64 * stride_vh + k0 * stride_vn
+    causal_offset = seq_k - seq_q + win_right
+    band_lo = seq_k - seq_q - win_left
+    hk64 = (h // kv_group).to(tl.int64)
+    k_base = K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_kn
+    v_base = V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn
     mask_ptr = Mask + b64 * stride_mb + h64 * stride_mh
     keep_ptr = KeepBits + bh.to(tl.int64) * stride_kbh + (start_m // 32) * stride_kw   # BLOCK_M % 32 == 0
     rows = q0 + offs_m[:, None]
@@ -143,13 +158,13 @@ def attn_bwd_dq_kernel(
         idx = b * stride_ib + h * stride_ih + pid_m * stride_im
         dq = _dq_list(dq, q, do, lse, delta, PartCount + cnt, PartIndex + idx, offs_m, offs_d, k_base, v_base,
                       stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, Sq, Sk, D,
-                      causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                      causal_offset, band_lo, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
                       keep_ptr, stride_kw,
                       BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, PARTIAL=True, DROPOUT=DROPOUT,
                       KEEP_BITS=KEEP_BITS)
         dq = _dq_list(dq, q, do, lse, delta, FullCount + cnt, FullIndex + idx, offs_m, offs_d, k_base, v_base,
                       stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, Sq, Sk, D,
-                      causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                      causal_offset, band_lo, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
                       keep_ptr, stride_kw,
                       BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, PARTIAL=False, DROPOUT=DROPOUT,
                       KEEP_BITS=KEEP_BITS)
@@ -163,18 +178,19 @@ def attn_bwd_dq_kernel(
             needs_mask = tl.load(KeyNeedsMask + b)
         if VARLEN:      # query blocks past the end of a shorter sequence visit no key
             hi = tl.where(start_m < seq_q, hi, 0)
-        safe_hi, hi = kv_loop_bounds(start_m, lo, hi, causal_offset, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=CAUSAL)
+        lo, safe_lo, safe_hi, hi = kv_loop_bounds(start_m, lo, hi, causal_offset, band_lo, BLOCK_M=BLOCK_M,
+                                                  BLOCK_N=BLOCK_N, CAUSAL=CAUSAL)
         if needs_mask != 0:
-            dq = _dq_range(dq, q, do, lse, delta, lo, safe_hi, hi, offs_m, offs_d, k_base, v_base,
+            dq = _dq_range(dq, q, do, lse, delta, lo, safe_lo, safe_hi, hi, offs_m, offs_d, k_base, v_base,
                            stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, Sq, Sk, D,
-                           causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                           causal_offset, band_lo, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
                            keep_ptr, stride_kw,
                            BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, LOAD_MASK=LOAD_ROW, DROPOUT=DROPOUT,
                            KEEP_BITS=KEEP_BITS)
         else:
-            dq = _dq_range(dq, q, do, lse, delta, lo, safe_hi, hi, offs_m, offs_d, k_base, v_base,
+            dq = _dq_range(dq, q, do, lse, delta, lo, safe_lo, safe_hi, hi, offs_m, offs_d, k_base, v_base,
                            stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, Sq, Sk, D,
-                           causal_offset, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
+                           causal_offset, band_lo, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
                            keep_ptr, stride_kw,
                            BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, LOAD_MASK=LOAD_NONE, DROPOUT=DROPOUT,
                            KEEP_BITS=KEEP_BITS)

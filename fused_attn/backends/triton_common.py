@@ -25,6 +25,12 @@ MASK_NONE: tl.constexpr = tl.constexpr(0)     # no mask: key loop bounds from th
 MASK_KEYS: tl.constexpr = tl.constexpr(1)     # per-batch key range [KeyStart, KeyEnd) + KeyNeedsMask
 MASK_BLOCKS: tl.constexpr = tl.constexpr(2)   # lists of the PARTIAL and FULL blocks of every tile row
 
+# CAUSAL: which edges of the band a score tile checks (and, in the kernels, what bounds the key loop)
+#   0 / False: none;  1 / True: causal, j <= i + causal_offset;
+#   BAND (2): the local window (window_size, causal folded in): band_lo <= j - i <= causal_offset
+# (causal_offset = Sk - Sq + right, band_lo = Sk - Sq - left; an unbounded side is a value past every key)
+BAND: tl.constexpr = tl.constexpr(2)
+
 # LOAD_MASK: which part of the mask a score tile loads
 LOAD_NONE: tl.constexpr = tl.constexpr(0)     # nothing (no mask, FULL blocks, rows that need none)
 LOAD_ROW: tl.constexpr = tl.constexpr(1)      # one row, the same for every query (MASK_KEYS)
@@ -188,10 +194,11 @@ def apply_mask_tile(s, mi, ni, mask_ptr, stride_mm, stride_mn, Sq, Sk):
 
 
 @triton.jit
-def mask_scores(s, mi, ni, mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi, Sq, Sk, causal_offset,
+def mask_scores(s, mi, ni, mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi, Sq, Sk, causal_offset, band_lo,
                 CHECK_BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr):
     """All masking of one score tile: the mask (LOAD_MASK: LOAD_NONE, LOAD_ROW or LOAD_TILE), keys
-    outside [kv_lo, kv_hi) (CHECK_BOUNDS) and keys right of the causal diagonal (CAUSAL)."""
+    outside [kv_lo, kv_hi) (CHECK_BOUNDS), keys right of the causal diagonal / the band's right edge
+    (CAUSAL) and left of the band's left edge (CAUSAL == BAND)."""
     if LOAD_MASK == LOAD_ROW:
         # a key-padding mask is the same for every query: load one row and broadcast it (a full
         # tile of 64-bit addresses made the compiler spill)
@@ -202,14 +209,20 @@ def mask_scores(s, mi, ni, mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi, Sq, Sk,
         s = tl.where((ni < kv_hi) & (ni >= kv_lo), s, float("-inf"))
     if CAUSAL:
         s = tl.where(ni <= mi + causal_offset, s, float("-inf"))
+    if CAUSAL == 2:
+        s = tl.where(ni >= mi + band_lo, s, float("-inf"))
     return s
 
 
 @triton.jit
-def kv_loop_bounds(start_m, lo, hi, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def kv_loop_bounds(start_m, lo, hi, causal_offset, band_lo, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr):
     """Key loop of a query block starting at start_m over visible keys [lo, hi): returns
-    (safe_hi, hi): tiles in [lo, safe_hi) need no bounds or causal masking, [safe_hi, hi) do."""
+    (lo, safe_lo, safe_hi, hi): the tiles from lo on in [safe_lo, safe_hi) need no bounds, causal or
+    band masking, those in [lo, safe_lo) and [safe_hi, hi) do (safe_lo = lo unless CAUSAL == BAND)."""
+    if CAUSAL == 2:
+        # the band: keys < start_m + band_lo are hidden from every row of the block
+        lo = tl.maximum(lo, start_m + band_lo)
     safe_hi = lo + ((hi - lo) // BLOCK_N) * BLOCK_N            # tiles wholly inside [lo, hi)
     if CAUSAL:
         hi = tl.minimum(hi, start_m + BLOCK_M + causal_offset)
@@ -217,7 +230,13 @@ def kv_loop_bounds(start_m, lo, hi, causal_offset, BLOCK_M: tl.constexpr, BLOCK_
         free = tl.maximum(start_m + causal_offset + 1 - lo, 0)
         safe_hi = tl.minimum(safe_hi, lo + (free // BLOCK_N) * BLOCK_N)
     safe_hi = tl.maximum(safe_hi, lo)
-    return safe_hi, hi
+    safe_lo = lo
+    if CAUSAL == 2:
+        # keys >= start_m + BLOCK_M - 1 + band_lo are visible to every row of the block (left edge)
+        cut = tl.maximum(start_m + BLOCK_M - 1 + band_lo - lo, 0)
+        safe_lo = tl.minimum(lo + ((cut + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, tl.maximum(hi, lo))
+        safe_hi = tl.maximum(safe_hi, safe_lo)
+    return lo, safe_lo, safe_hi, hi
 
 
 @triton.jit

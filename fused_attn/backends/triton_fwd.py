@@ -18,7 +18,7 @@ from .triton_common import (LOAD_NONE, LOAD_ROW, LOAD_TILE, MASK_BLOCKS, MASK_KE
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, start_n, offs_m, offs_d,
               k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-              mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi, Sq, Sk, D, causal_offset, qk_scale,
+              mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi, Sq, Sk, D, causal_offset, band_lo, qk_scale,
               seed, rng_offset, bh, dropout_p,
               keep_ptr, stride_kw,
               BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
@@ -30,7 +30,7 @@ def _fwd_tile(acc, l_i, m_i, q, start_n, offs_m, offs_d,
     # -- scores, in log2 units
     s = mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)) * qk_scale
     s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi,
-                    Sq, Sk, causal_offset, CHECK_BOUNDS=CHECK_BOUNDS, CAUSAL=CAUSAL, LOAD_MASK=LOAD_MASK)
+                    Sq, Sk, causal_offset, band_lo, CHECK_BOUNDS=CHECK_BOUNDS, CAUSAL=CAUSAL, LOAD_MASK=LOAD_MASK)
     # -- online softmax (a row with nothing visible so far keeps m = -inf and l = 0)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -52,18 +52,28 @@ def _fwd_tile(acc, l_i, m_i, q, start_n, offs_m, offs_d,
 
 
 @triton.jit
-def _fwd_range(acc, l_i, m_i, visited, q, lo, safe_hi, hi, offs_m, offs_d,
+def _fwd_range(acc, l_i, m_i, visited, q, lo, safe_lo, safe_hi, hi, offs_m, offs_d,
                k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-               mask_ptr, stride_mm, stride_mn, Sq, Sk, D, causal_offset, qk_scale,
+               mask_ptr, stride_mm, stride_mn, Sq, Sk, D, causal_offset, band_lo, qk_scale,
                seed, rng_offset, bh, dropout_p,
                keep_ptr, stride_kw,
                BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
                LOAD_MASK: tl.constexpr, DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr):
-    """Keys [lo, hi): interior tiles [lo, safe_hi) unchecked, then the edge / diagonal tiles."""
-    for start_n in range(lo, safe_hi, BLOCK_N):
+    """Keys [lo, hi): the tiles before safe_lo (the band's left edge), the interior tiles
+    [safe_lo, safe_hi) unchecked, then the edge / diagonal tiles."""
+    for start_n in range(lo, safe_lo, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, offs_m, offs_d,
                                   k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                  mask_ptr, stride_mm, stride_mn, lo, hi, Sq, Sk, D, causal_offset, qk_scale,
+                                  mask_ptr, stride_mm, stride_mn, lo, hi, Sq, Sk, D, causal_offset, band_lo, qk_scale,
+                                  seed, rng_offset, bh, dropout_p,
+                                  keep_ptr, stride_kw,
+                                  BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CHECK_BOUNDS=True, CAUSAL=CAUSAL,
+                                  LOAD_MASK=LOAD_MASK, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS)
+        visited += 1
+    for start_n in range(safe_lo, safe_hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, offs_m, offs_d,
+                                  k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                  mask_ptr, stride_mm, stride_mn, lo, hi, Sq, Sk, D, causal_offset, band_lo, qk_scale,
                                   seed, rng_offset, bh, dropout_p,
                                   keep_ptr, stride_kw,
                                   BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CHECK_BOUNDS=False, CAUSAL=False,
@@ -72,7 +82,7 @@ def _fwd_range(acc, l_i, m_i, visited, q, lo, safe_hi, hi, offs_m, offs_d,
     for start_n in range(safe_hi, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, offs_m, offs_d,
                                   k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                  mask_ptr, stride_mm, stride_mn, lo, hi, Sq, Sk, D, causal_offset, qk_scale,
+                                  mask_ptr, stride_mm, stride_mn, lo, hi, Sq, Sk, D, causal_offset, band_lo, qk_scale,
                                   seed, rng_offset, bh, dropout_p,
                                   keep_ptr, stride_kw,
                                   BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CHECK_BOUNDS=True, CAUSAL=CAUSAL,
@@ -84,25 +94,31 @@ def _fwd_range(acc, l_i, m_i, visited, q, lo, safe_hi, hi, offs_m, offs_d,
 @triton.jit
 def _fwd_list(acc, l_i, m_i, visited, q, Count, Index, offs_m, offs_d,
               k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-              mask_ptr, stride_mm, stride_mn, Sq, Sk, D, causal_offset, qk_scale,
+              mask_ptr, stride_mm, stride_mn, Sq, Sk, D, causal_offset, band_lo, qk_scale,
               seed, rng_offset, bh, dropout_p,
               keep_ptr, stride_kw,
               BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
               PARTIAL: tl.constexpr, DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr):
     """The key blocks listed at Index[0:Count]: PARTIAL ones load the mask tile and check bounds
-    and causal; FULL ones do no masking at all."""
+    and causal; FULL ones do no masking at all.  With the band (CAUSAL == BAND) the blocks outside
+    it are skipped and every visited one checks it."""
     n_blocks = tl.load(Count)
+    start_m = tl.min(offs_m, axis=0)
     for i in range(0, n_blocks):
         start_n = tl.load(Index + i) * BLOCK_N
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, offs_m, offs_d,
-                                  k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                  mask_ptr, stride_mm, stride_mn, 0, Sk, Sq, Sk, D, causal_offset, qk_scale,
-                                  seed, rng_offset, bh, dropout_p,
-                                  keep_ptr, stride_kw,
-                                  BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CHECK_BOUNDS=PARTIAL, CAUSAL=PARTIAL and CAUSAL,
-                                  LOAD_MASK=LOAD_TILE if PARTIAL else LOAD_NONE, DROPOUT=DROPOUT,
-                                  KEEP_BITS=KEEP_BITS)
-        visited += 1
+        # (always true without a band: the block map holds causal, and causal_offset / band_lo reach
+        # past every key otherwise)
+        if (start_n < start_m + offs_m.shape[0] + causal_offset) & (start_n + BLOCK_N > start_m + band_lo):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, offs_m, offs_d,
+                                      k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                      mask_ptr, stride_mm, stride_mn, 0, Sk, Sq, Sk, D, causal_offset, band_lo,
+                                      qk_scale, seed, rng_offset, bh, dropout_p,
+                                      keep_ptr, stride_kw,
+                                      BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CHECK_BOUNDS=PARTIAL,
+                                      CAUSAL=CAUSAL if (PARTIAL or CAUSAL == 2) else False,
+                                      LOAD_MASK=LOAD_TILE if PARTIAL else LOAD_NONE, DROPOUT=DROPOUT,
+                                      KEEP_BITS=KEEP_BITS)
+            visited += 1
     return acc, l_i, m_i, visited
 
 
@@ -114,6 +130,9 @@ def attn_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     H, Sq, Sk, D, qk_scale,
+    # grouped-query: query head h reads k / v head h // kv_group; the band's (left, right) reach
+    # (window_size; CAUSAL == BAND) or the causal diagonal's (right 0), past every key when unbounded
+    kv_group, win_left, win_right,
     # packed batches (VARLEN): cu_seqlens [B + 1] and the packed lengths; Sq / Sk are then the
     # max_seqlens, the batch strides 0.  Lse: [B, H, Sq] or [H, Tq] via these strides
     CuSeqQ, CuSeqK, Tq, Tk, stride_lb, stride_lh,
@@ -145,10 +164,12 @@ def attn_fwd_kernel(
     h64 = h.to(tl.int64)
     # per-(sequence, head) bases: a packed batch differs only in q0 / k0 and the lengths
     q0, k0, seq_q, seq_k = seq_bounds(b, CuSeqQ, CuSeqK, Sq, Sk, Tq, Tk, VARLEN=VARLEN)
-    causal_offset = seq_k - seq_q
+    causal_offset = seq_k - seq_q + win_right
+    band_lo = seq_k - seq_q - win_left
+    hk64 = (h // kv_group).to(tl.int64)
     q_base = Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm
-    k_base = K + b64 * stride_kb + h64 * stride_kh + k0 * stride_kn
-    v_base = V + b64 * stride_vb + h64 * stride_vh + k0 * stride_vn
+    k_base = K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_kn
+    v_base = V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn
     mask_ptr = Mask + b64 * stride_mb + h64 * stride_mh
     keep_ptr = KeepBits + bh.to(tl.int64) * stride_kbh + (start_m // 32) * stride_kw
 
@@ -167,13 +188,13 @@ def attn_fwd_kernel(
         acc, l_i, m_i, visited = _fwd_list(
             acc, l_i, m_i, visited, q, PartCount + cnt, PartIndex + idx, offs_m, offs_d,
             k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
-            Sq, Sk, D, causal_offset, qk_scale, seed, rng_offset, bh, dropout_p,
+            Sq, Sk, D, causal_offset, band_lo, qk_scale, seed, rng_offset, bh, dropout_p,
             keep_ptr, stride_kw,
             BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, PARTIAL=True, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS)
         acc, l_i, m_i, visited = _fwd_list(
             acc, l_i, m_i, visited, q, FullCount + cnt, FullIndex + idx, offs_m, offs_d,
             k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
-            Sq, Sk, D, causal_offset, qk_scale, seed, rng_offset, bh, dropout_p,
+            Sq, Sk, D, causal_offset, band_lo, qk_scale, seed, rng_offset, bh, dropout_p,
             keep_ptr, stride_kw,
             BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, PARTIAL=False, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS)
     else:
@@ -187,20 +208,21 @@ def attn_fwd_kernel(
             needs_mask = tl.load(KeyNeedsMask + b)
         if VARLEN:      # query blocks past the end of a shorter sequence visit no key
             hi = tl.where(start_m < seq_q, hi, 0)
-        safe_hi, hi = kv_loop_bounds(start_m, lo, hi, causal_offset, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=CAUSAL)
+        lo, safe_lo, safe_hi, hi = kv_loop_bounds(start_m, lo, hi, causal_offset, band_lo, BLOCK_M=BLOCK_M,
+                                                  BLOCK_N=BLOCK_N, CAUSAL=CAUSAL)
         if needs_mask != 0:     # holes or additive values inside the range: load the row's mask
             acc, l_i, m_i, visited = _fwd_range(
-                acc, l_i, m_i, visited, q, lo, safe_hi, hi, offs_m, offs_d,
+                acc, l_i, m_i, visited, q, lo, safe_lo, safe_hi, hi, offs_m, offs_d,
                 k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
-                Sq, Sk, D, causal_offset, qk_scale, seed, rng_offset, bh, dropout_p,
+                Sq, Sk, D, causal_offset, band_lo, qk_scale, seed, rng_offset, bh, dropout_p,
                 keep_ptr, stride_kw,
                 BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, LOAD_MASK=LOAD_ROW, DROPOUT=DROPOUT,
                 KEEP_BITS=KEEP_BITS)
         else:
             acc, l_i, m_i, visited = _fwd_range(
-                acc, l_i, m_i, visited, q, lo, safe_hi, hi, offs_m, offs_d,
+                acc, l_i, m_i, visited, q, lo, safe_lo, safe_hi, hi, offs_m, offs_d,
                 k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn,
-                Sq, Sk, D, causal_offset, qk_scale, seed, rng_offset, bh, dropout_p,
+                Sq, Sk, D, causal_offset, band_lo, qk_scale, seed, rng_offset, bh, dropout_p,
                 keep_ptr, stride_kw,
                 BLOCK_N=BLOCK_N, EVEN_D=EVEN_D, CAUSAL=CAUSAL, LOAD_MASK=LOAD_NONE, DROPOUT=DROPOUT,
                 KEEP_BITS=KEEP_BITS)

@@ -171,15 +171,13 @@ def _switch_to_interface(model: nn.Module, state: dict) -> bool:
 
 def _interface_hint(model: nn.Module) -> str:
     """What to try instead, for patch()'s "nothing was changed" warning."""
-    if not TRANSFORMERS_5:
-        return ("; if its attention goes through transformers' attention interface, fused_attn.register() and "
-                "attn_implementation='fused_attn' use fused_attn there")
     from .hf_attention import uses_attention_interface
     models = _hf_models(model)
     if models and not any(uses_attention_interface(m) for m in models):
         return (f" ({type(models[0]).__name__} does not call transformers' attention interface either, so "
                 f"attn_implementation='fused_attn' would not change it)")
-    return "; models whose attention goes through transformers' attention interface: use fused_attn.register()"
+    return ("; if its attention goes through transformers' attention interface, fused_attn.register() and "
+            "attn_implementation='fused_attn' run fused_attn there")
 
 
 def unpatch(model: nn.Module) -> nn.Module:
