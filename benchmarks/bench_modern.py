@@ -126,6 +126,8 @@ def main():
                 dtype="fp32", cpu_threads=torch.get_num_threads(), cpu_count=os.cpu_count())
     modes = args.modes.split(",")
     rows = []
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    new = not (args.append and os.path.exists(args.out))
     for name in args.models.split(","):
         for phase in args.phases.split(","):
             cfg, _ = config(name, phase == "train")
@@ -151,16 +153,15 @@ def main():
                 for b in ("eager", "sdpa", "fused_attn"):
                     row[f"speedup_vs_{b}"] = round(stats[b][0] / med, 3) if b in stats else ""
                 rows.append(row)
+                with open(args.out, "w" if new else "a", newline="") as f:     # each row as it comes
+                    w = csv.DictWriter(f, fieldnames=list(row))
+                    if new:
+                        w.writeheader()
+                    w.writerow(row)
+                new = False
                 print(f"{name:16s} {phase:5s} {mode:>12s} load {row['load_avg_1m']}: {med:9.1f} ms "
                       f"(p10 {p10:.1f}, p90 {p90:.1f})  x{row['speedup_vs_sdpa'] or '-'} vs sdpa, "
                       f"x{row['speedup_vs_eager'] or '-'} vs eager", flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    new = not (args.append and os.path.exists(args.out))
-    with open(args.out, "w" if new else "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
     print("wrote", args.out)
 
 
