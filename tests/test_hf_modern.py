@@ -22,7 +22,6 @@ import transformers as tf  # noqa: E402
 V = 97
 SMALL = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_hidden_layers=2)
 needs_5 = pytest.mark.skipif(not TRANSFORMERS_5, reason="these families call the attention interface from 5.0 on")
-needs_window = pytest.mark.skipif(not hf_attention._HAS_WINDOW, reason="TEMPORARY: window_size not merged yet")
 
 
 def _modernbert(**over):
@@ -68,7 +67,6 @@ def _loss_and_grads(model, ids, mask):
 
 @needs_5
 @pytest.mark.parametrize("family", ["modernbert", "gte", "nomic_bert", "jina_v3", "eurobert"])
-@needs_window
 def test_register_matches_eager_with_gradients(family, monkeypatch):
     fused_attn.register()
     model = _model(family).train()      # train mode, dropout 0: the training path, deterministic
@@ -98,7 +96,6 @@ def test_register_matches_eager_with_gradients(family, monkeypatch):
 
 
 @needs_5
-@needs_window
 def test_modernbert_local_layers_make_no_dense_mask_and_reach_the_kernel_as_a_window(monkeypatch):
     from transformers import masking_utils as mu
     fused_attn.register()
@@ -116,7 +113,6 @@ def test_modernbert_local_layers_make_no_dense_mask_and_reach_the_kernel_as_a_wi
 
 
 @needs_5
-@needs_window
 def test_packed_modernbert_with_local_layers_equals_each_sequence_alone(monkeypatch):
     """The issue's wrong answer: a packed batch (cu_seq_lens_q/k, max_length_q/k) of 20 and 13 tokens
     attended across the boundary in the local layers (0.012 off); now each sequence keeps its window."""
@@ -161,7 +157,6 @@ def test_compile_fullgraph_modernbert_forward_and_backward():
 
 
 @needs_5
-@needs_window
 def test_compiled_window_signature_matches_the_closure(monkeypatch):
     """Under torch.compile the bidirectional window is read from what create_bidirectional_sliding_window_mask
     passes (the closure cannot be read there): the same answer as reading the closure."""
@@ -181,7 +176,6 @@ def test_compiled_window_signature_matches_the_closure(monkeypatch):
 
 @needs_5
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "flattened"])
-@needs_window
 def test_causal_sliding_window_model(packed):
     """A causal sliding-window model (Mistral, window 4): HF's kv > q - 4 is window (3, -1) + causal;
     a flattened batch (position_ids restarting) keeps it per sequence: its loss is the padded batch's."""
