@@ -94,6 +94,8 @@ def test_register_matches_eager_with_gradients(family, monkeypatch):
     for n in g_grads:
         assert_close_to_oracle(f"{family} grad {n}", g_grads[n], o_grads[n], e_grads[n])
     assert calls and all(c[0] == "FusedMask" and not c[3] for c in calls), calls      # never a dense mask
+    if family == "eurobert":        # grouped-query k/v reach fused_attn with their 2 heads (no repeat_kv)
+        assert all(c[2] == 2 for c in calls), calls
     if family == "modernbert":      # layer 0 global, layers 1-2 local: window (4, 4) from HF's mask
         assert [c[1] for c in calls] == [(-1, -1), (4, 4), (4, 4)], calls
 
