@@ -22,7 +22,6 @@ import transformers as tf  # noqa: E402
 V = 97
 SMALL = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_hidden_layers=2)
 needs_5 = pytest.mark.skipif(not TRANSFORMERS_5, reason="these families call the attention interface from 5.0 on")
-needs_window = pytest.mark.skipif(not hf_attention._HAS_WINDOW, reason="TEMPORARY: window_size not merged yet")
 
 
 def _modernbert(**over):
@@ -68,13 +67,15 @@ def _loss_and_grads(model, ids, mask):
 
 @needs_5
 @pytest.mark.parametrize("family", ["modernbert", "gte", "nomic_bert", "jina_v3", "eurobert"])
-@needs_window
 def test_register_matches_eager_with_gradients(family, monkeypatch):
     fused_attn.register()
     model = _model(family).train()      # train mode, dropout 0: the training path, deterministic
-    ids, mask = batch(3, 20, [20, 13, 9])
+    # every padding row's window (4, 4) holds a real key: HF's fp64 eager turns a fully masked row into
+    # NaN, which its next layer spreads to the real rows (0 * NaN)
+    ids, mask = batch(3, 20, [20, 16, 17])
     oracle = copy.deepcopy(model).double()
     o_out, o_grads = _loss_and_grads(oracle, ids, mask)
+    assert torch.isfinite(o_out).all() and all(torch.isfinite(g).all() for g in o_grads.values())
     e_out, e_grads = _loss_and_grads(model, ids, mask)
     calls = []
     real = hf_attention.fused_attention_forward
@@ -93,12 +94,13 @@ def test_register_matches_eager_with_gradients(family, monkeypatch):
     for n in g_grads:
         assert_close_to_oracle(f"{family} grad {n}", g_grads[n], o_grads[n], e_grads[n])
     assert calls and all(c[0] == "FusedMask" and not c[3] for c in calls), calls      # never a dense mask
+    if family == "eurobert":        # grouped-query k/v reach fused_attn with their 2 heads (no repeat_kv)
+        assert all(c[2] == 2 for c in calls), calls
     if family == "modernbert":      # layer 0 global, layers 1-2 local: window (4, 4) from HF's mask
         assert [c[1] for c in calls] == [(-1, -1), (4, 4), (4, 4)], calls
 
 
 @needs_5
-@needs_window
 def test_modernbert_local_layers_make_no_dense_mask_and_reach_the_kernel_as_a_window(monkeypatch):
     from transformers import masking_utils as mu
     fused_attn.register()
@@ -116,7 +118,6 @@ def test_modernbert_local_layers_make_no_dense_mask_and_reach_the_kernel_as_a_wi
 
 
 @needs_5
-@needs_window
 def test_packed_modernbert_with_local_layers_equals_each_sequence_alone(monkeypatch):
     """The issue's wrong answer: a packed batch (cu_seq_lens_q/k, max_length_q/k) of 20 and 13 tokens
     attended across the boundary in the local layers (0.012 off); now each sequence keeps its window."""
@@ -138,8 +139,8 @@ def test_packed_modernbert_with_local_layers_equals_each_sequence_alone(monkeypa
     with torch.no_grad():
         packed = model(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                        max_length_q=20, max_length_k=20).last_hidden_state
-    assert windows == [(-1, -1), (4, 4), (4, 4)]
     assert_close_to_oracle("packed ModernBERT", packed, alone_oracle, alone_eager)
+    assert windows == [(-1, -1), (4, 4), (4, 4)]
 
 
 @needs_5
@@ -161,7 +162,6 @@ def test_compile_fullgraph_modernbert_forward_and_backward():
 
 
 @needs_5
-@needs_window
 def test_compiled_window_signature_matches_the_closure(monkeypatch):
     """Under torch.compile the bidirectional window is read from what create_bidirectional_sliding_window_mask
     passes (the closure cannot be read there): the same answer as reading the closure."""
@@ -181,7 +181,6 @@ def test_compiled_window_signature_matches_the_closure(monkeypatch):
 
 @needs_5
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "flattened"])
-@needs_window
 def test_causal_sliding_window_model(packed):
     """A causal sliding-window model (Mistral, window 4): HF's kv > q - 4 is window (3, -1) + causal;
     a flattened batch (position_ids restarting) keeps it per sequence: its loss is the padded batch's."""
@@ -191,7 +190,7 @@ def test_causal_sliding_window_model(packed):
     torch.manual_seed(0)
     model = tf.MistralForCausalLM(tf.MistralConfig(sliding_window=4, num_key_value_heads=2, max_position_embeddings=64,
                                                    attn_implementation="eager", **SMALL)).eval()
-    feats, padded = flattened_and_padded([11, 6, 9])
+    feats, padded = flattened_and_padded([11, 8, 9])      # every padding row's window holds a real key (no NaN)
     with torch.no_grad():
         oracle = copy.deepcopy(model).double()(**padded, use_cache=False)
         eager = model(**padded, use_cache=False)
@@ -199,13 +198,14 @@ def test_causal_sliding_window_model(packed):
     inputs = dict(DataCollatorWithFlattening()(feats) if packed else padded, use_cache=False)   # no cache: HF
     # looks for packed sequences in position_ids, and_masks(sliding_window_causal_mask_function(4), packed ids)
     fm = hf.fused_attn_mask(**_captured_mask_kwargs(model, inputs))
-    assert fm.causal and fm.window == (3, -1) and not fm.is_dense and (fm.packed is not None) == packed
     with torch.no_grad():
         got = model(**inputs)
+    assert torch.isfinite(oracle.loss)
     assert_close_to_oracle(f"Mistral {'flattened' if packed else 'padded'} loss", got.loss, oracle.loss, eager.loss)
     if not packed:
         real_rows = padded["attention_mask"].bool()
         assert_close_to_oracle("Mistral logits", got.logits[real_rows], oracle.logits[real_rows], eager.logits[real_rows])
+    assert fm.causal and fm.window == (3, -1) and not fm.is_dense and (fm.packed is not None) == packed
 
 
 def _captured_mask_kwargs(model, inputs):

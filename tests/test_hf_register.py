@@ -103,9 +103,6 @@ def test_output_attentions_with_fused_implementation():
         assert_close_to_oracle(f"attentions[{i}]", g, o, r)
 
 
-@pytest.mark.skipif(not hf._HAS_WINDOW if hasattr(hf, "_HAS_WINDOW") else
-                    not __import__("fused_attn.integrations.hf_attention").integrations.hf_attention._HAS_WINDOW,
-                    reason="TEMPORARY: window_size not merged yet")
 def test_mask_function_falls_back_to_hf_dense_mask_for_other_patterns():
     """Patterns other than padding / causal / sliding windows / packed sequences (here a custom
     and_mask_function) get HF's exact boolean mask inside the FusedMask, reduced like any other

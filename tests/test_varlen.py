@@ -231,7 +231,7 @@ def _args(T=10, H=2, D=16, dtype=torch.float32):
     (lambda a: a.__setitem__(5, 5), ValueError, "max_seqlen_q: 5 is below the longest sequence"),
     (lambda a: a.__setitem__(6, 6.0), TypeError, "max_seqlen_k: expected a Python int"),
     (lambda a: a.__setitem__(0, a[0][None]), ValueError, r"q: expected 3 dims \[T, H, D\]"),
-    (lambda a: a.__setitem__(1, a[1][:, :1]), ValueError, "k: shape"),
+    (lambda a: a.__setitem__(1, a[1].repeat(1, 2, 1)[:, :3]), ValueError, "k: shape"),   # 2 % 3 != 0
     (lambda a: a.__setitem__(4, torch.tensor([0, 10], dtype=torch.int32)), ValueError, "different batch sizes"),
     (lambda a: a.__setitem__(3, a[3].to("meta")), ValueError, "cu_seqlens_q: is on meta"),
 ], ids=["cu-dtype", "cu-rank", "cu-decreasing", "cu-end", "cu-start", "max-too-small", "max-float", "q-rank",

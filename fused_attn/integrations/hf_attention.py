@@ -2,12 +2,14 @@
 
 * :func:`fused_attention_forward` -- HF's attention-function contract
   ``(module, query, key, value, attention_mask, scaling, dropout, **kwargs) -> (out, weights)``
-  with ``out`` [B, Sq, H, D];  runs ``fused_attn.attention`` (or eager math when the caller asked
-  for the attention probabilities, which the fused kernel never forms).
+  with ``out`` [B, Sq, H, D];  runs ``fused_attn.attention`` / ``varlen_attention`` (or eager math
+  when the caller asked for the attention probabilities, which the fused kernel never forms), with
+  grouped-query k/v as they come (no repeat_kv) and sliding windows as ``window_size``.
 * :func:`fused_attn_mask` -- HF's mask-function contract (``AttentionMaskInterface``).  Instead of a
   dense [B, 1, Sq, Sk] tensor it returns a :class:`FusedMask`: the key-padding mask plus a causal
-  flag, reduced to a ``fused_attn.ReducedMask`` once, by the first layer that uses it, and reused
-  by every other layer of the forward pass (and by the backward pass).
+  flag, a sliding window and packed-sequence ids; the padding is reduced to a
+  ``fused_attn.ReducedMask`` once, by the first layer that uses it, and reused by every other
+  layer of the forward pass (and by the backward pass).
 * :func:`register` -- adds both under the name "fused_attn".
 
 Imports transformers lazily: importing this module does not import it.
@@ -29,8 +31,6 @@ NAME = "fused_attn"
 # kwargs of HF attention functions whose semantics the fused kernel does not have
 _UNSUPPORTED_KWARGS = ("position_bias", "softcap", "s_aux", "sinks")
 _ABSENT = object()    # module level: torch.compile cannot trace object() inside the mask function
-import inspect as _inspect  # noqa: E402  TEMPORARY until branch `local` (window_size) is merged
-_HAS_WINDOW = "window_size" in _inspect.signature(fused_attention).parameters
 
 
 class FusedMask:
@@ -217,7 +217,7 @@ def _mask_parts(mask_function, mu, kw):
         size = kw.get("local_size")
         if (isinstance(size, int) and size >= 0 and "allow_is_bidirectional_skip" in kw and not kw.get("use_vmap")
                 and kw.get("or_mask_function") is None and kw.get("and_mask_function") is None):
-            return (False, (size, size), None) if _HAS_WINDOW else None
+            return False, (size, size), None
         return None
     leaves = _and_leaves(mask_function)
     if leaves is None:
@@ -246,8 +246,6 @@ def _mask_parts(mask_function, mu, kw):
                 return None
         else:
             return None
-    if (left, right) != (-1, -1) and not _HAS_WINDOW:
-        return None
     return causal, (left, right), packed
 
 
@@ -331,11 +329,12 @@ def eager_attention(query, key, value, mask, causal: bool, dropout_p: float, sca
                                      return_probs=True, **extra)
     if not hm_ok:        # a head mask that varies over queries or keys: HF multiplies the probabilities
         probs = probs * head_mask.to(probs.dtype)
-        out = torch.matmul(probs, value.to(probs.dtype)).to(query.dtype)
+        out = torch.matmul(probs, _repeat_kv(value, H).to(probs.dtype)).to(query.dtype)
     return out, probs.to(query.dtype)
 
 
 def _repeat_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, H_kv, S, D] -> [B, heads, S, D] (only for the eager probabilities path's head mask)."""
     kv_heads = t.shape[1]
     if kv_heads == heads:
         return t
@@ -390,8 +389,6 @@ def _kwarg_window(sliding_window) -> Tuple[int, int]:
     the |q - k| <= w of its mask; Mistral-style causal models pass w: their mask's q - w < k <= q."""
     if sliding_window is None or isinstance(sliding_window, bool) or not isinstance(sliding_window, int):
         return (-1, -1)
-    if not _HAS_WINDOW:
-        return (-1, -1)
     if sliding_window < 1:
         raise ValueError(f"fused_attn: sliding_window must be a positive int or None, got {sliding_window}")
     return (sliding_window - 1, sliding_window - 1)
@@ -417,9 +414,7 @@ def fused_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     if type(attention_mask).__name__ == "BlockMask":
         raise TypeError("attention_mask: got a FlexAttention BlockMask; load the model with "
                         "attn_implementation='fused_attn' so HF builds a mask fused_attn reads")
-    heads = query.shape[1]
-    key, value = _repeat_kv(key, heads), _repeat_kv(value, heads)
-    B, H, Sq, D = query.shape
+    B, H, Sq, D = query.shape        # key / value may have fewer heads (grouped-query): read in place
     Sk = key.shape[2]
     scale = D ** -0.5 if scaling is None else float(scaling)
     fused = isinstance(attention_mask, FusedMask)
@@ -441,7 +436,7 @@ def fused_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         if seqs is not None:        # a flattened batch (DataCollatorWithFlattening): no mask at all
             if fused and attention_mask.is_dense:     # HF's flash contract: the module's causality and window
                 causal, window = module_causal, kwarg_window
-            q, k, v = (t.transpose(1, 2).reshape(-1, H, D) for t in (query, key, value))
+            q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], D) for t in (query, key, value))
             extra = {} if window == (-1, -1) else {"window_size": window}
             out = varlen_attention(q, k, v, seqs.cu_seqlens_q, seqs.cu_seqlens_k, seqs.max_seqlen_q,
                                    seqs.max_seqlen_k, dropout_p=p, scale=scale, causal=causal,
