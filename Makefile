@@ -11,8 +11,8 @@ STAMP     = $(VENV)/.installed
 STAMP_HF4 = $(VENV_HF4)/.installed
 HF_TESTS  = tests/test_hf_models.py tests/test_hf_minilm.py tests/test_hf_register.py tests/test_hf_routes.py \
             tests/test_padding_free.py tests/test_padding_free_patch.py tests/test_padding_free_layers.py \
-            tests/test_hf_flattened.py tests/test_concurrency.py tests/test_hf_accelerate.py tests/test_distributed.py \
-            tests/test_fuzz_hf.py tests/test_hf_deberta.py
+            tests/test_hf_flattened.py tests/test_hf_modern.py tests/test_concurrency.py tests/test_hf_accelerate.py \
+            tests/test_distributed.py tests/test_fuzz_hf.py tests/test_hf_deberta.py tests/test_padding_free_interface.py
 JOBS     ?= 2
 
 .PHONY: demo test test-main test-hf4 test-asan test-gpu gpu-check triton-cache fuzz compile-sweep bench clean

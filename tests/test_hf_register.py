@@ -104,17 +104,28 @@ def test_output_attentions_with_fused_implementation():
 
 
 def test_mask_function_falls_back_to_hf_dense_mask_for_other_patterns():
-    """Patterns other than padding / bottom-right causal (here a sliding window) get HF's exact
-    boolean mask inside the FusedMask, reduced like any other mask."""
+    """Patterns other than padding / causal / sliding windows / packed sequences (here a custom
+    and_mask_function) get HF's exact boolean mask inside the FusedMask, reduced like any other
+    mask; HF's sliding windows become a window, with no dense mask."""
     from transformers import masking_utils as mu
     pad = torch.tensor([[1] * 6, [1] * 4 + [0] * 2]).bool()
+    custom = mu.and_masks(mu.causal_mask_function, lambda b, h, q, kv: kv != 1)
     fm = hf.fused_attn_mask(batch_size=2, q_length=6, kv_length=6, q_offset=0, kv_offset=0,
-                            mask_function=mu.sliding_window_causal_mask_function(3), attention_mask=pad,
-                            device=torch.device("cpu"), dtype=torch.float32)
-    want = mu.sdpa_mask(batch_size=2, q_length=6, kv_length=6, q_offset=0, kv_offset=0,
-                        mask_function=mu.sliding_window_causal_mask_function(3), attention_mask=pad,
-                        allow_is_causal_skip=False, device=torch.device("cpu"))
+                            mask_function=custom, attention_mask=pad, device=torch.device("cpu"), dtype=torch.float32)
+    want = mu.sdpa_mask(batch_size=2, q_length=6, kv_length=6, q_offset=0, kv_offset=0, mask_function=custom,
+                        attention_mask=pad, allow_is_causal_skip=False, device=torch.device("cpu"))
     assert isinstance(fm, hf.FusedMask) and fm.dense is not None and torch.equal(fm.dense, want)
+    for fn, causal, window in [(mu.sliding_window_causal_mask_function(3), True, (2, -1)),
+                               (mu.sliding_window_bidirectional_mask_function(3), False, (3, 3))]:
+        sw = hf.fused_attn_mask(batch_size=2, q_length=6, kv_length=6, q_offset=0, kv_offset=0,
+                                mask_function=fn, attention_mask=pad, device=torch.device("cpu"))
+        assert not sw.is_dense and sw.causal == causal and sw.window == window and torch.equal(sw.padding, pad)
+        # the window it stands for is HF's exactly
+        from fused_attn.reference import window_visible
+        hf_dense = mu.sdpa_mask(batch_size=1, q_length=6, kv_length=6, q_offset=0, kv_offset=0, mask_function=fn,
+                                allow_is_causal_skip=False, allow_is_bidirectional_skip=False)[0, 0]
+        ours = window_visible(6, 6, window, "cpu") & (torch.ones(6, 6).tril().bool() if causal else True)
+        assert torch.equal(hf_dense, ours), (hf_dense, ours)
     plain = hf.fused_attn_mask(batch_size=2, q_length=6, kv_length=6, q_offset=0, kv_offset=0,
                                mask_function=mu.bidirectional_mask_function, attention_mask=pad)
     assert plain.dense is None and not plain.causal and torch.equal(plain.padding, pad)

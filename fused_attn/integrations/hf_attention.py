@@ -2,12 +2,14 @@
 
 * :func:`fused_attention_forward` -- HF's attention-function contract
   ``(module, query, key, value, attention_mask, scaling, dropout, **kwargs) -> (out, weights)``
-  with ``out`` [B, Sq, H, D];  runs ``fused_attn.attention`` (or eager math when the caller asked
-  for the attention probabilities, which the fused kernel never forms).
+  with ``out`` [B, Sq, H, D];  runs ``fused_attn.attention`` / ``varlen_attention`` (or eager math
+  when the caller asked for the attention probabilities, which the fused kernel never forms), with
+  grouped-query k/v as they come (no repeat_kv) and sliding windows as ``window_size``.
 * :func:`fused_attn_mask` -- HF's mask-function contract (``AttentionMaskInterface``).  Instead of a
   dense [B, 1, Sq, Sk] tensor it returns a :class:`FusedMask`: the key-padding mask plus a causal
-  flag, reduced to a ``fused_attn.ReducedMask`` once, by the first layer that uses it, and reused
-  by every other layer of the forward pass (and by the backward pass).
+  flag, a sliding window and packed-sequence ids; the padding is reduced to a
+  ``fused_attn.ReducedMask`` once, by the first layer that uses it, and reused by every other
+  layer of the forward pass (and by the backward pass).
 * :func:`register` -- adds both under the name "fused_attn".
 
 Imports transformers lazily: importing this module does not import it.
@@ -34,20 +36,25 @@ _ABSENT = object()    # module level: torch.compile cannot trace object() inside
 class FusedMask:
     """The mask the "fused_attn" mask function hands every attention layer of one forward pass.
 
-    Holds the key padding ([B, Sk] bool, True = real token; None = no padding) and a causal flag
-    (bottom-right aligned), or, for patterns it does not describe that way (sliding windows,
-    packed sequences, custom mask functions), HF's own dense boolean mask.  ``resolve`` reduces it
-    for one (heads, Sq, Sk) once and caches the ``ReducedMask`` on this object.
+    Holds the key padding ([B, Sk] bool, True = real token; None = no padding), a causal flag
+    (bottom-right aligned), a sliding window in FlashAttention-2's ``(left, right)`` convention
+    (``window``; (-1, -1) = none) and the sequence ids of packed sequences, or, for patterns it
+    does not describe that way (custom mask functions, static caches), HF's own dense boolean
+    mask.  ``resolve`` reduces the padding (or the dense mask) for one (heads, Sq, Sk) once and
+    caches the ``ReducedMask`` on this object; the window and causal flag go to the kernel as
+    arguments, so no [Sq, Sk] tensor exists for them.
     """
 
     __slots__ = ("batch", "q_len", "k_len", "padding", "_dense", "_dense_kw", "causal", "packed", "_reduced",
-                 "_seqlens", "_from_positions")
+                 "_seqlens", "_from_positions", "window")
 
     def __init__(self, batch: int, q_len: int, k_len: int, padding: Optional[torch.Tensor] = None,
                  dense: Optional[torch.Tensor] = None, causal: bool = False,
-                 packed: Optional[torch.Tensor] = None, dense_kw: Optional[dict] = None):
+                 packed: Optional[torch.Tensor] = None, dense_kw: Optional[dict] = None,
+                 window: Tuple[int, int] = (-1, -1)):
         self.batch, self.q_len, self.k_len = batch, q_len, k_len
         self.padding, self._dense, self.causal = padding, dense, causal
+        self.window = window
         self.packed = packed              # [B, S] sequence ids of packed sequences (HF's detection)
         self._dense_kw = dense_kw         # HF's sdpa_mask arguments: the dense mask, built on first use
         self._reduced: Dict[Tuple[int, int, int], ReducedMask] = {}
@@ -80,6 +87,18 @@ class FusedMask:
     def ndim(self) -> int:
         return 4
 
+    def dim(self) -> int:
+        return 4
+
+    def contiguous(self) -> "FusedMask":
+        """HF's generate() calls ``.contiguous()`` on the mask it prepares for a static cache."""
+        return self
+
+    @property
+    def is_dense(self) -> bool:
+        """Does this mask carry HF's dense boolean mask (a pattern without a cheaper description)?"""
+        return self._dense is not None or bool(self._dense_kw)
+
     @property
     def device(self):
         for src in (self._dense, self.padding, self.packed):
@@ -104,8 +123,9 @@ class FusedMask:
     def __repr__(self) -> str:
         what = ("packed" if self.packed is not None else "dense" if self._dense is not None or self._dense_kw
                 else "padding" if self.padding is not None else "no padding")
+        win = "" if self.window == (-1, -1) else f", window={self.window}"
         return (f"FusedMask(B={self.batch}, Sq={self.q_len}, Sk={self.k_len}, {what}, "
-                f"causal={self.causal})")
+                f"causal={self.causal}{win})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +145,8 @@ def _key_padding(attention_mask: Optional[torch.Tensor], kv_length: int, kv_offs
 
 def fused_attn_mask(**kw) -> Optional[FusedMask]:
     """AttentionMaskInterface entry: a :class:`FusedMask`, never a dense [B, 1, Sq, Sk] tensor
-    for the padding and causal patterns.  Other patterns get HF's own boolean mask inside."""
+    for padding, causal, sliding-window (HF's ``sliding_window_*_mask_function``) and packed-sequence
+    patterns and their combinations.  Other patterns get HF's own boolean mask inside."""
     from transformers import masking_utils as mu
 
     batch = kw["batch_size"]
@@ -133,6 +154,8 @@ def fused_attn_mask(**kw) -> Optional[FusedMask]:
     kv_offset = kw.get("kv_offset", 0) or 0
     mask_function = kw.get("mask_function")
     attention_mask = kw.get("attention_mask")
+    if isinstance(attention_mask, FusedMask):     # generate() prepared it already (static caches)
+        return attention_mask
     q_length = kw.get("q_length")
     q_offset = kw.get("q_offset", 0)
     if q_length is None and kw.get("cache_position") is not None:    # transformers 4.5x protocol
@@ -141,20 +164,21 @@ def fused_attn_mask(**kw) -> Optional[FusedMask]:
     plain_ints = isinstance(kv_offset, int) and (q_offset is None or isinstance(q_offset, int))
     if plain_ints and attention_mask is not None and attention_mask.dim() != 2:
         plain_ints = False
-    if plain_ints and mask_function is getattr(mu, "bidirectional_mask_function", _ABSENT):
-        return FusedMask(batch, q_length, kv_length, padding=_key_padding(attention_mask, kv_length, kv_offset))
-    if (plain_ints and mask_function is mu.causal_mask_function and q_offset is not None
-            and q_offset + q_length == kv_offset + kv_length):       # bottom-right aligned causal
-        return FusedMask(batch, q_length, kv_length, padding=_key_padding(attention_mask, kv_length, kv_offset),
-                         causal=True)
-    packed = _packed_sequence_ids(mask_function, mu)
-    if (plain_ints and packed is not None and q_offset == 0 and kv_offset == 0 and q_length == kv_length
-            and (attention_mask is None or attention_mask.dim() == 2)):
-        base, ids = packed          # HF found packed sequences in position_ids (a flattened batch)
-        return FusedMask(batch, q_length, kv_length, padding=_key_padding(attention_mask, kv_length, kv_offset),
-                         causal=base is mu.causal_mask_function, packed=ids)
-    # anything else (sliding windows, custom mask functions, static caches): HF's exact boolean
-    # mask, built when a layer first needs it and reduced to a block map once like any other mask
+    parts = _mask_parts(mask_function, mu, kw) if plain_ints else None
+    if parts is not None:
+        causal, window, packed = parts
+        # bottom-right aligned queries: FA2's convention for causal and windows
+        aligned = q_offset is not None and q_offset + q_length == kv_offset + kv_length
+        if packed is not None:          # HF found packed sequences in position_ids (a flattened batch)
+            ok = (q_offset == 0 and kv_offset == 0 and q_length == kv_length and packed.shape[-1] == q_length
+                  and packed.shape[0] in (1, batch))
+        else:
+            ok = aligned or (not causal and window == (-1, -1))
+        if ok:
+            return FusedMask(batch, q_length, kv_length, padding=_key_padding(attention_mask, kv_length, kv_offset),
+                             causal=causal, packed=packed, window=window)
+    # anything else (custom mask functions, static caches, a window under torch.compile that it cannot
+    # read): HF's exact boolean mask, built when a layer first needs it and reduced to a block map once
     if q_length is None:
         dense = mu.sdpa_mask(**{**kw, "allow_is_causal_skip": False})
         return None if dense is None else FusedMask(batch, dense.shape[-2], dense.shape[-1], dense=dense)
@@ -162,23 +186,84 @@ def fused_attn_mask(**kw) -> Optional[FusedMask]:
                                                            "allow_is_bidirectional_skip": False})
 
 
-def _packed_sequence_ids(mask_function, mu):
-    """(base mask function, [B, S] sequence ids) when ``mask_function`` is HF's
-    ``and_masks(causal_mask_function or bidirectional_mask_function,
-    packed_sequence_mask_function(ids))`` -- what create_causal_mask builds for a flattened batch --
-    else None.  Read from the closures, so anything else falls back to the exact dense mask."""
-    cells = _closure(mask_function) if getattr(mask_function, "__qualname__", "") == "and_masks.<locals>.and_mask" else {}
-    parts = cells.get("mask_functions")
-    bases = (mu.causal_mask_function, getattr(mu, "bidirectional_mask_function", None))
-    if not isinstance(parts, tuple) or len(parts) != 2 or parts[0] not in bases:
+_BIDIRECTIONAL_WINDOW = "sliding_window_bidirectional_overlay.<locals>.inner_mask"   # |q - kv| <= w
+_CAUSAL_WINDOW = "sliding_window_overlay.<locals>.inner_mask"                         # kv > q - w
+_PACKED = "packed_sequence_mask_function.<locals>.inner_mask"
+_AND = "and_masks.<locals>.and_mask"
+
+
+def _mask_parts(mask_function, mu, kw):
+    """(causal, window, packed sequence ids or None) when ``mask_function`` is one of HF's patterns
+    that fused_attn describes without a dense mask, else None:
+
+    * ``bidirectional_mask_function`` / ``causal_mask_function``;
+    * ``and_masks`` of one of those with HF's sliding-window overlays
+      (``sliding_window_bidirectional_overlay(w)``: |q - kv| <= w, i.e. window (w, w);
+      ``sliding_window_overlay(w)``: kv > q - w, i.e. window (w - 1, -1), capped by causal at 0)
+      and/or ``packed_sequence_mask_function(ids)`` -- what create_*_mask build.
+
+    Read from the closures.  torch.compile cannot read the closure of a function made inside the
+    compiled region, so there only the plain functions are recognised, and the bidirectional window
+    by what HF's ``create_bidirectional_sliding_window_mask`` passes alongside it (``local_size``,
+    ``allow_is_bidirectional_skip`` and no ``use_vmap``; a test pins that this matches the closure);
+    other windows then get the dense mask (exact, not cheap)."""
+    if mask_function is mu.causal_mask_function:
+        return True, (-1, -1), None
+    if mask_function is getattr(mu, "bidirectional_mask_function", _ABSENT):
+        return False, (-1, -1), None
+    if getattr(mask_function, "__qualname__", "") != _AND:
         return None
-    inner = parts[1]
-    if getattr(inner, "__qualname__", "") != "packed_sequence_mask_function.<locals>.inner_mask":
+    if torch.compiler.is_compiling():
+        size = kw.get("local_size")
+        if (isinstance(size, int) and size >= 0 and "allow_is_bidirectional_skip" in kw and not kw.get("use_vmap")
+                and kw.get("or_mask_function") is None and kw.get("and_mask_function") is None):
+            return False, (size, size), None
         return None
-    ids = _closure(inner).get("packed_sequence_mask")
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+    leaves = _and_leaves(mask_function)
+    if leaves is None:
         return None
-    return parts[0], ids
+    bases = [f for f in leaves if f is mu.causal_mask_function or f is getattr(mu, "bidirectional_mask_function", _ABSENT)]
+    if len(bases) != 1:
+        return None
+    causal = bases[0] is mu.causal_mask_function
+    left = right = -1
+    packed = None
+    for f in leaves:
+        if f is bases[0]:
+            continue
+        name = getattr(f, "__qualname__", "")
+        cells = _closure(f)
+        if name in (_BIDIRECTIONAL_WINDOW, _CAUSAL_WINDOW):
+            w = cells.get("sliding_window")
+            if not isinstance(w, int) or isinstance(w, bool) or w < (0 if name == _BIDIRECTIONAL_WINDOW else 1):
+                return None
+            lw, rw = (w, w) if name == _BIDIRECTIONAL_WINDOW else (w - 1, -1)
+            left = lw if left < 0 else min(left, lw)
+            right = rw if right < 0 else (right if rw < 0 else min(right, rw))
+        elif name == _PACKED and packed is None:
+            packed = cells.get("packed_sequence_mask")
+            if not isinstance(packed, torch.Tensor) or packed.dim() != 2:
+                return None
+        else:
+            return None
+    return causal, (left, right), packed
+
+
+def _and_leaves(fn, depth: int = 0):
+    """The functions an ``and_masks(...)`` combines, nested ``and_masks`` flattened; None if a
+    closure cannot be read."""
+    if getattr(fn, "__qualname__", "") != _AND:
+        return [fn]
+    parts = _closure(fn).get("mask_functions")
+    if not isinstance(parts, tuple) or depth > 8:
+        return None
+    out = []
+    for p in parts:
+        sub = _and_leaves(p, depth + 1)
+        if sub is None:
+            return None
+        out += sub
+    return out
 
 
 def _closure(fn) -> dict:
@@ -229,7 +314,7 @@ def _head_mask_vector(head_mask: Optional[torch.Tensor], heads: int):
 
 
 def eager_attention(query, key, value, mask, causal: bool, dropout_p: float, scale: float,
-                    head_mask: Optional[torch.Tensor], training: bool):
+                    head_mask: Optional[torch.Tensor], training: bool, window: Tuple[int, int] = (-1, -1)):
     """fused_attn's semantics (the reference, in fp32) that also returns the probabilities
     ([B, H, Sq, Sk], query's dtype); used when the caller asks for them."""
     B, H, Sq, _ = query.shape
@@ -239,15 +324,17 @@ def eager_attention(query, key, value, mask, causal: bool, dropout_p: float, sca
         mask = mask.resolve(H, Sq, Sk, query.device)
     hm, hm_ok = _head_mask_vector(head_mask, H)
     p = dropout_p if training else 0.0
+    extra = {} if window == (-1, -1) else {"window_size": window}
     out, probs = reference.attention(query, key, value, mask, causal, p, scale, hm if hm_ok else None,
-                                     return_probs=True)
+                                     return_probs=True, **extra)
     if not hm_ok:        # a head mask that varies over queries or keys: HF multiplies the probabilities
         probs = probs * head_mask.to(probs.dtype)
-        out = torch.matmul(probs, value.to(probs.dtype)).to(query.dtype)
+        out = torch.matmul(probs, _repeat_kv(value, H).to(probs.dtype)).to(query.dtype)
     return out, probs.to(query.dtype)
 
 
 def _repeat_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, H_kv, S, D] -> [B, heads, S, D] (only for the eager probabilities path's head mask)."""
     kv_heads = t.shape[1]
     if kv_heads == heads:
         return t
@@ -258,15 +345,19 @@ def _repeat_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _packed_batch(attention_mask, query: torch.Tensor, kwargs):
     """The packed sequences of a flattened batch, as HF's flash-attention path finds them, or None:
-    ``cu_seq_lens_q/k`` + ``max_length_q/k`` keyword arguments, position_ids [1, T] that restart
-    (HF's detection), or a FusedMask of packed sequence ids.  Never with a padding mask."""
+    ``cu_seq_lens_q/k`` + ``max_length_q/k`` keyword arguments (HF's flash contract: they define the
+    sequences, whatever pattern the mask describes besides), position_ids [1, T] that restart (HF's
+    detection), or a FusedMask of packed sequence ids.  Never with a padding mask."""
     from ..packing import SeqLens, seqlens_from_position_ids
 
-    if isinstance(attention_mask, FusedMask):
-        if attention_mask.padding is not None or attention_mask._dense is not None or attention_mask._dense_kw:
+    fused = isinstance(attention_mask, FusedMask)
+    if fused:
+        if attention_mask.padding is not None:
             return None
         if attention_mask.packed is not None:
             return attention_mask.seqlens() if attention_mask.packed.shape[1] == query.shape[2] else None
+        if attention_mask._dense is not None or (attention_mask._dense_kw or {}).get("attention_mask") is not None:
+            return None     # a dense mask that may hold padding: its exact pattern is kept
     elif attention_mask is not None:
         return None
     B, _, Sq, _ = query.shape
@@ -276,17 +367,31 @@ def _packed_batch(attention_mask, query: torch.Tensor, kwargs):
         return SeqLens(cu_q.to(device=query.device, dtype=torch.int32), cu_k.to(device=query.device, dtype=torch.int32),
                        int(max_q), int(max_k))
     pos = kwargs.get("position_ids")
+    if fused and attention_mask.is_dense:       # HF's exact mask of a pattern fused_attn did not read
+        return None
     if B != 1 or not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[0] != 1 or pos.shape[1] != Sq:
         return None
-    if isinstance(attention_mask, FusedMask):            # once per forward pass, not once per layer
+    if fused:            # once per forward pass, not once per layer
         cached = attention_mask._from_positions
         if cached is not None and cached[0] is pos:
             return cached[1]
     restarts = torch.arange(Sq, device=pos.device) + pos.min() != pos
     seqs = seqlens_from_position_ids(pos) if bool(restarts.any()) else None
-    if isinstance(attention_mask, FusedMask):
+    if fused:
         attention_mask._from_positions = (pos, seqs)
     return seqs
+
+
+def _kwarg_window(sliding_window) -> Tuple[int, int]:
+    """HF's ``sliding_window`` attention argument -> FlashAttention-2's (left, right), as HF's flash
+    path reads it: ``(sliding_window - 1, sliding_window - 1)`` (causal caps right at 0).  ModernBERT
+    passes ``config.sliding_window + 1`` = local_attention // 2 + 1: window (w, w), w = local_attention // 2,
+    the |q - k| <= w of its mask; Mistral-style causal models pass w: their mask's q - w < k <= q."""
+    if sliding_window is None or isinstance(sliding_window, bool) or not isinstance(sliding_window, int):
+        return (-1, -1)
+    if sliding_window < 1:
+        raise ValueError(f"fused_attn: sliding_window must be a positive int or None, got {sliding_window}")
+    return (sliding_window - 1, sliding_window - 1)
 
 
 def fused_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -297,8 +402,11 @@ def fused_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     probabilities or None).
 
     ``attention_mask``: a :class:`FusedMask` (from :func:`fused_attn_mask`), HF's boolean or
-    additive 4D masks, a ``ReducedMask`` or None; None means "causal if the module is".  Dropout
-    happens in the kernel; ``output_attentions`` switches this call to eager math."""
+    additive 4D masks, a ``ReducedMask`` or None; None means "causal if the module is".  Sliding
+    windows: a FusedMask's own window (what HF's mask says, as eager reads it); with any other mask,
+    the ``sliding_window`` argument (as HF's flash path reads it; see :func:`_kwarg_window`), which is
+    also the window of a packed batch whose mask fused_attn could not read.  Dropout happens in the
+    kernel; ``output_attentions`` switches this call to eager math."""
     for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"fused_attn: the attention argument {name!r} is not supported "
@@ -306,39 +414,42 @@ def fused_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     if type(attention_mask).__name__ == "BlockMask":
         raise TypeError("attention_mask: got a FlexAttention BlockMask; load the model with "
                         "attn_implementation='fused_attn' so HF builds a mask fused_attn reads")
-    heads = query.shape[1]
-    key, value = _repeat_kv(key, heads), _repeat_kv(value, heads)
-    B, H, Sq, D = query.shape
+    B, H, Sq, D = query.shape        # key / value may have fewer heads (grouped-query): read in place
     Sk = key.shape[2]
     scale = D ** -0.5 if scaling is None else float(scaling)
-    causal = False
-    mask = attention_mask
-    if isinstance(attention_mask, FusedMask):
+    fused = isinstance(attention_mask, FusedMask)
+    module_causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+    kwarg_window = _kwarg_window(kwargs.get("sliding_window"))
+    causal, window, mask = False, kwarg_window, attention_mask
+    if fused:
         causal = attention_mask.causal
-        mask = attention_mask.resolve(H, Sq, Sk, query.device)
+        window = (-1, -1) if attention_mask.is_dense else attention_mask.window    # a dense mask holds it
     elif attention_mask is None:
-        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+        causal = module_causal
     hm, hm_ok = _head_mask_vector(head_mask, H)
     training = bool(getattr(module, "training", False))
     p = float(dropout) if training else 0.0
+    backend = getattr(module, "fused_attn_backend", "auto")
     wants_attentions = _wants_attentions(module, kwargs)
     if not wants_attentions and hm is None:
         seqs = _packed_batch(attention_mask, query, kwargs)
         if seqs is not None:        # a flattened batch (DataCollatorWithFlattening): no mask at all
-            if isinstance(attention_mask, FusedMask):
-                causal = attention_mask.causal
-            elif attention_mask is None:
-                causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
-            q, k, v = (t.transpose(1, 2).reshape(-1, H, D) for t in (query, key, value))
+            if fused and attention_mask.is_dense:     # HF's flash contract: the module's causality and window
+                causal, window = module_causal, kwarg_window
+            q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], D) for t in (query, key, value))
+            extra = {} if window == (-1, -1) else {"window_size": window}
             out = varlen_attention(q, k, v, seqs.cu_seqlens_q, seqs.cu_seqlens_k, seqs.max_seqlen_q,
                                    seqs.max_seqlen_k, dropout_p=p, scale=scale, causal=causal,
-                                   backend=getattr(module, "fused_attn_backend", "auto"))
+                                   backend=backend, **extra)
             return out.view(B, Sq, H, D), None
+    if fused:
+        mask = attention_mask.resolve(H, Sq, Sk, query.device)
     if wants_attentions or not hm_ok:
-        out, probs = eager_attention(query, key, value, mask, causal, p, scale, head_mask, training)
+        out, probs = eager_attention(query, key, value, mask, causal, p, scale, head_mask, training, window)
         return out.transpose(1, 2).contiguous(), probs
+    extra = {} if window == (-1, -1) else {"window_size": window}
     out = fused_attention(query, key, value, attention_mask=mask, causal=causal, dropout_p=p,
-                          scale=scale, head_mask=hm, backend=getattr(module, "fused_attn_backend", "auto"))
+                          scale=scale, head_mask=hm, backend=backend, **extra)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -358,4 +469,68 @@ def register(name: str = NAME) -> str:
                            ) from e
     AttentionInterface.register(name, fused_attention_forward)
     AttentionMaskInterface.register(name, fused_attn_mask)
+    _REGISTERED.add(name)
+    _install_bypass_warning()
     return name
+
+
+_REGISTERED = set()
+_WARNED = set()
+
+
+def uses_attention_interface(model_or_class) -> bool:
+    """Does this Hugging Face model class call transformers' attention interface (so that
+    ``attn_implementation="fused_attn"`` reaches fused_attn)?  transformers' own test
+    (``_can_set_attn_implementation``: its modeling file has an attention module that calls
+    ``ALL_ATTENTION_FUNCTIONS``); True where transformers has no such test."""
+    cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
+    test = getattr(cls, "_can_set_attn_implementation", None)
+    if test is None:
+        return True
+    try:
+        return bool(test())
+    except Exception:          # a class whose source cannot be read: transformers says False itself
+        return False
+
+
+def warn_if_bypassed(model_or_class, implementation: str = NAME) -> bool:
+    """Warn (once per modeling module) when a model accepts ``attn_implementation=implementation``
+    but its attention layers never call the interface, so nothing fused runs (DeBERTa-v2 in
+    transformers 5.18, ModernBERT in 4.57).  Returns True when it is such a model."""
+    cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
+    if uses_attention_interface(cls):
+        return False
+    if cls.__module__ not in _WARNED:
+        _WARNED.add(cls.__module__)
+        import warnings
+        warnings.warn(f"fused_attn: {cls.__name__} accepts attn_implementation={implementation!r} but its attention "
+                      f"layers do not call transformers' attention interface, so fused_attn never runs in it (it "
+                      f"keeps its own attention code). Use fused_attn.patch(model) if fused_attn supports this "
+                      f"family (docs/design.md, Hugging Face integration), or another attn_implementation.",
+                      stacklevel=4)
+    return True
+
+
+def _install_bypass_warning() -> None:
+    """Wrap ``PreTrainedModel.get_correct_attn_implementation`` (what transformers calls when a model
+    is built or switched with an attn_implementation) so that choosing a registered fused_attn name
+    for a model that never calls the interface warns (:func:`warn_if_bypassed`).  Installed once by
+    :func:`register`; the result is transformers' own, unchanged."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return
+    orig = getattr(PreTrainedModel, "get_correct_attn_implementation", None)
+    if orig is None or getattr(orig, "_fused_attn_wrapped", False):
+        return
+
+    def get_correct_attn_implementation(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        if isinstance(out, str) and out in _REGISTERED:
+            warn_if_bypassed(self, out)
+        return out
+
+    get_correct_attn_implementation._fused_attn_wrapped = True
+    get_correct_attn_implementation.__wrapped__ = orig
+    get_correct_attn_implementation.__doc__ = orig.__doc__
+    PreTrainedModel.get_correct_attn_implementation = get_correct_attn_implementation

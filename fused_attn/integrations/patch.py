@@ -22,7 +22,7 @@ from typing import Iterator, List, Tuple
 
 from torch import nn
 
-from . import deberta
+from . import deberta, packed_interface
 from . import padding_free as pf
 from .bert import (TRANSFORMERS_5, FusedBertSelfAttention, _forward_params, _rebuild,  # noqa: F401
                    fused_class_for, is_bert_self_attention_like)
@@ -57,7 +57,10 @@ def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -
     ``padding_free=True`` also makes every BERT-family encoder run on packed tokens (the real
     tokens only, ``fused_attn.varlen_attention``; outputs zero at padding): see
     fused_attn/integrations/padding_free.py.  ``model`` may be a Hugging Face model or anything that
-    contains one (e.g. a SentenceTransformer).
+    contains one (e.g. a SentenceTransformer).  With transformers 5, a model with no such module whose
+    attention goes through transformers' attention interface (ModernBERT, GTE, NomicBERT, Jina v3,
+    EuroBERT, Llama, ...) is switched to ``attn_implementation="fused_attn"`` instead, with a warning
+    that says so (unpatch switches it back).
     Idempotent (already fused modules are kept, their backend updated); returns ``model``.
     """
     state = model.__dict__.get(_STATE) or {"attn_impl": [], "mask_attrs": []}
@@ -72,12 +75,20 @@ def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -
             swapped += 1
     bert_swapped = swapped
     if padding_free:
-        swapped += pf.enable(model, backend)
+        swapped += pf.enable(model, backend) + packed_interface.enable(model, backend)
     # DeBERTa-v2/v3: its own attention and encoder (rel_bias)
     swapped += deberta.enable(model, backend, padding_free)
     if swapped == 0 and _STATE not in model.__dict__:
+        if padding_free and packed_interface.warn_modernbert_4x(model):     # its own (only) warning
+            return model
+        if TRANSFORMERS_5 and _switch_to_interface(model, state):
+            if padding_free:
+                warnings.warn(f"fused_attn.patch: padding_free=True does not cover {type(model).__name__} (families that "
+                              "run on packed tokens: fused_attn.integrations.packed_interface.FAMILIES); it runs on "
+                              "the padded batch", stacklevel=2)
+            return model
         warnings.warn(f"fused_attn.patch: no BertSelfAttention-like module{' or BERT-family encoder' if padding_free else ''} "
-                      f"in {type(model).__name__}; nothing was changed", stacklevel=2)
+                      f"in {type(model).__name__}; nothing was changed{_interface_hint(model)}", stacklevel=2)
         return model
     if not TRANSFORMERS_5:
         # 4.x "sdpa" models expand the padding mask to a dense [B, 1, S, S]; the eager form
@@ -88,7 +99,8 @@ def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -
                 state["mask_attrs"].append(m)
                 m.attn_implementation = "eager"
     elif (bert_swapped or any(isinstance(m, FusedBertSelfAttention) for m in model.modules())
-          or pf.is_padding_free(model)):      # (a DeBERTa-only model keeps its attn_implementation)
+          or pf.is_padding_free(model) or packed_interface.is_packed(model)):
+        # (a DeBERTa-only model keeps its attn_implementation)
         done = {id(m) for m, _ in state["attn_impl"]}
         for m in _hf_models(model):
             previous = m.config._attn_implementation
@@ -103,10 +115,52 @@ def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -
     return model
 
 
+def _switch_to_interface(model: nn.Module, state: dict) -> bool:
+    """transformers 5: a model with no module to swap whose attention goes through transformers'
+    attention interface (ModernBERT, GTE, NomicBERT, Jina v3, EuroBERT, Llama, ...) is switched to
+    ``attn_implementation="fused_attn"`` (register() + set_attn_implementation), with a warning that
+    says so; unpatch restores the previous implementation.  False when no part of ``model`` can."""
+    from .hf_attention import NAME, register, uses_attention_interface
+
+    models = [m for m in _hf_models(model) if uses_attention_interface(m)]
+    if not models:
+        return False
+    register()
+    switched = []
+    for m in models:
+        previous = m.config._attn_implementation
+        if previous == NAME:
+            continue
+        m.set_attn_implementation(NAME)
+        if m.config._attn_implementation == NAME:
+            state["attn_impl"].append((m, previous))
+            switched.append(f"{type(m).__name__} (was {previous!r})")
+    if not switched:
+        return False
+    model.__dict__[_STATE] = state
+    warnings.warn(f"fused_attn.patch: {type(model).__name__} has no BertSelfAttention-like module to swap, but its "
+                  f"attention goes through transformers' attention interface: switched {', '.join(switched)} to "
+                  f"attn_implementation={NAME!r}, as fused_attn.register() + model.set_attn_implementation({NAME!r}) "
+                  f"would; fused_attn.unpatch(model) switches back", stacklevel=3)
+    return True
+
+
+def _interface_hint(model: nn.Module) -> str:
+    """What to try instead, for patch()'s "nothing was changed" warning."""
+    from .hf_attention import uses_attention_interface
+    models = _hf_models(model)
+    if models and not any(uses_attention_interface(m) for m in models):
+        return (f" ({type(models[0]).__name__} does not call transformers' attention interface either, so "
+                f"attn_implementation='fused_attn' would not change it)")
+    return ("; if its attention goes through transformers' attention interface, fused_attn.register() and "
+            "attn_implementation='fused_attn' run fused_attn there")
+
+
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: original module classes (same weights), encoders, hooks, mask form and
     attn_implementation.  A no-op on a model that is not patched; returns ``model``."""
     pf.disable(model)
+    packed_interface.disable(model)
     deberta.disable(model)
     for parent, name, child in _children(model):
         if isinstance(child, FusedBertSelfAttention):
@@ -137,7 +191,8 @@ def patched(model: nn.Module, backend: str = "auto", padding_free: bool = False)
 
 def is_patched(model: nn.Module) -> bool:
     return (any(isinstance(m, FusedBertSelfAttention) for m in model.modules()) or pf.is_padding_free(model)
-            or deberta.is_patched(model))
+            or packed_interface.is_packed(model) or deberta.is_patched(model)
+            or bool((model.__dict__.get(_STATE) or {}).get("attn_impl")))
 
 
 def fused_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
