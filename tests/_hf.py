@@ -175,3 +175,26 @@ def load_minilm(**kwargs):
 def mean_pool(hidden, mask):
     m = mask[..., None].to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1)
+
+
+def assert_trainer_loss_falls(model, tmp_path, seq_len=13, vocab=97):
+    """Six epochs of HF's Trainer on 16 padded rows (lengths U[3, seq_len)) whose label sits in token 1:
+    the run completes, every logged loss is a number, and the loss falls."""
+    from transformers import Trainer, TrainingArguments
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(16):
+        n = int(torch.randint(3, seq_len, (1,), generator=g))
+        ids = torch.randint(5, vocab, (seq_len,), generator=g)
+        ids[1] = 3 + i % 2                               # a learnable signal
+        rows.append({"input_ids": ids, "attention_mask": (torch.arange(seq_len) < n).long(),
+                     "labels": torch.tensor(i % 2)})
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=6,
+                             learning_rate=5e-3, logging_steps=1, report_to=[], save_strategy="no",
+                             use_cpu=True, disable_tqdm=True, seed=0, dataloader_pin_memory=False)
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 12 and all(l == l for l in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses

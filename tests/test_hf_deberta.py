@@ -296,26 +296,11 @@ def test_gradient_checkpointing_matches(padding_free):
 
 @pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding-free"])
 def test_trainer_with_dropout_loss_falls(padding_free, tmp_path):
-    from transformers import Trainer, TrainingArguments
+    from _hf import assert_trainer_loss_falls
 
     model = tiny("v3", head="seq", num_labels=2, attention_probs_dropout_prob=0.1, hidden_dropout_prob=0.1).train()
     fused_attn.patch(model, backend="reference", padding_free=padding_free)
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for i in range(16):
-        n = int(torch.randint(3, 13, (1,), generator=g))
-        ids = torch.randint(5, 97, (13,), generator=g)
-        label = i % 2
-        ids[1] = 3 + label                               # a learnable signal
-        rows.append({"input_ids": ids, "attention_mask": (torch.arange(13) < n).long(), "labels": torch.tensor(label)})
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=6,
-                             learning_rate=5e-3, logging_steps=1, report_to=[], save_strategy="no",
-                             use_cpu=True, disable_tqdm=True, seed=0, dataloader_pin_memory=False)
-    trainer = Trainer(model=model, args=args, train_dataset=rows)
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert len(losses) == 12 and all(l == l for l in losses)
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+    assert_trainer_loss_falls(model, tmp_path)
     assert is_patched(model)
 
 

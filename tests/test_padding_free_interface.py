@@ -250,24 +250,10 @@ def test_torch_compile():
 
 @needs_5
 def test_hf_trainer_runs_and_loss_falls(tmp_path):
-    from transformers import Trainer, TrainingArguments
+    from _hf import assert_trainer_loss_falls
 
     model = padding_free(model_of("modernbert", head="seq", num_labels=2))
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for i in range(16):
-        n = int(torch.randint(3, 17, (1,), generator=g))
-        ids = torch.randint(5, V, (17,), generator=g)
-        ids[1] = 3 + i % 2                                 # a learnable signal
-        rows.append({"input_ids": ids, "attention_mask": (torch.arange(17) < n).long(), "labels": torch.tensor(i % 2)})
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=6,
-                             learning_rate=5e-3, logging_steps=1, report_to=[], save_strategy="no",
-                             use_cpu=True, disable_tqdm=True, seed=0, dataloader_pin_memory=False)
-    trainer = Trainer(model=model, args=args, train_dataset=rows)
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert len(losses) == 12 and all(l == l for l in losses)
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+    assert_trainer_loss_falls(model, tmp_path, seq_len=17, vocab=V)
     assert pi.is_packed(model)
 
 

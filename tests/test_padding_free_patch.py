@@ -203,24 +203,9 @@ def test_torch_compile_aot_eager():
 
 
 def test_hf_trainer_runs_and_loss_falls(tmp_path):
-    from transformers import Trainer, TrainingArguments
+    from _hf import assert_trainer_loss_falls
 
     model = tiny("bert", head="seq", num_labels=2).train()
     fused_attn.patch(model, padding_free=True)
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for i in range(16):
-        n = int(torch.randint(3, 13, (1,), generator=g))
-        ids = torch.randint(5, 97, (13,), generator=g)
-        label = i % 2
-        ids[1] = 3 + label                               # a learnable signal
-        rows.append({"input_ids": ids, "attention_mask": (torch.arange(13) < n).long(), "labels": torch.tensor(label)})
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=6,
-                             learning_rate=5e-3, logging_steps=1, report_to=[], save_strategy="no",
-                             use_cpu=True, disable_tqdm=True, seed=0, dataloader_pin_memory=False)
-    trainer = Trainer(model=model, args=args, train_dataset=rows)
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert len(losses) == 12 and all(l == l for l in losses)
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+    assert_trainer_loss_falls(model, tmp_path)
     assert pf.is_padding_free(model)
