@@ -45,6 +45,9 @@ def assert_tolerance(name, got, oracle, eager, dtype=None):
     """|got - oracle|_max <= 2 |eager - oracle|_max + floor, reporting where it fails."""
     dtype = dtype or got.dtype
     assert torch.isfinite(got).all(), f"{name}: non-finite values at {(~torch.isfinite(got)).nonzero()[:5].tolist()}"
+    # a NaN oracle or eager value would make every comparison below false, so the check would pass anything
+    for what, t in (("oracle", oracle), ("eager", eager)):
+        assert torch.isfinite(t).all(), f"{name}: the {what} has non-finite values at {(~torch.isfinite(t)).nonzero()[:5].tolist()}"
     oracle = oracle.double()
     err = (got.double() - oracle).abs()
     bound = 2 * (eager.double() - oracle).abs().max().item() + FLOOR[dtype]

@@ -276,5 +276,9 @@ def test_model_that_bypasses_the_interface_is_warned_about(monkeypatch):
     if not TRANSFORMERS_5:
         with pytest.warns(UserWarning, match="ModernBertModel accepts attn_implementation='fused_attn' but"):
             _modernbert(attn_implementation="fused_attn")
-    with pytest.warns(UserWarning, match="does not call transformers' attention interface either"):
-        fused_attn.patch(_deberta("eager"))
+    # patch() itself fuses DeBERTa (fused_attn/integrations/deberta.py): no warning there
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model = fused_attn.patch(_deberta("eager"))
+    from fused_attn.integrations import deberta
+    assert deberta.is_patched(model)

@@ -23,11 +23,13 @@ def covered(family: str, route: str) -> bool:
     """The README table: patch covers BertSelfAttention-like models on both lines; register
     (attn_implementation="fused_attn") covers every family on 5.x, none of these on 4.x (their 4.x
     modeling code does not go through HF's AttentionInterface); patch(model, padding_free=True) runs
-    every encoder layer on packed tokens, DistilBERT's included, on both lines."""
+    every encoder layer on packed tokens, DistilBERT's included, on both lines.  On 5.x patch switches a
+    model with nothing to swap whose attention goes through the interface (DistilBERT) to
+    attn_implementation="fused_attn", and says so."""
     if route == "padding_free":
         return True
     if route == "patch":
-        return family != "distilbert"
+        return family != "distilbert" or TRANSFORMERS_5
     return TRANSFORMERS_5
 
 
@@ -66,6 +68,8 @@ def test_route(family, route, monkeypatch):
         got = model(input_ids=ids, attention_mask=mask).last_hidden_state
     if covered(family, route):
         assert len(calls) == layers, f"{family} via {route}: {len(calls)} fused calls for {layers} layers"
+        if route == "patch" and family == "distilbert":     # switched to the interface route: the user is told
+            assert any("switched" in str(w.message) for w in caught), [str(w.message) for w in caught]
         if route == "padding_free":     # real tokens as eager, exact zeros at padding
             real = mask.bool()
             assert_close_to_oracle(f"{family} via {route}", got[real], oracle[real], eager[real])
