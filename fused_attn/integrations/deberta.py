@@ -177,19 +177,25 @@ class FusedDisentangledSelfAttention(nn.Module):
         return new
 
 
-_CLASSES: Dict[type, type] = {}
+_SUBCLASSES: Dict[Tuple[type, type], type] = {}
+
+
+def _subclass(mixin: type, cls: type, original_attr: str, doc: str) -> type:
+    """The class ``Fused<cls>`` = (mixin, cls), made once per (mixin, cls), its original class under
+    ``original_attr`` (what forward falls back to and what unpatch restores)."""
+    made = _SUBCLASSES.get((mixin, cls))
+    if made is None:
+        name = "Fused" + cls.__name__
+        made = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name, original_attr: cls,
+                                         "__doc__": doc})
+        _SUBCLASSES[(mixin, cls)] = made
+        globals().setdefault(name, made)
+    return made
 
 
 def fused_class_for(cls: type) -> type:
-    fused = _CLASSES.get(cls)
-    if fused is None:
-        name = "Fused" + cls.__name__
-        fused = type(name, (FusedDisentangledSelfAttention, cls), {
-            "__module__": __name__, "__qualname__": name, "_fused_original_class": cls,
-            "__doc__": f"{cls.__name__} whose attention runs in fused_attn's kernel (rel_bias)."})
-        _CLASSES[cls] = fused
-        globals().setdefault(name, fused)
-    return fused
+    return _subclass(FusedDisentangledSelfAttention, cls, "_fused_original_class",
+                     f"{cls.__name__} whose attention runs in fused_attn's kernel (rel_bias).")
 
 
 def attention_ok(module: nn.Module) -> bool:
@@ -363,19 +369,9 @@ class FusedDebertaEncoder:
         return BaseModelOutput(last_hidden_state=out, hidden_states=all_states, attentions=None)
 
 
-_ENCODERS: Dict[type, type] = {}
-
-
 def _encoder_class(cls: type) -> type:
-    new = _ENCODERS.get(cls)
-    if new is None:
-        name = "Fused" + cls.__name__
-        new = type(name, (FusedDebertaEncoder, cls), {
-            "__module__": __name__, "__qualname__": name, "_fused_deb_original_class": cls,
-            "__doc__": f"{cls.__name__} whose layers get the compact masks of fused_attn's DeBERTa layers."})
-        _ENCODERS[cls] = new
-        globals().setdefault(name, new)
-    return new
+    return _subclass(FusedDebertaEncoder, cls, "_fused_deb_original_class",
+                     f"{cls.__name__} whose layers get the compact masks of fused_attn's DeBERTa layers.")
 
 
 def _encoder_ok(encoder: nn.Module) -> bool:
