@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import (LOAD_NONE, LOAD_ROW, LOAD_TILE, MASK_BLOCKS, MASK_KEYS, base_ptr, dropout_grads, load_rng,
+from .triton_common import (LOAD_NONE, LOAD_ROW, LOAD_TILE, MASK_BLOCKS, MASK_KEYS, base_ptr, dropout_grads,
                             load_rows, mask_scores, mma, program_prologue, rel_bias_add, rel_bias_grad, tile_keep)
 
 
@@ -161,10 +161,9 @@ def attn_bwd_dkdv_kernel(
     H, Sq, Sk, D = sizes
     qk_scale, sm_scale = scales
     pid_n = tl.program_id(0)
-    bh, b, h, b64, h64, hk64, q0, k0, seq_q, seq_k, causal_offset, band_lo = program_prologue(
-        sizes, band, seqs, VARLEN=VARLEN)
     Rng, dropout_p, dropout_scale = dropout
-    seed, rng_offset = load_rng(Rng, DROPOUT=DROPOUT)
+    bh, b, h, seed, rng_offset, b64, h64, hk64, q0, k0, seq_q, seq_k, causal_offset, band_lo = program_prologue(
+        sizes, band, seqs, Rng, VARLEN=VARLEN, DROPOUT=DROPOUT)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)

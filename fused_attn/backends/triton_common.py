@@ -274,16 +274,18 @@ def seq_bounds(b, seqs, Sq, Sk, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def program_prologue(sizes, band, seqs, VARLEN: tl.constexpr):
+def program_prologue(sizes, band, seqs, Rng, VARLEN: tl.constexpr, DROPOUT: tl.constexpr):
     """What every attention kernel's program derives first: its (batch, head) from program_id(1),
-    their int64 forms (hk64: the k / v head of grouped-query), the sequence (seq_bounds) and the
-    band's reach in it: (bh, b, h, b64, h64, hk64, q0, k0, seq_q, seq_k, causal_offset, band_lo).
-    sizes: (H, Sq, Sk, D); band: (kv_group, win_left, win_right), see triton_fwd.attn_fwd_kernel."""
+    the dropout (seed, offset) (load_rng), the int64 forms of b, h (hk64: the k / v head of
+    grouped-query), the sequence (seq_bounds) and the band's reach in it: (bh, b, h, seed,
+    rng_offset, b64, h64, hk64, q0, k0, seq_q, seq_k, causal_offset, band_lo).  sizes: (H, Sq, Sk,
+    D); band: (kv_group, win_left, win_right); seqs: see seq_bounds (triton_fwd.attn_fwd_kernel)."""
     H, Sq, Sk, D = sizes
     kv_group, win_left, win_right = band
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    seed, rng_offset = load_rng(Rng, DROPOUT=DROPOUT)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     # per-(sequence, head) bases: a packed batch differs only in q0 / k0 and the lengths
@@ -291,7 +293,7 @@ def program_prologue(sizes, band, seqs, VARLEN: tl.constexpr):
     causal_offset = seq_k - seq_q + win_right
     band_lo = seq_k - seq_q - win_left
     hk64 = (h // kv_group).to(tl.int64)
-    return bh, b, h, b64, h64, hk64, q0, k0, seq_q, seq_k, causal_offset, band_lo
+    return bh, b, h, seed, rng_offset, b64, h64, hk64, q0, k0, seq_q, seq_k, causal_offset, band_lo
 
 
 @triton.jit

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (LOAD_NONE, LOAD_ROW, LOAD_TILE, MASK_BLOCKS, MASK_KEYS, base_ptr, dropout_keep,
-                            dropout_keep_store, kv_loop_bounds, load_rng, load_rows, mask_scores, mma,
+                            dropout_keep_store, kv_loop_bounds, load_rows, mask_scores, mma,
                             program_prologue, rel_bias_add)
 
 
@@ -150,10 +150,9 @@ def attn_fwd_kernel(
 ):
     H, Sq, Sk, D = sizes
     pid_m = tl.program_id(0)
-    bh, b, h, b64, h64, hk64, q0, k0, seq_q, seq_k, causal_offset, band_lo = program_prologue(
-        sizes, band, seqs, VARLEN=VARLEN)
     Rng, dropout_p, dropout_scale = dropout
-    seed, rng_offset = load_rng(Rng, DROPOUT=DROPOUT)
+    bh, b, h, seed, rng_offset, b64, h64, hk64, q0, k0, seq_q, seq_k, causal_offset, band_lo = program_prologue(
+        sizes, band, seqs, Rng, VARLEN=VARLEN, DROPOUT=DROPOUT)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
