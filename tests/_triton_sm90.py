@@ -3,6 +3,7 @@ runs the kernels' Python, this runs Triton's real frontend, lowering and ptxas. 
 without TRITON_INTERPRET (test_triton_compile.py does); prints one line per kernel variant.
 
     python tests/_triton_sm90.py --resources    # also registers / spill stack per thread
+    python tests/_triton_sm90.py --resources --only 1,7   # only those variants (numbered as printed)
 """
 import inspect
 import os
@@ -24,7 +25,7 @@ from fused_attn.backends.triton_common import MASK_BLOCKS, MASK_KEYS, MASK_NONE 
 
 TYPES = {"*fp32": {"Lse", "Delta"},
          "*i32": {"Stats"},
-         "*i8": {"Keep"}, "fp32": {"qk_scale", "dropout_p"}}
+         "*i8": {"Keep"}, "*i64": {"Rng"}, "fp32": {"qk_scale", "dropout_p"}}
 TENSORS = {"Q", "K", "V", "Out", "O", "DO", "DK", "DV", "DQ"}
 # the kernels' tuple arguments (triton_common's groups), item by item; "T": the q / k / v dtype,
 # "M": the mask's; any other parameter named *_strides holds 4 integers
@@ -62,9 +63,16 @@ def signature(kernel, dtype: str, mask: str, absent=()):
     return out, nones
 
 
+_COUNT = [0]
+ONLY = {int(i) for i in sys.argv[sys.argv.index("--only") + 1].split(",")} if "--only" in sys.argv else None
+
+
 def compile_one(kernel, constexprs, dtype="*fp16", mask="*u8", warps=4, stages=2):
     """constexprs: the variant, with HAS_HEAD_MASK / KEEP_BITS / ATOMIC_DQ False meaning that
     group's tensor is None (OPTIONAL)."""
+    _COUNT[0] += 1
+    if ONLY is not None and _COUNT[0] not in ONLY:
+        return
     t0 = time.time()
     absent = {group for flag, group in OPTIONAL.items() if constexprs.get(flag) is False}
     sig, nones = signature(kernel, dtype, mask, absent)
@@ -72,7 +80,8 @@ def compile_one(kernel, constexprs, dtype="*fp16", mask="*u8", warps=4, stages=2
     src = ASTSource(fn=kernel, signature=sig, constexprs={**consts, **nones})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     assert compiled.asm["cubin"], kernel
-    print(f"ok {kernel.fn.__name__} {dtype} {constexprs} {time.time() - t0:.1f}s{resources(compiled)}", flush=True)
+    print(f"ok {_COUNT[0]} {kernel.fn.__name__} {dtype} {constexprs} {time.time() - t0:.1f}s{resources(compiled)}",
+          flush=True)
 
 
 def resources(compiled) -> str:

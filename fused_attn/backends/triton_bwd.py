@@ -160,13 +160,11 @@ def attn_bwd_dkdv_kernel(
 ):
     H, Sq, Sk, D = sizes
     qk_scale, sm_scale = scales
-    pid_n = tl.program_id(0)
     Rng, dropout_p, dropout_scale = dropout
-    bh, b, h, seed, rng_offset, b64, h64, hk64, q0, k0, seq_q, seq_k, causal_offset, band_lo = program_prologue(
-        sizes, band, seqs, Rng, VARLEN=VARLEN, DROPOUT=DROPOUT)
-    start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    (bh, b, h, seed, rng_offset, start_n, offs_n, offs_d, b64, h64, hk64, q0, k0, seq_q, seq_k, causal_offset,
+     band_lo) = \
+        program_prologue(sizes, band, seqs, Rng, BLOCK=BLOCK_N, BLOCK_D=BLOCK_D, VARLEN=VARLEN, DROPOUT=DROPOUT)
+    pid_n = tl.program_id(0)
     qdo = (base_ptr(Q, q_strides, b64, h64, q0), base_ptr(DO, do_strides, b64, h64, q0),
            q_strides[2], q_strides[3], do_strides[2], do_strides[3])
     Mask, stride_mb, stride_mh, stride_mm, stride_mn = mask

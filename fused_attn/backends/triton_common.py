@@ -274,18 +274,25 @@ def seq_bounds(b, seqs, Sq, Sk, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def program_prologue(sizes, band, seqs, Rng, VARLEN: tl.constexpr, DROPOUT: tl.constexpr):
+def program_prologue(sizes, band, seqs, Rng, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr,
+                     DROPOUT: tl.constexpr):
     """What every attention kernel's program derives first: its (batch, head) from program_id(1),
-    the dropout (seed, offset) (load_rng), the int64 forms of b, h (hk64: the k / v head of
-    grouped-query), the sequence (seq_bounds) and the band's reach in it: (bh, b, h, seed,
-    rng_offset, b64, h64, hk64, q0, k0, seq_q, seq_k, causal_offset, band_lo).  sizes: (H, Sq, Sk,
-    D); band: (kv_group, win_left, win_right); seqs: see seq_bounds (triton_fwd.attn_fwd_kernel)."""
+    the dropout (seed, offset) (load_rng), its tile of BLOCK rows from program_id(0) (start, offs:
+    query rows, or key rows in dK/dV) and the head-dim offsets, the int64 forms of b, h (hk64:
+    the k / v head of grouped-query), the sequence (seq_bounds) and the band's reach in it:
+    (bh, b, h, seed, rng_offset, start, offs, offs_d, b64, h64, hk64, q0, k0, seq_q, seq_k,
+    causal_offset, band_lo).  sizes: (H, Sq, Sk, D); band: (kv_group, win_left, win_right); seqs:
+    see seq_bounds (triton_fwd.attn_fwd_kernel).  (In this order the kernels compile to the same
+    registers and spills as when each spelled it out.)"""
     H, Sq, Sk, D = sizes
     kv_group, win_left, win_right = band
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     seed, rng_offset = load_rng(Rng, DROPOUT=DROPOUT)
+    start = tl.program_id(0) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     # per-(sequence, head) bases: a packed batch differs only in q0 / k0 and the lengths
@@ -293,7 +300,7 @@ def program_prologue(sizes, band, seqs, Rng, VARLEN: tl.constexpr, DROPOUT: tl.c
     causal_offset = seq_k - seq_q + win_right
     band_lo = seq_k - seq_q - win_left
     hk64 = (h // kv_group).to(tl.int64)
-    return bh, b, h, seed, rng_offset, b64, h64, hk64, q0, k0, seq_q, seq_k, causal_offset, band_lo
+    return bh, b, h, seed, rng_offset, start, offs, offs_d, b64, h64, hk64, q0, k0, seq_q, seq_k, causal_offset, band_lo
 
 
 @triton.jit

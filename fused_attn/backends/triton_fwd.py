@@ -149,13 +149,11 @@ def attn_fwd_kernel(
     BLOCK_D: tl.constexpr, REL_BIAS: tl.constexpr,
 ):
     H, Sq, Sk, D = sizes
-    pid_m = tl.program_id(0)
     Rng, dropout_p, dropout_scale = dropout
-    bh, b, h, seed, rng_offset, b64, h64, hk64, q0, k0, seq_q, seq_k, causal_offset, band_lo = program_prologue(
-        sizes, band, seqs, Rng, VARLEN=VARLEN, DROPOUT=DROPOUT)
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    (bh, b, h, seed, rng_offset, start_m, offs_m, offs_d, b64, h64, hk64, q0, k0, seq_q, seq_k, causal_offset,
+     band_lo) = \
+        program_prologue(sizes, band, seqs, Rng, BLOCK=BLOCK_M, BLOCK_D=BLOCK_D, VARLEN=VARLEN, DROPOUT=DROPOUT)
+    pid_m = tl.program_id(0)
     q_base = base_ptr(Q, q_strides, b64, h64, q0)
     kv = (base_ptr(K, k_strides, b64, hk64, k0), base_ptr(V, v_strides, b64, hk64, k0),
           k_strides[2], k_strides[3], v_strides[2], v_strides[3])
