@@ -3,6 +3,7 @@ runs the kernels' Python, this runs Triton's real frontend, lowering and ptxas. 
 without TRITON_INTERPRET (test_triton_compile.py does); prints one line per kernel variant.
 
     python tests/_triton_sm90.py --resources    # also registers / spill stack per thread
+    python tests/_triton_sm90.py --resources --only 1,7   # only those variants (numbered as printed)
 """
 import inspect
 import os
@@ -22,31 +23,65 @@ from fused_attn.backends import (triton_bwd, triton_bwd_dq, triton_fwd,  # noqa:
                                  triton_keep)
 from fused_attn.backends.triton_common import MASK_BLOCKS, MASK_KEYS, MASK_NONE  # noqa: E402
 
-TYPES = {"*fp32": {"Lse", "Delta", "HeadMask", "DQacc", "DC2P", "DP2C"},
-         "*i32": {"Stats", "KeyStart", "KeyEnd", "KeyNeedsMask", "PartCount", "PartIndex", "FullCount", "FullIndex",
-                  "CuSeqQ", "CuSeqK", "KeepBits", "RelIndex"},
-         "*i8": {"Keep"}, "*i64": {"Rng"}, "fp32": {"qk_scale", "sm_scale", "dropout_p", "dropout_scale"}}
-TENSORS = {"Q", "K", "V", "Out", "O", "DO", "DK", "DV", "DQ", "C2P", "P2C"}
+TYPES = {"*fp32": {"Lse", "Delta"},
+         "*i32": {"Stats"},
+         "*i8": {"Keep"}, "*i64": {"Rng"}, "fp32": {"qk_scale", "dropout_p"}}
+TENSORS = {"Q", "K", "V", "Out", "O", "DO", "DK", "DV", "DQ"}
+# the kernels' tuple arguments (triton_common's groups), item by item; "T": the q / k / v dtype,
+# "M": the mask's; any other parameter named *_strides holds 4 integers
+I32 = "i32"
+GROUPS = {"sizes": (I32,) * 4, "scales": ("fp32", "fp32"), "band": (I32,) * 3, "seqs": ("*i32", "*i32", I32, I32),
+          "lse_strides": (I32, I32), "mask": ("M", I32, I32, I32, I32), "key_range": ("*i32",) * 3,
+          "blocks": ("*i32",) * 4 + (I32,) * 6, "head_mask": ("*fp32", I32, I32), "keep": ("*i32", I32, I32),
+          "dq_acc": ("*fp32", I32, I32, I32, I32), "dropout": ("*i64", "fp32", "fp32"),
+          "rel": ("T", "T", "*i32") + (I32,) * 7, "rel_grads": ("*fp32", "*fp32")}
+# the optional tensors that are None when their feature is off, by the constexpr flag they replaced
+# (the flags stay in this script's variant tables, so that its lines read as before the change)
+OPTIONAL = {"HAS_HEAD_MASK": "head_mask", "KEEP_BITS": "keep", "ATOMIC_DQ": "dq_acc"}
 NO_REL = dict(REL_BIAS=0)             # DeBERTa's disentangled score off (REL_GRAD too, in the backward)
 NO_REL_BWD = dict(REL_BIAS=0, REL_GRAD=0)
 
 
-def signature(kernel, dtype: str, mask: str):
-    out = {}
-    for name, p in inspect.signature(kernel.fn).parameters.items():
+def signature(kernel, dtype: str, mask: str, absent=()):
+    """(Triton signature, the None constants of the groups named in absent: their tensor is None)."""
+    out, nones = {}, {}
+    for i, (name, p) in enumerate(inspect.signature(kernel.fn).parameters.items()):
         if "constexpr" in str(p.annotation):
             continue
+        if name in GROUPS or name.endswith("_strides"):
+            items = list(GROUPS.get(name, (I32,) * 4))
+            if name == "rel_grads" and kernel is triton_bwd_dq.attn_bwd_dq_kernel:
+                items = items[:1]           # dQ adds into dc2p only
+            items = [dtype if t == "T" else mask if t == "M" else t for t in items]
+            if name in absent:
+                items[0] = "constexpr"
+                nones[(i, 0)] = None
+            out[name] = tuple(items)
+            continue
         ty = next((t for t, names in TYPES.items() if name in names), "i32")
-        out[name] = dtype if name in TENSORS else mask if name == "Mask" else ty
-    return out
+        out[name] = dtype if name in TENSORS else ty
+    return out, nones
+
+
+_COUNT = [0]
+ONLY = {int(i) for i in sys.argv[sys.argv.index("--only") + 1].split(",")} if "--only" in sys.argv else None
 
 
 def compile_one(kernel, constexprs, dtype="*fp16", mask="*u8", warps=4, stages=2):
+    """constexprs: the variant, with HAS_HEAD_MASK / KEEP_BITS / ATOMIC_DQ False meaning that
+    group's tensor is None (OPTIONAL)."""
+    _COUNT[0] += 1
+    if ONLY is not None and _COUNT[0] not in ONLY:
+        return
     t0 = time.time()
-    src = ASTSource(fn=kernel, signature=signature(kernel, dtype, mask), constexprs=constexprs)
+    absent = {group for flag, group in OPTIONAL.items() if constexprs.get(flag) is False}
+    sig, nones = signature(kernel, dtype, mask, absent)
+    consts = {k: v for k, v in constexprs.items() if k not in OPTIONAL}
+    src = ASTSource(fn=kernel, signature=sig, constexprs={**consts, **nones})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     assert compiled.asm["cubin"], kernel
-    print(f"ok {kernel.fn.__name__} {dtype} {constexprs} {time.time() - t0:.1f}s{resources(compiled)}", flush=True)
+    print(f"ok {_COUNT[0]} {kernel.fn.__name__} {dtype} {constexprs} {time.time() - t0:.1f}s{resources(compiled)}",
+          flush=True)
 
 
 def resources(compiled) -> str:

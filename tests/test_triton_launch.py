@@ -76,3 +76,25 @@ def test_variant_key_covers_what_triton_specialises_on():
     assert v.key((t.half(), 3, 0.5, None)) != first
     assert v.key((t, 3, 0.5, t)) is None
     assert v.key((3, t, 0.5, None)) is None
+
+
+def test_variant_key_looks_inside_tuple_arguments():
+    """The kernels' grouped (tuple) arguments: the items count as loose arguments would, a None
+    item by value (Triton makes it a constant), and a tuple of another length or item types, or a
+    nested tuple, gets no key (Triton's path)."""
+    from fused_attn.backends.triton_launch import Variants
+
+    v = Variants()
+    t = torch.zeros(64)
+    first = v.key((t, (t, 3, 5), 0.5, (None, 0, 0)))
+    assert first is not None
+    assert v.key((torch.zeros(8), (t, 3, 5), 0.25, (None, 0, 0))) == first
+    assert v.key((t, (t, 3, 6), 0.5, (None, 0, 0))) != first              # an integer inside a group
+    assert v.key((t, (t, 3, 16), 0.5, (None, 0, 0))) != first
+    assert v.key((t, (t[1:], 3, 5), 0.5, (None, 0, 0))) != first          # a misaligned tensor inside
+    assert v.key((t, (t.half(), 3, 5), 0.5, (None, 0, 0))) != first
+    assert v.key((t, (t, 3, 5), 0.5, (t, 0, 0))) is None                  # None -> a tensor
+    assert v.key((t, (t, 3), 0.5, (None, 0, 0))) is None                  # a shorter group
+    assert v.key((t, t, 0.5, (None, 0, 0))) is None                       # a group -> a loose tensor
+    nested = Variants()
+    assert nested.key((t, ((t, 1), 2))) is None and nested.key((t, ((t, 1), 2))) is None

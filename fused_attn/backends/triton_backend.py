@@ -95,26 +95,33 @@ def fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> TileC
     return TileConfig(64, 32, 4, 2)
 
 
-# Kernel arguments, in the kernels' order, built on every call: keep them cheap.
+# Kernel arguments, in the kernels' order, built on every call: keep them cheap.  They travel in
+# groups, as tuples (triton_common's conventions): one tuple per kernel parameter.
+
+_NO_BLOCK_STRIDES = (0,) * 6
+_ABSENT = (None, 0, 0)          # an unused optional tensor (head mask, keep-bits) and its 2 strides
+_NO_DQ_ACC = (None, 0, 0, 0, 0)
 
 
 def _mask_args(red: ReducedMask, cfg: TileConfig, causal: bool, dummy: torch.Tensor, transposed: bool = False):
-    """The reduced mask: Mask and its 4 strides; KeyStart, KeyEnd, KeyNeedsMask (MASK_KEYS); the
-    lists of PARTIAL and FULL blocks and their 6 strides (MASK_BLOCKS: the key blocks of every query
-    block, or with ``transposed`` the query blocks of every key block).  Dummies where unused."""
+    """The kernels' (mask, key_range, blocks): the reduced mask's values (Mask and its 4 strides);
+    KeyStart, KeyEnd, KeyNeedsMask (MASK_KEYS); the lists of PARTIAL and FULL blocks and their 6
+    strides (MASK_BLOCKS: the key blocks of every query block, or with ``transposed`` the query
+    blocks of every key block).  Dummies where unused (MASK_MODE tells the kernel which are)."""
     kind = red.kind
     if kind == "none":
-        return (dummy, 0, 0, 0, 0, dummy, dummy, dummy, dummy, dummy, dummy, dummy, 0, 0, 0, 0, 0, 0)
+        return (dummy, 0, 0, 0, 0), (dummy, dummy, dummy), (dummy, dummy, dummy, dummy, *_NO_BLOCK_STRIDES)
     values = red.values
     if kind == "keys":
-        return (values, *values.stride(), red.key_start, red.key_end, red.key_needs_mask,
-                dummy, dummy, dummy, dummy, 0, 0, 0, 0, 0, 0)
+        return ((values, *values.stride()), (red.key_start, red.key_end, red.key_needs_mask),
+                (dummy, dummy, dummy, dummy, *_NO_BLOCK_STRIDES))
     bm = red.block_map(cfg.block_m, cfg.block_n, causal)
-    return (values, *values.stride(), dummy, dummy, dummy, *_list_args(bm.transposed_lists() if transposed else bm.kv))
+    return ((values, *values.stride()), (dummy, dummy, dummy),
+            _list_args(bm.transposed_lists() if transposed else bm.kv))
 
 
 def _list_args(lists):
-    """Kernel arguments of masks.BlockLists (stride 0 on broadcast dims)."""
+    """The kernels' blocks argument of masks.BlockLists (stride 0 on broadcast dims)."""
     cnt, idx = lists.part_count, lists.part_index
     cs = [0 if cnt.shape[i] == 1 else cnt.stride(i) for i in range(3)]
     is_ = [0 if idx.shape[i] == 1 else idx.stride(i) for i in range(3)]
@@ -122,24 +129,28 @@ def _list_args(lists):
 
 
 def _seq_args(q, k, varlen):
-    """(B, Sq, Sk, batch-stride factor, kernel arguments Tq, Tk, stride_lb, stride_lh); the
-    arguments CuSeqQ, CuSeqK before them come from _seq_tensors.  Padded: q [B, H, Sq, D].  Packed
-    (varlen, a fused_attn.packing.SeqLens): q is the [1, H, Tq, D] view of [Tq, H, D], B sequences
-    of at most max_seqlen rows, lse [H, Tq]."""
+    """(B, Sq, Sk, batch-stride factor, (Tq, Tk), lse_strides): the packed lengths end the kernels'
+    seqs argument (CuSeqQ, CuSeqK, Tq, Tk; _seqs), lse_strides is the lse's (batch, head).  Padded:
+    q [B, H, Sq, D].  Packed (varlen, a fused_attn.packing.SeqLens): q is the [1, H, Tq, D] view of
+    [Tq, H, D], B sequences of at most max_seqlen rows, lse [H, Tq]."""
     H = q.shape[1]
     if varlen is None:
         B, _, Sq, _ = q.shape
         Sk = k.shape[2]
-        return B, Sq, Sk, 1, (Sq, Sk, H * Sq, Sq)
+        return B, Sq, Sk, 1, (Sq, Sk), (H * Sq, Sq)
     Tq, Tk = q.shape[2], k.shape[2]
-    return varlen.batch, varlen.max_seqlen_q, varlen.max_seqlen_k, 0, (Tq, Tk, 0, Tq)
+    return varlen.batch, varlen.max_seqlen_q, varlen.max_seqlen_k, 0, (Tq, Tk), (0, Tq)
 
 
-def _seq_tensors(varlen, dummy):
-    return (dummy, dummy) if varlen is None else (varlen.cu_seqlens_q, varlen.cu_seqlens_k)
+def _seqs(varlen, lengths, dummy):
+    """The kernels' seqs argument: (CuSeqQ, CuSeqK, Tq, Tk); dummies and (Sq, Sk) when padded."""
+    if varlen is None:
+        return (dummy, dummy, *lengths)
+    return (varlen.cu_seqlens_q, varlen.cu_seqlens_k, *lengths)
 
 
 def _strides(t, batch_factor):
+    """A tensor's (batch, head, row, dim) strides; batch_factor 0 for a packed batch."""
     st = t.stride()
     return (st[0] * batch_factor, st[1], st[2], st[3])
 
@@ -168,16 +179,20 @@ def _rel_flags(rel) -> int:
     return (rel[0] is not None) * triton_common.REL_C2P + (rel[1] is not None) * triton_common.REL_P2C
 
 
-def _rel_args(rel, bf: int, dummy: torch.Tensor, grads: tuple = ()):
-    """C2P, P2C, the gradients `grads` (fp32, laid out like the tables; backward), RelIndex, the
-    tables' (batch, head, row) strides and P; dummies where unused."""
+def _rel_args(rel, bf: int, dummy: torch.Tensor):
+    """The kernels' rel argument: C2P, P2C, RelIndex, the tables' (batch, head, row) strides and P;
+    dummies where unused (REL_BIAS tells the kernels which tables they read)."""
     if rel is None:
-        return (dummy, dummy, *(dummy for _ in grads), dummy, 0, 0, 0, 0, 0, 0, 1)
+        return (dummy, dummy, dummy, 0, 0, 0, 0, 0, 0, 1)
     c2p, p2c, index = rel
     st = [(0, 0, 0) if t is None else (t.stride(0) * bf, t.stride(1), t.stride(2)) for t in (c2p, p2c)]
     width = (c2p if c2p is not None else p2c).shape[-1]
-    return (dummy if c2p is None else c2p, dummy if p2c is None else p2c, *(dummy if g is None else g for g in grads),
-            index, *st[0], *st[1], width)
+    return (dummy if c2p is None else c2p, dummy if p2c is None else p2c, index, *st[0], *st[1], width)
+
+
+def _rel_grad_args(grads: tuple, dummy: torch.Tensor):
+    """The backward kernels' rel_grads argument: the fp32 table gradients (REL_GRAD), dummies where unused."""
+    return tuple(dummy if g is None else g for g in grads)
 
 
 def _rel_grads(rel):
@@ -199,15 +214,16 @@ def _rel_grads(rel):
     return (*tables, rel[2]), out[0], out[1]
 
 
-def _head_mask_args(head_mask: Optional[torch.Tensor], dummy: torch.Tensor):
-    """HeadMask, stride_hb, stride_hh of a [1 or B, H] head mask (stride 0 over a broadcast batch)."""
+def _head_mask_args(head_mask: Optional[torch.Tensor]):
+    """(HeadMask, stride_hb, stride_hh) of a [1 or B, H] head mask (stride 0 over a broadcast batch);
+    HeadMask None: none."""
     if head_mask is None:
-        return dummy, 0, 0
+        return _ABSENT
     return head_mask, (0 if head_mask.shape[0] == 1 else head_mask.stride(0)), head_mask.stride(1)
 
 
 def _dropout_args(dropout_p: float, rng: Optional[torch.Tensor], q: torch.Tensor, dummy: torch.Tensor):
-    """The kernels' (Rng, dropout_p, dropout_scale): the (seed, offset) tensor they load, and the
+    """The kernels' dropout argument (Rng, dropout_p, dropout_scale): the (seed, offset) tensor they load, and the
     factor on kept probabilities, 1 / (1 - p) rounded once from double (as the reference's value:
     an fp32 1 / (1 - p) would be off by an ulp for p = 0.6)."""
     if dropout_p <= 0.0:
@@ -218,15 +234,15 @@ def _dropout_args(dropout_p: float, rng: Optional[torch.Tensor], q: torch.Tensor
     return rng, float(dropout_p), 1.0 / (1.0 - float(dropout_p))
 
 
-def _constexprs(red: ReducedMask, causal: bool, dropout_p: float, head_mask, varlen, D: int, block_d: int,
-                cfg: TileConfig, keep_bits: bool = False, window: Tuple[int, int] = (-1, -1)) -> dict:
+def _constexprs(red: ReducedMask, causal: bool, dropout_p: float, varlen, D: int, block_d: int,
+                cfg: TileConfig, window: Tuple[int, int] = (-1, -1)) -> dict:
     """The constexprs the forward and backward kernels share, and the launch options.  CAUSAL is
-    triton_common.BAND with a local window (causal folded into it), else the causal flag."""
+    triton_common.BAND with a local window (causal folded into it), else the causal flag.  A head
+    mask, stored keep-bits and the single pass's dQ buffer are not constexprs: their tensor
+    argument is None when unused."""
     band = window[0] >= 0 or window[1] >= 0
     return dict(MASK_MODE=_MASK_MODE[red.kind], CAUSAL=triton_common.BAND.value if band else bool(causal),
-    HAS_HEAD_MASK=head_mask is not None,
-                DROPOUT=dropout_p > 0.0, KEEP_BITS=dropout_p > 0.0 and keep_bits,
-                VARLEN=varlen is not None, EVEN_D=block_d == D,
+                DROPOUT=dropout_p > 0.0, VARLEN=varlen is not None, EVEN_D=block_d == D,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -273,11 +289,11 @@ def _keep_bits_shape(mode, q_shape, k_shape, dtype, device, varlen_key):
     return shape if nbytes <= min(KEEP_MAX_BYTES, qkv_bytes) else None
 
 
-def _keep_args(keep_bits, cfg: TileConfig, dummy, whole_words: bool = True):
-    """KeepBits, stride_kbh (one (batch, head)), stride_kw (one row of words).  Only dK/dV reads
-    tiles that start inside a word (not whole_words)."""
+def _keep_args(keep_bits, cfg: TileConfig, whole_words: bool = True):
+    """The kernels' keep argument: (KeepBits, stride_kbh (one (batch, head)), stride_kw (one row of
+    words)); KeepBits None: not stored.  Only dK/dV reads tiles that start inside a word (not whole_words)."""
     if keep_bits is None:
-        return dummy, 0, 0
+        return _ABSENT
     if (whole_words and cfg.block_m % 32) or max(cfg.block_m, cfg.block_n) > triton_common.KEEP_PAD:
         raise ValueError(f"stored keep-mask: tiles {cfg.block_m}x{cfg.block_n} do not fit its words")
     return keep_bits, keep_bits.stride(1), keep_bits.stride(2)
@@ -314,9 +330,10 @@ class _FwdPlan:
     grid: Tuple[int, int]
     visited_shape: Tuple[int, int, int]
     bf: int               # batch-stride factor (0: packed)
-    qkv: tuple            # q / k / v strides
-    sizes: tuple          # H, Sq, Sk, D, scale · log2(e)
-    seq: tuple            # Tq, Tk, stride_lb, stride_lh
+    head: tuple           # the kernel's q_strides, k_strides, v_strides
+    tail: tuple           # (H, Sq, Sk, D), scale · log2(e), (kv_group, win_left, win_right)
+    lengths: tuple        # Tq, Tk (the end of seqs)
+    lse_strides: tuple
     constexprs: dict
     variants: Variants = field(default_factory=Variants)    # triton_launch's compiled variants
 
@@ -325,13 +342,13 @@ def _fwd_plan(q, k, v, red, causal, scale, dropout_p, head_mask, config, stats, 
               window, rel=None) -> _FwdPlan:
     D, H = q.shape[3], q.shape[1]
     cfg = config or fwd_config(D, q.dtype, q.device)
-    B, Sq, Sk, bf, seq = _seq_args(q, k, varlen)
+    B, Sq, Sk, bf, lengths, lse_strides = _seq_args(q, k, varlen)
     n_qb = max(1, _cdiv(Sq, cfg.block_m))
     block_d = max(16, _pow2(D))
-    kw = _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, cfg, keep_bits, window)
-    return _FwdPlan(cfg, (n_qb, B * H), (B, H, n_qb), bf, (*_strides(q, bf), *_strides(k, bf), *_strides(v, bf)),
-                    (H, Sq, Sk, D, scale * triton_common.LOG2E, *_band_args(q, k, Sq, Sk, causal, window)), seq,
-                    dict(WRITE_STATS=stats, REL_BIAS=_rel_flags(rel), **kw))
+    kw = _constexprs(red, causal, dropout_p, varlen, D, block_d, cfg, window)
+    return _FwdPlan(cfg, (n_qb, B * H), (B, H, n_qb), bf, (_strides(q, bf), _strides(k, bf), _strides(v, bf)),
+                    ((H, Sq, Sk, D), scale * triton_common.LOG2E, _band_args(q, k, Sq, Sk, causal, window)),
+                    lengths, lse_strides, dict(WRITE_STATS=stats, REL_BIAS=_rel_flags(rel), **kw))
 
 
 def _band_args(q, k, Sq: int, Sk: int, causal: bool, window) -> tuple:
@@ -364,11 +381,10 @@ def forward(q, k, v, red: ReducedMask, causal: bool, scale: float, dropout_p: fl
     dummy = lse
     visited = torch.zeros(plan.visited_shape, device=q.device, dtype=torch.int32) if stats else dummy
     launch(triton_fwd.attn_fwd_kernel, plan.grid, (
-        q, k, v, out, lse, visited, *plan.qkv, *_strides(out, plan.bf), *plan.sizes,
-        *_seq_tensors(varlen, dummy), *plan.seq,
-        *_mask_args(red, plan.cfg, causal, dummy),
-        *_head_mask_args(head_mask, dummy), *_keep_args(keep_bits, plan.cfg, dummy),
-        *_dropout_args(dropout_p, rng, q, dummy), *_rel_args(rel, plan.bf, dummy)), plan.constexprs, plan.variants)
+        q, k, v, out, lse, visited, *plan.head, _strides(out, plan.bf), *plan.tail,
+        _seqs(varlen, plan.lengths, dummy), plan.lse_strides, *_mask_args(red, plan.cfg, causal, dummy),
+        _head_mask_args(head_mask), _keep_args(keep_bits, plan.cfg),
+        _dropout_args(dropout_p, rng, q, dummy), _rel_args(rel, plan.bf, dummy)), plan.constexprs, plan.variants)
     if stats:
         return out, lse, visited
     return out, lse
@@ -412,39 +428,40 @@ class _BwdPlan:
     inputs: tuple                # q, k, v, grad_out strides
     dkdv_grid: Tuple[int, int]
     dq_grid: Tuple[int, int]
-    sizes: tuple                 # H, Sq, Sk, D, scale · log2(e), scale
-    seq: tuple                   # Tq, Tk, stride_lb, stride_lh
+    sizes: tuple                 # the kernels' sizes (H, Sq, Sk, D), scales (scale · log2(e), scale), band
+    lengths: tuple               # Tq, Tk (the end of seqs)
+    lse_strides: tuple
     delta_constexprs: dict
-    dkdv_constexprs: Tuple[dict, dict]    # [ATOMIC_DQ]
+    dkdv_constexprs: Tuple[dict, dict]    # [single pass]
     dq_constexprs: dict
     # triton_launch's compiled variants of each kernel
     delta_variants: Variants = field(default_factory=Variants)
-    dkdv_variants: Tuple[Variants, Variants] = field(default_factory=lambda: (Variants(), Variants()))  # [ATOMIC_DQ]
+    dkdv_variants: Tuple[Variants, Variants] = field(default_factory=lambda: (Variants(), Variants()))  # [single pass]
     dq_variants: Variants = field(default_factory=Variants)
 
 
 def _bwd_plan(grad_out, q, k, v, out, red, causal, scale, dropout_p, head_mask, config, dq_config,
               varlen, keep_bits, window, rel=None) -> _BwdPlan:
     H, D = q.shape[1], q.shape[3]
-    B, Sq, Sk, bf, seq = _seq_args(q, k, varlen)
+    B, Sq, Sk, bf, lengths, lse_strides = _seq_args(q, k, varlen)
     if config is None:
         config, dq_config = bwd_config(D, q.dtype, q.device)
     dq_config = dq_config or config
     block_d = max(16, _pow2(D))
-    dkdv = _constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, config, keep_bits, window)
+    dkdv = _constexprs(red, causal, dropout_p, varlen, D, block_d, config, window)
     # REL_GRAD: dK/dV owns key rows (dp2c), dQ query rows (dc2p); the single pass adds both in dK/dV
     flags = _rel_flags(rel)
     c2p_bit, p2c_bit = flags & triton_common.REL_C2P, flags & triton_common.REL_P2C
     return _BwdPlan(
         config, dq_config,
         (_cdiv(q.shape[2], DELTA_BLOCK_M), q.shape[0] * H), (*out.stride(), *grad_out.stride(), H, q.shape[2], D),
-        bf, (*_strides(q, bf), *_strides(k, bf), *_strides(v, bf), *_strides(grad_out, bf)),
+        bf, (_strides(q, bf), _strides(k, bf), _strides(v, bf), _strides(grad_out, bf)),
         (max(1, _cdiv(Sk, config.block_n)), B * H), (max(1, _cdiv(Sq, dq_config.block_m)), B * H),
-        (H, Sq, Sk, D, scale * triton_common.LOG2E, scale, *_band_args(q, k, Sq, Sk, causal, window)), seq,
+        ((H, Sq, Sk, D), (scale * triton_common.LOG2E, scale), _band_args(q, k, Sq, Sk, causal, window)),
+        lengths, lse_strides,
         dict(BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d),
-        tuple(dict(dkdv, ATOMIC_DQ=atomic, REL_BIAS=flags, REL_GRAD=p2c_bit | (c2p_bit if atomic else 0))
-              for atomic in (False, True)),
-        dict(_constexprs(red, causal, dropout_p, head_mask, varlen, D, block_d, dq_config, keep_bits, window),
+        tuple(dict(dkdv, REL_BIAS=flags, REL_GRAD=p2c_bit | (c2p_bit if atomic else 0)) for atomic in (False, True)),
+        dict(_constexprs(red, causal, dropout_p, varlen, D, block_d, dq_config, window),
              REL_BIAS=flags, REL_GRAD=c2p_bit))
 
 
@@ -483,15 +500,16 @@ def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale:
     else:
         dk, dv = torch.empty_like(k), torch.empty_like(v)
     dummy = lse
-    tail = (*plan.sizes, *_seq_tensors(varlen, dummy), *plan.seq)
-    head = _head_mask_args(head_mask, dummy)
+    tail = (*plan.sizes, _seqs(varlen, plan.lengths, dummy), plan.lse_strides)
+    head = _head_mask_args(head_mask)
     drop = _dropout_args(dropout_p, rng, q, dummy)
+    rel_args = _rel_args(rel, plan.bf, dummy)
     launch(triton_bwd.attn_bwd_dkdv_kernel, plan.dkdv_grid, (
-        q, k, v, grad_out, lse, delta, dk, dv, *plan.inputs, *_strides(dk, plan.bf), *_strides(dv, plan.bf), *tail,
-        *_mask_args(red, plan.cfg, causal, dummy, transposed=True), *head,
-        *_keep_args(keep_bits, plan.cfg, dummy, whole_words=False),
-        *((dq, *_strides(dq, plan.bf)) if atomic else (dummy, 0, 0, 0, 0)), *drop,
-        *_rel_args(rel, plan.bf, dummy, (dc2p, dp2c))),
+        q, k, v, grad_out, lse, delta, dk, dv, *plan.inputs, _strides(dk, plan.bf), _strides(dv, plan.bf), *tail,
+        *_mask_args(red, plan.cfg, causal, dummy, transposed=True), head,
+        _keep_args(keep_bits, plan.cfg, whole_words=False),
+        (dq, *_strides(dq, plan.bf)) if atomic else _NO_DQ_ACC, drop,
+        rel_args, _rel_grad_args((dc2p, dp2c), dummy)),
         plan.dkdv_constexprs[atomic], plan.dkdv_variants[atomic])
     if group > 1:
         dk, dv = (t.unflatten(1, (k.shape[1], group)).sum(2).to(k.dtype) for t in (dk, dv))
@@ -499,9 +517,9 @@ def backward(grad_out, q, k, v, out, lse, red: ReducedMask, causal: bool, scale:
     if atomic:
         return (dq.to(q.dtype), dk, dv, *tables)
     launch(triton_bwd_dq.attn_bwd_dq_kernel, plan.dq_grid, (
-        q, k, v, grad_out, lse, delta, dq, *plan.inputs, *_strides(dq, plan.bf), *tail,
-        *_mask_args(red, plan.dq_cfg, causal, dummy), *head, *_keep_args(keep_bits, plan.dq_cfg, dummy), *drop,
-        *_rel_args(rel, plan.bf, dummy, (dc2p,))),
+        q, k, v, grad_out, lse, delta, dq, *plan.inputs, _strides(dq, plan.bf), *tail,
+        *_mask_args(red, plan.dq_cfg, causal, dummy), head, _keep_args(keep_bits, plan.dq_cfg), drop,
+        rel_args, _rel_grad_args((dc2p,), dummy)),
         plan.dq_constexprs, plan.dq_variants)
     return (dq, dk, dv, *tables)
 

@@ -1,13 +1,13 @@
 """Triton backward kernels: dK/dV (one program per key block, looping over query blocks; here) and
 dQ (one program per query block, looping over key blocks; triton_bwd_dq.py).  By default no
 atomics: every gradient element is written by exactly one program, so gradients are bitwise
-repeatable.  With ATOMIC_DQ (opt-in, non-deterministic: FlashAttention-2's single pass) the dK/dV
+repeatable.  With a dQ buffer (DQacc; opt-in, non-deterministic: FlashAttention-2's single pass) the dK/dV
 kernel also adds each tile's dS K into an fp32 dQ with atomics, and the dQ kernel is not launched:
 QKᵀ, dO Vᵀ and the keep-mask are computed once instead of twice.
 
 Probabilities are recomputed from the saved log-sum-exp (log2 units; +inf for rows that see
 nothing, which makes their P -- and so their gradients -- exactly 0).  The dropout keep-mask is
-read from the words the forward stored (KEEP_BITS) or regenerated from its Philox seed/offset.
+read from the words the forward stored (KeepBits) or regenerated from its Philox seed/offset.
 With Ph = head_mask * dropout(P):
     dV = Phᵀ dO,   dP = head_mask * dropout(dO Vᵀ),   dS = P ∘ (dP - rowsum(dO ∘ O)),
     dQ = scale · dS K,   dK = scale · dSᵀ Q.
@@ -17,24 +17,28 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import (LOAD_NONE, LOAD_ROW, LOAD_TILE, MASK_BLOCKS, MASK_KEYS, dropout_grads, load_rng, load_rows,
-                            mask_scores, mma, rel_bias_add, rel_bias_grad, seq_bounds, tile_keep)
+from .triton_common import (LOAD_NONE, LOAD_ROW, LOAD_TILE, MASK_BLOCKS, MASK_KEYS, base_ptr, dropout_grads,
+                            load_rows, mask_scores, mma, program_prologue, rel_bias_add, rel_bias_grad, tile_keep)
 
 
 # ---------------------------------------------------------------------------- dK, dV
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
-               stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
-               kv_lo, kv_hi, Sq, Sk, D, causal_offset, band_lo, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
-               keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
-               C2P, P2C, DC2P, DP2C, stride_rcm, stride_rpn, RelIdx, rel_P, seq_qr, seq_kr,
+def _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, qdo, stats, msk, kv_lo, kv_hi, geom, scales, drop,
+               keep_base, stride_kw, dq_base, dq_strides, rel, grads,
                BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
-               CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr, DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr,
-               ATOMIC_DQ: tl.constexpr, REL_BIAS: tl.constexpr, REL_GRAD: tl.constexpr):
-    """One query tile's contribution to dK, dV (and with ATOMIC_DQ to dQ), computed transposed
-    ([BLOCK_N, BLOCK_M]) so that no register tile has to be transposed before the dK/dV dots."""
+               CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+               REL_BIAS: tl.constexpr, REL_GRAD: tl.constexpr):
+    """One query tile's contribution to dK, dV (and with a dq_base, the single pass, to dQ), computed
+    transposed ([BLOCK_N, BLOCK_M]) so that no register tile has to be transposed before the dK/dV
+    dots.  qdo: (q_base, do_base, stride_qm, stride_qd, stride_dom, stride_dod); stats: (lse_base,
+    delta_base); geom: (Sq, Sk, D, causal_offset, band_lo); scales: (qk_scale, grad_scale,
+    sm_scale); keep_base: the stored keep-mask words or None; dq_strides: dQacc's (row, dim)."""
+    q_base, do_base, stride_qm, stride_qd, stride_dom, stride_dod = qdo
+    lse_base, delta_base = stats
+    Sq, Sk, D, causal_offset, band_lo = geom
+    qk_scale, grad_scale, sm_scale = scales
     offs_m = start_m + tl.arange(0, BLOCK_M)
     if EVEN_D:
         qT = tl.load(q_base + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
@@ -49,198 +53,175 @@ def _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base,
     mi = offs_m[None, :]
     ni = offs_n[:, None]
     sT = mma(k, qT, tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32))
-    sT = rel_bias_add(sT, mi, ni, C2P, P2C, stride_rcm, stride_rpn, RelIdx, rel_P, seq_qr, seq_kr,
-                      REL_BIAS=REL_BIAS) * qk_scale
-    sT = mask_scores(sT, mi, ni, mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi, Sq, Sk, causal_offset, band_lo,
-                     CHECK_BOUNDS=CHECK_BOUNDS, CAUSAL=CAUSAL, LOAD_MASK=LOAD_MASK)
+    sT = rel_bias_add(sT, mi, ni, rel, REL_BIAS=REL_BIAS) * qk_scale
+    sT = mask_scores(sT, mi, ni, msk, kv_lo, kv_hi, geom, CHECK_BOUNDS=CHECK_BOUNDS, CAUSAL=CAUSAL,
+                     LOAD_MASK=LOAD_MASK)
     pT = tl.math.exp2(sT - lse[None, :])            # lse = +inf on rows that see nothing -> 0
     dpT = mma(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32))
     # (BLOCK_M may be < 32 here: the tile then starts inside a word, at bit start_m % 32)
     keep = 0
     if DROPOUT:
-        keep = tile_keep(seed, rng_offset, bh, dropout_p, keep_base + (start_m // 32) * stride_kw, stride_kw,
-                         start_m % 32, offs_m, offs_n, Sk, KEEP_BITS=KEEP_BITS, TRANSPOSED=True, CHECK_COLS=False)
+        keep_ptr = keep_base
+        if keep_base is not None:
+            keep_ptr = keep_base + (start_m // 32) * stride_kw
+        keep = tile_keep(drop, keep_ptr, stride_kw, start_m % 32, offs_m, offs_n, Sk, TRANSPOSED=True,
+                         CHECK_COLS=False)
     phT, dsT = dropout_grads(pT, dpT, delta[None, :], grad_scale, keep, DROPOUT=DROPOUT)
     dv = mma(phT.to(do.dtype), do, dv)
-    rel_bias_grad(dsT, mi, ni, DC2P, DP2C, stride_rcm, stride_rpn, RelIdx, rel_P, seq_qr, seq_kr, sm_scale,
-                  REL_GRAD=REL_GRAD)
+    rel_bias_grad(dsT, mi, ni, grads, rel, sm_scale, REL_GRAD=REL_GRAD)
     dsT = dsT.to(qT.dtype)
     dk = mma(dsT, tl.trans(qT), dk)
-    if ATOMIC_DQ:
+    if dq_base is not None:
         dq = mma(tl.trans(dsT), k, tl.zeros([BLOCK_M, k.shape[1]], dtype=tl.float32)) * sm_scale
         q_ok = offs_m[:, None] < Sq
         if not EVEN_D:
             q_ok = q_ok & (offs_d[None, :] < D)
-        tl.atomic_add(dq_base + offs_m[:, None] * stride_aqm + offs_d[None, :] * stride_aqd, dq, mask=q_ok,
+        tl.atomic_add(dq_base + offs_m[:, None] * dq_strides[0] + offs_d[None, :] * dq_strides[1], dq, mask=q_ok,
                       sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _dkdv_range(dk, dv, k, v, q_lo, q_mid, q_safe_end, q_hi, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
-                stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
-                kv_lo, kv_hi, Sq, Sk, D, causal_offset, band_lo, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
-                keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
-                C2P, P2C, DC2P, DP2C, stride_rcm, stride_rpn, RelIdx, rel_P, seq_qr, seq_kr,
+def _dkdv_range(dk, dv, k, v, q_lo, q_mid, q_safe_end, q_hi, offs_n, offs_d, qdo, stats, msk, kv_lo, kv_hi, geom,
+                scales, drop, keep_base, stride_kw, dq_base, dq_strides, rel, grads,
                 BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
-                CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr, DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr,
-                ATOMIC_DQ: tl.constexpr, REL_BIAS: tl.constexpr, REL_GRAD: tl.constexpr):
+                CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                REL_BIAS: tl.constexpr, REL_GRAD: tl.constexpr):
     """Query tiles [q_lo, q_mid) straddle the causal diagonal (the band's right edge); [q_mid, q_safe_end)
     see the whole key tile; [q_safe_end, q_hi) straddle the band's left edge (empty without a band:
     q_safe_end = q_hi = Sq)."""
     for start_m in range(q_lo, q_mid, BLOCK_M):
-        dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
-                            stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
-                            kv_lo, kv_hi, Sq, Sk, D, causal_offset, band_lo, qk_scale, grad_scale, seed, rng_offset, bh,
-                            dropout_p, keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
-                            C2P, P2C, DC2P, DP2C, stride_rcm, stride_rpn, RelIdx, rel_P, seq_qr, seq_kr,
+        dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, qdo, stats, msk, kv_lo, kv_hi, geom, scales, drop,
+                            keep_base, stride_kw, dq_base, dq_strides, rel, grads,
                             REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD,
                             BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CHECK_BOUNDS=CHECK_BOUNDS, CAUSAL=CAUSAL,
-                            LOAD_MASK=LOAD_MASK, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
+                            LOAD_MASK=LOAD_MASK, DROPOUT=DROPOUT)
     for start_m in range(q_mid, q_safe_end, BLOCK_M):
-        dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
-                            stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
-                            kv_lo, kv_hi, Sq, Sk, D, causal_offset, band_lo, qk_scale, grad_scale, seed, rng_offset, bh,
-                            dropout_p, keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
-                            C2P, P2C, DC2P, DP2C, stride_rcm, stride_rpn, RelIdx, rel_P, seq_qr, seq_kr,
+        dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, qdo, stats, msk, kv_lo, kv_hi, geom, scales, drop,
+                            keep_base, stride_kw, dq_base, dq_strides, rel, grads,
                             REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD,
                             BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CHECK_BOUNDS=CHECK_BOUNDS, CAUSAL=False,
-                            LOAD_MASK=LOAD_MASK, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
+                            LOAD_MASK=LOAD_MASK, DROPOUT=DROPOUT)
     for start_m in range(q_safe_end, q_hi, BLOCK_M):
-        dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
-                            stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
-                            kv_lo, kv_hi, Sq, Sk, D, causal_offset, band_lo, qk_scale, grad_scale, seed, rng_offset, bh,
-                            dropout_p, keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
-                            C2P, P2C, DC2P, DP2C, stride_rcm, stride_rpn, RelIdx, rel_P, seq_qr, seq_kr,
+        dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, qdo, stats, msk, kv_lo, kv_hi, geom, scales, drop,
+                            keep_base, stride_kw, dq_base, dq_strides, rel, grads,
                             REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD,
                             BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CHECK_BOUNDS=CHECK_BOUNDS, CAUSAL=CAUSAL,
-                            LOAD_MASK=LOAD_MASK, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
+                            LOAD_MASK=LOAD_MASK, DROPOUT=DROPOUT)
     return dk, dv
 
 
 @triton.jit
-def _dkdv_list(dk, dv, k, v, Count, Index, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
-               stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
-               Sq, Sk, D, causal_offset, band_lo, qk_scale, grad_scale, seed, rng_offset, bh, dropout_p,
-               keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
-               C2P, P2C, DC2P, DP2C, stride_rcm, stride_rpn, RelIdx, rel_P, seq_qr, seq_kr,
+def _dkdv_list(dk, dv, k, v, Count, Index, offs_n, offs_d, qdo, stats, msk, geom, scales, drop,
+               keep_base, stride_kw, dq_base, dq_strides, rel, grads,
                BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr, PARTIAL: tl.constexpr,
-               DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr, ATOMIC_DQ: tl.constexpr, REL_BIAS: tl.constexpr,
-               REL_GRAD: tl.constexpr):
+               DROPOUT: tl.constexpr, REL_BIAS: tl.constexpr, REL_GRAD: tl.constexpr):
     """The query blocks listed at Index[0:Count]: PARTIAL ones load the mask tile and check bounds
     and causal; FULL ones do no masking at all.  With the band (CAUSAL == BAND) the blocks outside
     it are skipped and every visited one checks it."""
+    Sq, Sk, D, causal_offset, band_lo = geom
     n_blocks = tl.load(Count)
     start_n = tl.min(offs_n, axis=0)
     for i in range(0, n_blocks):
         start_m = tl.load(Index + i) * BLOCK_M
         if (start_n < start_m + BLOCK_M + causal_offset) & (start_n + offs_n.shape[0] > start_m + band_lo):
-            dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
-                                stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr, stride_mm, stride_mn,
-                                0, Sk, Sq, Sk, D, causal_offset, band_lo, qk_scale, grad_scale, seed, rng_offset, bh,
-                                dropout_p, keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
-                                C2P, P2C, DC2P, DP2C, stride_rcm, stride_rpn, RelIdx, rel_P, seq_qr, seq_kr,
+            dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_n, offs_d, qdo, stats, msk, 0, Sk, geom, scales, drop,
+                                keep_base, stride_kw, dq_base, dq_strides, rel, grads,
                                 REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD,
                                 BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CHECK_BOUNDS=PARTIAL,
                                 CAUSAL=CAUSAL if (PARTIAL or CAUSAL == 2) else False,
-                                LOAD_MASK=LOAD_TILE if PARTIAL else LOAD_NONE,
-                                DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
+                                LOAD_MASK=LOAD_TILE if PARTIAL else LOAD_NONE, DROPOUT=DROPOUT)
     return dk, dv
 
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, Sq, Sk, D, qk_scale, sm_scale,
-    kv_group, win_left, win_right,
-    CuSeqQ, CuSeqK, Tq, Tk, stride_lb, stride_lh,
-    Mask, stride_mb, stride_mh, stride_mm, stride_mn,
-    KeyStart, KeyEnd, KeyNeedsMask,
-    # MASK_BLOCKS: for every key block, its PARTIAL and FULL query blocks (BlockMap.transposed_lists())
-    PartCount, PartIndex, FullCount, FullIndex,
-    stride_cb, stride_ch, stride_cn, stride_ib, stride_ih, stride_in,
-    HeadMask, stride_hb, stride_hh,
-    # KEEP_BITS: the forward's keep-mask words; ATOMIC_DQ: the fp32 dQ to add into
-    KeepBits, stride_kbh, stride_kw, DQacc, stride_aqb, stride_aqh, stride_aqm, stride_aqd,
-    Rng, dropout_p, dropout_scale,
-    # REL_BIAS: DeBERTa's tables and index (triton_fwd.attn_fwd_kernel); REL_GRAD: the fp32 table
-    # gradients this kernel adds into (dp2c; dc2p too with ATOMIC_DQ), laid out like the tables
-    C2P, P2C, DC2P, DP2C, RelIndex, stride_rcb, stride_rch, stride_rcm, stride_rpb, stride_rph, stride_rpn, rel_P,
-    MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_HEAD_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-    KEEP_BITS: tl.constexpr, ATOMIC_DQ: tl.constexpr, VARLEN: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, REL_BIAS: tl.constexpr,
-    REL_GRAD: tl.constexpr,
+    # each tensor's (batch, head, row, dim) strides
+    q_strides, k_strides, v_strides, do_strides, dk_strides, dv_strides,
+    # (H, Sq, Sk, D); (scale · log2(e), scale); the rest as in triton_fwd.attn_fwd_kernel
+    sizes, scales, band, seqs, lse_strides, mask, key_range,
+    # MASK_BLOCKS: for every key block, its PARTIAL and FULL query blocks (BlockMap.transposed_lists()),
+    # as (PartCount, PartIndex, FullCount, FullIndex, stride_cb, stride_ch, stride_cn, stride_ib, stride_ih, stride_in)
+    blocks,
+    head_mask,
+    # (KeepBits, stride_kbh, stride_kw): the forward's keep-mask words; KeepBits None: regenerated
+    keep,
+    # (DQacc, stride_aqb, stride_aqh, stride_aqm, stride_aqd): the fp32 dQ to add into (the single
+    # pass); DQacc None: dQ is the dQ kernel's
+    dq_acc,
+    dropout,
+    # REL_BIAS: DeBERTa's tables and index (triton_fwd.attn_fwd_kernel); REL_GRAD: (DC2P, DP2C), the
+    # fp32 table gradients this kernel adds into (dp2c; dc2p too in the single pass), laid out like the tables
+    rel, rel_grads,
+    MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
+    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    REL_BIAS: tl.constexpr, REL_GRAD: tl.constexpr,
 ):
+    H, Sq, Sk, D = sizes
+    qk_scale, sm_scale = scales
+    Rng, dropout_p, dropout_scale = dropout
+    (bh, b, h, seed, rng_offset, start_n, offs_n, offs_d, b64, h64, hk64, q0, k0, seq_q, seq_k, causal_offset,
+     band_lo) = \
+        program_prologue(sizes, band, seqs, Rng, BLOCK=BLOCK_N, BLOCK_D=BLOCK_D, VARLEN=VARLEN, DROPOUT=DROPOUT)
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    seed, rng_offset = load_rng(Rng, DROPOUT=DROPOUT)
-    start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    q0, k0, seq_q, seq_k = seq_bounds(b, CuSeqQ, CuSeqK, Sq, Sk, Tq, Tk, VARLEN=VARLEN)
-    causal_offset = seq_k - seq_q + win_right
-    band_lo = seq_k - seq_q - win_left
-    hk64 = (h // kv_group).to(tl.int64)
-    q_base = Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm
-    do_base = DO + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom
-    mask_ptr = Mask + b64 * stride_mb + h64 * stride_mh
-    lse_base = Lse + b64 * stride_lb + h64 * stride_lh + q0
-    delta_base = Delta + b64 * stride_lb + h64 * stride_lh + q0
-    keep_base = KeepBits + bh.to(tl.int64) * stride_kbh
-    dq_base = DQacc + b64 * stride_aqb + h64 * stride_aqh + q0 * stride_aqm
+    qdo = (base_ptr(Q, q_strides, b64, h64, q0), base_ptr(DO, do_strides, b64, h64, q0),
+           q_strides[2], q_strides[3], do_strides[2], do_strides[3])
+    Mask, stride_mb, stride_mh, stride_mm, stride_mn = mask
+    msk = (Mask + b64 * stride_mb + h64 * stride_mh, stride_mm, stride_mn)
+    stats = (Lse + b64 * lse_strides[0] + h64 * lse_strides[1] + q0,
+             Delta + b64 * lse_strides[0] + h64 * lse_strides[1] + q0)
+    KeepBits, stride_kbh, stride_kw = keep
+    keep_base = KeepBits
+    if KeepBits is not None:
+        keep_base = KeepBits + bh.to(tl.int64) * stride_kbh
+    DQacc, stride_aqb, stride_aqh, stride_aqm, stride_aqd = dq_acc
+    dq_base = DQacc
+    if DQacc is not None:
+        dq_base = DQacc + b64 * stride_aqb + h64 * stride_aqh + q0 * stride_aqm
+    C2P, P2C, RelIndex, stride_rcb, stride_rch, stride_rcm, stride_rpb, stride_rph, stride_rpn, rel_P = rel
+    DC2P, DP2C = rel_grads
     c2p_off = b64 * stride_rcb + h64 * stride_rch + q0 * stride_rcm
     p2c_off = b64 * stride_rpb + h64 * stride_rph + k0 * stride_rpn
-    c2p_ptr = C2P + c2p_off
-    p2c_ptr = P2C + p2c_off
-    dc2p_ptr = DC2P + c2p_off
-    dp2c_ptr = DP2C + p2c_off
-    rel_idx = RelIndex + (Sk - 1)
-    k = load_rows(K + b64 * stride_kb + hk64 * stride_kh + (k0 + offs_n[:, None]) * stride_kn
-                  + offs_d[None, :] * stride_kd, offs_n, seq_k, offs_d, D, CHECK_ROWS=True, EVEN_D=EVEN_D)
-    v = load_rows(V + b64 * stride_vb + hk64 * stride_vh + (k0 + offs_n[:, None]) * stride_vn
-                  + offs_d[None, :] * stride_vd, offs_n, seq_k, offs_d, D, CHECK_ROWS=True, EVEN_D=EVEN_D)
+    rel_t = (C2P + c2p_off, P2C + p2c_off, stride_rcm, stride_rpn, RelIndex + (Sk - 1), rel_P, seq_q, seq_k)
+    grads = (DC2P + c2p_off, DP2C + p2c_off)
+    k = load_rows(K + b64 * k_strides[0] + hk64 * k_strides[1] + (k0 + offs_n[:, None]) * k_strides[2]
+                  + offs_d[None, :] * k_strides[3], offs_n, seq_k, offs_d, D, CHECK_ROWS=True, EVEN_D=EVEN_D)
+    v = load_rows(V + b64 * v_strides[0] + hk64 * v_strides[1] + (k0 + offs_n[:, None]) * v_strides[2]
+                  + offs_d[None, :] * v_strides[3], offs_n, seq_k, offs_d, D, CHECK_ROWS=True, EVEN_D=EVEN_D)
     grad_scale = 1.0
     if DROPOUT:
         grad_scale = grad_scale * dropout_scale
-    if HAS_HEAD_MASK:
+    HeadMask, stride_hb, stride_hh = head_mask
+    if HeadMask is not None:
         grad_scale = grad_scale * tl.load(HeadMask + b * stride_hb + h * stride_hh).to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # (the tiles see the sequence's query count as Sq)
+    geom = (seq_q, Sk, D, causal_offset, band_lo)
+    tscales = (qk_scale, grad_scale, sm_scale)
+    drop = (seed, rng_offset, bh, dropout_p)
+    dq_st = (stride_aqm, stride_aqd)
 
     if MASK_MODE == MASK_BLOCKS:
+        PartCount, PartIndex, FullCount, FullIndex, stride_cb, stride_ch, stride_cn, stride_ib, stride_ih, stride_in = \
+            blocks
         cnt = b * stride_cb + h * stride_ch + pid_n * stride_cn
         idx = b * stride_ib + h * stride_ih + pid_n * stride_in
-        dk, dv = _dkdv_list(dk, dv, k, v, PartCount + cnt, PartIndex + idx, offs_n, offs_d, q_base, do_base,
-                            lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr,
-                            stride_mm, stride_mn, seq_q, Sk, D, causal_offset, band_lo, qk_scale, grad_scale, seed,
-                            rng_offset, bh, dropout_p, keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
-                            c2p_ptr, p2c_ptr, dc2p_ptr, dp2c_ptr, stride_rcm, stride_rpn, rel_idx, rel_P, seq_q,
-                            seq_k, REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD,
-                            BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CAUSAL=CAUSAL, PARTIAL=True, DROPOUT=DROPOUT,
-                            KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
-        dk, dv = _dkdv_list(dk, dv, k, v, FullCount + cnt, FullIndex + idx, offs_n, offs_d, q_base, do_base,
-                            lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr,
-                            stride_mm, stride_mn, seq_q, Sk, D, causal_offset, band_lo, qk_scale, grad_scale, seed,
-                            rng_offset, bh, dropout_p, keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
-                            c2p_ptr, p2c_ptr, dc2p_ptr, dp2c_ptr, stride_rcm, stride_rpn, rel_idx, rel_P, seq_q,
-                            seq_k, REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD,
-                            BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CAUSAL=CAUSAL, PARTIAL=False, DROPOUT=DROPOUT,
-                            KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
+        dk, dv = _dkdv_list(dk, dv, k, v, PartCount + cnt, PartIndex + idx, offs_n, offs_d, qdo, stats, msk, geom,
+                            tscales, drop, keep_base, stride_kw, dq_base, dq_st, rel_t, grads,
+                            REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD,
+                            BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CAUSAL=CAUSAL, PARTIAL=True, DROPOUT=DROPOUT)
+        dk, dv = _dkdv_list(dk, dv, k, v, FullCount + cnt, FullIndex + idx, offs_n, offs_d, qdo, stats, msk, geom,
+                            tscales, drop, keep_base, stride_kw, dq_base, dq_st, rel_t, grads,
+                            REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD,
+                            BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CAUSAL=CAUSAL, PARTIAL=False, DROPOUT=DROPOUT)
     else:
         lo = 0
         hi = seq_k
         needs_mask = 0
         if MASK_MODE == MASK_KEYS:
+            KeyStart, KeyEnd, KeyNeedsMask = key_range
             lo = tl.load(KeyStart + b)
             hi = tl.load(KeyEnd + b)
             needs_mask = tl.load(KeyNeedsMask + b)
@@ -267,47 +248,32 @@ def attn_bwd_dkdv_kernel(
                 free = tl.maximum(start_n - band_lo + 1 - q_mid, 0)
                 q_safe_end = tl.minimum(q_mid + (free // BLOCK_M) * BLOCK_M, tl.maximum(q_hi, q_mid))
             if needs_mask != 0:
-                dk, dv = _dkdv_range(dk, dv, k, v, q_lo, q_mid, q_safe_end, q_hi, offs_n, offs_d, q_base, do_base,
-                lse_base,
-                                     delta_base, stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr,
-                                     stride_mm, stride_mn, lo, hi, seq_q, Sk, D, causal_offset, band_lo, qk_scale,
-                                     grad_scale, seed, rng_offset, bh, dropout_p,
-                                     keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
-                                     c2p_ptr, p2c_ptr, dc2p_ptr, dp2c_ptr, stride_rcm, stride_rpn, rel_idx, rel_P,
-                                     seq_q, seq_k, REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD,
+                dk, dv = _dkdv_range(dk, dv, k, v, q_lo, q_mid, q_safe_end, q_hi, offs_n, offs_d, qdo, stats, msk,
+                                     lo, hi, geom, tscales, drop, keep_base, stride_kw, dq_base, dq_st, rel_t, grads,
+                                     REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD,
                                      BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CHECK_BOUNDS=True, CAUSAL=CAUSAL,
-                                     LOAD_MASK=LOAD_ROW, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
+                                     LOAD_MASK=LOAD_ROW, DROPOUT=DROPOUT)
             elif edge:
-                dk, dv = _dkdv_range(dk, dv, k, v, q_lo, q_mid, q_safe_end, q_hi, offs_n, offs_d, q_base, do_base,
-                lse_base,
-                                     delta_base, stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr,
-                                     stride_mm, stride_mn, lo, hi, seq_q, Sk, D, causal_offset, band_lo, qk_scale,
-                                     grad_scale, seed, rng_offset, bh, dropout_p,
-                                     keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
-                                     c2p_ptr, p2c_ptr, dc2p_ptr, dp2c_ptr, stride_rcm, stride_rpn, rel_idx, rel_P,
-                                     seq_q, seq_k, REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD,
+                dk, dv = _dkdv_range(dk, dv, k, v, q_lo, q_mid, q_safe_end, q_hi, offs_n, offs_d, qdo, stats, msk,
+                                     lo, hi, geom, tscales, drop, keep_base, stride_kw, dq_base, dq_st, rel_t, grads,
+                                     REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD,
                                      BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CHECK_BOUNDS=True, CAUSAL=CAUSAL,
-                                     LOAD_MASK=LOAD_NONE, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
+                                     LOAD_MASK=LOAD_NONE, DROPOUT=DROPOUT)
             else:
-                dk, dv = _dkdv_range(dk, dv, k, v, q_lo, q_mid, q_safe_end, q_hi, offs_n, offs_d, q_base, do_base,
-                lse_base,
-                                     delta_base, stride_qm, stride_qd, stride_dom, stride_dod, mask_ptr,
-                                     stride_mm, stride_mn, lo, hi, seq_q, Sk, D, causal_offset, band_lo, qk_scale,
-                                     grad_scale, seed, rng_offset, bh, dropout_p,
-                                     keep_base, stride_kw, dq_base, stride_aqm, stride_aqd, sm_scale,
-                                     c2p_ptr, p2c_ptr, dc2p_ptr, dp2c_ptr, stride_rcm, stride_rpn, rel_idx, rel_P,
-                                     seq_q, seq_k, REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD,
+                dk, dv = _dkdv_range(dk, dv, k, v, q_lo, q_mid, q_safe_end, q_hi, offs_n, offs_d, qdo, stats, msk,
+                                     lo, hi, geom, tscales, drop, keep_base, stride_kw, dq_base, dq_st, rel_t, grads,
+                                     REL_BIAS=REL_BIAS, REL_GRAD=REL_GRAD,
                                      BLOCK_M=BLOCK_M, EVEN_D=EVEN_D, CHECK_BOUNDS=False, CAUSAL=CAUSAL,
-                                     LOAD_MASK=LOAD_NONE, DROPOUT=DROPOUT, KEEP_BITS=KEEP_BITS, ATOMIC_DQ=ATOMIC_DQ)
+                                     LOAD_MASK=LOAD_NONE, DROPOUT=DROPOUT)
 
     dk = dk * sm_scale
     n_ok = offs_n[:, None] < seq_k
     if not EVEN_D:
         n_ok = n_ok & (offs_d[None, :] < D)
     rows = k0 + offs_n[:, None]
-    tl.store(DK + b64 * stride_dkb + h64 * stride_dkh + rows * stride_dkn + offs_d[None, :] * stride_dkd,
+    tl.store(DK + b64 * dk_strides[0] + h64 * dk_strides[1] + rows * dk_strides[2] + offs_d[None, :] * dk_strides[3],
              dk.to(DK.dtype.element_ty), mask=n_ok)
-    tl.store(DV + b64 * stride_dvb + h64 * stride_dvh + rows * stride_dvn + offs_d[None, :] * stride_dvd,
+    tl.store(DV + b64 * dv_strides[0] + h64 * dv_strides[1] + rows * dv_strides[2] + offs_d[None, :] * dv_strides[3],
              dv.to(DV.dtype.element_ty), mask=n_ok)
 
 

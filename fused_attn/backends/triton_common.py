@@ -7,9 +7,16 @@ Conventions that keep a change to the kernels cheap and safe:
   positional, in the callee's order.
 - What the dtypes decide is derived in the kernels, not passed as flags: fp32 dots multiply
   exactly (``mma``), a float mask is additive (``apply_mask_tile``).
-- No tuples as @triton.jit arguments, although they would shorten the argument lists: Triton's
-  compiler accepts them from 3.3 on (3.2 rejects a tuple passed to a helper), and the package
-  supports triton >= 3.0.  Keyword arguments to helpers and the dtype checks work from 3.0 on.
+- Arguments travel in groups, as tuples: a tensor's strides ``(batch, head, row, dim)``, the sizes
+  ``(H, Sq, Sk, D)``, the packed-sequence bounds, the mask, the block lists, dropout...  A kernel
+  takes ~30 parameters instead of ~90, and a new feature adds a group, not ten parameters
+  (Triton >= 3.3 compiles tuple arguments and tuples passed on to helpers; the package needs it).
+  Unpack a group where its values are used (``H, Sq, Sk, D = sizes``).
+- An optional tensor that only switches a feature on (head mask, stored keep-bits, the atomic dQ
+  buffer) is ``None`` when unused: Triton makes a None argument a compile-time constant, so
+  ``if KeepBits is not None`` selects the kernel variant as a constexpr flag would, with no dummy
+  tensor.  A None may travel to a helper as a plain argument, but never inside a tuple built in a
+  kernel (Triton's compiler cannot type a None tuple element): such pointers are passed alone.
 """
 from __future__ import annotations
 
@@ -89,7 +96,7 @@ def dropout_keep(seed, rng_offset, bh, offs_m, offs_n, Sk, dropout_p, TRANSPOSED
     return tl.uint_to_uniform_float(r) >= dropout_p
 
 
-# The stored keep-mask (KEEP_BITS): int32 words [B, H, Sq / 32, Sk] (both padded to KEEP_PAD), element
+# The stored keep-mask (the KeepBits argument): int32 words [B, H, Sq / 32, Sk] (both padded to KEEP_PAD), element
 # (b, h, i, j) is bit i % 32 of word [b, h, i // 32, j].  Packed along the query axis so that
 # every kernel touches whole words of consecutive keys: the forward's [BLOCK_M, BLOCK_N] tile
 # writes [BLOCK_M / 32, BLOCK_N] words (BLOCK_M a multiple of 32), dQ reads the same shape and
@@ -194,11 +201,14 @@ def apply_mask_tile(s, mi, ni, mask_ptr, stride_mm, stride_mn, Sq, Sk):
 
 
 @triton.jit
-def mask_scores(s, mi, ni, mask_ptr, stride_mm, stride_mn, kv_lo, kv_hi, Sq, Sk, causal_offset, band_lo,
-                CHECK_BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, LOAD_MASK: tl.constexpr):
+def mask_scores(s, mi, ni, msk, kv_lo, kv_hi, geom, CHECK_BOUNDS: tl.constexpr, CAUSAL: tl.constexpr,
+                LOAD_MASK: tl.constexpr):
     """All masking of one score tile: the mask (LOAD_MASK: LOAD_NONE, LOAD_ROW or LOAD_TILE), keys
     outside [kv_lo, kv_hi) (CHECK_BOUNDS), keys right of the causal diagonal / the band's right edge
-    (CAUSAL) and left of the band's left edge (CAUSAL == BAND)."""
+    (CAUSAL) and left of the band's left edge (CAUSAL == BAND).  msk: (mask_ptr, stride_mm,
+    stride_mn); geom: (Sq, Sk, D, causal_offset, band_lo) of the tile's sequence."""
+    mask_ptr, stride_mm, stride_mn = msk
+    Sq, Sk, D, causal_offset, band_lo = geom
     if LOAD_MASK == LOAD_ROW:
         # a key-padding mask is the same for every query: load one row and broadcast it (a full
         # tile of 64-bit addresses made the compiler spill)
@@ -240,11 +250,12 @@ def kv_loop_bounds(start_m, lo, hi, causal_offset, band_lo, BLOCK_M: tl.constexp
 
 
 @triton.jit
-def seq_bounds(b, CuSeqQ, CuSeqK, Sq, Sk, Tq, Tk, VARLEN: tl.constexpr):
+def seq_bounds(b, seqs, Sq, Sk, VARLEN: tl.constexpr):
     """(q0, k0, seq_q, seq_k): the first row and the length of sequence b's queries and keys.
-    Padded batches: (0, 0, Sq, Sk).  Packed batches (VARLEN): rows [cu[b], cu[b + 1]) of the
-    [T, H, D] tensors, clamped to [0, T], lengths capped at max_seqlen (Sq / Sk): whatever
-    cu_seqlens hold, no program reads or writes outside its tensors."""
+    Padded batches: (0, 0, Sq, Sk).  Packed batches (VARLEN; seqs = (CuSeqQ, CuSeqK, Tq, Tk)): rows
+    [cu[b], cu[b + 1]) of the [T, H, D] tensors, clamped to [0, T], lengths capped at max_seqlen
+    (Sq / Sk): whatever cu_seqlens hold, no program reads or writes outside its tensors."""
+    CuSeqQ, CuSeqK, Tq, Tk = seqs
     if VARLEN:
         q0 = tl.minimum(tl.maximum(tl.load(CuSeqQ + b), 0), Tq)
         q1 = tl.minimum(tl.maximum(tl.load(CuSeqQ + b + 1), q0), Tq)
@@ -263,6 +274,42 @@ def seq_bounds(b, CuSeqQ, CuSeqK, Sq, Sk, Tq, Tk, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def program_prologue(sizes, band, seqs, Rng, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr,
+                     DROPOUT: tl.constexpr):
+    """What every attention kernel's program derives first: its (batch, head) from program_id(1),
+    the dropout (seed, offset) (load_rng), its tile of BLOCK rows from program_id(0) (start, offs:
+    query rows, or key rows in dK/dV) and the head-dim offsets, the int64 forms of b, h (hk64:
+    the k / v head of grouped-query), the sequence (seq_bounds) and the band's reach in it:
+    (bh, b, h, seed, rng_offset, start, offs, offs_d, b64, h64, hk64, q0, k0, seq_q, seq_k,
+    causal_offset, band_lo).  sizes: (H, Sq, Sk, D); band: (kv_group, win_left, win_right); seqs:
+    see seq_bounds (triton_fwd.attn_fwd_kernel).  (In this order the kernels compile to the same
+    registers and spills as when each spelled it out.)"""
+    H, Sq, Sk, D = sizes
+    kv_group, win_left, win_right = band
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    seed, rng_offset = load_rng(Rng, DROPOUT=DROPOUT)
+    start = tl.program_id(0) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    # per-(sequence, head) bases: a packed batch differs only in q0 / k0 and the lengths
+    q0, k0, seq_q, seq_k = seq_bounds(b, seqs, Sq, Sk, VARLEN=VARLEN)
+    causal_offset = seq_k - seq_q + win_right
+    band_lo = seq_k - seq_q - win_left
+    hk64 = (h // kv_group).to(tl.int64)
+    return bh, b, h, seed, rng_offset, start, offs, offs_d, b64, h64, hk64, q0, k0, seq_q, seq_k, causal_offset, band_lo
+
+
+@triton.jit
+def base_ptr(T, strides, b64, h64, row0):
+    """Row row0 of the (batch, head) slice of T; strides: T's (batch, head, row[, dim])."""
+    return T + b64 * strides[0] + h64 * strides[1] + row0 * strides[2]
+
+
+@triton.jit
 def dropout_grads(p, dp, delta, grad_scale, keep, DROPOUT: tl.constexpr):
     """(Ph, dS) of one tile from P and dO·Vᵀ: Ph = grad_scale * dropout(P), dS = P ∘ (dP - delta)
     with dP = grad_scale * dropout(dO·Vᵀ); grad_scale = head_mask / (1 - dropout_p); delta
@@ -277,11 +324,11 @@ def dropout_grads(p, dp, delta, grad_scale, keep, DROPOUT: tl.constexpr):
 
 
 @triton.jit
-def tile_keep(seed, rng_offset, bh, dropout_p, keep_ptr, stride_kw, bit0, offs_m, offs_n, Sk,
-              KEEP_BITS: tl.constexpr, TRANSPOSED: tl.constexpr, CHECK_COLS: tl.constexpr):
-    """A backward tile's keep-mask: read from the forward's words (KEEP_BITS, see keep_bits_load)
-    or regenerated with Philox."""
-    if KEEP_BITS:
+def tile_keep(drop, keep_ptr, stride_kw, bit0, offs_m, offs_n, Sk, TRANSPOSED: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """A backward tile's keep-mask: read from the forward's words (keep_ptr, see keep_bits_load)
+    or, when keep_ptr is None, regenerated with Philox; drop: (seed, rng_offset, bh, dropout_p)."""
+    seed, rng_offset, bh, dropout_p = drop
+    if keep_ptr is not None:
         keep = keep_bits_load(keep_ptr, stride_kw, bit0, offs_m, offs_n, Sk, TRANSPOSED=TRANSPOSED,
                               CHECK_COLS=CHECK_COLS)
     else:
@@ -306,9 +353,11 @@ def rel_bias_cols(mi, ni, RelIdx, rel_P, rows, cols):
 
 
 @triton.jit
-def rel_bias_add(s, mi, ni, C2P, P2C, stride_rcm, stride_rpn, RelIdx, rel_P, rows, cols, REL_BIAS: tl.constexpr):
-    """s + c2p[mi, c] + p2c[ni, c] in fp32 (the unscaled q·kᵀ tile s, either orientation; C2P /
-    P2C: row 0 of the sequence's (batch, head) slice, unit column stride)."""
+def rel_bias_add(s, mi, ni, rel, REL_BIAS: tl.constexpr):
+    """s + c2p[mi, c] + p2c[ni, c] in fp32 (the unscaled q·kᵀ tile s, either orientation).  rel:
+    (C2P, P2C, stride_rcm, stride_rpn, RelIdx, rel_P, rows, cols), C2P / P2C at row 0 of the
+    sequence's (batch, head) slice, unit column stride; see rel_bias_cols."""
+    C2P, P2C, stride_rcm, stride_rpn, RelIdx, rel_P, rows, cols = rel
     if REL_BIAS != 0:
         c, ok = rel_bias_cols(mi, ni, RelIdx, rel_P, rows, cols)
         if REL_BIAS % 2 == 1:     # c2p
@@ -319,10 +368,12 @@ def rel_bias_add(s, mi, ni, C2P, P2C, stride_rcm, stride_rpn, RelIdx, rel_P, row
 
 
 @triton.jit
-def rel_bias_grad(ds, mi, ni, DC2P, DP2C, stride_rcm, stride_rpn, RelIdx, rel_P, rows, cols, sm_scale,
-                  REL_GRAD: tl.constexpr):
-    """Add the score gradient ds * sm_scale into the fp32 dc2p[mi, c] / dp2c[ni, c] (REL_GRAD
-    bits) with atomics: several (i, j) of a tile share a column (the clamped, bucketed positions)."""
+def rel_bias_grad(ds, mi, ni, grads, rel, sm_scale, REL_GRAD: tl.constexpr):
+    """Add the score gradient ds * sm_scale into the fp32 dc2p[mi, c] / dp2c[ni, c] (grads: (DC2P,
+    DP2C), laid out like the tables; REL_GRAD bits) with atomics: several (i, j) of a tile share a
+    column (the clamped, bucketed positions).  rel: as rel_bias_add's."""
+    DC2P, DP2C = grads
+    C2P, P2C, stride_rcm, stride_rpn, RelIdx, rel_P, rows, cols = rel
     if REL_GRAD != 0:
         c, ok = rel_bias_cols(mi, ni, RelIdx, rel_P, rows, cols)
         g = ds * sm_scale

@@ -7,9 +7,11 @@ arguments that is most of a call's host time (benchmarks/host_cost.py).
 
 ``launch`` keeps, per launch plan (triton_backend), the compiled variants Triton chose, keyed by
 a finer version of the same specialisation: each tensor's dtype and data_ptr() % 16,
-each integer's value, the current device.  The first call with a new key goes through Triton's
+each integer's and None's value, the current device, over the arguments with the kernels'
+tuple arguments (one level: triton_common's groups) flattened.  The first call with a new key goes through Triton's
 own launcher, which compiles or finds the variant and launches it; later calls hand the same
-arguments to that variant's launcher exactly as Triton's JITFunction.run does.  A key never
+arguments, tuples unflattened, to that variant's launcher exactly as Triton's JITFunction.run does
+(the launcher flattens tuples and drops the None constants itself).  A key never
 covers two of Triton's variants: anything Triton specialises on is in it.
 
 With no launch hook set, the launcher gets None for the hooks and their metadata; calls made
@@ -50,25 +52,35 @@ def _hooked() -> bool:
 
 class Variants:
     """The compiled variants of one kernel under one launch plan (so with fixed constexprs), by
-    key.  Which arguments are tensors is the plan's too: learned on the first call."""
+    key.  Which arguments are tuples, and which of the flattened ones are tensors, is the plan's
+    too: learned on the first call."""
 
-    __slots__ = ("types", "tensors", "values", "table")
+    __slots__ = ("outer", "flat", "types", "tensors", "values", "table")
 
     def __init__(self):
-        self.types = self.tensors = self.values = None
+        self.outer = self.flat = self.types = self.tensors = self.values = None
         self.table: dict = {}
 
     def key(self, args) -> Optional[tuple]:
-        """None when the arguments' types differ from the first call's (then Triton's path)."""
-        types = tuple(map(type, args))
-        if self.types is None:
-            self.types = types
-            tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        """None when the arguments' types (tuples' items included) differ from the first call's, or
+        a tuple holds a tuple (then Triton's path)."""
+        outer = tuple(map(type, args))
+        if self.outer is None:
+            self.outer = outer
+            self.flat = _flattener(outer)
+            flat = self.flat(args)
+            self.types = tuple(map(type, flat))
+            if tuple in self.types:         # nested groups: not keyed here
+                self.flat = None
+            tensors = [i for i, a in enumerate(flat) if isinstance(a, torch.Tensor)]
             # integers, bools and None count by value; floats are fp32 whatever their value
-            values = [i for i, a in enumerate(args) if a is None or type(a) in (int, bool)]
+            values = [i for i, a in enumerate(flat) if a is None or type(a) in (int, bool)]
             self.tensors = _getter(tensors)
             self.values = _getter(values)
-        elif types != self.types:
+        if outer != self.outer or self.flat is None:
+            return None
+        args = self.flat(args)
+        if tuple(map(type, args)) != self.types:     # (a tuple's length changes the length)
             return None
         tensors = self.tensors(args)
         # all 16-byte aligned (the usual case: one OR over the distinct tensors' pointers; the
@@ -82,6 +94,13 @@ class Variants:
 
 _DATA_PTR = operator.methodcaller("data_ptr")
 _DTYPE = operator.attrgetter("dtype")
+
+
+def _flattener(types):
+    """args -> the tuple of args with its tuple items spliced in (one level), for arguments of
+    these types (compiled once per plan: a generic loop would cost more per call)."""
+    items = ", ".join(f"*a[{i}]" if t is tuple else f"a[{i}]" for i, t in enumerate(types))
+    return eval(f"lambda a: ({items},)") if types else (lambda a: ())
 
 
 def _getter(positions):
