@@ -48,6 +48,7 @@ from benchmarks.bench_hf import bert_batch, step_fn, versions
 # sweep CSV's hf_est_mib against step_peak_mib.
 HF_BYTES = {"train": 19.5, "infer": 24.0}
 VOCAB = 128100
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def hf_estimate_mib(config: str, B: int, S: int, phase: str) -> float:
@@ -115,13 +116,14 @@ def _child(args) -> None:
 
 
 def _cell_process(config, S, phase, methods, args, timeout):
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
+               PYTHONPATH=os.pathsep.join(x for x in (ROOT, os.environ.get("PYTHONPATH")) if x))
     cmd = [sys.executable, "-m", "benchmarks.deberta_sweep", "--cell", f"{config},{S},{phase}",
            "--methods", ",".join(methods), "--tokens", str(args.tokens), "--warmup", str(args.warmup),
            "--iters", str(args.iters), "--seed", str(args.seed), "--backend", args.backend,
            "--lengths", args.lengths, "--threads", str(torch.get_num_threads())]
     try:
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+        out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return None, "not run (time budget)"
     if out.returncode != 0:
