@@ -24,7 +24,7 @@ The CSV is rewritten after every cell, and ``--resume`` skips the cells it alrea
 can run in pieces (e.g. one ``--configs`` at a time into one file).
 
     python -m benchmarks.deberta_sweep --out benchmarks/results/cpu_DATE_deberta_sweep.csv
-    python -m benchmarks.deberta_sweep --quick --out /tmp/quick.csv      # xsmall, S 128 and 512, ~1 min
+    python -m benchmarks.deberta_sweep --quick --out /tmp/quick.csv      # xsmall, S 128 and 512, 1024 tokens
 """
 from __future__ import annotations
 
