@@ -10,7 +10,9 @@ seeded draw), right padding.
 
 Phases: "train" = forward, backward, AdamW step; "infer" = eval forward under inference_mode.
 Timing: the methods are timed in turn within one process (A, B, C, A, B, C, ...), median of --iters
-after --warmup; the load average of the machine is recorded around each case.
+after --warmup; the load average of the machine is recorded around each case.  --device cuda: fp16
+autocast (bench_hf.step_fn), each step synchronised, ``--backend triton`` for the fused methods (the
+gpu_check "deberta" step: deberta-v3-base, B=32, S=512, training step).
 
 Memory (--memory): each (method, phase) in a fresh process (MALLOC_MMAP_THRESHOLD_ lowered so
 that freed buffers go back to the OS): after --warmup steps (the optimizer state exists), the
@@ -20,6 +22,7 @@ gradients, temporaries), ``peak_rss_mib`` the process's peak RSS during it.
 
     python -m benchmarks.bench_deberta --configs xsmall --seqlens 512 --batch 8 --out out/deb.csv
     python -m benchmarks.bench_deberta --memory --configs xsmall --seqlens 2048 --batch 2 --out out/mem.csv
+    python -m benchmarks.bench_deberta --device cuda --backend triton --configs base --batch 32 --phases train
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ CONFIGS = {
     "xsmall": dict(hidden_size=384, num_attention_heads=6, num_hidden_layers=6, intermediate_size=1536),
     "small": dict(hidden_size=768, num_attention_heads=12, num_hidden_layers=6, intermediate_size=3072),
     "base": dict(hidden_size=768, num_attention_heads=12, num_hidden_layers=12, intermediate_size=3072),
+    "tiny": dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=64),   # tests
 }
 V3 = dict(vocab_size=128100, max_position_embeddings=512, relative_attention=True, position_buckets=256,
           max_relative_positions=-1, pos_att_type="p2c|c2p", share_att_key=True, norm_rel_ebd="layer_norm",
@@ -53,6 +57,17 @@ def build(config: str, seed: int = 0):
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
     torch.manual_seed(seed)
     return DebertaV2ForSequenceClassification(DebertaV2Config(**V3, **CONFIGS[config]))
+
+
+def synced(fn, device):
+    """fn, followed by a device synchronisation on a GPU (what the timer sees is the step's work)."""
+    if device.type != "cuda":
+        return fn
+
+    def step():
+        fn()
+        torch.cuda.synchronize(device)
+    return step
 
 
 def prepare(model, method: str, backend: str):
@@ -104,7 +119,7 @@ def memory_case(config, phase, B, S, method, args) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="xsmall", help="comma list of xsmall, small, base")
     ap.add_argument("--seqlens", default="512")
@@ -114,13 +129,18 @@ def main():
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--backend", default="cpu", help="fused_attn engine of the fused methods")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (fp16 autocast)")
     ap.add_argument("--lengths", choices=("stratified", "random"), default="stratified")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--memory", action="store_true", help="peak memory, one process per (method, phase)")
     ap.add_argument("--child-method", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child_method:
@@ -128,12 +148,16 @@ def main():
         return memory_child(args)
 
     methods = args.methods.split(",")
+    device = torch.device(args.device)
+    if args.memory and device.type != "cpu":
+        raise SystemExit("--memory measures the process's RSS: CPU only")
+    dtype = "fp16 autocast" if device.type == "cuda" else "fp32"
     tv, trv, hv = versions()
     rows = []
     for config in args.configs.split(","):
         base = build(config, args.seed)
         for S in (int(s) for s in args.seqlens.split(",")):
-            batch, lengths = bert_batch(args.batch, S, 128100, args.seed, torch.device("cpu"), args.lengths)
+            batch, lengths = bert_batch(args.batch, S, 128100, args.seed, device, args.lengths)
             real = round(float(lengths.sum()) / (args.batch * S), 3)
             for phase in args.phases.split(","):
                 load0 = os.getloadavg()[0]
@@ -141,15 +165,17 @@ def main():
                 if args.memory:
                     res = {m: memory_case(config, phase, args.batch, S, m, args) for m in methods}
                 else:
-                    fns = {m: step_fn(prepare(copy.deepcopy(base), m, args.backend), batch, phase, torch.device("cpu"))
-                           for m in methods}
-                    res = time_interleaved(fns, args.warmup, args.iters, torch.device("cpu"))
+                    fns = {m: synced(step_fn(prepare(copy.deepcopy(base).to(device), m, args.backend), batch, phase,
+                                             device), device) for m in methods}
+                    res = time_interleaved(fns, args.warmup, args.iters, device)
+                    del fns
                 load = f"{load0:.1f}-{os.getloadavg()[0]:.1f}"
                 ref = res.get("hf")
                 for m in methods:
                     row = dict(date=datetime.date.today().isoformat(), model=f"deberta-v3-{config}", phase=phase,
-                               method=m, batch=args.batch, seqlen=S, real_tokens=real, dtype="fp32",
-                               threads=torch.get_num_threads(), load=load, torch=tv, transformers=hv)
+                               method=m, batch=args.batch, seqlen=S, real_tokens=real, dtype=dtype,
+                               threads=torch.get_num_threads(), load=load, torch=tv, transformers=hv,
+                               device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
                     if args.memory:
                         row.update(res[m])
                         if ref:

@@ -9,10 +9,18 @@ in what follows: HF gathers them into two [B, H, S, S] tensors next to the [B, H
 fused_attn gathers per tile inside the kernel.
 
     python -m benchmarks.deberta_kernel [--device cpu] [--seq 512 2048] [--out FILE.csv]
+
+--dtype fp16 (GPU): q, k, v and the position embeddings in fp16 and both sides under fp16 autocast,
+as an fp16-autocast DeBERTa runs them (HF's softmax then runs in fp32).  The gpu_check "deberta"
+step runs the issue's forward target with it:
+
+    python -m benchmarks.deberta_kernel --device cuda --dtype fp16 --heads 12 --seq 4096 --tokens 32768 \
+        --modes inference --backend triton
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 import os
@@ -57,7 +65,7 @@ def fused(q, k, v, pos_key, pos_query, index, scale, backend):
                                 rel_bias=fused_attn.DisentangledBias(c2p, p2c, index))
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
@@ -66,8 +74,14 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=4096, help="B = tokens // S (at least 1)")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="fp16: under fp16 autocast")
+    ap.add_argument("--modes", default="inference,train", help="inference (forward), train (forward + backward)")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     from transformers.models.deberta_v2.modeling_deberta_v2 import build_relative_position
 
     device = pick_device(args.device, args.threads)
@@ -75,32 +89,56 @@ def main(argv=None):
     buckets, max_pos, span = 256, 512, 256       # deberta-v3: position_buckets 256, max_relative_positions 512
     H, D = args.heads, args.head_dim
     scale = 1.0 / math.sqrt(D * 3)
+    dtype = torch.float16 if args.dtype == "fp16" else torch.float32
+    modes = args.modes.split(",")
+
+    def amp():
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
     rows = []
     for S in args.seq:
         B = max(1, args.tokens // S)
         g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(B, H, S, D, generator=g).to(device) for _ in range(3))
-        pos_key, pos_query = (torch.randn(H, 2 * span, D, generator=g).to(device) for _ in range(2))
+        q, k, v = (torch.randn(B, H, S, D, generator=g).to(device, dtype) for _ in range(3))
+        pos_key, pos_query = (torch.randn(H, 2 * span, D, generator=g).to(device, dtype) for _ in range(2))
         layer = torch.empty(1, S, 1, device=device)
         relative_pos = build_relative_position(layer, layer, bucket_size=buckets, max_position=max_pos)
         index = hf_index(S, span, buckets, max_pos, device)
-        ref = hf_attention(q, k, v, pos_key, pos_query, relative_pos, span, scale)
-        got = fused(q, k, v, pos_key, pos_query, index, scale, args.backend)
-        err = (got - ref).abs().max().item()
+        with torch.no_grad(), amp():
+            ref = hf_attention(q, k, v, pos_key, pos_query, relative_pos, span, scale)
+            got = fused(q, k, v, pos_key, pos_query, index, scale, args.backend)
+        err = (got.float() - ref.float()).abs().max().item()
+        del ref, got
         leaves = [t.requires_grad_() for t in (q, k, v, pos_key, pos_query)]
         go = torch.randn_like(q)
 
-        def train(f):
-            return lambda: torch.autograd.grad(f(), leaves, go)
+        def hf():
+            return hf_attention(q, k, v, pos_key, pos_query, relative_pos, span, scale)
 
-        with torch.no_grad():
-            hf_inf = bench(lambda: hf_attention(q, k, v, pos_key, pos_query, relative_pos, span, scale), device)[0]
-            fu_inf = bench(lambda: fused(q, k, v, pos_key, pos_query, index, scale, args.backend), device)[0]
-        hf_tr = bench(train(lambda: hf_attention(q, k, v, pos_key, pos_query, relative_pos, span, scale)),
-                      device)[0]
-        fu_tr = bench(train(lambda: fused(q, k, v, pos_key, pos_query, index, scale, args.backend)), device)[0]
-        for mode, h, f in (("inference", hf_inf, fu_inf), ("train", hf_tr, fu_tr)):
-            rows.append(dict(S=S, B=B, H=H, D=D, P=2 * span, mode=mode, dtype="fp32", hf_ms=round(h, 2),
+        def fu():
+            return fused(q, k, v, pos_key, pos_query, index, scale, args.backend)
+
+        def infer(f):
+            def call():
+                with torch.no_grad(), amp():
+                    f()
+            return call
+
+        def train(f):
+            def call():
+                with amp():
+                    out = f()
+                torch.autograd.grad(out, leaves, go.to(out.dtype))
+            return call
+
+        timed = []
+        if "inference" in modes:
+            timed.append(("inference", bench(infer(hf), device)[0], bench(infer(fu), device)[0]))
+        if "train" in modes:
+            timed.append(("train", bench(train(hf), device)[0], bench(train(fu), device)[0]))
+        for mode, h, f in timed:
+            rows.append(dict(S=S, B=B, H=H, D=D, P=2 * span, mode=mode, dtype=args.dtype, hf_ms=round(h, 2),
                              fused_ms=round(f, 2), speedup=round(h / f, 2), max_abs_err=f"{err:.2e}",
                              load=" ".join(f"{x:.2f}" for x in os.getloadavg()), **env))
             print(f"S={S} B={B} {mode}: HF {h:.1f} ms, fused {f:.1f} ms, {h / f:.2f}x (max |err| {err:.1e})",

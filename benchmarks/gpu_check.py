@@ -85,8 +85,13 @@ STEPS: List[Step] = [
     # merger: local attention / DeBERTa kernel timings (benchmarks/feature_bench.py) once the API exists
     step("local", 50, "{py} -m benchmarks.feature_bench window --out {out}/local.csv",
          "window_size=(64,64) at S=512 (B=32) and S=2048 (B=8) vs SDPA with the band mask, fwd and fwd+bwd", needs=("cuda", "api:attention:window_size")),
-    step("deberta", 50, "{py} -m benchmarks.feature_bench rel_bias --out {out}/deberta.csv",
-         "rel_bias (c2p + p2c) vs SDPA with the materialised bias", needs=("cuda", "api:attention:rel_bias")),
+    # issue 22's GPU targets: the forward kernel at S=4096 vs HF's attention math, then the training step
+    step("deberta", 150, "{py} -m benchmarks.deberta_kernel --device cuda --dtype fp16 --heads 12 --seq 4096 "
+         "--tokens 32768 --modes inference --backend triton --out {out}/deberta_kernel.csv && "
+         "{py} -m benchmarks.bench_deberta --device cuda --backend triton --configs base --seqlens 512 --batch 32 "
+         "--phases train --warmup 2 --iters 10 --out {out}/deberta_train.csv",
+         "DeBERTa, fp16 autocast: rel_bias forward vs HF's attention math (H=12 S=4096 B=8); deberta-v3-base "
+         "B=32 S=512 U[1,S] training step, HF eager vs patched vs padding-free", needs=("cuda", "api:attention:rel_bias")),
     step("hf", 120, "{py} benchmarks/bench_hf.py --out {out}/bench_hf.csv --seqlens 512 --iters 20 "
          "--modes sdpa,fused_attn,padding_free",
          "BERT-base B=32 S=512 fp16 autocast: train step and inference, sdpa vs patched vs padding-free"),
@@ -109,6 +114,9 @@ STEPS: List[Step] = [
          "the C++/CUDA fallback: JIT build (minutes), its tests, timed against Triton", default=False),
     step("train-target", 160, "{py} -m benchmarks --preset train-target --out {out} --no-plot --quiet "
          "--methods fused_triton,eager,sdpa_mask,sdpa_nomask,flex", "the train-target preset", default=False),
+    step("deberta-sdpa", 50, "{py} -m benchmarks.feature_bench rel_bias --out {out}/deberta_sdpa.csv",
+         "rel_bias (c2p + p2c) vs SDPA with the materialised bias, B=32 S=512", needs=("cuda", "api:attention:rel_bias"),
+         default=False),
     step("hf-large", 200, "{py} benchmarks/bench_hf.py --models bert-large --out {out}/bench_hf_large.csv --iters 10",
          "BERT-large end to end", default=False),
 ]

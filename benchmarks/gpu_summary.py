@@ -55,6 +55,15 @@ def _hf(out: str) -> Dict:
     return got
 
 
+def _deberta_train(out: str, method: str) -> Optional[float]:
+    """The training step's speed-up vs HF eager of deberta-v3-base (bench_deberta's CSV)."""
+    for r in _rows(os.path.join(out, "deberta_train.csv")):
+        if (r.get("model") == "deberta-v3-base" and r.get("phase") == "train" and r.get("method") == method
+                and r.get("speedup_vs_hf")):
+            return float(r["speedup_vs_hf"])
+    return None
+
+
 def targets(out: str, results: List[Dict]) -> List[List[str]]:
     """[what, measured, goal, verdict] for each target of the issue (ratios in one run)."""
     k = _rows(os.path.join(out, "kernels", "train-target.csv"))
@@ -85,7 +94,15 @@ def targets(out: str, results: List[Dict]) -> List[List[str]]:
             lambda v: v >= 1.8)
         add(f"BERT-base {phase}: patched (padded) speed-up vs HF sdpa", hf.get((phase, "fused_attn")), "(info)",
             lambda v: True)
-    for feature, csv_name in (("window_size", "local.csv"), ("rel_bias", "deberta.csv")):
+    for r in _rows(os.path.join(out, "deberta_kernel.csv")):
+        if r.get("mode") == "inference" and r.get("speedup"):
+            add(f"DeBERTa attention fwd S={r['S']} B={r['B']} H={r['H']}: HF math / fused", float(r["speedup"]),
+                ">= 5x" if r["S"] == "4096" else "(info)", (lambda v: v >= 5) if r["S"] == "4096" else (lambda v: True))
+    for method, goal in (("padding_free", ">= 2x"), ("fused", "(info)")):
+        add(f"DeBERTa-v3-base B=32 S=512 train step: {'padding-free' if goal != '(info)' else 'patched (padded)'} "
+            "speed-up vs HF eager", _deberta_train(out, method), goal, (lambda v: v >= 2) if goal != "(info)" else
+            (lambda v: True))
+    for feature, csv_name in (("window_size", "local.csv"), ("rel_bias", "deberta_sdpa.csv")):
         for r in _rows(os.path.join(out, csv_name)):
             if r.get("method") == "fused_triton" and r.get("speedup_vs_sdpa"):
                 add(f"{feature} S={r['S']} {r['mode']}: SDPA / Triton ({r.get('check', '')})",

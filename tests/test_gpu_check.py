@@ -215,3 +215,37 @@ def test_summary_renders_again_from_the_files(tmp_path, capsys):
     assert gpu_summary._main([str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert "| ok | ok |" in text and "| never | skipped: unknown guard 'bogus' |" in text
+
+
+def test_deberta_step_measures_the_gpu_targets():
+    """The deberta step runs exactly the two GPU targets: the rel_bias forward at S=4096 (H=12, fp16 autocast)
+    against HF's attention math, and the deberta-v3-base B=32 S=512 training step against HF eager."""
+    import shlex
+
+    from benchmarks import bench_deberta, deberta_kernel
+    cmd = next(s for s in gpu_check.STEPS if s.name == "deberta").cmd
+    kernel, train = (shlex.split(part) for part in cmd.split("&&"))
+    assert kernel[:3] == ["{py}", "-m", "benchmarks.deberta_kernel"] and train[:3] == ["{py}", "-m", "benchmarks.bench_deberta"]
+    k = deberta_kernel.parser().parse_args(kernel[3:])
+    assert (k.device, k.dtype, k.seq, k.heads, k.head_dim, k.modes, k.backend) == (
+        "cuda", "fp16", [4096], 12, 64, "inference", "triton")
+    assert k.out.endswith("/deberta_kernel.csv") and k.tokens // 4096 >= 1
+    t = bench_deberta.parser().parse_args(train[3:])
+    assert (t.device, t.configs, t.seqlens, t.batch, t.phases, t.backend, t.lengths) == (
+        "cuda", "base", "512", 32, "train", "triton", "stratified")
+    assert set(t.methods.split(",")) == {"hf", "fused", "padding_free"} and t.out.endswith("/deberta_train.csv")
+    assert bench_deberta.CONFIGS["base"] == dict(hidden_size=768, num_attention_heads=12, num_hidden_layers=12,
+                                                 intermediate_size=3072)
+
+
+def test_summary_reports_the_deberta_targets(tmp_path):
+    _write_csv(str(tmp_path / "deberta_kernel.csv"), [dict(S=4096, B=8, H=12, mode="inference", speedup="5.5")])
+    rows = [dict(model="deberta-v3-base", phase="train", method=m, speedup_vs_hf=x)
+            for m, x in (("hf", "1.0"), ("fused", "1.6"), ("padding_free", "1.9"))]
+    _write_csv(str(tmp_path / "deberta_train.csv"), rows)
+    got = {r[0]: r[1:] for r in gpu_summary.targets(str(tmp_path), [])}
+    assert got["DeBERTa attention fwd S=4096 B=8 H=12: HF math / fused"] == ["5.50x", ">= 5x", "MET"]
+    assert got["DeBERTa-v3-base B=32 S=512 train step: padding-free speed-up vs HF eager"] == ["1.90x", ">= 2x", "missed"]
+    assert got["DeBERTa-v3-base B=32 S=512 train step: patched (padded) speed-up vs HF eager"][0] == "1.60x"
+    empty = {r[0]: r[1:] for r in gpu_summary.targets(str(tmp_path / "none"), [])}
+    assert empty["DeBERTa-v3-base B=32 S=512 train step: padding-free speed-up vs HF eager"][2] == "-"

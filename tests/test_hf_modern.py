@@ -266,9 +266,26 @@ def test_model_that_bypasses_the_interface_is_warned_about(monkeypatch):
     fused_attn.register()
     monkeypatch.setattr(hf_attention, "_WARNED", set())
     with pytest.warns(UserWarning, match="DebertaV2Model accepts attn_implementation='fused_attn' but") as rec:
+        loaded = _deberta("fused_attn")
         _deberta("fused_attn")
-        _deberta("fused_attn")
-    assert sum("DebertaV2Model accepts" in str(r.message) for r in rec) == 1      # once
+    said = [str(r.message) for r in rec if "DebertaV2Model accepts" in str(r.message)]
+    assert len(said) == 1                                                         # once
+    # it names what to call instead, and that call fuses the model as loaded, matching eager on real tokens
+    assert "fused_attn.patch(model)" in said[0] and "fused_attn.patch(model, padding_free=True)" in said[0]
+    eager = _deberta("eager")
+    eager.load_state_dict(loaded.state_dict())
+    from fused_attn.integrations import deberta
+    assert not deberta.is_patched(loaded)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fused_attn.patch(loaded)
+    assert deberta.is_patched(loaded)
+    ids, mask = batch(2, 12, [12, 7], vocab=SMALL["vocab_size"])
+    with torch.no_grad():
+        got, ref, oracle = (m.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
+                            for m in (loaded, eager, copy.deepcopy(eager).double()))
+    real = mask.bool()
+    assert_close_to_oracle("deberta loaded with fused_attn, then patched", got[real], oracle[real], ref[real])
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         if TRANSFORMERS_5:

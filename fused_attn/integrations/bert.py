@@ -16,13 +16,14 @@ output_attentions=True computes that call with eager math instead.
 from __future__ import annotations
 
 import inspect
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
 from transformers.models.bert import modeling_bert
 
 from .hf_attention import fused_attention_forward
+from .classes import subclass
 from .instance_forward import follow
 
 _BASE = modeling_bert.BertSelfAttention
@@ -192,9 +193,6 @@ def _rebuild(src: torch.nn.Module, cls: type) -> torch.nn.Module:
     return new
 
 
-_CLASSES: Dict[type, type] = {}
-
-
 def _forward_params(cls: type) -> List[str]:
     try:
         return list(inspect.signature(cls.forward).parameters)[1:]      # drop self
@@ -210,18 +208,10 @@ def fused_class_for(cls: type) -> type:
         return cls
     if cls is FusedBertSelfAttention.__mro__[1]:
         return FusedBertSelfAttention
-    fused = _CLASSES.get(cls)
-    if fused is None:
-        params = _forward_params(cls)
-        cross = TRANSFORMERS_5 and len(params) > 1 and params[1] == "encoder_hidden_states"
-        name = "Fused" + cls.__name__
-        fused = type(name, (FusedBertSelfAttention, cls), {
-            "__module__": __name__, "__qualname__": name,
-            "_fused_original_class": cls, "_fused_cross": cross,
-            "__doc__": f"{cls.__name__} whose attention runs in fused_attn's kernel."})
-        _CLASSES[cls] = fused
-        globals().setdefault(name, fused)
-    return fused
+    params = _forward_params(cls)
+    cross = TRANSFORMERS_5 and len(params) > 1 and params[1] == "encoder_hidden_states"
+    return subclass(FusedBertSelfAttention, cls, "Fused", f"{cls.__name__} whose attention runs in fused_attn's kernel.",
+                    _fused_original_class=cls, _fused_cross=cross)
 
 
 # -- which modules patch() swaps (here, not in patch.py, so padding_free.py can ask without importing patch)

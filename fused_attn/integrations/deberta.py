@@ -38,6 +38,7 @@ from torch import nn
 
 from ..packing import Unpadded, gather_tokens, scatter_tokens, unpad_info
 from . import instance_forward, packed_layers
+from .classes import subclass
 
 _WARNED: set = set()
 
@@ -177,25 +178,10 @@ class FusedDisentangledSelfAttention(nn.Module):
         return new
 
 
-_SUBCLASSES: Dict[Tuple[type, type], type] = {}
-
-
-def _subclass(mixin: type, cls: type, original_attr: str, doc: str) -> type:
-    """The class ``Fused<cls>`` = (mixin, cls), made once per (mixin, cls), its original class under
-    ``original_attr`` (what forward falls back to and what unpatch restores)."""
-    made = _SUBCLASSES.get((mixin, cls))
-    if made is None:
-        name = "Fused" + cls.__name__
-        made = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name, original_attr: cls,
-                                         "__doc__": doc})
-        _SUBCLASSES[(mixin, cls)] = made
-        globals().setdefault(name, made)
-    return made
-
-
 def fused_class_for(cls: type) -> type:
-    return _subclass(FusedDisentangledSelfAttention, cls, "_fused_original_class",
-                     f"{cls.__name__} whose attention runs in fused_attn's kernel (rel_bias).")
+    return subclass(FusedDisentangledSelfAttention, cls, "Fused",
+                    f"{cls.__name__} whose attention runs in fused_attn's kernel (rel_bias).",
+                    _fused_original_class=cls)
 
 
 def attention_ok(module: nn.Module) -> bool:
@@ -370,8 +356,9 @@ class FusedDebertaEncoder:
 
 
 def _encoder_class(cls: type) -> type:
-    return _subclass(FusedDebertaEncoder, cls, "_fused_deb_original_class",
-                     f"{cls.__name__} whose layers get the compact masks of fused_attn's DeBERTa layers.")
+    return subclass(FusedDebertaEncoder, cls, "Fused",
+                    f"{cls.__name__} whose layers get the compact masks of fused_attn's DeBERTa layers.",
+                    _fused_deb_original_class=cls)
 
 
 def _encoder_ok(encoder: nn.Module) -> bool:

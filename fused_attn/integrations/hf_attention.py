@@ -505,10 +505,20 @@ def warn_if_bypassed(model_or_class, implementation: str = NAME) -> bool:
         import warnings
         warnings.warn(f"fused_attn: {cls.__name__} accepts attn_implementation={implementation!r} but its attention "
                       f"layers do not call transformers' attention interface, so fused_attn never runs in it (it "
-                      f"keeps its own attention code). Use fused_attn.patch(model) if fused_attn supports this "
-                      f"family (docs/design.md, Hugging Face integration), or another attn_implementation.",
-                      stacklevel=4)
+                      f"keeps its own attention code). {_instead(cls)}", stacklevel=4)
     return True
+
+
+def _instead(cls: type) -> str:
+    """What to call instead, in the bypass warning.  DeBERTa-v2/v3: transformers has no hook at model
+    init that could swap its attention classes (its layers are not hub-kernel layers either), so
+    fused_attn does not re-class a model behind from_pretrained's back; patch() is the route."""
+    if cls.__module__.rsplit(".", 1)[-1] == "modeling_deberta_v2":
+        return ("fused_attn fuses DeBERTa-v2/v3 through patch(): load the model as usual, then call "
+                "fused_attn.patch(model) (padded) or fused_attn.patch(model, padding_free=True); "
+                "attn_implementation does not matter to it.")
+    return ("Use fused_attn.patch(model) if fused_attn supports this family (docs/huggingface.md, the routes "
+            "table), or another attn_implementation.")
 
 
 def _install_bypass_warning() -> None:

@@ -35,6 +35,7 @@ import contextvars
 import inspect
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -44,10 +45,10 @@ from torch import nn
 from ..functional import varlen_attention
 from ..packing import Unpadded, gather_tokens, scatter_tokens, unpad_info
 from . import instance_forward, packed_layers
+from .classes import subclass
 
 STATE = "_fused_attn_padding_free"
 _CALLS: contextvars.ContextVar = contextvars.ContextVar("fused_attn_padding_free_calls", default=())
-_CLASSES: Dict[type, type] = {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,17 +73,40 @@ def _plain_linear(m: nn.Module) -> bool:
             and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks))
 
 
+_QKV: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _qkv_weights(lins, ws, bs):
+    """The three linears' weights (and biases) concatenated.  With grad enabled: a fresh torch.cat,
+    so autograd routes the gradients back to the three layers (and the weights change with every
+    optimizer step anyway).  Without (inference): cached on the first linear and reused while the six
+    tensors are the same objects with the same storage and version -- an optimizer step, a
+    load_state_dict or a .to() makes a new one -- so a forward of a few tokens does not copy 3 x
+    hidden^2 weights per layer.  The cache costs one copy of the q/k/v weights while it lives."""
+    tensors = [t for t in (*ws, *bs) if t is not None]
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
+        return torch.cat(ws), None if bs[0] is None else torch.cat(bs)      # (inference tensors have no version)
+    key = [(t._version, t.data_ptr()) for t in tensors]
+    hit = _QKV.get(lins[0])
+    if hit is not None and hit[1] == key and all(r() is t for r, t in zip(hit[0], tensors)):
+        return hit[2], hit[3]
+    w, b = torch.cat(ws), None if bs[0] is None else torch.cat(bs)
+    _QKV[lins[0]] = ([weakref.ref(t) for t in tensors], key, w, b)
+    return w, b
+
+
 def _project_qkv(q_lin, k_lin, v_lin, x: torch.Tensor):
     """The q, k, v projections of x.  Three plain linears of the same input run as one GEMM on their
     concatenated weights (one pass over x, one bias copy, one parallel region instead of three;
-    autograd splits the gradients back); the values are those of the three calls."""
+    autograd splits the gradients back; see _qkv_weights); the values are those of the three calls."""
     lins = (q_lin, k_lin, v_lin)
     if all(_plain_linear(m) for m in lins):
         ws = [m.weight for m in lins]
         bs = [m.bias for m in lins]
         if len({(w.dtype, w.device, w.shape[1]) for w in ws}) == 1 and (all(b is None for b in bs) or
                                                                           all(b is not None for b in bs)):
-            qkv = nn.functional.linear(x, torch.cat(ws), None if bs[0] is None else torch.cat(bs))
+            w, b = _qkv_weights(lins, ws, bs)
+            qkv = nn.functional.linear(x, w, b)
             return qkv.split([w.shape[0] for w in ws], dim=-1)
     return q_lin(x), k_lin(x), v_lin(x)
 
@@ -473,15 +497,9 @@ def _bind_function(fn: Callable, self, args, kwargs) -> Dict[str, Any]:
 
 
 def _padding_free_class(cls: type) -> type:
-    pf = _CLASSES.get(cls)
-    if pf is None:
-        name = "PaddingFree" + cls.__name__
-        pf = type(name, (_PaddingFreeEncoder, cls), {
-            "__module__": __name__, "__qualname__": name, "_fused_pf_original_class": cls,
-            "__doc__": f"{cls.__name__} whose layers run on packed tokens (fused_attn padding_free)."})
-        _CLASSES[cls] = pf
-        globals().setdefault(name, pf)      # so pickle finds it
-    return pf
+    return subclass(_PaddingFreeEncoder, cls, "PaddingFree",
+                    f"{cls.__name__} whose layers run on packed tokens (fused_attn padding_free).",
+                    _fused_pf_original_class=cls)
 
 
 # --------------------------------------------------------------------------------------------
