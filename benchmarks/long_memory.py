@@ -9,7 +9,8 @@ Reports, in one CSV row per run:
     (recorded by a TorchDispatchMode; fused_attn's custom ops allocate their outputs through ATen
     too), and ``sxs_tensors``: how many op outputs had two dimensions of size S (an [S, S] score or mask
     tensor) -- 0 means none was formed on this path;
-  * the wall time of the step.
+  * the wall time of the step, and its forward (``forward_s``) and backward (``backward_s``,
+    with checkpointing: the layers' recomputed forward too) parts.
 
     python benchmarks/long_memory.py --seqlen 8192 --out benchmarks/results/long_memory.csv
 
@@ -87,6 +88,7 @@ def main():
     t0 = time.perf_counter()
     with spy:
         out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        t1 = time.perf_counter()
         out.float().pow(2).mean().backward()
     wall = time.perf_counter() - t0
     grads_ok = all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in model.parameters())
@@ -94,7 +96,8 @@ def main():
                batch=B, seqlen=S, dtype="fp32", mode="padding_free", step="forward+backward",
                checkpointing=args.checkpointing, base_rss_mb=round(base_rss), peak_rss_mb=round(peak_rss_mb()),
                step_rss_mb=round(peak_rss_mb() - base_rss), largest_tensor=f"{spy.largest[1]} from {spy.largest[0]}",
-               sxs_tensors=len(spy.sxs), grads_finite=grads_ok, wall_s=round(wall, 1),
+               sxs_tensors=len(spy.sxs), grads_finite=grads_ok, wall_s=round(wall, 1), forward_s=round(t1 - t0, 1),
+               backward_s=round(wall - (t1 - t0), 1),
                load_avg_1m=f"{load0:.1f}-{os.getloadavg()[0]:.1f}", cpu_threads=torch.get_num_threads(),
                torch=torch.__version__, transformers=tr.__version__,
                date=datetime.datetime.now().isoformat(timespec="seconds"))
