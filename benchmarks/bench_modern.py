@@ -86,9 +86,11 @@ def make_batch(B: int, S: int, vocab: int, seed: int, device, lengths: str):
     return {"input_ids": (ids * mask).to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-def step_fn(model, batch, phase: str):
+def step_fn(model, batch, phase: str, checkpointing: bool = False):
     if phase == "train":
         model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
         def step():
@@ -117,6 +119,8 @@ def main():
     ap.add_argument("--lengths", choices=("stratified", "random"), default="stratified")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--checkpointing", action="store_true",
+                    help="train: gradient checkpointing in every mode (keeps ModernBERT-base at B=8 S=1024 in memory)")
     ap.add_argument("--append", action="store_true", help="append to --out instead of overwriting it")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -136,7 +140,7 @@ def main():
             mask = batch["attention_mask"]
             load0 = os.getloadavg()
             models = {m: build(name, m, phase, dev) for m in modes}
-            fns = {m: step_fn(models[m], batch, phase) for m in modes}
+            fns = {m: step_fn(models[m], batch, phase, args.checkpointing) for m in modes}
             if dev.type == "cuda":
                 stats = {m: time_it(fns[m], args.warmup, args.iters, dev) for m in modes}
             else:
@@ -147,7 +151,8 @@ def main():
                 med, p10, p90, _ = stats[mode]
                 row = dict(meta, model=name, phase=phase, mode=mode, batch=args.batch, seqlen=args.seqlen,
                            real_token_share=round(mask.float().mean().item(), 3), lengths=args.lengths,
-                           dropout=DROPOUT if phase == "train" else 0.0, timing="interleaved",
+                           dropout=DROPOUT if phase == "train" else 0.0,
+                           checkpointing=bool(args.checkpointing and phase == "train"), timing="interleaved",
                            iters=args.iters, load_avg_1m=f"{load0[0]:.1f}-{load1[0]:.1f}",
                            median_ms=round(med, 1), p10_ms=round(p10, 1), p90_ms=round(p90, 1))
                 for b in ("eager", "sdpa", "fused_attn"):

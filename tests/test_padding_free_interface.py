@@ -290,3 +290,31 @@ def test_modernbert_4x_warns():
     msgs = [str(m.message) for m in w if "fused_attn" in str(m.message)]
     assert len(msgs) == 1 and "ModernBERT on transformers 4.x" in msgs[0], msgs
     assert not pi.is_packed(model)
+
+
+@needs_5
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "padding_free"])
+def test_patch_backend_reaches_every_interface_call(monkeypatch, packed):
+    """patch(model, backend=...) of an interface model: every attention call gets that backend (a
+    second patch updates it; unpatch removes it)."""
+    from fused_attn.integrations import hf_attention
+
+    seen = []
+    for name in ("fused_attention", "varlen_attention"):
+        def spy(*a, _real=getattr(hf_attention, name), _name=name, **kw):
+            seen.append((_name, kw.get("backend")))
+            return _real(*a, **kw)
+        monkeypatch.setattr(hf_attention, name, spy)
+    model = model_of("modernbert")
+    kernel = "varlen_attention" if packed else "fused_attention"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused_attn.patch(model, backend="reference", padding_free=packed)
+    model(**batch())
+    assert seen == [(kernel, "reference")] * 3
+    seen.clear()
+    fused_attn.patch(model, backend="cpu", padding_free=packed)
+    model(**batch())
+    assert seen == [(kernel, "cpu")] * 3
+    fused_attn.unpatch(model)
+    assert not any(hf_attention.BACKEND_ATTR in m.__dict__ for m in model.modules())

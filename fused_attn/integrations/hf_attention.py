@@ -16,6 +16,7 @@ Imports transformers lazily: importing this module does not import it.
 """
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Dict, Optional, Tuple
 
@@ -429,7 +430,7 @@ def fused_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     hm, hm_ok = _head_mask_vector(head_mask, H)
     training = bool(getattr(module, "training", False))
     p = float(dropout) if training else 0.0
-    backend = getattr(module, "fused_attn_backend", "auto")
+    backend = getattr(module, BACKEND_ATTR, "auto")
     wants_attentions = _wants_attentions(module, kwargs)
     if not wants_attentions and hm is None:
         seqs = _packed_batch(attention_mask, query, kwargs)
@@ -451,6 +452,43 @@ def fused_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     out = fused_attention(query, key, value, attention_mask=mask, causal=causal, dropout_p=p,
                           scale=scale, head_mask=hm, backend=backend, **extra)
     return out.transpose(1, 2).contiguous(), None
+
+
+# --------------------------------------------------------------------------------------------
+# patch(model, backend=...) for models whose attention goes through the interface
+
+#: the attribute fused_attention_forward reads on the calling module ("auto" when absent)
+BACKEND_ATTR = "fused_attn_backend"
+
+
+def calls_interface(module: torch.nn.Module) -> bool:
+    """Is ``module`` an attention layer that calls transformers' attention interface (its forward
+    names ``ALL_ATTENTION_FUNCTIONS``, as every such layer of transformers 5 does)?  Those are the
+    modules HF passes to the attention function as ``module``."""
+    fwd = getattr(type(module), "forward", None)
+    code = getattr(inspect.unwrap(fwd), "__code__", None) if fwd is not None else None
+    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
+
+
+def set_backend(model: torch.nn.Module, backend: str) -> int:
+    """Make every interface attention layer of ``model`` call fused_attn with ``backend`` (what
+    ``patch(model, backend=...)`` chose; "auto" removes the setting).  Returns how many layers."""
+    n = 0
+    for m in model.modules():
+        if calls_interface(m):
+            if backend == "auto":
+                m.__dict__.pop(BACKEND_ATTR, None)
+            else:
+                m.__dict__[BACKEND_ATTR] = backend
+            n += 1
+    return n
+
+
+def clear_backend(model: torch.nn.Module) -> None:
+    """Undo :func:`set_backend` (unpatch)."""
+    for m in model.modules():
+        if calls_interface(m):
+            m.__dict__.pop(BACKEND_ATTR, None)
 
 
 # --------------------------------------------------------------------------------------------

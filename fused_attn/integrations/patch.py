@@ -22,7 +22,7 @@ from typing import Iterator, List, Tuple
 
 from torch import nn
 
-from . import deberta, packed_interface
+from . import deberta, hf_attention, packed_interface
 from . import padding_free as pf
 from .bert import (TRANSFORMERS_5, FusedBertSelfAttention, _forward_params, _rebuild,  # noqa: F401
                    fused_class_for, is_bert_self_attention_like)
@@ -53,7 +53,9 @@ def _hf_models(model: nn.Module) -> List[nn.Module]:
 def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -> nn.Module:
     """Replace every BertSelfAttention-like module of ``model`` by its fused version, in place.
 
-    ``backend`` is passed to ``fused_attn.attention`` ("auto" honours FUSED_ATTN_BACKEND).
+    ``backend`` is passed to ``fused_attn.attention`` / ``varlen_attention`` ("auto" honours
+    FUSED_ATTN_BACKEND), by the swapped modules and by every layer that reaches fused_attn through
+    transformers' attention interface (their ``fused_attn_backend`` attribute).
     ``padding_free=True`` also makes every BERT-family encoder run on packed tokens (the real
     tokens only, ``fused_attn.varlen_attention``; outputs zero at padding): see
     fused_attn/integrations/padding_free.py.  ``model`` may be a Hugging Face model or anything that
@@ -82,6 +84,7 @@ def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -
         if padding_free and packed_interface.warn_modernbert_4x(model):     # its own (only) warning
             return model
         if TRANSFORMERS_5 and _switch_to_interface(model, state):
+            hf_attention.set_backend(model, backend)
             if padding_free:
                 warnings.warn(f"fused_attn.patch: padding_free=True does not cover {type(model).__name__} (families that "
                               "run on packed tokens: fused_attn.integrations.packed_interface.FAMILIES); it runs on "
@@ -111,6 +114,8 @@ def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -
             m.set_attn_implementation("fused_attn")
             if m.config._attn_implementation == "fused_attn":
                 state["attn_impl"].append((m, previous))
+    if TRANSFORMERS_5:       # the layers that call fused_attn through the interface use the same backend
+        hf_attention.set_backend(model, backend)
     model.__dict__[_STATE] = state
     return model
 
@@ -161,6 +166,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     attn_implementation.  A no-op on a model that is not patched; returns ``model``."""
     pf.disable(model)
     packed_interface.disable(model)
+    hf_attention.clear_backend(model)
     deberta.disable(model)
     for parent, name, child in _children(model):
         if isinstance(child, FusedBertSelfAttention):
