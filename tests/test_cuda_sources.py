@@ -22,7 +22,10 @@ SOURCES = [s for s in _build.sources(with_cuda=True) if s.endswith(".cu")]
 
 
 def test_cuda_sources_listed():
-    assert [Path(s).name for s in SOURCES] == ["attn_cuda.cu"]
+    """The ops, and each kernel for each dtype in a file of its own (a parallel build compiles them
+    side by side: docs/build.md)."""
+    kernels = [f"{k}_{t}.cu" for k in ("bwd_dkdv", "bwd_dq", "fwd") for t in ("bf16", "f16", "f32")]
+    assert [Path(s).name for s in SOURCES] == sorted(["attn_cuda.cu", *kernels])
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (CUDA_HOME, PATH, /usr/local/cuda)")

@@ -383,7 +383,9 @@ namespace cuda {
 struct CUDAGuard {
   explicit CUDAGuard(c10::Device) {}
 };
-struct CUDAStream {};
+struct CUDAStream {
+  operator cudaStream_t() const { return nullptr; }   // what the kernels' launchers take
+};
 inline CUDAStream getCurrentCUDAStream() { return {}; }
 }  // namespace cuda
 }  // namespace c10
