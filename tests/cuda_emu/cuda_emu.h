@@ -1,4 +1,4 @@
-// A CPU emulation of the small part of CUDA that csrc/cuda/attn_cuda.cu uses, so the test suite can
+// A CPU emulation of the small part of CUDA that csrc/cuda/ uses, so the test suite can
 // run the CUDA kernels (the source itself, unchanged) on machines without a GPU.
 //
 // Each thread of a block is a fiber with its own stack (created with ucontext, switched with
