@@ -7,7 +7,11 @@
 #include <limits>
 #include <optional>
 
+// FUSED_ATTN_KERNELS_ONLY: the descriptions alone, without ATen and the host code that fills them
+// from the ops' tensors (the CUDA kernel files, csrc/cuda/attn_*.cu, compile in seconds without ATen).
+#if !defined(FUSED_ATTN_KERNELS_ONLY)
 #include <ATen/ATen.h>
+#endif
 
 #include "philox.h"
 
@@ -126,6 +130,7 @@ struct SeqLayout {
   FA_HOST_DEVICE int64_t dropout_k_len() const { return max_k; }
 };
 
+#if !defined(FUSED_ATTN_KERNELS_ONLY)
 inline int64_t bcast_stride(const at::Tensor& t, int dim) {
   return t.size(dim) == 1 ? 0 : t.stride(dim);
 }
@@ -266,6 +271,7 @@ inline SeqLayout make_seq_layout(const at::Tensor& q, const at::Tensor& k,
   s.max_k = max_seqlen_k;
   return s;
 }
+#endif  // !FUSED_ATTN_KERNELS_ONLY
 
 // DeBERTa's disentangled score (fused_attn.DisentangledBias): score(i, j) += c2p[i, c] + p2c[j, c]
 // before the scale, with c = index[i - j + max_k - 1] (i, j positions inside the sequence,
@@ -292,6 +298,7 @@ struct RelBias {
   }
 };
 
+#if !defined(FUSED_ATTN_KERNELS_ONLY)
 // The RelBias of a call (off when rel_index is absent) and, for the backward (grads), its zeroed
 // gradients dc2p / dp2c (empty tensors for an absent table).
 inline RelBias make_rel_bias(const at::Tensor& q, const at::Tensor& k, const SeqLayout& lay,
@@ -380,5 +387,6 @@ inline void allocate_backward(const at::Tensor& q, const at::Tensor& k, const at
   dk = zeros_token_major(k);
   dv = zeros_token_major(v);
 }
+#endif  // !FUSED_ATTN_KERNELS_ONLY
 
 }  // namespace fused_attn_kernels

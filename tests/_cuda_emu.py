@@ -1,7 +1,7 @@
-"""The CUDA kernels of csrc/cuda/attn_cuda.cu, run on CPU: the suite's "cuda-emu" engine.
+"""The CUDA kernels of csrc/cuda/, run on CPU: the suite's "cuda-emu" engine.
 
 tests/cuda_emu/cuda_emu.h emulates the part of CUDA the file uses (threads as fibers, barriers,
-warp shuffles, shared memory, launch limits), and attn_cuda_emu.cpp compiles the unchanged .cu
+warp shuffles, shared memory, launch limits), and attn_cuda_emu.cpp compiles the unchanged .cu files
 with it into ``torch.ops.fused_attn_cuda_emu``, under the fused_attn ops' schemas (csrc/op_schema.h:
 the same arguments, packed varlen ones included).  `route` makes the "cuda" backend take CPU
 tensors and call those ops, so every engine-parametrized test also runs the CUDA kernels on

@@ -81,7 +81,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_runtest_setup(item):
-    if ("cuda" in item.keywords or "gpu_smoke" in item.keywords) and not torch.cuda.is_available():
+    # markers, not item.keywords: those also hold the names of the parent directories (a checkout
+    # in a directory named "cuda" would skip every test)
+    if (item.get_closest_marker("cuda") or item.get_closest_marker("gpu_smoke")) and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
 
 

@@ -28,7 +28,8 @@ def sources(tmp_path, monkeypatch):
 def test_name_follows_every_source_byte(sources, with_cuda, portable):
     name = _build.ext_name(with_cuda, portable)
     assert name.startswith(_build.NAME + ("_cuda" if with_cuda else "_cpu") + ("_portable" if portable else ""))
-    for rel in ("fused_attn.cpp", "cpu_forward.cpp", "cpu_backward.cpp", "cpu_attn.h", "mask_desc.h", "cuda/attn_cuda.cu"):
+    for rel in ("fused_attn.cpp", "cpu_forward.cpp", "cpu_backward.cpp", "cpu_attn.h", "mask_desc.h", "cuda/attn_cuda.cu",
+                "cuda/attn_kernels.cuh", "cuda/fwd.cuh", "cuda/fwd_f16.cu", "cuda/bwd_dkdv_bf16.cu", "cuda/bwd_dq_f32.cu"):
         path = sources / rel
         data = path.read_bytes()
         path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))        # one bit of one byte

@@ -38,7 +38,8 @@ def test_ahead_of_time_wheel_ships_sources_and_extension(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for f in ("fused_attn/csrc/fused_attn.cpp", "fused_attn/csrc/cpu_forward.cpp", "fused_attn/csrc/cpu_backward.cpp",
               "fused_attn/csrc/cpu_attn.h", "fused_attn/csrc/mask_desc.h", "fused_attn/csrc/philox.h",
-              "fused_attn/csrc/cpu_kernels.h", "fused_attn/csrc/cuda/attn_cuda.cu"):
+              "fused_attn/csrc/cpu_kernels.h", "fused_attn/csrc/cuda/attn_cuda.cu",
+              "fused_attn/csrc/cuda/attn_kernels.cuh", "fused_attn/csrc/cuda/fwd.cuh", "fused_attn/csrc/cuda/fwd_f16.cu"):
         assert f in names, f"{f} missing from {wheel.name}"
     assert any(n.startswith("fused_attn/_C") and n.endswith(".so") for n in names), sorted(names)
 

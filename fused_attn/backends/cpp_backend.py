@@ -93,7 +93,7 @@ def _no_cuda_torch() -> Optional[str]:
     return None if torch.version.cuda is not None else f"torch {torch.__version__} has no CUDA support"
 
 
-# Tile sizes: csrc/cpu_attn.h (CPU), csrc/cuda/attn_cuda.cu (CUDA).
+# Tile sizes: csrc/cpu_attn.h (CPU), csrc/cuda/attn_kernels.cuh (CUDA).
 CPU = CppEngine("cpu", "cpu", (64, 64), 256, lambda: extension_ops("cpu"), features={"window", "gqa", "rel_bias"})
 CUDA = CppEngine("cuda", "cuda", (32, 32), 128, lambda: extension_ops("cuda"), _no_cuda_torch,
                  features={"window", "gqa", "rel_bias"})

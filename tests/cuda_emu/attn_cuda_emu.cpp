@@ -1,4 +1,4 @@
-// csrc/cuda/attn_cuda.cu compiled for the CPU under the CUDA emulation of cuda_emu.h, registered as
+// csrc/cuda/attn_*.cu compiled for the CPU under the CUDA emulation of cuda_emu.h, registered as
 // torch.ops.fused_attn_cuda_emu.{fwd, bwd, dropout_keep} (the fused_attn ops' schemas, op_schema.h).
 // The test suite's "cuda-emu" engine routes the "cuda" backend's calls here (tests/_cuda_emu.py).
 #undef _FORTIFY_SOURCE   // its longjmp check rejects the emulation's jumps between fiber stacks
@@ -14,6 +14,16 @@ __shared__ float smem[fa_emu::kSmemFloats];
 }  // namespace cuda
 }  // namespace fused_attn_kernels
 
+// The kernel files, then the ops (one translation unit here; several in the extension's build).
+#include "cuda/fwd_f32.cu"
+#include "cuda/fwd_f16.cu"
+#include "cuda/fwd_bf16.cu"
+#include "cuda/bwd_dkdv_f32.cu"
+#include "cuda/bwd_dkdv_f16.cu"
+#include "cuda/bwd_dkdv_bf16.cu"
+#include "cuda/bwd_dq_f32.cu"
+#include "cuda/bwd_dq_f16.cu"
+#include "cuda/bwd_dq_bf16.cu"
 #include "cuda/attn_cuda.cu"
 #include "op_schema.h"
 

@@ -1,4 +1,4 @@
-// A CPU emulation of the small part of CUDA that csrc/cuda/attn_cuda.cu uses, so the test suite can
+// A CPU emulation of the small part of CUDA that csrc/cuda/ uses, so the test suite can
 // run the CUDA kernels (the source itself, unchanged) on machines without a GPU.
 //
 // Each thread of a block is a fiber with its own stack (created with ucontext, switched with
@@ -383,7 +383,9 @@ namespace cuda {
 struct CUDAGuard {
   explicit CUDAGuard(c10::Device) {}
 };
-struct CUDAStream {};
+struct CUDAStream {
+  operator cudaStream_t() const { return nullptr; }   // what the kernels' launchers take
+};
 inline CUDAStream getCurrentCUDAStream() { return {}; }
 }  // namespace cuda
 }  // namespace c10

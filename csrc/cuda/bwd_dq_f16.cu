@@ -1,0 +1,8 @@
+// bwd_dq.cuh's kernel for c10::Half inputs (one file per kernel and dtype: a parallel build compiles them
+// side by side).
+#if !defined(FUSED_ATTN_CUDA_EMULATION)
+#define FUSED_ATTN_KERNELS_ONLY 1   // no ATen (attn_kernels.cuh)
+#endif
+#include "bwd_dq.cuh"
+
+FA_INSTANTIATE_BWD_DQ(c10::Half)
