@@ -99,7 +99,7 @@ gpu-check:
 VENV36 ?= .venv-triton36
 $(VENV36)/.installed:
 	$(PYTHON) -m venv $(VENV36)
-	$(VENV36)/bin/pip install -q torch==2.13.0 triton==3.6.0 numpy packaging
+	$(VENV36)/bin/pip install -q torch==2.13.0 triton==3.6.0 numpy packaging transformers==5.18.0
 	touch $@
 triton-cache: $(VENV36)/.installed
 	env -u TRITON_INTERPRET PYTHONPATH=$(CURDIR) $(VENV36)/bin/python -u -m benchmarks.triton_cache build \

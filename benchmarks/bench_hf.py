@@ -213,7 +213,7 @@ def step_fn(model, batch, phase: str, device):
     return step
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="CSV file to write")
     ap.add_argument("--models", default="bert-base", help="comma list of bert-base, bert-large, minilm")
@@ -232,7 +232,11 @@ def main():
     ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                     help="time the modes in turn, one step each (default on CPU: a shared machine's load drifts); "
                          "--no-interleave times each mode's steps in a row (default on GPU: one model in memory)")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     dev = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")

@@ -239,6 +239,9 @@ def run_step(s: Step, i: int, out: str, subs: Dict[str, str], env: Dict[str, str
         res.update({f"triton_{k}": v for k, v in count(cache_log).items()})
     except ImportError:             # no triton here: nothing was looked up
         pass
+    with open(log, "a") as f:       # what the step had to compile (misses of the prebuilt cache)
+        f.write(f"\n# triton cache: {res['new_cache_dirs']} new entries (kernels, launchers) in {cache_dir}"
+                + (f"; {gpu_summary.cache_note(res)}" if "triton_miss" in res else "") + "\n")
     res["log"] = os.path.relpath(log, out)
     return res
 

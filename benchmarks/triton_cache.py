@@ -36,7 +36,6 @@ for the cache directory they land in.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import hashlib
 import io
@@ -179,11 +178,14 @@ def pack(cache_dir: str, out: str, manifest: Dict, keep_all: bool = False) -> Di
 # -- build: the GPU steps' calls, compiled offline
 
 def _as_on_h100() -> None:
-    """The stand-in driver, and the tile tables' choice for an H100 whatever the tensors' device."""
+    """The stand-in driver, the tile tables' choice for an H100 whatever the tensors' device, and
+    backend="auto" choosing as for CUDA tensors (Triton)."""
     import torch
 
     from benchmarks import triton_offline
+    from fused_attn import backends
     triton_offline.install()
+    backends.AUTO["cpu"] = backends.AUTO["cuda"][:1]
     from fused_attn.backends import triton_backend as tb
     gpu = torch.device("cuda", 0)
     fwd, bwd = tb.fwd_config, tb.bwd_config
@@ -192,7 +194,7 @@ def _as_on_h100() -> None:
     tb.bwd_config = lambda head_dim, dtype, device: bwd(head_dim, dtype, gpu)
 
 
-def _tiny_calls(seconds: float) -> int:
+def _tiny_calls() -> int:
     """One small padded forward (fp16): the tests' check that a prebuilt cache is hit."""
     import torch
 
@@ -204,35 +206,26 @@ def _tiny_calls(seconds: float) -> int:
     return 1
 
 
-def _gpu_check_calls(seconds: float) -> int:
-    """Each case of gpu_check's kernels step once with the fused_triton / varlen_triton methods (their
-    inputs as on the GPU: same shapes, layouts and lengths), the host-cost calls, the sanitizer
-    step's cases."""
-    import torch
-
-    from benchmarks import host_cost
-    from benchmarks.gpu_check import kernel_cases
-    from benchmarks.workloads import build_method, make_inputs, runners
-    cpu, t0, n = torch.device("cpu"), time.time(), 0
-    for case in kernel_cases():
-        inp = make_inputs(case, cpu, "bshd", 0)
-        for name in ("fused_triton", "varlen_triton"):
-            if time.time() - t0 > seconds:
-                return n
-            run, _ = runners(build_method(name, inp), inp, case.mode)
-            run()
-            n += 1
-            print(f"  {case.mode} p={case.dropout} {name}: {time.time() - t0:.0f} s", flush=True)
-    host_cost.measure(cpu, n=1, rounds=1, dtype=torch.float16)
-    print(f"  host-cost calls: {time.time() - t0:.0f} s", flush=True)
-    from benchmarks import sanitize_case
-    with contextlib.redirect_stdout(io.StringIO()):     # nothing runs: its checks see garbage, ignore them
-        sanitize_case.main(["--device", "cpu"])
-    print(f"  sanitizer cases: {time.time() - t0:.0f} s", flush=True)
-    return n
+def _steps_calls(names):
+    def calls() -> int:
+        from benchmarks import triton_cache_steps
+        return triton_cache_steps.run(names)
+    return calls
 
 
-WORKLOADS = {"gpu-check": _gpu_check_calls, "tiny": _tiny_calls}
+def _workload(spec: str):
+    """'gpu-check' (every step's calls), 'tiny', or a comma list of benchmarks/triton_cache_steps.STEPS."""
+    from benchmarks.triton_cache_steps import STEPS
+    if spec == "tiny":
+        return _tiny_calls
+    names = list(STEPS) if spec == "gpu-check" else spec.split(",")
+    bad = [n for n in names if n not in STEPS]
+    if bad:
+        raise SystemExit(f"--workload: unknown {bad}; 'gpu-check', 'tiny' or a comma list of {', '.join(STEPS)}")
+    return _steps_calls(names)
+
+
+
 
 
 def _offline(libtriton: Optional[str]) -> Dict:
@@ -254,7 +247,7 @@ def _offline(libtriton: Optional[str]) -> Dict:
     return keys
 
 
-def build(out: str, libtriton: Optional[str], seconds: float, keep_all: bool, workload: str) -> int:
+def build(out: str, libtriton: Optional[str], keep_all: bool, workload: str) -> int:
     tmp = os.path.join(os.path.dirname(os.path.abspath(out)), ".triton-build-cache")
     shutil.rmtree(tmp, ignore_errors=True)
     os.environ["TRITON_CACHE_DIR"] = tmp      # read by Triton on each lookup
@@ -262,7 +255,7 @@ def build(out: str, libtriton: Optional[str], seconds: float, keep_all: bool, wo
     t0 = time.time()
     print(f"building the Triton cache for sm_90 with triton {keys['triton']} (libtriton "
           f"{keys['libtriton_sha256'][:12]}, triton_key {keys['triton_key_sha256'][:12]})", flush=True)
-    calls = WORKLOADS[workload](seconds)
+    calls = _workload(workload)()
     manifest = {"keys": keys, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "workload": workload,
                 "calls": calls, "seconds": round(time.time() - t0, 1)}
     stats = pack(tmp, out, manifest, keep_all)
@@ -281,12 +274,12 @@ def main(argv=None) -> int:
     b.add_argument("--libtriton-sha256", default=GPU_LIBTRITON_SHA256,
                    help="sha256 of the GPU machine's libtriton.so ('' = this machine's); default: PyPI's "
                         "triton 3.6.0 for CPython 3.12")
-    b.add_argument("--seconds", type=float, default=1800, help="stop starting calls after this long")
     b.add_argument("--keep-all", action="store_true", help="keep every IR file (default: json + cubin)")
-    b.add_argument("--workload", choices=sorted(WORKLOADS), default="gpu-check")
+    b.add_argument("--workload", default="gpu-check", help="gpu-check (every step below), tiny (one small call, "
+                   "the tests'), or a comma list of the steps kernels, local, deberta, hf")
     r = sub.add_parser("replay", help="make a build's calls again (TRITON_CACHE_DIR: the cache they look up)")
     r.add_argument("--libtriton-sha256", default=GPU_LIBTRITON_SHA256)
-    r.add_argument("--workload", choices=sorted(WORKLOADS), default="gpu-check")
+    r.add_argument("--workload", default="gpu-check")
     i = sub.add_parser("install", help="extract a packed cache into a cache dir and relocate it")
     i.add_argument("tarball")
     i.add_argument("cache_dir")
@@ -301,9 +294,9 @@ def main(argv=None) -> int:
         return 0
     if args.cmd == "replay":
         _offline(args.libtriton_sha256 or None)
-        WORKLOADS[args.workload](float("inf"))
+        _workload(args.workload)()
         return 0
-    return build(args.out, args.libtriton_sha256 or None, args.seconds, args.keep_all, args.workload)
+    return build(args.out, args.libtriton_sha256 or None, args.keep_all, args.workload)
 
 
 if __name__ == "__main__":

@@ -249,3 +249,80 @@ def test_summary_reports_the_deberta_targets(tmp_path):
     assert got["DeBERTa-v3-base B=32 S=512 train step: patched (padded) speed-up vs HF eager"][0] == "1.60x"
     empty = {r[0]: r[1:] for r in gpu_summary.targets(str(tmp_path / "none"), [])}
     assert empty["DeBERTa-v3-base B=32 S=512 train step: padding-free speed-up vs HF eager"][2] == "-"
+
+
+def test_prebuilt_cache_covers_every_default_step_that_launches_triton():
+    """Each default gpu_check step is either covered by a workload of the cache build or listed as not
+    covered, with why: a new step must be placed in one of the two."""
+    from benchmarks import triton_cache_steps as tcs
+    default = {s.name for s in gpu_check.STEPS if s.default}
+    assert set(tcs.COVERS) | set(tcs.NOT_COVERED) == default and not set(tcs.COVERS) & set(tcs.NOT_COVERED)
+    assert set(tcs.COVERS.values()) == set(tcs.STEPS) == set(tcs.WORKLOADS)
+    with pytest.raises(SystemExit, match="unknown"):
+        triton_cache._workload("kernels,nope")
+
+
+def test_cache_build_takes_its_shapes_from_the_step_commands(monkeypatch):
+    """The build's calls for the local, deberta and hf steps are read off those steps' command lines
+    (parsed by the step scripts' own parsers): a change of a step's shapes changes what is compiled."""
+    from benchmarks import triton_cache_steps as tcs
+    assert tcs.local_plan() == [(32, 12, 512, 64, 64), (8, 12, 2048, 64, 64)]
+    d = tcs.deberta_plan()
+    assert (d["kernel"].seq, d["kernel"].tokens, d["kernel"].heads, d["kernel"].dtype) == ([4096], 32768, 12, "fp16")
+    assert (d["train"].configs, d["train"].batch, d["train"].seqlens, d["train"].phases) == ("base", 32, "512", "train")
+    assert sorted(tcs.hf_plan()) == sorted((("bert-base", 32, 512, m, p, "stratified") for m in ("fused_attn", "padding_free")
+                                            for p in ("train", "infer")))
+    hf = next(s for s in gpu_check.STEPS if s.name == "hf")
+    monkeypatch.setattr(hf, "cmd", hf.cmd.replace("--seqlens 512", "--seqlens 256 --batch 8 --phases infer"))
+    assert {(B, S, p) for _, B, S, _, p, _ in tcs.hf_plan()} == {(8, 256, "infer")}
+
+
+def test_fake_gemms_give_the_result_shape_and_dtype():
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.triton_cache_steps import fake_gemms
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    w, b = torch.randn(4, 8, requires_grad=True), torch.randn(4)
+    a, m = torch.randn(2, 3, 5, 8), torch.randn(3, 8, 6)
+    with torch.autocast("cpu", dtype=torch.float16), fake_gemms():
+        y = F.linear(x, w, b)
+        z = torch.matmul(a, m)
+        assert torch.nn.Linear(8, 2)(x).shape == (3, 5, 2)
+    assert (y.shape, y.dtype, z.shape, z.dtype) == ((3, 5, 4), torch.float16, (2, 3, 5, 6), torch.float16)
+    assert not y.any()
+    y.float().sum().backward()
+    assert (x.grad.shape, x.grad.dtype, w.grad.shape) == (x.shape, torch.float32, w.shape)
+    with fake_gemms():
+        assert torch.matmul(a, m).dtype == torch.float32                  # no autocast: the inputs' type
+    assert torch.matmul(a, m).abs().sum() > 0 and F.linear(x, w, b).abs().sum() > 0    # the real ones again
+
+
+def test_model_step_shortcuts_launch_the_variants_of_the_real_models():
+    """The cache build runs the BERT / DeBERTa steps with 2 layers and fake GEMMs; on tiny models, the
+    kernel variants Triton would compile (its jit_cache_hook, nothing compiled, stand-in sm_90 driver)
+    are the same as with 3 layers and the real GEMMs under fp16 autocast."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
+    env["PYTHONPATH"] = ROOT
+    r = subprocess.run([sys.executable, "-m", "benchmarks.triton_cache_steps", "shortcut-check"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    for model in ("bert", "deberta"):
+        real, cheap = got[model]["real"], got[model]["cheap"]
+        names = {v.split()[0] for v in real}
+        assert {"attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"} <= names, names
+        assert all("*fp16" in v for v in real)
+        assert cheap == real, (model, sorted(set(real) ^ set(cheap))[:4])
+
+
+def test_each_step_log_says_what_it_added_to_the_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    (cache / "OLD").mkdir(parents=True)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    steps = [gpu_check.step("two", 20, "mkdir $TRITON_CACHE_DIR/A $TRITON_CACHE_DIR/B", "", needs=()),
+             gpu_check.step("none", 20, "true", "", needs=())]
+    res = gpu_check.run_all(steps, str(tmp_path / "out"), budget=60, prebuilt=None, cache_log=False)
+    assert [r["new_cache_dirs"] for r in res] == [2, 0]
+    assert f"# triton cache: 2 new entries (kernels, launchers) in {cache}" in (tmp_path / "out" / "logs" / "00_two.log").read_text()
+    assert "# triton cache: 0 new entries" in (tmp_path / "out" / "logs" / "01_none.log").read_text()
