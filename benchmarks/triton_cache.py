@@ -6,10 +6,11 @@
     python -m benchmarks.triton_cache replay                   # the build's calls again (hit test)
 
 ``build`` (TRITON_INTERPRET unset; Triton of the GPU machine's version, 3.6.0 today) runs the
-calls of the GPU steps (benchmarks/gpu_check.py: the kernels step's fused_triton and
-varlen_triton methods, the host-cost calls) on Triton's real launch path with the stand-in sm_90
-driver of benchmarks/triton_offline.py and the tiles an H100 gets, so that every kernel variant
-they reach is compiled for sm_90 by Triton's own compiler and ptxas.  The cache is pruned to what
+calls of the GPU steps (benchmarks/gpu_check.py's kernels, host, sanitizer, flex, local, deberta
+and hf steps: benchmarks/triton_cache_steps.py, one workload per step, ``--workload`` picks some)
+on Triton's real launch path with the stand-in sm_90 driver of benchmarks/triton_offline.py and
+the tiles an H100 gets, so that every kernel variant they reach is compiled for sm_90 by Triton's
+own compiler and ptxas.  The cache is pruned to what
 a hit loads (the metadata .json and the .cubin) and packed with a manifest of the key components.
 
 What decides a hit (triton/runtime/cache.py ``get_cache_key``, Triton 3.6/3.8):
