@@ -96,7 +96,7 @@ gpu-check:
 # The Triton cache of gpu-check's steps (kernels, host, sanitizer, flex, local, deberta, hf), compiled here for
 # the GPU machine's Triton (3.6.0, Python 3.12, sm_90) with the stand-in driver: .triton-prebuilt.tar.gz
 # (~3 MB, git-ignored; carry it to the device call).  Needs triton==3.6.0 beside torch and transformers in a
-# venv of its own (~2 min to make, ~6 min to build on 2 cores, ~5 GB of memory at most).
+# venv of its own (~2 min to make, 4-6 min to build on 2 shared cores, ~5 GB of memory at most).
 VENV36 ?= .venv-triton36
 $(VENV36)/.installed:
 	$(PYTHON) -m venv $(VENV36)

@@ -226,9 +226,6 @@ def _workload(spec: str):
     return _steps_calls(names)
 
 
-
-
-
 def _offline(libtriton: Optional[str]) -> Dict:
     """Triton's real launch path with the stand-in sm_90 driver, cache keys as the GPU machine's
     Triton computes them (``libtriton``: its libtriton.so's sha256; None: this machine's)."""
