@@ -285,11 +285,16 @@ def shortcut_check(B: int = 4, S: int = 64) -> Dict[str, Dict[str, List[str]]]:
     GEMMs under CPU fp16 autocast; "cheap" = 2 layers and fake_gemms, as the build runs them."""
     from benchmarks import bench_hf
     bench_hf.BERT.setdefault("tiny", TINY_BERT)
+    def bert(layers, cheap):
+        for mode in bench_hf.FUSED_MODES:
+            for phase in ("train", "infer"):
+                bert_step("tiny", B, S, mode, phase, "stratified", layers, cheap)
+
+    def deberta(layers, cheap):
+        for m in ("fused", "padding_free"):
+            deberta_step("tiny", B, S, "train", m, "triton", 0, "stratified", layers, cheap)
     out = {}
-    for label, step in (("bert", lambda layers, cheap: [bert_step("tiny", B, S, mode, phase, "stratified", layers, cheap)
-                                                         for mode in bench_hf.FUSED_MODES for phase in ("train", "infer")]),
-                        ("deberta", lambda layers, cheap: [deberta_step("tiny", B, S, "train", m, "triton", 0, "stratified",
-                                                                        layers, cheap) for m in ("fused", "padding_free")])):
+    for label, step in (("bert", bert), ("deberta", deberta)):
         out[label] = {"real": looked_up(lambda: step(3, False)), "cheap": looked_up(lambda: step(MODEL_LAYERS, True))}
     return out
 

@@ -270,8 +270,8 @@ def test_cache_build_takes_its_shapes_from_the_step_commands(monkeypatch):
     d = tcs.deberta_plan()
     assert (d["kernel"].seq, d["kernel"].tokens, d["kernel"].heads, d["kernel"].dtype) == ([4096], 32768, 12, "fp16")
     assert (d["train"].configs, d["train"].batch, d["train"].seqlens, d["train"].phases) == ("base", 32, "512", "train")
-    assert sorted(tcs.hf_plan()) == sorted((("bert-base", 32, 512, m, p, "stratified") for m in ("fused_attn", "padding_free")
-                                            for p in ("train", "infer")))
+    modes, phases = ("fused_attn", "padding_free"), ("train", "infer")
+    assert sorted(tcs.hf_plan()) == sorted(("bert-base", 32, 512, m, p, "stratified") for m in modes for p in phases)
     hf = next(s for s in gpu_check.STEPS if s.name == "hf")
     monkeypatch.setattr(hf, "cmd", hf.cmd.replace("--seqlens 512", "--seqlens 256 --batch 8 --phases infer"))
     assert {(B, S, p) for _, B, S, _, p, _ in tcs.hf_plan()} == {(8, 256, "infer")}
@@ -324,5 +324,6 @@ def test_each_step_log_says_what_it_added_to_the_cache(tmp_path, monkeypatch):
              gpu_check.step("none", 20, "true", "", needs=())]
     res = gpu_check.run_all(steps, str(tmp_path / "out"), budget=60, prebuilt=None, cache_log=False)
     assert [r["new_cache_dirs"] for r in res] == [2, 0]
-    assert f"# triton cache: 2 new entries (kernels, launchers) in {cache}" in (tmp_path / "out" / "logs" / "00_two.log").read_text()
-    assert "# triton cache: 0 new entries" in (tmp_path / "out" / "logs" / "01_none.log").read_text()
+    logs = tmp_path / "out" / "logs"
+    assert f"# triton cache: 2 new entries (kernels, launchers) in {cache}" in (logs / "00_two.log").read_text()
+    assert "# triton cache: 0 new entries" in (logs / "01_none.log").read_text()
