@@ -24,8 +24,9 @@ def cpu():
 
 
 def expected_rows(window, causal):
-    """The rule, restated: the largest of 16 / 32 / 64 rows at most an eighth of the band's width
-    (16 at least); 64 where the band is open on a side."""
+    """The forward pass's rule, restated: the largest of 16 / 32 / 64 rows at most an eighth of the
+    band's width (16 at least); 64 where the band is open on a side.  (The backward pass takes a
+    quarter: its thresholds are 128 and 256, NUMERIC_CASES.)"""
     left, right = window[0], 0 if causal else window[1]
     if left < 0 or right < 0:
         return 64
@@ -33,8 +34,8 @@ def expected_rows(window, causal):
     return 16 if w < 256 else 32 if w < 512 else 64
 
 
-# (window, causal) on both sides of each threshold: w = 255 | 256, 511 | 512; ModernBERT's 129;
-# one-sided bands keep 64.
+# (window, causal) on both sides of each forward threshold: w = 255 | 256, 511 | 512; ModernBERT's
+# 129; one-sided bands keep 64.
 RULE_CASES = [((127, 127), False), ((127, 128), False), ((255, 255), False), ((255, 256), False),
               ((64, 64), False), ((300, 0), True), ((-1, 10), False), ((40, -1), False), ((-1, -1), True)]
 
@@ -56,13 +57,17 @@ def test_rule_picks_the_tile_height(cpu, window, causal):
     assert visited[0, 0, qb].item() == want, f"window {window}, causal {causal}: expected {rows}-row tiles"
 
 
-# Sq / Sk that no tile height divides (and Sq != Sk: the band's offset), windows at the thresholds.
+# Sq / Sk that no tile height divides (and Sq != Sk: the band's offset), windows on both sides of
+# the thresholds (w = 127 | 128 | 129, 255 | 256, 511 | 512: forward 16 / 32 / 64 rows, backward
+# 16 / 32 / 64 at half the widths).
 NUMERIC_CASES = [
     (300, 300, (127, 127), False, "pad-right"),
     (97, 333, (127, 128), False, "pad-holes"),
     (333, 97, (255, 255), False, "pair"),
     (300, 300, (255, 256), False, "4d-heads"),
     (150, 150, (64, 64), False, "pad-left"),
+    (150, 170, (63, 63), False, "none"),
+    (170, 150, (63, 64), False, "pad-right"),
     (150, 170, (70, 0), True, "none"),
     (41, 41, (3, 5), False, "hf-finfo-additive"),
 ]
