@@ -66,7 +66,7 @@ def build(name: str, mode: str, phase: str, device, seed: int = 0):
 
     import fused_attn
     cfg, prefix = config(name, phase == "train")
-    cfg._attn_implementation = "eager" if mode in ("fused_attn", "padding_free") else mode
+    cfg._attn_implementation = "eager" if mode == "fused_attn" or mode.startswith("padding_free") else mode
     cls = getattr(tr, prefix + ("ForSequenceClassification" if phase == "train" else "Model"))
     torch.manual_seed(seed)
     model = cls(cfg).to(device)
