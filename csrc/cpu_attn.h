@@ -20,25 +20,23 @@ constexpr int BLOCK_N = 64;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// The query tile's height (16, 32 or BLOCK_M; it divides BLOCK_M) for a call's band, in the forward
-// or the backward pass.  A tile of bm rows under a band of width w = left + right + 1 computes
-// bm + w - 1 keys per row where w are visible: at bm = 64 and ModernBERT's w = 129, a third of the
-// work is on hidden keys.  A shorter tile keeps the GEMM micro-kernel's flop rate but re-reads the
-// k / v tiles and pays its per-tile bookkeeping more often (the backward pass more: each query tile
-// adds into the dK / dV rows of its keys), so the rule takes the largest bm with bm <= w / 8
-// (forward) or w / 4 (backward), 16 at least: ModernBERT's windows get 16 and 32 rows
-// (benchmarks/cpu_query_tiles.py measured both passes at w = 33, 129, 257).  Calls with an open
-// side (no band, causal alone: waste only on the diagonal tiles) keep BLOCK_M, the dense path
-// unchanged.  FUSED_ATTN_CPU_QUERY_ROWS=16|32|64 (read per call; docs/configuration.md) overrides.
-inline int query_tile_rows(const Band& band, bool backward) {
+// The query tile's height (16, 32 or BLOCK_M; it divides BLOCK_M) for a call's band, in both
+// passes.  A tile of bm rows under a band of width w = left + right + 1 computes bm + w - 1 keys per
+// row where w are visible: at bm = 64 and ModernBERT's w = 129, a third of the work is on hidden
+// keys (at bm = 16, a tenth).  A shorter tile keeps the GEMM micro-kernel's flop rate but re-reads
+// the k / v tiles, adds into the dK / dV rows of its keys once more and pays its per-tile
+// bookkeeping more often, so the rule takes the largest bm with bm <= w / 8 (waste near a tenth or
+// below), 16 at least (benchmarks/cpu_query_tiles.py: w = 33, 129, 257).  Calls with an open side
+// (no band, causal alone: waste only on the diagonal tiles) keep BLOCK_M, the dense path unchanged.
+// FUSED_ATTN_CPU_QUERY_ROWS=16|32|64 (read per call; docs/configuration.md) overrides the rule.
+inline int query_tile_rows(const Band& band) {
   if (const char* env = std::getenv("FUSED_ATTN_CPU_QUERY_ROWS")) {
     const int r = std::atoi(env);
     if (r == 16 || r == 32 || r == 64) return r;
   }
   if (band.left < 0 || band.right < 0) return BLOCK_M;
-  const int64_t w = band.left + band.right + 1, per_row = backward ? 4 : 8;
-  if (BLOCK_M * per_row <= w) return BLOCK_M;
-  return 32 * per_row <= w ? 32 : 16;
+  const int64_t w = band.left + band.right + 1;
+  return w >= 8 * BLOCK_M ? BLOCK_M : w >= 8 * 32 ? 32 : 16;
 }
 
 // The key tiles one query tile (rows [i0, i0 + rows), i0 a multiple of 16) visits, in order: calls

@@ -2,7 +2,7 @@
 //
 // OpenMP over (batch, k / v head); each item (every query head that reads the k / v head, one after
 // the other when grouped-query) recomputes the probabilities from the saved log-sum-exp tile by
-// tile (BM-row query tiles: query_tile_rows, at least the forward pass's height) and accumulates
+// tile (BM-row query tiles, as in the forward pass: query_tile_rows) and accumulates
 // dQ, dK, dV in fp32 (no atomics, no [Sq, Sk] buffer).  Dropout: the forward pass's Philox
 // keep-mask, regenerated from (seed, offset) (philox.h).
 // DeBERTa's disentangled score: gathered into the recomputed scores, its gradients (dS * scale)
@@ -161,7 +161,7 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
               const SeqLayout& lay, int64_t B, const MaskDesc& m, const HeadMask& hm, const Band& band, float scale,
               const DropoutParams& drop, const RelBias& rb) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fused_attn_bwd_cpu", [&] {
-    switch (query_tile_rows(band, /*backward=*/true)) {
+    switch (query_tile_rows(band)) {
       case 16: backward_kernel<scalar_t, 16>(dout, q, k, v, out, lse, dq, dk, dv, lay, B, m, hm, band, scale, drop, rb); break;
       case 32: backward_kernel<scalar_t, 32>(dout, q, k, v, out, lse, dq, dk, dv, lay, B, m, hm, band, scale, drop, rb); break;
       default: backward_kernel<scalar_t, BLOCK_M>(dout, q, k, v, out, lse, dq, dk, dv, lay, B, m, hm, band, scale, drop, rb);

@@ -149,7 +149,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
              at::Tensor& visited, const SeqLayout& lay, int64_t B, const MaskDesc& m, const HeadMask& hm,
              const Band& band, float scale, const DropoutParams& drop, const RelBias& rb) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fused_attn_fwd_cpu", [&] {
-    switch (query_tile_rows(band, /*backward=*/false)) {
+    switch (query_tile_rows(band)) {
       case 16: forward_kernel<scalar_t, 16>(q, k, v, out, lse, visited, lay, B, m, hm, band, scale, drop, rb); break;
       case 32: forward_kernel<scalar_t, 32>(q, k, v, out, lse, visited, lay, B, m, hm, band, scale, drop, rb); break;
       default: forward_kernel<scalar_t, BLOCK_M>(q, k, v, out, lse, visited, lay, B, m, hm, band, scale, drop, rb);

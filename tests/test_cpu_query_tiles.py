@@ -24,9 +24,8 @@ def cpu():
 
 
 def expected_rows(window, causal):
-    """The forward pass's rule, restated: the largest of 16 / 32 / 64 rows at most an eighth of the
-    band's width (16 at least); 64 where the band is open on a side.  (The backward pass takes a
-    quarter: its thresholds are 128 and 256, NUMERIC_CASES.)"""
+    """The rule, restated: the largest of 16 / 32 / 64 rows at most an eighth of the band's width
+    (16 at least); 64 where the band is open on a side."""
     left, right = window[0], 0 if causal else window[1]
     if left < 0 or right < 0:
         return 64
@@ -34,8 +33,8 @@ def expected_rows(window, causal):
     return 16 if w < 256 else 32 if w < 512 else 64
 
 
-# (window, causal) on both sides of each forward threshold: w = 255 | 256, 511 | 512; ModernBERT's
-# 129; one-sided bands keep 64.
+# (window, causal) on both sides of each threshold: w = 255 | 256, 511 | 512; ModernBERT's 129;
+# one-sided bands keep 64.
 RULE_CASES = [((127, 127), False), ((127, 128), False), ((255, 255), False), ((255, 256), False),
               ((64, 64), False), ((300, 0), True), ((-1, 10), False), ((40, -1), False), ((-1, -1), True)]
 
@@ -58,8 +57,7 @@ def test_rule_picks_the_tile_height(cpu, window, causal):
 
 
 # Sq / Sk that no tile height divides (and Sq != Sk: the band's offset), windows on both sides of
-# the thresholds (w = 127 | 128 | 129, 255 | 256, 511 | 512: forward 16 / 32 / 64 rows, backward
-# 16 / 32 / 64 at half the widths).
+# the thresholds (w = 255 | 256: 16 | 32 rows, 511 | 512: 32 | 64) and narrower ones.
 NUMERIC_CASES = [
     (300, 300, (127, 127), False, "pad-right"),
     (97, 333, (127, 128), False, "pad-holes"),
