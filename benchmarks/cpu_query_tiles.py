@@ -22,7 +22,6 @@ import csv
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -77,17 +76,6 @@ def ask(proc, case: dict) -> dict:
     return json.loads(line)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -109,6 +97,8 @@ def main():
     import torch
 
     import fused_attn
+    sys.path.insert(0, HERE)
+    from timing import _cpu_name
     new_src = os.path.dirname(HERE)
     ext = os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(new_src, ".ext-cache"))
     procs = {}
@@ -117,7 +107,7 @@ def main():
     if args.old_src:
         procs["old"] = (start(os.path.abspath(args.old_src), os.path.join(os.path.abspath(args.old_src), ".ext-cache")),
                         None)
-    meta = dict(cpu=cpu_model(), torch=torch.__version__, fused_attn=fused_attn.__version__,
+    meta = dict(cpu=_cpu_name(), torch=torch.__version__, fused_attn=fused_attn.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 shared_machine="yes", B=1, H=args.heads, D=args.dim, dtype="fp32")
     rows = []
