@@ -8,6 +8,9 @@ Modes:
                  fused attention (local layers through HF's sliding-window mask or window)
   padding_free   ``fused_attn.patch(model, padding_free=True)``: the model runs on the real tokens
                  only (integrations/packed_interface.py), local layers on the windowed varlen kernel
+  padding_free_rows64  (not in the default --modes) padding_free with the CPU kernel's query tiles
+                 held at 64 rows (FUSED_ATTN_CPU_QUERY_ROWS=64 around each step): the kernel as it
+                 was before narrow bands got shorter tiles
 
 Models (--models):
   modernbert-small  hidden 384, 6 layers, 6 heads of 64, intermediate 576, local_attention 128, a
@@ -63,14 +66,14 @@ def build(name: str, mode: str, phase: str, device, seed: int = 0):
 
     import fused_attn
     cfg, prefix = config(name, phase == "train")
-    cfg._attn_implementation = "eager" if mode in ("fused_attn", "padding_free") else mode
+    cfg._attn_implementation = "eager" if mode == "fused_attn" or mode.startswith("padding_free") else mode
     cls = getattr(tr, prefix + ("ForSequenceClassification" if phase == "train" else "Model"))
     torch.manual_seed(seed)
     model = cls(cfg).to(device)
     if mode == "fused_attn":
         fused_attn.register()
         model.set_attn_implementation("fused_attn")
-    elif mode == "padding_free":
+    elif mode.startswith("padding_free"):
         fused_attn.patch(model, padding_free=True)
         from fused_attn.integrations.packed_interface import is_packed
         assert is_packed(model), f"{name} did not become padding-free"
@@ -104,6 +107,21 @@ def step_fn(model, batch, phase: str, checkpointing: bool = False):
     def step():
         with torch.inference_mode():
             model(**inputs)
+    return step
+
+
+def with_env(fn, name: str, value: str):
+    """fn with os.environ[name] = value during each call (restored after)."""
+    def step():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            fn()
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
     return step
 
 
@@ -141,6 +159,8 @@ def main():
             load0 = os.getloadavg()
             models = {m: build(name, m, phase, dev) for m in modes}
             fns = {m: step_fn(models[m], batch, phase, args.checkpointing) for m in modes}
+            if "padding_free_rows64" in fns:
+                fns["padding_free_rows64"] = with_env(fns["padding_free_rows64"], "FUSED_ATTN_CPU_QUERY_ROWS", "64")
             if dev.type == "cuda":
                 stats = {m: time_it(fns[m], args.warmup, args.iters, dev) for m in modes}
             else:
@@ -155,7 +175,7 @@ def main():
                            checkpointing=bool(args.checkpointing and phase == "train"), timing="interleaved",
                            iters=args.iters, load_avg_1m=f"{load0[0]:.1f}-{load1[0]:.1f}",
                            median_ms=round(med, 1), p10_ms=round(p10, 1), p90_ms=round(p90, 1))
-                for b in ("eager", "sdpa", "fused_attn"):
+                for b in ("eager", "sdpa", "fused_attn") + tuple(m for m in ("padding_free_rows64",) if m in stats):
                     row[f"speedup_vs_{b}"] = round(stats[b][0] / med, 3) if b in stats else ""
                 rows.append(row)
                 with open(args.out, "w" if new else "a", newline="") as f:     # each row as it comes
@@ -166,7 +186,9 @@ def main():
                 new = False
                 print(f"{name:16s} {phase:5s} {mode:>12s} load {row['load_avg_1m']}: {med:9.1f} ms "
                       f"(p10 {p10:.1f}, p90 {p90:.1f})  x{row['speedup_vs_sdpa'] or '-'} vs sdpa, "
-                      f"x{row['speedup_vs_eager'] or '-'} vs eager", flush=True)
+                      f"x{row['speedup_vs_eager'] or '-'} vs eager"
+                      + (f", x{row['speedup_vs_padding_free_rows64']} vs rows64" if "padding_free_rows64" in stats else ""),
+                      flush=True)
     print("wrote", args.out)
 
 

@@ -143,8 +143,10 @@ def _forward(ops, blocks, q, k, v, red: Optional[ReducedMask], causal: bool, sca
              head_mask: Optional[torch.Tensor], rng: Optional[torch.Tensor], varlen, window_size=(-1, -1),
              rel=(None, None, None)):
     """(out [B, H, Sq, D] in q.dtype, lse [B, H, Sq] fp32 in log2 units, +inf for rows that see
-    nothing, visited key blocks per (b, h, query block)).  rng: the dropout (seed, offset), int64 [2]
-    on q's device, read by the kernels (None without dropout).
+    nothing, visited key blocks per (b, h, query block); the CPU kernel counts the key tiles of
+    each of a block's shorter query tiles under a narrow band, csrc/cpu_attn.h query_tile_rows).
+    rng: the dropout (seed, offset), int64 [2] on q's device, read by the kernels (None without
+    dropout).
 
     varlen: None, or packed sequences (fused_attn.packing.SeqLens).  Then q is [1, H, Tq, D], k and
     v [1, H, Tk, D], red None or a "none" mask, head_mask None; out is [1, H, Tq, D] (a view of a

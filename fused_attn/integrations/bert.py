@@ -16,7 +16,7 @@ output_attentions=True computes that call with eager math instead.
 from __future__ import annotations
 
 import inspect
-from typing import List, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -191,6 +191,42 @@ def _rebuild(src: torch.nn.Module, cls: type) -> torch.nn.Module:
     follow(state, src, new, type(src), cls)
     new.__dict__.update(state)
     return new
+
+
+def swap(model: nn.Module, fused_type: type, qualifies: Callable[[nn.Module], bool],
+         class_for: Callable[[type], type], backend: str) -> int:
+    """Replace every submodule of ``model`` that ``qualifies`` by ``_rebuild(child,
+    class_for(type(child)))`` in its parent, with ``fused_attn_backend = backend``; modules already
+    of ``fused_type`` only get the backend.  Returns how many were replaced (patch, deberta.enable)."""
+    n = 0
+    for parent, name, child in _children(model):
+        if isinstance(child, fused_type):
+            child.fused_attn_backend = backend
+        elif qualifies(child):
+            fused = _rebuild(child, class_for(type(child)))
+            fused.fused_attn_backend = backend
+            parent._modules[name] = fused
+            n += 1
+    return n
+
+
+def unswap(model: nn.Module, fused_type: type) -> None:
+    """Undo :func:`swap`: every ``fused_type`` submodule back to ``child.unfused()``, without the
+    backend attribute (unpatch, deberta.disable)."""
+    for parent, name, child in _children(model):
+        if isinstance(child, fused_type):
+            orig = child.unfused()
+            orig.__dict__.pop("fused_attn_backend", None)
+            parent._modules[name] = orig
+
+
+def _children(model: nn.Module) -> Iterator[Tuple[nn.Module, str, nn.Module]]:
+    """(parent, name, child) for every child of every module of ``model`` (a list per parent, so
+    that the caller may replace children while it walks)."""
+    for parent in model.modules():
+        for name, child in list(parent._modules.items()):
+            if child is not None:
+                yield parent, name, child
 
 
 def _forward_params(cls: type) -> List[str]:

@@ -375,31 +375,13 @@ def _encoder_ok(encoder: nn.Module) -> bool:
 # enable / disable (called by patch / unpatch)
 
 
-def _children(model: nn.Module):
-    for parent in model.modules():
-        for name, child in list(parent._modules.items()):
-            if child is not None:
-                yield parent, name, child
-
-
 def enable(model: nn.Module, backend: str = "auto", padding_free: bool = False) -> int:
     """Fuse every DeBERTa-v2 attention module of ``model``, and make their encoders hand them compact
     masks (padding-free too with ``padding_free``); returns how many modules or encoders changed."""
-    from .bert import _rebuild
+    from .bert import swap
 
-    n = 0
-    v1 = False
-    for parent, name, child in _children(model):
-        if isinstance(child, FusedDisentangledSelfAttention):
-            child.fused_attn_backend = backend
-        elif attention_ok(child):
-            fused = _rebuild(child, fused_class_for(type(child)))
-            fused.fused_attn_backend = backend
-            parent._modules[name] = fused
-            n += 1
-        elif _is_v1_attention(child):
-            v1 = True
-    if v1:
+    n = swap(model, FusedDisentangledSelfAttention, attention_ok, fused_class_for, backend)
+    if any(_is_v1_attention(m) for m in model.modules() if m is not model):
         _warn_once("v1", "fused_attn.patch: DeBERTa v1 (DebertaModel) is not fused yet; its attention runs HF's "
                    "code. DeBERTa-v2/v3 (DebertaV2Model) is fused.", stacklevel=4)
     for m in list(model.modules()):
@@ -431,9 +413,9 @@ def disable(model: nn.Module) -> None:
             instance_forward.follow(m.__dict__, m, m, cls, m.__class__)
             for attr in ("_fused_deb_backend", "_fused_deb_padding_free", "_fused_deb_warned"):
                 m.__dict__.pop(attr, None)
-    for parent, name, child in _children(model):
-        if isinstance(child, FusedDisentangledSelfAttention):
-            parent._modules[name] = child.unfused()
+    from .bert import unswap
+
+    unswap(model, FusedDisentangledSelfAttention)
 
 
 def is_patched(model: nn.Module) -> bool:

@@ -18,23 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterator, List, Tuple
+from typing import List, Tuple
 
 from torch import nn
 
 from . import deberta, hf_attention, packed_interface
 from . import padding_free as pf
 from .bert import (TRANSFORMERS_5, FusedBertSelfAttention, _forward_params, _rebuild,  # noqa: F401
-                   fused_class_for, is_bert_self_attention_like)
+                   fused_class_for, is_bert_self_attention_like, swap, unswap)
 
 _STATE = "_fused_attn_patch_state"
-
-
-def _children(model: nn.Module) -> Iterator[Tuple[nn.Module, str, nn.Module]]:
-    for parent in model.modules():
-        for name, child in list(parent._modules.items()):
-            if child is not None:
-                yield parent, name, child
 
 
 def _hf_models(model: nn.Module) -> List[nn.Module]:
@@ -66,15 +59,7 @@ def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -
     Idempotent (already fused modules are kept, their backend updated); returns ``model``.
     """
     state = model.__dict__.get(_STATE) or {"attn_impl": [], "mask_attrs": []}
-    swapped = 0
-    for parent, name, child in _children(model):
-        if isinstance(child, FusedBertSelfAttention):
-            child.fused_attn_backend = backend
-        elif is_bert_self_attention_like(child):
-            fused = _rebuild(child, fused_class_for(type(child)))
-            fused.fused_attn_backend = backend
-            parent._modules[name] = fused
-            swapped += 1
+    swapped = swap(model, FusedBertSelfAttention, is_bert_self_attention_like, fused_class_for, backend)
     bert_swapped = swapped
     if padding_free:
         swapped += pf.enable(model, backend) + packed_interface.enable(model, backend)
@@ -168,11 +153,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     packed_interface.disable(model)
     hf_attention.clear_backend(model)
     deberta.disable(model)
-    for parent, name, child in _children(model):
-        if isinstance(child, FusedBertSelfAttention):
-            orig = child.unfused()
-            orig.__dict__.pop("fused_attn_backend", None)
-            parent._modules[name] = orig
+    unswap(model, FusedBertSelfAttention)
     state = model.__dict__.pop(_STATE, None)
     if state:
         for m in state["mask_attrs"]:
