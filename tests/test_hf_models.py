@@ -255,6 +255,18 @@ def test_patch_on_model_without_bert_attention_warns():
         fused_attn.patch(nn.Sequential(nn.Linear(4, 4)))
 
 
+def test_patch_rejects_a_model_name_and_an_unknown_backend_at_patch_time():
+    """A model name instead of a model raised AttributeError from inside patch; an unknown backend
+    was accepted and only failed at the first forward."""
+    with pytest.raises(TypeError, match=r"model: expected a torch.nn.Module .*AutoModel.from_pretrained\('bert-base"):
+        fused_attn.patch("bert-base-uncased")
+    model = tiny()
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="backend: 'gpu' is not one of 'auto'"):
+        fused_attn.patch(model, backend="gpu")
+    assert [type(m) for m in model.modules()] == before          # nothing was swapped
+
+
 def test_import_fused_attn_does_not_import_transformers():
     import subprocess
     import sys

@@ -50,6 +50,18 @@ def _hf_models(model: nn.Module) -> List[nn.Module]:
     return found
 
 
+def _check_patch_args(model, backend) -> None:
+    """patch's own mistakes, said at patch time rather than at the first forward (or never)."""
+    if not isinstance(model, nn.Module):
+        hint = (f" (a model name? load it first: AutoModel.from_pretrained({model!r}))" if isinstance(model, str)
+                else "")
+        raise TypeError(f"model: expected a torch.nn.Module (a loaded Hugging Face model, or one that contains it), "
+                        f"got {type(model).__name__}{hint}")
+    from ..backends import names
+    if backend not in ("auto",) + tuple(names()):
+        raise ValueError(f"backend: {backend!r} is not one of 'auto', " + ", ".join(repr(n) for n in names()))
+
+
 def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -> nn.Module:
     """Replace every BertSelfAttention-like module of ``model`` by its fused version, in place.
 
@@ -65,6 +77,7 @@ def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -
     that says so (unpatch switches it back).
     Idempotent (already fused modules are kept, their backend updated); returns ``model``.
     """
+    _check_patch_args(model, backend)
     state = model.__dict__.get(_STATE) or {"attn_impl": [], "mask_attrs": []}
     swapped = 0
     for parent, name, child in _children(model):
