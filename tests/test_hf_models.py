@@ -267,6 +267,19 @@ def test_patch_rejects_a_model_name_and_an_unknown_backend_at_patch_time():
     assert [type(m) for m in model.modules()] == before          # nothing was swapped
 
 
+def test_unpatch_of_a_container_undoes_patch_of_the_model_inside():
+    """patch(st[0].auto_model) then unpatch(st): the modules came back but the attn_implementation
+    (5.x) / mask form (4.x) that patch switched stayed switched."""
+    outer = nn.ModuleList([tiny(impl="sdpa")])
+    model = outer[0]
+    before = model.config._attn_implementation, getattr(model, "attn_implementation", None)
+    fused_attn.patch(model)
+    assert hf.is_patched(model)
+    fused_attn.unpatch(outer)
+    assert not hf.is_patched(model) and not any(isinstance(m, FusedBertSelfAttention) for m in outer.modules())
+    assert (model.config._attn_implementation, getattr(model, "attn_implementation", None)) == before
+
+
 def test_import_fused_attn_does_not_import_transformers():
     import subprocess
     import sys

@@ -186,12 +186,15 @@ def unpatch(model: nn.Module) -> nn.Module:
             orig = child.unfused()
             orig.__dict__.pop("fused_attn_backend", None)
             parent._modules[name] = orig
-    state = model.__dict__.pop(_STATE, None)
-    if state:
-        for m in state["mask_attrs"]:
-            m.attn_implementation = "sdpa"
-        for m, previous in reversed(state["attn_impl"]):
-            m.set_attn_implementation(previous)
+    # the state patch() left on model or on any module inside it (patch(st[0].auto_model), then
+    # unpatch(st) restores the attn_implementation too)
+    for holder in list(model.modules()):
+        state = holder.__dict__.pop(_STATE, None)
+        if state:
+            for m in state["mask_attrs"]:
+                m.attn_implementation = "sdpa"
+            for m, previous in reversed(state["attn_impl"]):
+                m.set_attn_implementation(previous)
     return model
 
 
