@@ -260,6 +260,9 @@ def test_patch_rejects_a_model_name_and_an_unknown_backend_at_patch_time():
     was accepted and only failed at the first forward."""
     with pytest.raises(TypeError, match=r"model: expected a torch.nn.Module .*AutoModel.from_pretrained\('bert-base"):
         fused_attn.patch("bert-base-uncased")
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
+        with fused_attn.patched("bert-base-uncased"):
+            pass
     model = tiny()
     before = [type(m) for m in model.modules()]
     with pytest.raises(ValueError, match="backend: 'gpu' is not one of 'auto'"):

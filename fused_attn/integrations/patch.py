@@ -202,6 +202,7 @@ def unpatch(model: nn.Module) -> nn.Module:
 def patched(model: nn.Module, backend: str = "auto", padding_free: bool = False):
     """``with fused_attn.patched(model): ...`` -- patched inside the block, restored after (a model
     that was already patched before the block stays patched)."""
+    _check_patch_args(model, backend)
     already = is_patched(model)
     patch(model, backend=backend, padding_free=padding_free)
     try:
