@@ -145,8 +145,8 @@ def test_torch_save_of_patched_models_loads_in_a_fresh_process(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt")
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert torch.equal(g, w), i
+    for i, (g, w) in enumerate(zip(got, want)):      # the same computation in another process (its GEMMs may
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5, msg=f"model {i}")   # round apart); the bug: 2e-2
     for m in models:                                    # and in this process, through pickle's own path
         assert torch.equal(copy.deepcopy(m)(**x).last_hidden_state, m(**x).last_hidden_state)
 
