@@ -283,6 +283,18 @@ def test_unpatch_of_a_container_undoes_patch_of_the_model_inside():
     assert (model.config._attn_implementation, getattr(model, "attn_implementation", None)) == before
 
 
+def test_a_patched_model_in_float64_says_what_to_do():
+    """model.double() after patch: the kernels take fp16 / bf16 / fp32; the error named q's dtype only."""
+    model = tiny()
+    fused_attn.patch(model)
+    model.double()
+    ids, mask = batch(2, 9, [9, 4])
+    with pytest.raises(TypeError, match=r"q: dtype torch.float64 .*model.float\(\), or fused_attn.unpatch\(model\)"):
+        model(input_ids=ids, attention_mask=mask)
+    fused_attn.unpatch(model)
+    assert model(input_ids=ids, attention_mask=mask).last_hidden_state.dtype == torch.float64
+
+
 def test_import_fused_attn_does_not_import_transformers():
     import subprocess
     import sys
