@@ -45,8 +45,11 @@ def _check_tensors(q, k, v, layout: str, dtypes) -> None:
             what = " (packed tokens)" if layout == "THD" else ""
             raise ValueError(f"{name}: expected {len(layout)} dims [{', '.join(layout)}]{what}, got shape {_shape(t)}")
         if t.dtype not in dtypes:
+            hint = ("; no engine takes float64: convert the inputs with .float() (a patched Hugging Face model "
+                    "in float64, e.g. after model.double(): model.float(), or fused_attn.unpatch(model) to keep "
+                    "float64)") if t.dtype == torch.float64 else ""
             raise TypeError(f"{name}: dtype {t.dtype} is not supported "
-                            f"(expected one of {', '.join(str(d) for d in dtypes)})")
+                            f"(expected one of {', '.join(str(d) for d in dtypes)}){hint}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v: dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     if not (q.device == k.device == v.device):

@@ -255,6 +255,46 @@ def test_patch_on_model_without_bert_attention_warns():
         fused_attn.patch(nn.Sequential(nn.Linear(4, 4)))
 
 
+def test_patch_rejects_a_model_name_and_an_unknown_backend_at_patch_time():
+    """A model name instead of a model raised AttributeError from inside patch; an unknown backend
+    was accepted and only failed at the first forward."""
+    with pytest.raises(TypeError, match=r"model: expected a torch.nn.Module .*AutoModel.from_pretrained\('bert-base"):
+        fused_attn.patch("bert-base-uncased")
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
+        with fused_attn.patched("bert-base-uncased"):
+            pass
+    model = tiny()
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="backend: 'gpu' is not one of 'auto'"):
+        fused_attn.patch(model, backend="gpu")
+    assert [type(m) for m in model.modules()] == before          # nothing was swapped
+
+
+def test_unpatch_of_a_container_undoes_patch_of_the_model_inside():
+    """patch(st[0].auto_model) then unpatch(st): the modules came back but the attn_implementation
+    (5.x) / mask form (4.x) that patch switched stayed switched."""
+    outer = nn.ModuleList([tiny(impl="sdpa")])
+    model = outer[0]
+    before = model.config._attn_implementation, getattr(model, "attn_implementation", None)
+    fused_attn.patch(model)
+    assert hf.is_patched(model)
+    fused_attn.unpatch(outer)
+    assert not hf.is_patched(model) and not any(isinstance(m, FusedBertSelfAttention) for m in outer.modules())
+    assert (model.config._attn_implementation, getattr(model, "attn_implementation", None)) == before
+
+
+def test_a_patched_model_in_float64_says_what_to_do():
+    """model.double() after patch: the kernels take fp16 / bf16 / fp32; the error named q's dtype only."""
+    model = tiny()
+    fused_attn.patch(model)
+    model.double()
+    ids, mask = batch(2, 9, [9, 4])
+    with pytest.raises(TypeError, match=r"q: dtype torch.float64 .*model.float\(\), or fused_attn.unpatch\(model\)"):
+        model(input_ids=ids, attention_mask=mask)
+    fused_attn.unpatch(model)
+    assert model(input_ids=ids, attention_mask=mask).last_hidden_state.dtype == torch.float64
+
+
 def test_import_fused_attn_does_not_import_transformers():
     import subprocess
     import sys

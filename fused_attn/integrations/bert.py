@@ -48,6 +48,15 @@ class FusedBertSelfAttention(_BASE):
     # 5.x cross-attention layout (query from hidden_states, key/value from encoder_hidden_states)
     _fused_cross = False
 
+    def __setstate__(self, state):
+        # Unpickling (torch.load of a patched model, deepcopy): on transformers 5 the model's config
+        # says attn_implementation="fused_attn", and a process that never called register() would
+        # have HF drop the padding mask silently (no mask function under that name): register here.
+        super().__setstate__(state)
+        if TRANSFORMERS_5:
+            from .hf_attention import register
+            register()
+
     @classmethod
     def from_module(cls, module: torch.nn.Module) -> "FusedBertSelfAttention":
         """A fused module sharing ``module``'s submodules, parameters, buffers, hooks and flags.

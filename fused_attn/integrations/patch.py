@@ -43,6 +43,18 @@ def _hf_models(model: nn.Module) -> List[nn.Module]:
     return found
 
 
+def _check_patch_args(model, backend) -> None:
+    """patch's own mistakes, said at patch time rather than at the first forward (or never)."""
+    if not isinstance(model, nn.Module):
+        hint = (f" (a model name? load it first: AutoModel.from_pretrained({model!r}))" if isinstance(model, str)
+                else "")
+        raise TypeError(f"model: expected a torch.nn.Module (a loaded Hugging Face model, or one that contains it), "
+                        f"got {type(model).__name__}{hint}")
+    from ..backends import names
+    if backend not in ("auto",) + tuple(names()):
+        raise ValueError(f"backend: {backend!r} is not one of 'auto', " + ", ".join(repr(n) for n in names()))
+
+
 def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -> nn.Module:
     """Replace every BertSelfAttention-like module of ``model`` by its fused version, in place.
 
@@ -58,6 +70,7 @@ def patch(model: nn.Module, backend: str = "auto", padding_free: bool = False) -
     that says so (unpatch switches it back).
     Idempotent (already fused modules are kept, their backend updated); returns ``model``.
     """
+    _check_patch_args(model, backend)
     state = model.__dict__.get(_STATE) or {"attn_impl": [], "mask_attrs": []}
     swapped = swap(model, FusedBertSelfAttention, is_bert_self_attention_like, fused_class_for, backend)
     bert_swapped = swapped
@@ -154,12 +167,15 @@ def unpatch(model: nn.Module) -> nn.Module:
     hf_attention.clear_backend(model)
     deberta.disable(model)
     unswap(model, FusedBertSelfAttention)
-    state = model.__dict__.pop(_STATE, None)
-    if state:
-        for m in state["mask_attrs"]:
-            m.attn_implementation = "sdpa"
-        for m, previous in reversed(state["attn_impl"]):
-            m.set_attn_implementation(previous)
+    # the state patch() left on model or on any module inside it (patch(st[0].auto_model), then
+    # unpatch(st) restores the attn_implementation too)
+    for holder in list(model.modules()):
+        state = holder.__dict__.pop(_STATE, None)
+        if state:
+            for m in state["mask_attrs"]:
+                m.attn_implementation = "sdpa"
+            for m, previous in reversed(state["attn_impl"]):
+                m.set_attn_implementation(previous)
     return model
 
 
@@ -167,6 +183,7 @@ def unpatch(model: nn.Module) -> nn.Module:
 def patched(model: nn.Module, backend: str = "auto", padding_free: bool = False):
     """``with fused_attn.patched(model): ...`` -- patched inside the block, restored after (a model
     that was already patched before the block stays patched)."""
+    _check_patch_args(model, backend)
     already = is_patched(model)
     patch(model, backend=backend, padding_free=padding_free)
     try:
