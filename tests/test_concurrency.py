@@ -157,3 +157,31 @@ def test_cache_under_concurrent_put_get_and_deletion(busy_switching):
     for t in threads:
         t.join()
     assert not errors, errors[:5]
+
+
+def test_padding_free_layer_unpatched_in_flight_raises(monkeypatch):
+    """unpatch() in another thread can take a layer's packed forward away between the encoder's
+    install() and the layer call; HF's own forward then runs on the packed tokens with no mask (on
+    transformers 5 it swallows the packed keyword): the call must raise, never return that."""
+    transformers = pytest.importorskip("transformers")
+    from fused_attn.integrations import packed_layers
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=48, max_position_embeddings=32, attn_implementation="eager")
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(5, 97, (2, 12))
+    mask = padding_mask(torch.tensor([12, 5]), 12).long()
+    fused_attn.patch(model, padding_free=True)
+    with torch.inference_mode():
+        model(input_ids=ids, attention_mask=mask)             # runs packed: installs every layer
+    install = packed_layers.install
+
+    def install_then_lose(layer):                             # the interleaving unpatch() can cause
+        install(layer)
+        packed_layers.remove(packed_layers.inner(layer))
+
+    monkeypatch.setattr(packed_layers, "install", install_then_lose)
+    with torch.inference_mode(), pytest.raises((RuntimeError, TypeError), match="did not run packed|unexpected"):
+        model(input_ids=ids, attention_mask=mask)
+    monkeypatch.setattr(packed_layers, "install", install)
+    fused_attn.unpatch(model)

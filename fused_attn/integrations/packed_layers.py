@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import sys
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -38,6 +38,8 @@ class Packed:
     layout: Any
     un: Unpadded
     backend: str
+    # one entry per packed body run (LayerForward): call() checks that the layer ran its packed body
+    ran: list = field(default_factory=list, compare=False, repr=False)
 
 
 def inner(layer: nn.Module) -> nn.Module:
@@ -63,6 +65,7 @@ class LayerForward:
                 return self.previous(*args, **kwargs)
             return type(self.layer).forward(self.layer, *args, **kwargs)
         (x,) = args
+        packed.ran.append(None)
         return packed.layout.run(self.layer, x, packed.un, packed.backend)
 
 
@@ -104,13 +107,23 @@ def call(encoder: nn.Module, layer: nn.Module, x: torch.Tensor, packed: Packed) 
     """``layer`` of ``encoder`` on the packed tokens x [1, T, hidden], called as a module."""
     install(layer)                               # a layer put in after patch() gets it here
     kwargs = {PACKED_KW: packed}
+    runs = len(packed.ran)
     if (getattr(encoder, "gradient_checkpointing", False) and encoder.training and torch.is_grad_enabled()
             and not checkpoints_itself(layer)):
         # transformers < 4.52: the encoder, not the layer, checkpoints (as its own loop does)
         fn = getattr(encoder, "_gradient_checkpointing_func", None) or \
             functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-        return fn(functools.partial(layer.__call__, **kwargs), x)
-    return layer(x, **kwargs)
+        out = fn(functools.partial(layer.__call__, **kwargs), x)
+    else:
+        out = layer(x, **kwargs)
+    if len(packed.ran) == runs:
+        # The layer's own forward ran instead of the packed body: unpatch() (in another thread) took
+        # the LayerForward away after install() above.  On transformers 5 that forward takes **kwargs,
+        # so it ran on the packed tokens with no mask, across sequences: never return that.
+        raise RuntimeError(f"fused_attn padding_free: {type(inner(layer)).__name__} did not run packed "
+                           "(the model was unpatched while this call was in flight); patch and unpatch "
+                           "between calls")
+    return out
 
 
 def mute_capture(collector: Optional[Dict[str, Any]]) -> Any:
