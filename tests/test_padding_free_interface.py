@@ -318,3 +318,25 @@ def test_patch_backend_reaches_every_interface_call(monkeypatch, packed):
     assert seen == [(kernel, "cpu")] * 3
     fused_attn.unpatch(model)
     assert not any(hf_attention.BACKEND_ATTR in m.__dict__ for m in model.modules())
+
+
+@needs_5
+@pytest.mark.parametrize("where", ["embeddings", "layer 1"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpatch_during_a_packed_call_raises(family, where):
+    """unpatch() (another thread's, here a layer's pre-hook) in the middle of a packed call switches
+    the later layers to eager attention on packed tokens: the call must raise, never return that.
+    Unpatched before HF builds the mask (at the embeddings), every layer would run eager attention
+    with no mask across the packed sequences; later, eager attention fails on the FusedMask."""
+    model = padding_free(model_of(family))
+    layer = (getattr(model, "embeddings", None) or model.embed_tokens) if where == "embeddings" else \
+        [m for m in model.modules() if type(m).__name__.endswith("Layer")][1]
+
+    def unpatch_now(module, args):
+        fused_attn.unpatch(model)
+
+    handle = layer.register_forward_pre_hook(unpatch_now)
+    with torch.inference_mode(), pytest.raises((RuntimeError, TypeError), match="in flight|FusedMask"):
+        model(**batch())
+    handle.remove()
+    assert not pi.is_packed(model) and model.config._attn_implementation == "eager"

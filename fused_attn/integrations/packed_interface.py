@@ -118,10 +118,11 @@ def _has_holes(real: torch.Tensor) -> bool:
 class PackedForward:
     """The base model's ``forward`` while padding-free: pack, call ``previous``, unpack."""
 
-    __slots__ = ("module", "previous", "backend", "__weakref__")
+    __slots__ = ("module", "previous", "backend", "active", "__weakref__")
 
     def __init__(self, module: nn.Module, previous, backend: str):
         self.module, self.previous, self.backend = module, previous, backend
+        self.active = True                  # False once disable() took it away (unpatch)
 
     def _original(self):
         return self.previous if self.previous is not None else type(self.module).forward.__get__(self.module)
@@ -218,6 +219,12 @@ class PackedForward:
         a.update(attention_mask=None, cu_seq_lens_q=s.cu_seqlens_q, cu_seq_lens_k=s.cu_seqlens_k,
                  max_length_q=s.max_seqlen_q, max_length_k=s.max_seqlen_k)
         out = original(**a)
+        if not self.active:
+            # unpatch() ran while this call was in flight: the layers after it ran attn_implementation's
+            # previous function (sdpa, eager), which ignores cu_seq_lens and attends across sequences
+            raise RuntimeError(f"fused_attn padding_free: {type(self.module).__name__} was unpatched while this "
+                               "call was in flight (its packed tokens may have met another attention); "
+                               "patch and unpatch between calls")
         return self._unpack(out, un)
 
     def _unpack(self, out, un: Unpadded):
@@ -270,6 +277,7 @@ def disable(model: nn.Module) -> None:
         for slot in ("forward", instance_forward.OLD_FORWARD):
             fwd = m.__dict__.get(slot)
             if isinstance(fwd, PackedForward):
+                fwd.active = False
                 if fwd.previous is not None:
                     m.__dict__[slot] = fwd.previous
                 else:
